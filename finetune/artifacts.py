@@ -1,0 +1,106 @@
+"""What a run directory holds besides the weights, so it describes itself.
+
+    run.json          status, timings, versions, seed, data accounting, before/after eval loss
+    config.yaml       the fully resolved config the run used
+    data_template.yaml the template the data was rendered with (also saved as the tokenizer's chat template)
+    metrics.json      every logged value (train loss, eval loss, learning rate, ...) and the before/after evals
+    loss.png          train and eval loss against the optimizer step
+    samples.json      held-out prompts with the generation before and after training
+
+No pickles: transformers writes `training_args.bin` (a pickle that can hold a Hub token) next to every save;
+`replace_pickled_args` swaps it for a JSON copy with token fields masked.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import shutil
+import time
+from pathlib import Path
+
+import yaml
+
+TRAINING_ARGS_PICKLE = "training_args.bin"
+
+
+def write_json(path: Path, data: dict) -> None:
+    """Write through a temporary file and rename, so a crash never leaves half a JSON file."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(data, indent=2, default=str) + "\n", encoding="utf-8")
+    os.replace(tmp, path)
+
+
+def write_config(run_dir: Path, resolved: dict, template_path: Path) -> None:
+    (run_dir / "config.yaml").write_text(yaml.safe_dump(resolved, sort_keys=False), encoding="utf-8")
+    shutil.copyfile(template_path, run_dir / "data_template.yaml")
+
+
+def versions() -> dict:
+    from importlib.metadata import PackageNotFoundError, version
+
+    found = {"python": platform.python_version()}
+    for package in ("neo-finetune", "torch", "transformers", "peft", "trl", "accelerate", "datasets", "hydra-core"):
+        try:
+            found[package] = version(package)
+        except PackageNotFoundError:
+            pass
+    return found
+
+
+class RunRecord:
+    """run.json: written at start (status running) and rewritten at every change of state."""
+
+    def __init__(self, run_dir: Path, **fields):
+        self.path = run_dir / "run.json"
+        self.data = {"status": "running", "started": _now(), "versions": versions(), **fields}
+        write_json(self.path, self.data)
+
+    def update(self, **fields) -> None:
+        self.data.update(fields)
+        write_json(self.path, self.data)
+
+    def finish(self, status: str, exit_code: int, **fields) -> None:
+        self.update(status=status, exit_code=exit_code, finished=_now(), **fields)
+
+
+def replace_pickled_args(directory: Path, args) -> None:
+    """Remove transformers' pickled TrainingArguments from `directory`; keep a JSON copy (tokens masked)."""
+    pickle = directory / TRAINING_ARGS_PICKLE
+    if pickle.exists():
+        pickle.unlink()
+    if directory.is_dir():
+        (directory / "training_args.json").write_text(args.to_json_string(), encoding="utf-8")
+
+
+def write_metrics(run_dir: Path, history: list[dict], **evals) -> None:
+    write_json(run_dir / "metrics.json", {**evals, "history": history})
+
+
+def plot_loss(run_dir: Path, history: list[dict]) -> None:
+    """loss.png: train loss per logging step, eval loss per evaluation."""
+    import matplotlib
+
+    matplotlib.use("Agg")  # no display on training machines
+    import matplotlib.pyplot as plt
+
+    train = [(h["step"], h["loss"]) for h in history if "loss" in h]
+    evals = [(h["step"], h["eval_loss"]) for h in history if "eval_loss" in h]
+    fig, ax = plt.subplots(figsize=(7, 4), dpi=100)
+    if train:
+        ax.plot(*zip(*train), label="train loss")
+    if evals:
+        ax.plot(*zip(*evals), "o-", label="eval loss")
+    ax.set_xlabel("optimizer step")
+    ax.set_ylabel("cross-entropy (nats/token)")
+    ax.set_title(run_dir.name)
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(run_dir / "loss.png")
+    plt.close(fig)
+
+
+def _now() -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%S%z")

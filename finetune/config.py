@@ -1,0 +1,168 @@
+"""Where configs live, the schema of our own keys, and Hydra composition outside the CLI.
+
+Only `trainer:` (trl.SFTConfig's own fields) and most of `strategy:` (peft.LoraConfig's own fields) belong to
+other libraries; they are checked against those classes in validate.py, never re-typed here.
+This module must stay cheap to import: the CLI imports it before deciding whether torch is needed at all.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from omegaconf import DictConfig, OmegaConf, open_dict
+
+PACKAGE_DIR = Path(__file__).resolve().parent
+PROJECT_DIR = PACKAGE_DIR.parent
+CONF_DIR = PROJECT_DIR / "conf"
+TEMPLATES_DIR = PROJECT_DIR / "data_templates"
+DEMO_DATA_DIR = PACKAGE_DIR / "demo_data"
+DEFAULT_PRESET = "demo"
+FAMILIES = ("gpt_neo", "gpt_neox", "gptj")
+STRATEGIES = ("lora", "dora", "qlora", "full")
+LIBRARY_SECTIONS = ("trainer.", "strategy.")  # keys owned by trl / peft, validated against their classes
+
+
+def _bundled_data(name: str) -> str:
+    return str(DEMO_DATA_DIR / name)
+
+
+def register_resolvers() -> None:
+    """`${finetune_data:NAME}` points at a file bundled with the package (the demo data)."""
+    if not OmegaConf.has_resolver("finetune_data"):
+        OmegaConf.register_new_resolver("finetune_data", _bundled_data)
+
+
+@dataclass
+class ModelConfig:
+    """The base checkpoint and the facts of its family (conf/model/)."""
+
+    name_or_path: str
+    """Hub id (EleutherAI/gpt-neox-20b) or a local directory with config.json and safetensors weights."""
+    family: str
+    """gpt_neo | gpt_neox | gptj: decides attention backends, target modules and the pad-token policy."""
+    lora_target_modules: list[str]
+    """Linear layers LoRA wraps by default; never the output embedding."""
+    revision: str = "main"
+    """Hub branch, tag or commit; pin a commit for reproducible runs."""
+    dtype: str = "bfloat16"
+    """Weight dtype while loading: bfloat16 | float32 | float16."""
+    attn_implementation: str | None = None
+    """eager | sdpa | flash_attention_2 (GPT-Neo/GPT-J: eager or FA2 only)."""
+    trust_remote_code: bool = False
+    """Never needed for this family; true runs Python shipped with the checkpoint."""
+    pad_token: str | None = None
+    """Pad token to use; null: pad with EOS and mask padding by attention mask, so EOS itself stays trained."""
+    tiny: str | None = None
+    """neo | neox | gptj: build a tiny offline checkpoint at name_or_path when it does not exist yet."""
+
+
+@dataclass
+class DataConfig:
+    """Training data and how it becomes token ids (conf/data/)."""
+
+    path: str
+    """A .jsonl or .json file of rows whose fields the template names."""
+    template: str
+    """A name in data_templates/ (alpaca) or a path to a template YAML."""
+    eval_path: str | None = None
+    """Held-out file; null: hold out eval_fraction of path (seeded)."""
+    eval_fraction: float = 0.1
+    max_length: int = 1024
+    """Tokens per sample, prompt + response + EOS."""
+    overlength: str = "drop"
+    """drop | error: what happens to samples longer than max_length."""
+    max_dropped_fraction: float = 0.01
+    """Abort when more than this share of rows is dropped as over-long."""
+
+
+@dataclass
+class DistributedConfig:
+    """How training is spread over processes (conf/distributed/)."""
+
+    backend: str = "none"
+    """none | deepspeed."""
+    deepspeed: dict | None = None
+    """DeepSpeed config dict, passed to TrainingArguments(deepspeed=...)."""
+
+
+@dataclass
+class RunConfig:
+    """The root of a composed config: our run-level keys plus the groups."""
+
+    output_dir: str
+    model: ModelConfig
+    data: DataConfig
+    strategy: dict
+    trainer: dict
+    distributed: DistributedConfig = field(default_factory=DistributedConfig)
+    overwrite: bool = False
+    seed: int = 42
+    allow_fp16: bool = False
+    eval_before_training: bool = True
+    sample_generations: int = 1
+    max_new_tokens: int = 48
+
+
+def compose(config_name: str = DEFAULT_PRESET, overrides: list[str] | None = None) -> DictConfig:
+    """Compose a preset the way the CLI does, for tests, notebooks and tools (no output dir is created).
+
+    `${hydra:...}` interpolations resolve as they would in a real run.
+    """
+    return compose_with_overrides(config_name, overrides)[0]
+
+
+def compose_with_overrides(config_name: str, overrides: list[str] | None = None) -> tuple[DictConfig, list[str]]:
+    """Compose; return the config and the overrides as Hydra finally took them.
+
+    `trainer.*` and `strategy.*` are trl's and peft's keys: any of their fields may be set without Hydra's `+`
+    (`trainer.max_steps=100`). Such an override is retried as `++key=value`; validate.py then checks the name
+    against trl.SFTConfig / peft.LoraConfig, with a suggestion when it is misspelled.
+    """
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.errors import ConfigCompositionException
+
+    register_resolvers()
+    overrides = list(overrides or [])
+    for _ in range(len(overrides) + 1):
+        GlobalHydra.instance().clear()
+        try:
+            with initialize_config_dir(config_dir=str(CONF_DIR), version_base=None, job_name="train"):
+                cfg = hydra_compose(config_name=config_name, overrides=overrides, return_hydra_config=True)
+            break
+        except ConfigCompositionException as err:
+            index = _library_key_override(str(err), overrides)
+            if index is None:
+                raise
+            overrides[index] = "++" + overrides[index]
+    HydraConfig.instance().set_config(cfg)  # lets ${hydra:job.config_name} resolve as in a real run
+    with open_dict(cfg):
+        del cfg["hydra"]
+    return cfg, overrides
+
+
+def _library_key_override(message: str, overrides: list[str]) -> int | None:
+    """Index of the plain `trainer.x=` / `strategy.x=` override Hydra refused as not in struct, if that is the error."""
+    for index, override in enumerate(overrides):
+        key = override.split("=", 1)[0]
+        if key.startswith(LIBRARY_SECTIONS) and f"Could not override '{key}'" in message:
+            return index
+    return None
+
+
+def presets() -> list[str]:
+    """Names accepted by `conf=`: every top-level YAML in conf/ except the shared base."""
+    return sorted(p.stem for p in CONF_DIR.glob("*.yaml") if p.stem != "config")
+
+
+def group_options(group: str) -> list[str]:
+    """Selectable options of a config group (files starting with _ are shared bases, not options)."""
+    return sorted(p.stem for p in (CONF_DIR / group).glob("*.yaml") if not p.stem.startswith("_"))
+
+
+def to_container(cfg: DictConfig) -> dict:
+    """The resolved config as plain dicts and lists (what we save and validate)."""
+    return OmegaConf.to_container(cfg, resolve=True, throw_on_missing=False)

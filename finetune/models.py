@@ -1,0 +1,110 @@
+"""Load the base model and tokenizer with this family's rules; read architecture facts without loading weights.
+
+Family rules that the libraries leave to the user:
+- GPT-Neo and GPT-J have no pad token. We pad with EOS and mask padding by sequence length (see finetune.data),
+  so the real EOS at the end of each response keeps its label. Adding a new pad token would resize the embedding
+  and force the embedding matrix into the adapter.
+- NeoX and Pythia ship `<|padding|>` (id 1): use it.
+- GPT-Neo's flash-attention-2 path ignores the local window of the local layers (transformers 5.23, code read):
+  beyond 256 tokens it computes a different model, so it is refused. GPT-Neo and GPT-J have no SDPA path.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from finetune import tiny
+
+DTYPES = ("bfloat16", "float32", "float16")
+MODEL_TYPES = {"gpt_neo": "gpt_neo", "gpt_neox": "gpt_neox", "gptj": "gptj"}  # family -> config.model_type
+ATTENTION = {
+    "gpt_neo": ("eager",),
+    "gptj": ("eager", "flash_attention_2"),
+    "gpt_neox": ("eager", "sdpa", "flash_attention_2", "flex_attention"),
+}
+OUTPUT_EMBEDDINGS = ("lm_head", "embed_out", "wte", "embed_in")  # never wrapped by LoRA
+TINY_ARCH = {"neo": "gpt_neo", "neox": "gpt_neox", "gptj": "gptj"}
+
+
+def is_local(model_cfg) -> bool:
+    return Path(model_cfg.name_or_path).expanduser().exists() or bool(model_cfg.tiny)
+
+
+def ensure_available(model_cfg) -> None:
+    """Build the tiny checkpoint a `tiny:` model config asks for, once."""
+    if model_cfg.tiny:
+        tiny.ensure(model_cfg.tiny, Path(model_cfg.name_or_path).expanduser())
+
+
+def architecture_config(model_cfg):
+    """The model's config (no weights): from the checkpoint, the Hub, or the tiny builder's recipe."""
+    from transformers import AutoConfig
+
+    path = Path(model_cfg.name_or_path).expanduser()
+    if model_cfg.tiny and not (path / "config.json").exists():
+        return tiny.model_config(model_cfg.tiny)  # what ensure_available() will build
+    return AutoConfig.from_pretrained(
+        str(path) if path.exists() else model_cfg.name_or_path,
+        revision=model_cfg.revision,
+        trust_remote_code=model_cfg.trust_remote_code,
+    )
+
+
+def linear_module_names(config) -> set[str]:
+    """Leaf names of every nn.Linear in the architecture, found on the meta device (no memory, no weights)."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config)
+    return {name.rsplit(".", 1)[-1] for name, module in model.named_modules() if isinstance(module, torch.nn.Linear)}
+
+
+def load_tokenizer(model_cfg):
+    """The checkpoint's tokenizer with the family's pad policy applied (right padding for training)."""
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(
+        _source(model_cfg), revision=model_cfg.revision, trust_remote_code=model_cfg.trust_remote_code
+    )
+    if model_cfg.pad_token:
+        if model_cfg.pad_token not in tokenizer.get_vocab():
+            from finetune.errors import ConfigError
+
+            raise ConfigError(f"model.pad_token: '{model_cfg.pad_token}' is not in the tokenizer of {model_cfg.name_or_path}; set model.pad_token=null")
+        tokenizer.pad_token = model_cfg.pad_token
+    else:
+        tokenizer.pad_token = tokenizer.eos_token  # safe: labels of padding come from lengths, not token ids
+    tokenizer.padding_side = "right"
+    return tokenizer
+
+
+def load_model(model_cfg, tokenizer, quantization: dict | None = None):
+    """Load weights (safetensors only) in the configured dtype and attention implementation."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    kwargs = {}
+    if quantization:
+        from transformers import BitsAndBytesConfig
+
+        compute = quantization.get("bnb_4bit_compute_dtype", "bfloat16")
+        kwargs["quantization_config"] = BitsAndBytesConfig(**{**quantization, "bnb_4bit_compute_dtype": getattr(torch, compute)})
+    model = AutoModelForCausalLM.from_pretrained(
+        _source(model_cfg),
+        revision=model_cfg.revision,
+        dtype=getattr(torch, model_cfg.dtype),
+        attn_implementation=model_cfg.attn_implementation,
+        trust_remote_code=model_cfg.trust_remote_code,
+        use_safetensors=True,  # never unpickle weights
+        **kwargs,
+    )
+    model.config.pad_token_id = tokenizer.pad_token_id
+    model.generation_config.pad_token_id = tokenizer.pad_token_id
+    model.generation_config.eos_token_id = tokenizer.eos_token_id
+    return model
+
+
+def _source(model_cfg) -> str:
+    path = Path(model_cfg.name_or_path).expanduser()
+    return str(path) if path.exists() else model_cfg.name_or_path

@@ -1,0 +1,292 @@
+"""Every config problem at once, before any weights are touched.
+
+Our own keys are checked against the dataclasses in finetune.config; `trainer:` against trl.SFTConfig's fields
+and `strategy:` against peft.LoraConfig's, so a misspelled key anywhere fails with a suggestion instead of being
+silently ignored. Architecture checks (LoRA targets, sequence length) run on the meta device from config.json.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import importlib.util
+import types
+import typing
+from pathlib import Path
+
+from omegaconf import DictConfig, OmegaConf
+
+from finetune.config import FAMILIES, STRATEGIES, DataConfig, DistributedConfig, ModelConfig, RunConfig
+from finetune.errors import ConfigError
+
+# trainer keys that another part of our config owns: key -> where to set it instead
+OWNED_TRAINER_KEYS = {
+    "output_dir": "output_dir=PATH",
+    "seed": "seed=N",
+    "data_seed": "seed=N",
+    "max_length": "data.max_length=N",
+    "packing": "nothing yet: packing for GPT-Neo/NeoX needs block-diagonal attention and arrives with the data work",
+    "padding_free": "nothing yet: padding-free batches mix samples in GPT-Neo/NeoX attention",
+    "dataset_text_field": "data.template=NAME",
+    "completion_only_loss": "data.template=NAME (the template decides which tokens are trained)",
+    "assistant_only_loss": "data.template=NAME (the template decides which tokens are trained)",
+    "dataset_kwargs": "data.*",
+    "deepspeed": "distributed=zero2|zero3",
+    "hub_token": "the HF_TOKEN environment variable or `hf auth login` (a token in a config ends up in logs)",
+}
+
+
+def validate(cfg: DictConfig) -> tuple[dict, list[str]]:
+    """Return (resolved config as plain dicts, warnings); raise ConfigError naming every problem."""
+    try:
+        resolved = OmegaConf.to_container(cfg, resolve=True, throw_on_missing=False)
+    except Exception as err:  # noqa: BLE001 - an interpolation error is a config problem, say so
+        raise ConfigError(f"config does not resolve: {err}") from err
+    schema_problems = check_schema(resolved, RunConfig, "")
+    problems = list(schema_problems)
+    warnings: list[str] = []
+    # strategy and trainer belong to peft and trl: checked against their classes whatever else is wrong
+    if isinstance(resolved.get("strategy"), dict):
+        problems += check_strategy(resolved["strategy"])
+    if isinstance(resolved.get("trainer"), dict):
+        problems += check_trainer(resolved, warnings)
+    if not schema_problems:  # the checks below read typed values of our own keys
+        problems += check_data(resolved["data"])
+        problems += check_run(resolved)
+        problems += check_model(resolved, warnings)
+    if problems:
+        raise ConfigError(problems)
+    return resolved, warnings
+
+
+def check_schema(value: dict, schema: type, path: str) -> list[str]:
+    """Unknown keys (with a suggestion), missing required keys and wrong types, for one dataclass level."""
+    hints = typing.get_type_hints(schema)
+    fields = {f.name: f for f in dataclasses.fields(schema)}
+    problems = [_unknown_key(path + key, key, fields) for key in value if key not in fields]
+    for name, f in fields.items():
+        key = path + name
+        if name not in value:
+            if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
+                problems.append(f"{key}: required")
+            continue
+        problems += _check_type(value[name], hints[name], key)
+    return problems
+
+
+def _check_type(value, hint, key: str) -> list[str]:
+    if value == "???":
+        return [f"{key}: required (set {key}=...)"]
+    if dataclasses.is_dataclass(hint):
+        if not isinstance(value, dict):
+            return [f"{key}: expected a mapping, got {value!r}"]
+        return check_schema(value, hint, key + ".")
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return []
+        return _check_type(value, next(a for a in args if a is not type(None)), key)
+    if origin is list:
+        ok = isinstance(value, list) and all(isinstance(v, args[0]) for v in value)
+        return [] if ok else [f"{key}: expected a list of {args[0].__name__}, got {value!r}"]
+    expected = {dict: dict, bool: bool, str: str, int: int, float: (int, float)}[hint]
+    if isinstance(value, expected) and not (isinstance(value, bool) and hint is not bool):
+        return []
+    return [f"{key}: expected {hint.__name__}, got {value!r} ({type(value).__name__})"]
+
+
+def _unknown_key(key: str, leaf: str, known) -> str:
+    close = difflib.get_close_matches(leaf, list(known), n=1, cutoff=0.6)
+    return f"unknown key '{key}'" + (f" (did you mean '{close[0]}'?)" if close else "")
+
+
+def unknown_library_keys(keys: list[str]) -> list[str]:
+    """`trainer.x` / `strategy.x` keys that trl.SFTConfig / peft.LoraConfig do not have (for early CLI errors)."""
+    from trl import SFTConfig
+
+    from finetune.strategy import lora_fields
+
+    known = {
+        "trainer": {f.name for f in dataclasses.fields(SFTConfig) if f.init} | set(OWNED_TRAINER_KEYS),
+        "strategy": lora_fields() | {"name", "quantization"},
+    }
+    return [_unknown_key(key, key.split(".", 1)[1], known[key.split(".")[0]]) for key in keys if key.split(".", 1)[1] not in known[key.split(".")[0]]]
+
+
+def check_strategy(strategy: dict) -> list[str]:
+    from finetune.strategy import ADAPTER_STRATEGIES, lora_fields
+
+    name = strategy.get("name")
+    if name not in STRATEGIES:
+        return [f"strategy.name: '{name}' is not one of {', '.join(STRATEGIES)} (strategy=NAME)"]
+    if name not in ADAPTER_STRATEGIES:
+        return [_unknown_key(f"strategy.{k}", k, ["name"]) + " (strategy=full has no options)" for k in strategy if k != "name"]
+    known = lora_fields() | {"name", "quantization"}
+    problems = [_unknown_key(f"strategy.{k}", k, known) for k in strategy if k not in known]
+    r, alpha, dropout = strategy.get("r", 8), strategy.get("lora_alpha", 8), strategy.get("lora_dropout", 0.0)
+    if not isinstance(r, int) or isinstance(r, bool) or r <= 0:
+        problems.append(f"strategy.r: must be a positive integer, got {r!r}")
+    if not isinstance(alpha, (int, float)) or alpha <= 0:
+        problems.append(f"strategy.lora_alpha: must be positive, got {alpha!r}")
+    if not isinstance(dropout, (int, float)) or not 0 <= dropout < 1:
+        problems.append(f"strategy.lora_dropout: must be in [0, 1), got {dropout!r}")
+    if strategy.get("fan_in_fan_out"):
+        problems.append("strategy.fan_in_fan_out: must be false for GPT-Neo/NeoX/J (their layers are nn.Linear, not GPT-2's Conv1D)")
+    if "quantization" in strategy and name != "qlora":
+        problems.append("strategy.quantization: only strategy=qlora quantizes the base")
+    if name == "qlora":
+        problems += _qlora_environment()
+    return problems
+
+
+def _qlora_environment() -> list[str]:
+    import torch
+
+    if not torch.cuda.is_available():
+        return ["strategy=qlora: needs a CUDA GPU and bitsandbytes (4-bit NF4 kernels); on this machine use strategy=lora"]
+    if importlib.util.find_spec("bitsandbytes") is None:
+        return ['strategy=qlora: bitsandbytes is not installed; pip install -e ".[quant]"']
+    return []
+
+
+def check_trainer(cfg: dict, warnings: list[str]) -> list[str]:
+    from trl import SFTConfig
+
+    trainer = cfg["trainer"]
+    known = {f.name for f in dataclasses.fields(SFTConfig) if f.init}
+    problems = []
+    for key in trainer:
+        if key in OWNED_TRAINER_KEYS:
+            problems.append(f"trainer.{key}: set through {OWNED_TRAINER_KEYS[key]} instead")
+        elif key not in known:
+            problems.append(_unknown_key(f"trainer.{key}", key, known))
+
+    def number(key, default):
+        value = trainer.get(key, default)
+        return value if isinstance(value, (int, float)) and not isinstance(value, bool) else None
+
+    if (number("learning_rate", 1) or 0) <= 0:
+        problems.append(f"trainer.learning_rate: must be a positive number, got {trainer.get('learning_rate')!r}")
+    for key in ("per_device_train_batch_size", "gradient_accumulation_steps"):
+        value = trainer.get(key, 1)
+        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+            problems.append(f"trainer.{key}: must be an integer >= 1, got {value!r}")
+    if (number("num_train_epochs", 3) or 0) <= 0 and (number("max_steps", -1) or -1) <= 0:
+        problems.append("trainer.num_train_epochs / trainer.max_steps: set a positive number of epochs or steps")
+    fp16 = bool(trainer.get("fp16")) or (cfg.get("model") or {}).get("dtype") == "float16"
+    if trainer.get("fp16") and trainer.get("bf16"):
+        problems.append("trainer.fp16 and trainer.bf16: choose one (set trainer.fp16=false)")
+    if fp16 and cfg.get("allow_fp16") is not True:
+        problems.append(
+            "trainer.fp16 / model.dtype=float16: GPT-Neo and GPT-NeoX overflow in fp16 (NaN loss); use bf16 "
+            "(the default), or accept the risk with allow_fp16=true"
+        )
+    elif fp16:
+        warnings.append("fp16 on GPT-Neo/NeoX: watch for overflow (inf/NaN loss); bf16 is safer where the GPU has it")
+    return problems
+
+
+def check_data(data: dict) -> list[str]:
+    from finetune.data import templates
+
+    problems = []
+    for key in ("path", "eval_path"):
+        if data[key] and not Path(data[key]).expanduser().is_file():
+            problems.append(f"data.{key}: no such file '{data[key]}' (data.{key}=FILE)")
+    try:
+        templates.load(data["template"])
+    except ConfigError as err:
+        problems += err.problems
+    if not 0 <= data["eval_fraction"] < 1:
+        problems.append(f"data.eval_fraction: must be in [0, 1), got {data['eval_fraction']}")
+    if data["max_length"] <= 0:
+        problems.append(f"data.max_length: must be positive, got {data['max_length']}")
+    if data["overlength"] not in ("drop", "error"):
+        problems.append(f"data.overlength: '{data['overlength']}' is not one of drop, error")
+    if not 0 <= data["max_dropped_fraction"] <= 1:
+        problems.append(f"data.max_dropped_fraction: must be in [0, 1], got {data['max_dropped_fraction']}")
+    return problems
+
+
+def check_run(cfg: dict) -> list[str]:
+    problems = []
+    out = Path(cfg["output_dir"]).expanduser()
+    if (out / "run.json").exists() and not cfg["overwrite"]:
+        problems.append(f"output_dir: {out} already holds a run; choose another output_dir=PATH or pass overwrite=true")
+    parent = next((p for p in [out, *out.parents] if p.exists()), None)
+    if parent is not None and not _writable(parent):
+        problems.append(f"output_dir: {parent} is not writable")
+    if cfg["sample_generations"] < 0 or cfg["max_new_tokens"] <= 0:
+        problems.append("sample_generations must be >= 0 and max_new_tokens > 0")
+    backend = cfg["distributed"]["backend"]
+    if backend not in ("none", "deepspeed"):
+        problems.append(f"distributed.backend: '{backend}' is not one of none, deepspeed")
+    if backend == "deepspeed" and importlib.util.find_spec("deepspeed") is None:
+        problems.append('distributed: DeepSpeed is not installed; pip install -e ".[deepspeed]"')
+    return problems
+
+
+def _writable(path: Path) -> bool:
+    import os
+
+    return os.access(path, os.W_OK)
+
+
+def check_model(cfg: dict, warnings: list[str]) -> list[str]:
+    from finetune import models
+
+    model = cfg["model"]
+    family = model["family"]
+    problems = []
+    if family not in FAMILIES:
+        return [f"model.family: '{family}' is not one of {', '.join(FAMILIES)}"]
+    if model["dtype"] not in models.DTYPES:
+        problems.append(f"model.dtype: '{model['dtype']}' is not one of {', '.join(models.DTYPES)}")
+    attn = model["attn_implementation"]
+    if attn is not None and attn not in models.ATTENTION[family]:
+        why = " (its flash-attention-2 path ignores the local attention window)" if family == "gpt_neo" else ""
+        problems.append(f"model.attn_implementation: '{attn}' is not supported for {family}{why}; use one of {', '.join(models.ATTENTION[family])}")
+    if model["tiny"] is not None and model["tiny"] not in models.TINY_ARCH:
+        problems.append(f"model.tiny: '{model['tiny']}' is not one of {', '.join(models.TINY_ARCH)} (or null)")
+    if model["trust_remote_code"]:
+        warnings.append("model.trust_remote_code=true runs Python code shipped with the checkpoint; this family never needs it")
+    if problems:
+        return problems
+    try:
+        config = models.architecture_config(OmegaConf.create(model))
+    except Exception as err:  # noqa: BLE001 - report any reason the config cannot be read, with the fix
+        return [
+            f"model.name_or_path: cannot read the config of '{model['name_or_path']}' ({type(err).__name__}: {str(err).splitlines()[0]}); "
+            "give a local checkpoint directory (model.name_or_path=DIR) or make the Hub reachable"
+        ]
+    if config.model_type != models.MODEL_TYPES[family]:
+        problems.append(f"model.family: '{family}' but {model['name_or_path']} is a {config.model_type}; select the matching model= config")
+        return problems
+    positions = getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None)
+    if positions and cfg["data"]["max_length"] > positions:
+        problems.append(f"data.max_length: {cfg['data']['max_length']} exceeds the model's {positions} positions")
+    if cfg["strategy"].get("name") in ("lora", "dora", "qlora"):
+        problems += _check_targets(cfg["strategy"].get("target_modules"), models.linear_module_names(config), family)
+    return problems
+
+
+def _check_targets(targets, linear_names: set[str], family: str) -> list[str]:
+    from finetune.models import OUTPUT_EMBEDDINGS
+
+    if targets == "all-linear":  # peft's own shorthand; it already leaves the output layer out
+        return []
+    if isinstance(targets, str) or not targets:
+        return ["strategy.target_modules: give a list of module names or all-linear"]
+    available = sorted(linear_names - set(OUTPUT_EMBEDDINGS))
+    problems = []
+    for name in targets:
+        if name in OUTPUT_EMBEDDINGS:
+            problems.append(f"strategy.target_modules: '{name}' is the output embedding; it is never wrapped (huge, and tied on GPT-Neo)")
+        elif name not in linear_names:
+            close = difflib.get_close_matches(name, available, n=1)
+            hint = f" (did you mean '{close[0]}'?)" if close else ""
+            problems.append(f"strategy.target_modules: '{name}' is not a Linear layer of {family}{hint}; available: {', '.join(available)}")
+    return problems
+
+
+__all__ = ["validate", "check_schema", "DataConfig", "ModelConfig", "DistributedConfig"]

@@ -1,0 +1,98 @@
+"""Every preset and group option composes; family facts are right in every model config; the CLI stays light."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+from omegaconf import OmegaConf
+
+from finetune.config import CONF_DIR, compose, group_options, presets
+
+from conftest import PROJECT
+
+EXPECTED_PRESETS = {
+    "demo", "lora_neo125m", "lora_neo1.3b", "lora_neo2.7b", "lora_gptj6b", "lora_pythia1b",
+    "lora_neox20b", "dora_neox20b", "qlora_neox20b", "full_neo125m", "full_neox20b",
+}
+TARGETS = {
+    "gpt_neo": ["q_proj", "k_proj", "v_proj", "out_proj", "c_fc", "c_proj"],
+    "gpt_neox": ["query_key_value", "dense", "dense_h_to_4h", "dense_4h_to_h"],
+    "gptj": ["q_proj", "k_proj", "v_proj", "out_proj", "fc_in", "fc_out"],
+}
+
+
+def test_every_preset_is_found_by_recursive_glob():
+    found = {p.stem for p in CONF_DIR.rglob("*.yaml") if p.parent == CONF_DIR and p.stem != "config"}
+    assert found == EXPECTED_PRESETS
+    assert set(presets()) == EXPECTED_PRESETS
+    assert len(presets()) == 11
+
+
+@pytest.mark.parametrize("name", sorted(EXPECTED_PRESETS))
+def test_preset_composes_and_resolves(name):
+    cfg = OmegaConf.to_container(compose(name), resolve=True)
+    assert cfg["output_dir"] == f"runs/{name}"
+    assert cfg["strategy"]["name"] in ("lora", "dora", "qlora", "full")
+    if cfg["strategy"]["name"] != "full":
+        assert cfg["strategy"]["target_modules"] == TARGETS[cfg["model"]["family"]]
+        assert cfg["strategy"]["fan_in_fan_out"] is False
+
+
+def test_every_group_option_composes():
+    count = 0
+    for group in ("model", "strategy", "data", "trainer", "distributed"):
+        for option in group_options(group):
+            overrides = [f"{group}={option}"] + (["data.path=x.jsonl"] if option == "alpaca" else [])
+            compose("demo", overrides)
+            count += 1
+    assert count == 16 + 4 + 2 + 2 + 3  # models, strategies, data, trainers, launchers
+
+
+@pytest.mark.parametrize("option", [o for o in group_options("model")])
+def test_model_configs_carry_family_facts(option):
+    model = OmegaConf.to_container(compose("demo", [f"model={option}"]).model, resolve=True)
+    family = model["family"]
+    assert model["lora_target_modules"] == TARGETS[family]
+    assert "lm_head" not in model["lora_target_modules"] and "embed_out" not in model["lora_target_modules"]
+    assert model["trust_remote_code"] is False
+    assert model["pad_token"] == ("<|padding|>" if family == "gpt_neox" else None)
+    if not option.startswith("tiny_"):
+        assert model["dtype"] == "bfloat16"
+        assert model["name_or_path"].startswith("EleutherAI/")
+    if family == "gpt_neo":
+        assert model["attn_implementation"] == "eager"  # FA2 ignores the local window
+
+
+def test_presets_cover_every_family_model():
+    models = {OmegaConf.to_container(compose(p).model, resolve=True)["name_or_path"] for p in presets()}
+    assert {"EleutherAI/gpt-neo-125m", "EleutherAI/gpt-neo-1.3B", "EleutherAI/gpt-neo-2.7B", "EleutherAI/gpt-j-6b",
+            "EleutherAI/pythia-1b", "EleutherAI/gpt-neox-20b"} <= models
+
+
+def test_full_neox20b_uses_zero3():
+    cfg = compose("full_neox20b")
+    assert cfg.strategy.name == "full"
+    assert cfg.distributed.deepspeed.zero_optimization.stage == 3
+
+
+def test_cfg_job_prints_resolved_preset_without_importing_torch():
+    code = (
+        "import sys; from finetune.__main__ import main\n"
+        "try:\n    main(['conf=lora_neox20b', '--cfg', 'job'])\nexcept SystemExit:\n    pass\n"
+        "heavy = [m for m in ('torch', 'transformers', 'peft', 'trl') if m in sys.modules]\n"
+        "print('HEAVY:', heavy)\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], cwd=PROJECT, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert "name_or_path: EleutherAI/gpt-neox-20b" in out.stdout
+    assert "HEAVY: []" in out.stdout
+
+
+def test_help_lists_presets_and_exit_codes():
+    out = subprocess.run([sys.executable, "-m", "finetune", "--help"], cwd=PROJECT, capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0
+    for name in EXPECTED_PRESETS:
+        assert name in out.stdout
+    assert "exit codes" in out.stdout

@@ -1,0 +1,123 @@
+"""LoRA / DoRA / full SFT through the production path on tiny checkpoints loaded with from_pretrained."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from finetune.config import compose
+from finetune.train import run
+
+from conftest import run_cli, tiny_overrides
+
+
+def train(arch, tiny_models, tmp_path, *extra) -> Path:
+    return run(compose("demo", tiny_overrides(arch, tiny_models[arch], tmp_path / "run", *extra)))
+
+
+def base_state(model_dir: Path) -> dict[str, torch.Tensor]:
+    return load_file(str(model_dir / "model.safetensors"))
+
+
+def assert_describes_itself(run_dir: Path, weights: str) -> None:
+    assert json.loads((run_dir / "run.json").read_text())["status"] == "completed"
+    assert (run_dir / "config.yaml").exists() and (run_dir / "data_template.yaml").exists()
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    assert any("loss" in h for h in metrics["history"]) and "eval_loss" in metrics["eval_after"]
+    assert (run_dir / "loss.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "### Response:" in (run_dir / weights / "chat_template.jinja").read_text()
+    pickles = [p for p in run_dir.rglob("*") if p.suffix in (".bin", ".pt", ".pkl", ".pth")]
+    assert pickles == []  # no pickled training args (or anything else) in the run directory
+
+
+@pytest.mark.parametrize("arch", ["neo", "neox", "gptj"])
+def test_lora_trains_adapter_only_and_merges_exactly(arch, tiny_models, tmp_path):
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    before = base_state(tiny_models[arch])
+    run_dir = train(arch, tiny_models, tmp_path)
+    adapter_dir = run_dir / "adapter"
+    assert {"adapter_config.json", "adapter_model.safetensors", "tokenizer.json"} <= {p.name for p in adapter_dir.iterdir()}
+    assert_describes_itself(run_dir, "adapter")
+
+    # the base checkpoint on disk is bitwise unchanged
+    after = base_state(tiny_models[arch])
+    assert all(torch.equal(before[k], after[k]) for k in before)
+
+    # every LoRA B matrix left its zero initialisation; targets are the family's, never the output embedding
+    adapter = load_file(str(adapter_dir / "adapter_model.safetensors"))
+    b_weights = {k: v for k, v in adapter.items() if "lora_B" in k}
+    assert b_weights and all(v.abs().sum() > 0 for v in b_weights.values())
+    config = json.loads((adapter_dir / "adapter_config.json").read_text())
+    assert config["fan_in_fan_out"] is False
+    assert not any(name in k for k in adapter for name in ("lm_head", "embed_out", "wte"))
+
+    # plain peft reloads it, and merging gives the same logits as base + adapter
+    tokenizer = AutoTokenizer.from_pretrained(adapter_dir)
+    base = AutoModelForCausalLM.from_pretrained(tiny_models[arch], dtype=torch.float32)
+    model = PeftModel.from_pretrained(base, adapter_dir).eval()
+    ids = tokenizer("A tenant asked whether the deposit", return_tensors="pt").input_ids
+    with torch.no_grad():
+        adapted = model(ids).logits
+        base_only = model.get_base_model()
+        with model.disable_adapter():
+            plain = base_only(ids).logits
+        merged = model.merge_and_unload()(ids).logits
+    assert not torch.allclose(adapted, plain)  # the adapter changes the model
+    torch.testing.assert_close(merged, adapted, atol=1e-4, rtol=1e-4)
+
+
+def test_lora_adapter_a_matrices_moved_from_their_seeded_init(tiny_models, tmp_path):
+    from peft import get_peft_model
+    from transformers import AutoModelForCausalLM, set_seed
+
+    from finetune.strategy import peft_config
+
+    run_dir = train("neo", tiny_models, tmp_path)
+    trained = load_file(str(run_dir / "adapter" / "adapter_model.safetensors"))
+    set_seed(42)
+    base = AutoModelForCausalLM.from_pretrained(tiny_models["neo"])
+    cfg = compose("demo", ["model.tiny=null", f"model.name_or_path={tiny_models['neo']}"])
+    from omegaconf import OmegaConf
+
+    initial = get_peft_model(base, peft_config(OmegaConf.to_container(cfg.strategy, resolve=True))).state_dict()
+    for key, value in trained.items():
+        init_key = next(k for k in initial if k.endswith(key.removeprefix("base_model.model.").replace(".weight", ".default.weight")))
+        assert not torch.equal(initial[init_key], value), key
+
+
+def test_dora_trains_magnitudes(tiny_models, tmp_path):
+    run_dir = train("neox", tiny_models, tmp_path, "strategy=dora")
+    config = json.loads((run_dir / "adapter" / "adapter_config.json").read_text())
+    assert config["use_dora"] is True
+    adapter = load_file(str(run_dir / "adapter" / "adapter_model.safetensors"))
+    assert any("lora_magnitude_vector" in k for k in adapter)
+
+
+@pytest.mark.parametrize("arch", ["neo", "neox"])
+def test_full_sft_moves_every_weight_and_saves_safetensors(arch, tiny_models, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    before = base_state(tiny_models[arch])
+    run_dir = train(arch, tiny_models, tmp_path, "strategy=full", "trainer.learning_rate=1e-3")
+    assert_describes_itself(run_dir, "model")
+    saved = load_file(str(run_dir / "model" / "model.safetensors"))
+    moved = [k for k in before if k in saved and not torch.equal(before[k], saved[k])]
+    assert len(moved) == len([k for k in before if k in saved])  # every weight trained
+    AutoModelForCausalLM.from_pretrained(run_dir / "model")  # loads as a plain checkpoint
+
+
+def test_neox20b_preset_runs_against_a_local_checkpoint(tiny_models, tmp_path):
+    """`conf=lora_neox20b model.name_or_path=<local dir>`: the preset's own settings (bf16 autocast, checkpointing)."""
+    out = run_cli("conf=lora_neox20b", f"model.name_or_path={tiny_models['neox']}", f"output_dir={tmp_path / 'run'}",
+                  "trainer.max_steps=2", "trainer.per_device_train_batch_size=2", "trainer.gradient_accumulation_steps=1",
+                  "sample_generations=0", "eval_before_training=false")
+    assert out.returncode == 0, out.stderr[-3000:]
+    record = json.loads((tmp_path / "run" / "run.json").read_text())
+    assert record["status"] == "completed" and record["preset"] == "lora_neox20b" and record["global_steps"] == 2
+    assert (tmp_path / "run" / "adapter" / "adapter_model.safetensors").exists()
