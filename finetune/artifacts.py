@@ -78,15 +78,16 @@ def write_metrics(run_dir: Path, history: list[dict], **evals) -> None:
     write_json(run_dir / "metrics.json", {**evals, "history": history})
 
 
-def plot_loss(run_dir: Path, history: list[dict]) -> None:
-    """loss.png: train loss per logging step, eval loss per evaluation."""
+def plot_loss(run_dir: Path, history: list[dict], eval_before: float | None = None) -> None:
+    """loss.png: train loss per logging step, eval loss per evaluation (the untouched base at step 0)."""
     import matplotlib
 
     matplotlib.use("Agg")  # no display on training machines
     import matplotlib.pyplot as plt
 
     train = [(h["step"], h["loss"]) for h in history if "loss" in h]
-    evals = [(h["step"], h["eval_loss"]) for h in history if "eval_loss" in h]
+    evals = [(0, eval_before)] if eval_before is not None else []  # train() starts a fresh log history
+    evals += [(h["step"], h["eval_loss"]) for h in history if "eval_loss" in h]
     fig, ax = plt.subplots(figsize=(7, 4), dpi=100)
     if train:
         ax.plot(*zip(*train), label="train loss")

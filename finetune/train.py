@@ -84,7 +84,7 @@ def run(cfg: DictConfig) -> Path:
             artifacts.replace_pickled_args(weights_dir, args)
             history = trainer.state.log_history
             artifacts.write_metrics(run_dir, history, eval_before=eval_before, eval_after=eval_after, train=result.metrics)
-            artifacts.plot_loss(run_dir, history)
+            artifacts.plot_loss(run_dir, history, eval_before.get("eval_loss"))
             samples = [{"prompt": p, "before": b, "after": a} for p, b, a in zip(prompts, before, after)]
             artifacts.write_json(run_dir / "samples.json", {"samples": samples})
             record.finish("completed", EXIT_OK, train_seconds=round(train_seconds, 2), global_steps=result.global_step,
