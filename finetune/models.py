@@ -26,10 +26,6 @@ OUTPUT_EMBEDDINGS = ("lm_head", "embed_out", "wte", "embed_in")  # never wrapped
 TINY_ARCH = {"neo": "gpt_neo", "neox": "gpt_neox", "gptj": "gptj"}
 
 
-def is_local(model_cfg) -> bool:
-    return Path(model_cfg.name_or_path).expanduser().exists() or bool(model_cfg.tiny)
-
-
 def ensure_available(model_cfg) -> None:
     """Build the tiny checkpoint a `tiny:` model config asks for, once."""
     if model_cfg.tiny:

@@ -16,7 +16,7 @@ from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
 
-from finetune.config import FAMILIES, STRATEGIES, DataConfig, DistributedConfig, ModelConfig, RunConfig
+from finetune.config import FAMILIES, STRATEGIES, RunConfig
 from finetune.errors import ConfigError
 
 # trainer keys that another part of our config owns: key -> where to set it instead
@@ -288,5 +288,3 @@ def _check_targets(targets, linear_names: set[str], family: str) -> list[str]:
             problems.append(f"strategy.target_modules: '{name}' is not a Linear layer of {family}{hint}; available: {', '.join(available)}")
     return problems
 
-
-__all__ = ["validate", "check_schema", "DataConfig", "ModelConfig", "DistributedConfig"]
