@@ -161,6 +161,7 @@ examples:
   python -m finetune conf=lora_neox20b --cfg job       print the resolved config, load nothing
   python -m finetune conf=lora_pythia1b data.path=my.jsonl strategy.r=32 trainer.learning_rate=1e-4
   python -m finetune conf=lora_neox20b model.name_or_path=/models/neox20b output_dir=runs/legal
+  python -m finetune.preview data=chatml data.path=chats.jsonl n=3    samples as they will train (tokenizer only)
 
 exit codes: 0 done, 1 failure, 2 config or data problem, 3 unsafe or corrupt input.
 Hydra's own flags: --cfg job|all, --resolve, -m (multirun), --hydra-help."""

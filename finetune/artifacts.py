@@ -6,6 +6,7 @@
     metrics.json      every logged value (train loss, eval loss, learning rate, ...) and the before/after evals
     loss.png          train and eval loss against the optimizer step
     samples.json      held-out prompts with the generation before and after training
+    rejected_rows.jsonl rows that did not train (unreadable, invalid, too long), each with where, reason and raw text
 
 No pickles: transformers writes `training_args.bin` (a pickle that can hold a Hub token) next to every save;
 `replace_pickled_args` swaps it for a JSON copy with token fields masked.
@@ -29,6 +30,13 @@ def write_json(path: Path, data: dict) -> None:
     """Write through a temporary file and rename, so a crash never leaves half a JSON file."""
     tmp = path.with_name(f".{path.name}.tmp")
     tmp.write_text(json.dumps(data, indent=2, default=str) + "\n", encoding="utf-8")
+    os.replace(tmp, path)
+
+
+def write_jsonl(path: Path, rows: list[dict]) -> None:
+    """One JSON object per line, written atomically like write_json."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text("".join(json.dumps(row, ensure_ascii=False, default=str) + "\n" for row in rows), encoding="utf-8")
     os.replace(tmp, path)
 
 

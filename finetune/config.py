@@ -21,6 +21,7 @@ DEFAULT_PRESET = "demo"
 FAMILIES = ("gpt_neo", "gpt_neox", "gptj")
 STRATEGIES = ("lora", "dora", "qlora", "full")
 LIBRARY_SECTIONS = ("trainer.", "strategy.")  # keys owned by trl / peft, validated against their classes
+OPEN_SECTIONS = (*LIBRARY_SECTIONS, "data.columns.")  # keys a user may add without Hydra's `+`
 
 
 def _bundled_data(name: str) -> str:
@@ -61,19 +62,35 @@ class ModelConfig:
 class DataConfig:
     """Training data and how it becomes token ids (conf/data/)."""
 
-    path: str
-    """A .jsonl or .json file of rows whose fields the template names."""
+    path: str | list[str]
+    """A file (.jsonl .json .csv .tsv .parquet), a glob, a list of those, a dataset folder, or a Hub dataset id."""
     template: str
-    """A name in data_templates/ (alpaca) or a path to a template YAML."""
-    eval_path: str | None = None
-    """Held-out file; null: hold out eval_fraction of path (seeded)."""
+    """A name in data_templates/ (alpaca, dolly, chatml, ...) or a path to a template YAML."""
+    columns: dict | None = None
+    """Template field -> your column name, e.g. {instruction: question, output: answer}."""
+    hub_config: str | None = None
+    """Dataset configuration (subset) of a Hub dataset or dataset folder."""
+    split: str = "train"
+    """Split of a Hub dataset or dataset folder to train on."""
+    revision: str | None = None
+    """Hub dataset branch, tag or commit."""
+    eval_path: str | list[str] | None = None
+    """Held-out source (same forms as path); null: eval_split of path, or eval_fraction of path (seeded)."""
+    eval_split: str | None = None
+    """Held-out split of a Hub dataset or dataset folder (e.g. test)."""
     eval_fraction: float = 0.1
     max_length: int = 1024
-    """Tokens per sample, prompt + response + EOS."""
+    """Tokens per sample (prompt + response + EOS), and per packed row."""
     overlength: str = "drop"
-    """drop | error: what happens to samples longer than max_length."""
+    """drop | error | truncate_prompt_left (keeps the final response whole) | chunk (long texts -> max_length pieces)."""
     max_dropped_fraction: float = 0.01
-    """Abort when more than this share of rows is dropped as over-long."""
+    """Abort when more than this share of rows would not train (dropped or, with skip_invalid, rejected)."""
+    train_on_inputs: bool = False
+    """true: train on prompts and user turns too (default: assistant messages only)."""
+    packing: bool = False
+    """Best-fit packing of samples into rows of max_length; samples never attend to each other."""
+    skip_invalid: bool = False
+    """true: unreadable or invalid rows are dropped, counted and written to rejected_rows.jsonl instead of stopping."""
 
 
 @dataclass
@@ -116,8 +133,9 @@ def compose_with_overrides(config_name: str, overrides: list[str] | None = None)
     """Compose; return the config and the overrides as Hydra finally took them.
 
     `trainer.*` and `strategy.*` are trl's and peft's keys: any of their fields may be set without Hydra's `+`
-    (`trainer.max_steps=100`). Such an override is retried as `++key=value`; validate.py then checks the name
-    against trl.SFTConfig / peft.LoraConfig, with a suggestion when it is misspelled.
+    (`trainer.max_steps=100`), and so may `data.columns.FIELD=COLUMN`. Such an override is retried as
+    `++key=value`; validate.py then checks the name against trl.SFTConfig / peft.LoraConfig / the template's fields,
+    with a suggestion when it is misspelled.
     """
     from hydra import compose as hydra_compose
     from hydra import initialize_config_dir
@@ -148,7 +166,7 @@ def _library_key_override(message: str, overrides: list[str]) -> int | None:
     """Index of the plain `trainer.x=` / `strategy.x=` override Hydra refused as not in struct, if that is the error."""
     for index, override in enumerate(overrides):
         key = override.split("=", 1)[0]
-        if key.startswith(LIBRARY_SECTIONS) and f"Could not override '{key}'" in message:
+        if key.startswith(OPEN_SECTIONS) and f"Could not override '{key}'" in message:
             return index
     return None
 

@@ -18,7 +18,7 @@ from omegaconf import DictConfig, OmegaConf
 from transformers import TrainerCallback  # this module loads only when training starts
 
 from finetune import artifacts, models, strategy
-from finetune.data import PreparedData, prepare, prompt_text
+from finetune.data import describe, packing, prepare, prompt_text
 from finetune.data import templates as data_templates
 from finetune.errors import EXIT_OK, FinetuneError
 from finetune.validate import validate
@@ -47,7 +47,11 @@ def run(cfg: DictConfig) -> Path:
     tokenizer.chat_template = template.chat_template  # saved with the tokenizer: inference renders as training did
     data = prepare(cfg.data, tokenizer, template, cfg.seed)
     train_set, eval_set = data.as_datasets()
-    _say(f"data: {_describe(data)}")
+    for line in describe(data):
+        _say(line)
+    if data.not_kept:
+        artifacts.write_jsonl(run_dir / "rejected_rows.jsonl", [n.as_dict() for n in data.not_kept])
+        _say(f"rows that will not train, with reasons: {run_dir / 'rejected_rows.jsonl'}")
 
     args = SFTConfig(**_training_arguments(cfg, run_dir, has_eval=eval_set is not None, cuda=torch.cuda.is_available()))
     record = artifacts.RunRecord(run_dir, preset=_preset_name(), strategy=cfg.strategy.name, base_model=cfg.model.name_or_path,
@@ -55,12 +59,19 @@ def run(cfg: DictConfig) -> Path:
     try:
         artifacts.write_config(run_dir, resolved, template.path)
         model = models.load_model(cfg.model, tokenizer, strategy.quantization(resolved["strategy"]))
+        collator = None
+        if data.packed is not None:
+            model.config.use_cache = False  # a KV cache turns off transformers' packed-sequence masks
+            leak = packing.verify_isolation(model, model.config.vocab_size, cfg.data.max_length)
+            _say(f"packing: samples isolated in this model (probe difference {leak:.1e})")
+            collator = packing.PackedCollator(tokenizer.pad_token_id)
         trainer = SFTTrainer(
             model=model,
             args=args,
             train_dataset=train_set,
             eval_dataset=eval_set,
             processing_class=tokenizer,
+            data_collator=collator,
             peft_config=strategy.peft_config(resolved["strategy"]),
             callbacks=[_NoPickledArgs()],
         )
@@ -151,12 +162,6 @@ def _preset_name() -> str | None:
     from hydra.core.hydra_config import HydraConfig
 
     return HydraConfig.get().job.config_name if HydraConfig.initialized() else None
-
-
-def _describe(data: PreparedData) -> str:
-    a = data.accounting
-    return (f"{a['train_rows']} train rows, {a['eval_rows']} held out, {a['dropped_overlength']} dropped as too long; "
-            f"{a['train_tokens']:,} train tokens, {a['train_trained_tokens']:,} of them trained (completion only)")
 
 
 def _summary(run_dir: Path, before: dict, after: dict, samples: list[dict], seconds: float) -> None:

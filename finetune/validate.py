@@ -25,8 +25,8 @@ OWNED_TRAINER_KEYS = {
     "seed": "seed=N",
     "data_seed": "seed=N",
     "max_length": "data.max_length=N",
-    "packing": "nothing yet: packing for GPT-Neo/NeoX needs block-diagonal attention and arrives with the data work",
-    "padding_free": "nothing yet: padding-free batches mix samples in GPT-Neo/NeoX attention",
+    "packing": "data.packing=true (best-fit rows whose samples cannot see each other; trl's packing breaks GPT-Neo)",
+    "padding_free": "data.packing=true (trl's padding-free rows exceed GPT-Neo's positions)",
     "dataset_text_field": "data.template=NAME",
     "completion_only_loss": "data.template=NAME (the template decides which tokens are trained)",
     "assistant_only_loss": "data.template=NAME (the template decides which tokens are trained)",
@@ -85,7 +85,11 @@ def _check_type(value, hint, key: str) -> list[str]:
     if origin in (typing.Union, types.UnionType):
         if value is None and type(None) in args:
             return []
-        return _check_type(value, next(a for a in args if a is not type(None)), key)
+        arms = [a for a in args if a is not type(None)]
+        problems = [_check_type(value, arm, key) for arm in arms]
+        if any(not p for p in problems):
+            return []
+        return problems[0] if len(arms) == 1 else [f"{key}: expected {' or '.join(map(_type_name, arms))}, got {value!r}"]
     if origin is list:
         ok = isinstance(value, list) and all(isinstance(v, args[0]) for v in value)
         return [] if ok else [f"{key}: expected a list of {args[0].__name__}, got {value!r}"]
@@ -186,23 +190,31 @@ def check_trainer(cfg: dict, warnings: list[str]) -> list[str]:
     return problems
 
 
-def check_data(data: dict) -> list[str]:
-    from finetune.data import templates
+def _type_name(hint) -> str:
+    return f"a list of {typing.get_args(hint)[0].__name__}" if typing.get_origin(hint) is list else hint.__name__
 
-    problems = []
-    for key in ("path", "eval_path"):
-        if data[key] and not Path(data[key]).expanduser().is_file():
-            problems.append(f"data.{key}: no such file '{data[key]}' (data.{key}=FILE)")
+
+def check_data(data: dict) -> list[str]:
+    from finetune.data import LENGTH_POLICIES, sources, templates
+
+    problems = sources.missing_sources(data["path"], "data.path")
+    if data["eval_path"]:
+        problems += sources.missing_sources(data["eval_path"], "data.eval_path")
     try:
-        templates.load(data["template"])
+        template = templates.load(data["template"])
     except ConfigError as err:
+        template = None
         problems += err.problems
+    columns = data.get("columns") or {}
+    if template and columns:
+        problems += [f"data.columns.{name}: the template '{template.name}' has no field '{name}'; its fields: {', '.join(template.fields)}"
+                     for name in columns if name not in template.fields]
     if not 0 <= data["eval_fraction"] < 1:
         problems.append(f"data.eval_fraction: must be in [0, 1), got {data['eval_fraction']}")
     if data["max_length"] <= 0:
         problems.append(f"data.max_length: must be positive, got {data['max_length']}")
-    if data["overlength"] not in ("drop", "error"):
-        problems.append(f"data.overlength: '{data['overlength']}' is not one of drop, error")
+    if data["overlength"] not in LENGTH_POLICIES:
+        problems.append(f"data.overlength: '{data['overlength']}' is not one of {', '.join(LENGTH_POLICIES)}")
     if not 0 <= data["max_dropped_fraction"] <= 1:
         problems.append(f"data.max_dropped_fraction: must be in [0, 1], got {data['max_dropped_fraction']}")
     return problems

@@ -1,16 +1,22 @@
-"""Loss masks, EOS, padding with EOS, the saved chat template, and bad-row reporting."""
+"""Templates, loss masks, EOS with pad == eos, the saved chat template, length policies and row accounting."""
 
 from __future__ import annotations
 
+import dataclasses
+import json
+from pathlib import Path
+
 import pytest
-import torch
+from omegaconf import OmegaConf
 
-from finetune.data import IGNORE_INDEX, prompt_text, tokenize
+from finetune.config import DataConfig
+from finetune.data import IGNORE_INDEX, fit_length, prepare, prompt_text, tokenize
 from finetune.data import templates as data_templates
-from finetune.data.sources import read_rows
-from finetune.errors import DataError
+from finetune.errors import ConfigError, DataError
+from finetune.preview import show
 
-ROW = {"instruction": "Define consideration.", "input": "", "output": "Something of value exchanged.", "_line": 1}
+ROW = {"instruction": "Define consideration.", "input": "", "output": "Something of value exchanged.", "_where": "rows.jsonl:1"}
+README = Path(data_templates.TEMPLATES_DIR / "README.md").read_text()
 
 
 @pytest.fixture(scope="module")
@@ -23,18 +29,105 @@ def neo_tokenizer(tiny_models):
     return tokenizer
 
 
-def test_prompt_masked_completion_and_eos_trained(neo_tokenizer):
+@pytest.fixture(scope="module", params=["neo", "neox", "gptj"])
+def family_tokenizer(request, tiny_models):
+    """Each architecture's tokenizer with the family pad policy (NeoX: <|padding|>; Neo and GPT-J: EOS)."""
+    from omegaconf import OmegaConf as conf
+
+    from finetune import models
+
+    family = {"neo": "gpt_neo", "neox": "gpt_neox", "gptj": "gptj"}[request.param]
+    pad = "<|padding|>" if request.param == "neox" else None
+    return models.load_tokenizer(conf.create({"name_or_path": str(tiny_models[request.param]), "family": family, "pad_token": pad,
+                                              "revision": "main", "trust_remote_code": False}))
+
+
+def data_config(path, **overrides) -> DataConfig:
+    return OmegaConf.create(dataclasses.asdict(DataConfig(path=str(path), template="alpaca", max_length=256, **overrides)))
+
+
+def write_jsonl(path: Path, rows: list[dict]) -> Path:
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+@pytest.mark.parametrize("name", data_templates.available())
+def test_every_template_renders_its_example_as_documented(neo_tokenizer, name):
+    template = data_templates.load(name)
+    row = {**template.example, "_where": "example"}
+    assert not template.check_row(row)
+    sample = tokenize(neo_tokenizer, template, row)
+    assert sample.labels[-1] == neo_tokenizer.eos_token_id
+    assert f"```\n{show(sample, neo_tokenizer, color=False)}\n```" in README  # the docs show what the code does
+
+
+@pytest.mark.parametrize("name", data_templates.available())
+def test_saved_tokenizer_reproduces_training_text_byte_for_byte(neo_tokenizer, tmp_path, name):
+    from transformers import AutoTokenizer
+
+    template = data_templates.load(name)
+    row = {**template.example, "_where": "example"}
+    neo_tokenizer.chat_template = template.chat_template
+    neo_tokenizer.save_pretrained(tmp_path)
+    reloaded = AutoTokenizer.from_pretrained(tmp_path)
+    conversation = template.conversation(row)
+    trained_text = neo_tokenizer.decode(tokenize(neo_tokenizer, template, row).input_ids)
+    assert reloaded.apply_chat_template(conversation, tokenize=False) == trained_text
+    prompt = prompt_text(neo_tokenizer, template, row)
+    assert trained_text.startswith(prompt)
+    if prompt:
+        last = max(i for i, m in enumerate(conversation) if m["role"] == "assistant")
+        assert reloaded.apply_chat_template(conversation[:last], tokenize=False, add_generation_prompt=True) == prompt
+
+
+def test_alpaca_with_and_without_input(neo_tokenizer):
     template = data_templates.load("alpaca")
-    sample = tokenize(neo_tokenizer, template, ROW)
-    prompt_len = len(neo_tokenizer(prompt_text(neo_tokenizer, template, ROW), add_special_tokens=False).input_ids)
+    without = neo_tokenizer.decode(tokenize(neo_tokenizer, template, ROW).input_ids)
+    with_input = neo_tokenizer.decode(tokenize(neo_tokenizer, template, {**ROW, "input": "A contract."}).input_ids)
+    assert "### Input:" not in without and "paired with an input" not in without
+    assert "### Input:\nA contract.\n\n### Response:\n" in with_input
+
+
+def test_prompt_masked_completion_and_eos_trained(family_tokenizer):
+    tokenizer = family_tokenizer
+    template = data_templates.load("alpaca")
+    sample = tokenize(tokenizer, template, ROW)
+    prompt_len = len(tokenizer(prompt_text(tokenizer, template, ROW), add_special_tokens=False).input_ids)
     assert sample.labels[:prompt_len] == [IGNORE_INDEX] * prompt_len
     assert sample.labels[prompt_len:] == sample.input_ids[prompt_len:]
-    assert sample.labels[-1] == neo_tokenizer.eos_token_id
-    assert neo_tokenizer.decode(sample.input_ids[prompt_len:]).startswith("Something of value")
+    assert sample.labels[-1] == tokenizer.eos_token_id
+    assert tokenizer.decode(sample.input_ids[prompt_len:]).startswith("Something of value")
 
 
-def test_padding_with_eos_keeps_the_real_eos_label(neo_tokenizer):
+@pytest.mark.parametrize("name", ["chatml", "sharegpt"])
+def test_every_assistant_turn_is_trained_and_nothing_else(family_tokenizer, name):
+    neo_tokenizer = family_tokenizer
+    template = data_templates.load(name)
+    row = {**template.example, "_where": "example"}
+    sample = tokenize(neo_tokenizer, template, row)
+    trained_runs, run = [], []
+    for token, label in zip(sample.input_ids, sample.labels):
+        if label != IGNORE_INDEX:
+            run.append(token)
+        elif run:
+            trained_runs.append(run)
+            run = []
+    trained_runs.append(run) if run else None
+    assistant = [m["content"] for m in template.conversation(row) if m["role"] == "assistant"]
+    assert [neo_tokenizer.decode(r) for r in trained_runs] == [a + neo_tokenizer.eos_token for a in assistant]
+    untrained = neo_tokenizer.decode([t for t, label in zip(sample.input_ids, sample.labels) if label == IGNORE_INDEX])
+    assert all(m["content"] in untrained for m in template.conversation(row) if m["role"] != "assistant")
+
+
+def test_train_on_inputs_trains_the_prompt_too(neo_tokenizer):
+    sample = tokenize(neo_tokenizer, data_templates.load("alpaca"), ROW, train_on_inputs=True)
+    assert sample.labels == sample.input_ids
+
+
+def test_padding_keeps_the_real_eos_label(family_tokenizer):
     from trl.trainer.sft_trainer import DataCollatorForLanguageModeling
+
+    neo_tokenizer = family_tokenizer
 
     template = data_templates.load("alpaca")
     short = tokenize(neo_tokenizer, template, ROW)
@@ -43,41 +136,114 @@ def test_padding_with_eos_keeps_the_real_eos_label(neo_tokenizer):
     batch = collate([{"input_ids": s.input_ids, "labels": s.labels} for s in (short, long)])
     n = len(short.input_ids)
     assert batch["labels"][0, n - 1] == neo_tokenizer.eos_token_id  # trained EOS survives
-    assert (batch["labels"][0, n:] == IGNORE_INDEX).all()  # padding (also EOS ids) is not trained
-    assert (batch["input_ids"][0, n:] == neo_tokenizer.eos_token_id).all()
+    assert (batch["labels"][0, n:] == IGNORE_INDEX).all()  # padding (EOS ids on Neo and GPT-J) is not trained
+    assert (batch["input_ids"][0, n:] == neo_tokenizer.pad_token_id).all()
 
 
-def test_saved_chat_template_reproduces_training_text(neo_tokenizer, tmp_path):
-    from transformers import AutoTokenizer
+@pytest.mark.parametrize(
+    ("turns", "message"),
+    [
+        ([{"role": "assistant", "content": "hi"}], "expected a user message"),
+        ([{"role": "user", "content": "a"}, {"role": "user", "content": "b"}, {"role": "assistant", "content": "c"}], "messages[1]: expected an assistant message"),
+        ([{"role": "user", "content": "a"}, {"role": "system", "content": "b"}, {"role": "assistant", "content": "c"}], "messages[1]: a system message may only come first"),
+        ([{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}, {"role": "user", "content": "c"}], "the last message must be an assistant"),
+        ([{"role": "user", "content": "a"}, {"role": "bot", "content": "b"}], "messages[1].role: unknown role 'bot'"),
+        ([{"role": "user", "content": "a"}, {"role": "assistant", "content": " "}], "messages[1].content: must be a non-empty string"),
+    ],
+)
+def test_bad_conversations_are_named_by_message_index(turns, message):
+    problems = data_templates.load("chatml").check_row({"messages": turns, "_where": "x:1"})
+    assert problems and problems[0].kind == "bad_conversation" and message in problems[0].text
 
+
+def test_truncate_prompt_left_keeps_the_response_whole(neo_tokenizer):
     template = data_templates.load("alpaca")
-    neo_tokenizer.chat_template = template.chat_template
-    neo_tokenizer.save_pretrained(tmp_path)
-    reloaded = AutoTokenizer.from_pretrained(tmp_path)
-    row = {**ROW, "input": "The tenant shall keep the premises in good repair."}
-    conversation = template.conversation(row)
-    trained_text = neo_tokenizer.decode(tokenize(neo_tokenizer, template, row).input_ids)
-    assert reloaded.apply_chat_template(conversation, tokenize=False) == trained_text
-    prompt = reloaded.apply_chat_template(conversation[:-1], tokenize=False, add_generation_prompt=True)
-    assert prompt.endswith("### Response:\n") and "### Input:\nThe tenant shall" in prompt
+    sample = tokenize(neo_tokenizer, template, {**ROW, "input": "word " * 200})
+    response = sample.input_ids[sample.final_response_start :]
+    (kept,), reason = fit_length(sample, 64, "truncate_prompt_left")
+    assert reason is None and len(kept.input_ids) == 64 and kept.input_ids[-len(response) :] == response
+    assert kept.labels[-len(response) :] == response and kept.trained == len(response)
+    assert fit_length(sample, len(response) - 1, "truncate_prompt_left") == ([], "response_too_long")
+    assert fit_length(sample, 64, "drop") == ([], "overlength")
 
 
-def test_every_bad_row_is_reported_with_file_and_line(tmp_path):
-    path = tmp_path / "rows.jsonl"
-    path.write_text('{"instruction": "q", "output": "a"}\n\n{"instruction": "q", "output": ""}\n[1]\n{"instruction": 3, "output": "a"}\n')
+def test_chunk_splits_long_text_and_never_keeps_an_untrained_piece(neo_tokenizer):
+    sample = tokenize(neo_tokenizer, data_templates.load("completion"), {"text": "clause " * 300, "_where": "c:1"})
+    pieces, reason = fit_length(sample, 100, "chunk")
+    assert reason is None and [p.input_ids for p in pieces] == [sample.input_ids[i : i + 100] for i in range(0, len(sample.input_ids), 100)]
+    masked = sample.__class__(sample.input_ids, [IGNORE_INDEX] * len(sample.input_ids), "m:1")
+    assert fit_length(masked, 100, "chunk") == ([], "no_trainable_tokens")
+
+
+def test_row_accounting_adds_up_and_rejects_are_written(neo_tokenizer, tmp_path):
+    rows = [{"instruction": f"q{i}", "output": f"answer {i}"} for i in range(40)]
+    rows[3] = {"instruction": "q", "output": ""}  # empty response
+    rows[7] = {"instruction": "q", "ouptut": "a"}  # misspelled field
+    rows[9] = {"instruction": "long " * 300, "output": "a"}  # over-length
+    path = write_jsonl(tmp_path / "rows.jsonl", rows)
+    with path.open("a") as f:
+        f.write('{"instruction": "q", "output": "a",}\n')  # trailing comma
+    template = data_templates.load("alpaca")
     with pytest.raises(DataError) as caught:
-        read_rows(path, ("instruction", "output"), ("input",))
+        prepare(data_config(path), neo_tokenizer, template, seed=1)
     message = str(caught.value)
-    assert f"{path}:3: field 'output' is empty" in message
-    assert f"{path}:4: expected a JSON object" in message
-    assert f"{path}:5: field 'instruction' must be a string" in message
-    assert "3 bad row(s)" in message
+    assert "3 bad row(s)" in message and "data.skip_invalid=true" in message
+    assert f"{path}:4: field 'output' is empty" in message
+    assert f"{path}:8: missing field 'output' (did you mean 'ouptut'? map it with data.columns.output=ouptut)" in message
+    assert f"{path}:41: invalid JSON" in message
+    assert message.index(f"{path}:4:") < message.index(f"{path}:8:") < message.index(f"{path}:41:")  # file order
+
+    data = prepare(data_config(path, skip_invalid=True, max_dropped_fraction=0.2, eval_fraction=0.1), neo_tokenizer, template, seed=1)
+    a = data.accounting
+    assert a["rows_read"] == 41
+    assert a["rows_rejected"] == {"invalid_json": 1, "empty_field": 1, "missing_field": 1} and a["rows_dropped"] == {"overlength": 1}
+    assert a["rows_read"] == a["train_rows"] + a["eval_rows"] + sum(a["rows_rejected"].values()) + sum(a["rows_dropped"].values())
+    assert {n.where for n in data.not_kept} == {f"{path}:4", f"{path}:8", f"{path}:10", f"{path}:41"}
+    assert all(n.raw for n in data.not_kept)
 
 
-def test_template_without_eos_is_refused(tmp_path):
-    from finetune.errors import ConfigError
+def test_too_many_dropped_rows_abort_naming_the_knobs(neo_tokenizer, tmp_path):
+    rows = [{"instruction": "q " * (300 if i % 2 else 1), "output": "a"} for i in range(10)]
+    path = write_jsonl(tmp_path / "rows.jsonl", rows)
+    with pytest.raises(DataError, match=r"5 of 10 rows \(50.0%\) would not train \(5 overlength\).*data.max_dropped_fraction"):
+        prepare(data_config(path), neo_tokenizer, data_templates.load("alpaca"), seed=1)
+    with pytest.raises(DataError, match=r"5 row\(s\) longer than data.max_length=256:\n  .*rows.jsonl:2: \d+ tokens"):
+        prepare(data_config(path, overlength="error"), neo_tokenizer, data_templates.load("alpaca"), seed=1)
 
-    text = data_templates.resolve_path("alpaca").read_text().replace("{{ eos_token }}", "")
-    (tmp_path / "noeos.yaml").write_text(text)
-    with pytest.raises(ConfigError, match="never emits"):
-        data_templates.load(str(tmp_path / "noeos.yaml"))
+
+def test_packing_is_reported_in_the_accounting(neo_tokenizer, tmp_path):
+    path = write_jsonl(tmp_path / "rows.jsonl", [{"instruction": "q" * (i % 7 + 1), "output": "an answer " * (i % 5 + 1)} for i in range(50)])
+    data = prepare(data_config(path, packing=True, eval_fraction=0.0), neo_tokenizer, data_templates.load("alpaca"), seed=1)
+    packed = data.accounting["packing"]
+    assert packed["rows"] == len(data.packed) < 50 and 0.5 < packed["efficiency"] <= 1
+    train, _ = data.as_datasets()
+    assert train.column_names == ["input_ids", "labels", "position_ids"] and len(train) == packed["rows"]
+
+
+def test_custom_template_without_code(neo_tokenizer, tmp_path):
+    custom = tmp_path / "qa.yaml"
+    custom.write_text(
+        "fields: {question: required, answer: required}\n"
+        "messages:\n  - {role: user, content: 'Q: {{ question }}'}\n  - {role: assistant, content: '{{ answer }}'}\n"
+        "chat_template: \"{% for m in messages %}{% if m.role == 'user' %}{{ m.content }}\\nA: {% else %}{{ m.content }}{{ eos_token }}{% endif %}{% endfor %}\"\n"
+    )
+    template = data_templates.load(str(custom))
+    sample = tokenize(neo_tokenizer, template, {"question": "What is bail?", "answer": "Release before trial.", "_where": "x:1"})
+    assert neo_tokenizer.decode(sample.input_ids) == "Q: What is bail?\nA: Release before trial.<|endoftext|>"
+    assert neo_tokenizer.decode([t for t in sample.labels if t != IGNORE_INDEX]) == "Release before trial.<|endoftext|>"
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ("fields: {a: required}\nmessages: [{role: user, content: x}, {role: assistant, content: y}]\nchat_template: '{{ x }}'\n", "never emits"),
+        ("fields: {a: required}\nmessages: [{role: user, content: x}, {role: bot, content: y}]\nchat_template: '{{ eos_token }}'\n", "messages[1].role is 'bot'"),
+        ("fields: {a: required}\nmessages: [{role: user, content: x}]\nchat_template: '{{ eos_token }}'\n", "must have role assistant"),
+        ("conversation: {field: m, role_key: r, content_key: c, roles: {u: user}}\nchat_template: '{{ eos_token }}'\n", "some role to user and some to assistant"),
+        ("fields: {a: required}\nmesages: []\nchat_template: '{{ eos_token }}'\n", "unknown key 'mesages'"),
+    ],
+)
+def test_broken_templates_are_refused_naming_the_key(tmp_path, text, message):
+    (tmp_path / "t.yaml").write_text(text)
+    with pytest.raises(ConfigError, match=message.replace("[", r"\[").replace("]", r"\]")):
+        data_templates.load(str(tmp_path / "t.yaml"))

@@ -28,5 +28,5 @@ def test_demo_builds_tiny_base_trains_and_writes_a_self_describing_run(tmp_path)
     # the tiny base was built with the real GPT-Neo structure: local window smaller than the sequence length
     config = json.loads((tmp_path / "cache" / "tiny-gpt-neo" / "config.json").read_text())
     assert config["attention_layers"] == ["global", "local", "global", "local"]
-    assert config["window_size"] < record["data"]["max_sample_tokens"]
+    assert config["window_size"] < record["data"]["token_length"]["max"]
     assert not list(run_dir.rglob("*.bin"))

@@ -121,3 +121,46 @@ def test_neox20b_preset_runs_against_a_local_checkpoint(tiny_models, tmp_path):
     record = json.loads((tmp_path / "run" / "run.json").read_text())
     assert record["status"] == "completed" and record["preset"] == "lora_neox20b" and record["global_steps"] == 2
     assert (tmp_path / "run" / "adapter" / "adapter_model.safetensors").exists()
+
+
+def test_packed_multi_turn_run_with_skipped_rows(tiny_models, tmp_path):
+    """chatml rows, one broken row skipped, packing on tiny GPT-NeoX: accounting, rejects and template saved."""
+    rows = [
+        {"messages": [{"role": "user", "content": f"Question {i} about a lease?"}, {"role": "assistant", "content": f"Answer {i}." + " More." * (i % 9)},
+                      {"role": "user", "content": "And then?"}, {"role": "assistant", "content": "Then it ends."}]}
+        for i in range(60)
+    ]
+    rows[5] = {"messages": [{"role": "assistant", "content": "I speak first."}]}
+    path = tmp_path / "chats.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    run_dir = train("neox", tiny_models, tmp_path, "data=chatml", f"data.path={path}", "data.packing=true", "data.max_length=256",
+                    "data.skip_invalid=true", "data.max_dropped_fraction=0.05", "data.eval_fraction=0.1")
+    record = json.loads((run_dir / "run.json").read_text())
+    accounting = record["data"]
+    assert record["status"] == "completed"
+    assert accounting["rows_read"] == 60 and accounting["rows_rejected"] == {"bad_conversation": 1}
+    assert accounting["train_rows"] + accounting["eval_rows"] == 59
+    assert accounting["packing"]["rows"] < accounting["train_samples"] and accounting["packing"]["efficiency"] > 0.8
+    rejected = [json.loads(line) for line in (run_dir / "rejected_rows.jsonl").read_text().splitlines()]
+    assert rejected == [{"where": f"{path}:6", "reason": "bad_conversation", "detail": "messages[0]: expected a user message (user and assistant alternate, user first), got assistant",
+                         "raw": json.dumps(rows[5])}]
+    assert "<|im_start|>" in (run_dir / "adapter" / "chat_template.jinja").read_text()
+
+
+def test_preview_shows_trained_tokens_without_loading_the_model(tiny_models, tmp_path):
+    import subprocess
+    import sys
+
+    overrides = tiny_overrides("neo", tiny_models["neo"], tmp_path / "run")
+    code = ("import sys; from finetune.preview import main; main(sys.argv[1:]); "
+            "assert 'transformers.models.gpt_neo.modeling_gpt_neo' not in sys.modules, 'the model code was loaded'")
+    result = subprocess.run([sys.executable, "-c", code, "n=2", "--no-color", *overrides], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    out = result.stdout
+    assert out.count("--- ") == 2 and "[[" in out and "<|endoftext|>]]" in out
+    assert "rows read = 288 train + 32 held out + 0 not kept" in out
+    assert "padding efficiency at batch size 4" in out and "with data.packing=true" in out
+    assert not (tmp_path / "run").exists()  # a preview writes nothing
+
+    bad = subprocess.run([sys.executable, "-m", "finetune.preview", *overrides, "data.path=/nonexistent.jsonl"], capture_output=True, text=True, timeout=300)
+    assert bad.returncode == 2 and "data.path: '/nonexistent.jsonl': no such file" in bad.stderr

@@ -78,7 +78,7 @@ def test_fp16_is_refused_unless_allowed_then_warned():
 
 def test_missing_data_file_and_template_are_named():
     problems = problems_of(["data.path=/nonexistent/rows.jsonl", "data.template=nope"])
-    assert any("data.path: no such file '/nonexistent/rows.jsonl'" in p for p in problems)
+    assert any("data.path: '/nonexistent/rows.jsonl': no such file" in p for p in problems)
     assert any(p.startswith("data.template: no template 'nope'") for p in problems)
 
 
@@ -118,6 +118,6 @@ def test_data_problems_exit_2_before_the_model_loads(tmp_path, tiny_models):
     bad.write_text('{"instruction": "a", "output": "b"}\n{"instruction": "a", "ouptut": "b"}\n{broken\n')
     out = run_cli(*tiny_overrides("neo", tiny_models["neo"], tmp_path / "run"), f"data.path={bad}", "data.eval_path=null")
     assert out.returncode == EXIT_CONFIG, out.stderr
-    assert f"{bad}:2: missing field 'output' (did you mean 'ouptut'?)" in out.stderr
-    assert f"{bad}:3:2: invalid JSON" in out.stderr
+    assert f"{bad}:2: missing field 'output' (did you mean 'ouptut'? map it with data.columns.output=ouptut)" in out.stderr
+    assert f"{bad}:3: invalid JSON: Expecting property name enclosed in double quotes (column 2)" in out.stderr
     assert "model:" not in out.stderr  # the model line is printed only after loading

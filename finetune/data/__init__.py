@@ -1,29 +1,59 @@
-"""Rows -> template -> token ids with a loss mask -> train/eval datasets, with exact row accounting.
+"""Rows -> template -> token ids with a loss mask -> (packed) train/eval datasets, with exact row accounting.
 
-The loss mask is built here, not by trl: the prompt is -100, the completion (ending in EOS) is trained. Padding
-is masked later by the collator from sequence lengths, never by comparing token ids, so padding with EOS (GPT-Neo
-and GPT-J have no pad token) cannot erase the EOS label the model needs to learn to stop.
+The loss mask is built here, not by trl: every assistant message (its content and the EOS that ends it) is
+trained, everything else is -100, unless `data.train_on_inputs`. Padding is masked later by the collator from
+sequence lengths, never by comparing token ids, so padding with EOS (GPT-Neo and GPT-J have no pad token) cannot
+erase the EOS label the model needs to learn to stop.
+
+Accounting invariant, stored in run.json: rows_read = train_rows + eval_rows + rejected (by reason) + dropped (by
+reason). Rejected rows could not be read (not_utf8, invalid_json, not_an_object, bad_record) or do not fit the
+template (missing_field, empty_field, wrong_type, bad_conversation); dropped rows were read but cannot be trained
+under the length policy (overlength, response_too_long, no_trainable_tokens).
 """
 
 from __future__ import annotations
 
+import json
 import random
+import re
+from collections import Counter
 from dataclasses import dataclass, field
 
-from finetune.data.sources import read_rows
+from finetune.data import packing, sources
 from finetune.data.templates import Template
-from finetune.errors import DataError
+from finetune.errors import ConfigError, DataError
 
-IGNORE_INDEX = -100
+IGNORE_INDEX = packing.IGNORE_INDEX
+LENGTH_POLICIES = ("drop", "error", "truncate_prompt_left", "chunk")
+DROP_REASONS = ("overlength", "response_too_long", "no_trainable_tokens")  # readable rows the length policy drops
 
 
 @dataclass
 class Sample:
-    """One tokenized row; `line` points back at the source for error messages."""
+    """One tokenized training sequence; `where` points back at the source row (file:line) for messages."""
 
     input_ids: list[int]
     labels: list[int]
-    line: int | str
+    where: str
+    final_response_start: int = 0
+    """Index of the first token of the last trained piece: what truncation must never cut."""
+
+    @property
+    def trained(self) -> int:
+        return sum(1 for t in self.labels if t != IGNORE_INDEX)
+
+
+@dataclass
+class NotKept:
+    """A row that will not train, and why (written to rejected_rows.jsonl in the run directory)."""
+
+    where: str
+    reason: str
+    detail: str
+    raw: str
+
+    def as_dict(self) -> dict:
+        return {"where": self.where, "reason": self.reason, "detail": self.detail, "raw": self.raw}
 
 
 @dataclass
@@ -32,73 +62,215 @@ class PreparedData:
     eval: list[Sample]
     eval_rows: list[dict]
     accounting: dict = field(default_factory=dict)
+    not_kept: list[NotKept] = field(default_factory=list)
+    packed: list[packing.PackedRow] | None = None
 
     def as_datasets(self):
-        """Hugging Face datasets with exactly the columns the trainer consumes."""
+        """Hugging Face datasets with exactly the columns the trainer consumes (packed rows carry position_ids)."""
         from datasets import Dataset
 
-        def to_dataset(samples: list[Sample]):
-            return Dataset.from_dict({"input_ids": [s.input_ids for s in samples], "labels": [s.labels for s in samples]})
+        if self.packed is not None:
+            train = Dataset.from_dict({"input_ids": [r.input_ids for r in self.packed], "labels": [r.labels for r in self.packed],
+                                       "position_ids": [r.position_ids for r in self.packed]})
+        else:
+            train = _samples_dataset(self.train)
+        return train, (_samples_dataset(self.eval) if self.eval else None)
 
-        return to_dataset(self.train), (to_dataset(self.eval) if self.eval else None)
+
+def _samples_dataset(samples: list[Sample]):
+    from datasets import Dataset
+
+    return Dataset.from_dict({"input_ids": [s.input_ids for s in samples], "labels": [s.labels for s in samples]})
 
 
 def render(tokenizer, template: Template, conversation: list[dict], add_generation_prompt: bool = False) -> str:
     """Text of a conversation, through the tokenizer's own chat-template machinery (what inference uses)."""
+    if not conversation:
+        return ""
     return tokenizer.apply_chat_template(
         conversation, chat_template=template.chat_template, tokenize=False, add_generation_prompt=add_generation_prompt
     )
 
 
 def prompt_text(tokenizer, template: Template, row: dict) -> str:
-    """The prompt of a row: every message but the last, ready for generation."""
-    return render(tokenizer, template, template.conversation(row)[:-1], add_generation_prompt=True)
-
-
-def tokenize(tokenizer, template: Template, row: dict) -> Sample:
-    """Prompt ids masked, completion ids trained; the completion must end with EOS."""
+    """The prompt for the row's last assistant message, ready for generation."""
     conversation = template.conversation(row)
-    prompt = render(tokenizer, template, conversation[:-1], add_generation_prompt=True)
-    full = render(tokenizer, template, conversation)
-    where = f"row {row.get('_line')}"
-    if not full.startswith(prompt):
-        raise DataError(f"template {template.path}: rendering the whole conversation does not start with the prompt ({where})")
-    prompt_ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
-    completion_ids = tokenizer(full[len(prompt) :], add_special_tokens=False)["input_ids"]
-    if not completion_ids or completion_ids[-1] != tokenizer.eos_token_id:
-        raise DataError(f"template {template.path}: the trained part of {where} does not end with EOS; end it with {{{{ eos_token }}}}")
-    return Sample(prompt_ids + completion_ids, [IGNORE_INDEX] * len(prompt_ids) + completion_ids, row.get("_line"))
+    last = max(i for i, m in enumerate(conversation) if m["role"] == "assistant")
+    return render(tokenizer, template, conversation[:last], add_generation_prompt=True)
+
+
+def segments(tokenizer, template: Template, conversation: list[dict]) -> list[tuple[str, bool]]:
+    """The conversation's text cut into (text, trained) pieces: each assistant message is trained, the rest is not.
+
+    Built by rendering growing prefixes of the conversation, so the pieces join to exactly the text the chat template
+    renders for the whole conversation (what the saved tokenizer reproduces at inference).
+    """
+    pieces, done = [], ""
+    for i, message in enumerate(conversation):
+        if message["role"] != "assistant":
+            continue
+        prompt = render(tokenizer, template, conversation[:i], add_generation_prompt=True)
+        upto = render(tokenizer, template, conversation[: i + 1])
+        if not prompt.startswith(done) or not upto.startswith(prompt):
+            raise ConfigError(f"data.template {template.path}: rendering messages 0..{i} does not extend the text of the messages "
+                              f"before it; a chat template must render a conversation as the concatenation of its turns")
+        pieces += [(prompt[len(done):], False), (upto[len(prompt):], True)]
+        done = upto
+    return [(text, trained) for text, trained in pieces if text]
+
+
+def tokenize(tokenizer, template: Template, row: dict, train_on_inputs: bool = False) -> Sample:
+    """Token ids and labels of one checked row; every trained piece must end with EOS."""
+    return tokenize_many(tokenizer, template, [row], train_on_inputs)[0]
+
+
+def tokenize_many(tokenizer, template: Template, rows: list[dict], train_on_inputs: bool = False) -> list[Sample]:
+    """tokenize() for many rows with one batched tokenizer call (the Rust tokenizer then uses every core)."""
+    pieces = [segments(tokenizer, template, template.conversation(row)) for row in rows]
+    flat = [text for row_pieces in pieces for text, _ in row_pieces]
+    encoded = iter(tokenizer(flat, add_special_tokens=False)["input_ids"]) if flat else iter(())
+    samples = []
+    for row, row_pieces in zip(rows, pieces):
+        ids, labels, final_response_start = [], [], 0
+        for (_, trained), piece in zip(row_pieces, encoded):
+            if trained:
+                final_response_start = len(ids)
+                if piece[-1] != tokenizer.eos_token_id:
+                    raise ConfigError(f"data.template {template.path}: an assistant message of {row.get('_where')} does not end with "
+                                      f"EOS; end it with {{{{ eos_token }}}} in the chat template")
+            ids += piece
+            labels += piece if trained or train_on_inputs else [IGNORE_INDEX] * len(piece)
+        samples.append(Sample(ids, labels, str(row.get("_where")), final_response_start))
+    return samples
+
+
+def fit_length(sample: Sample, max_length: int, policy: str) -> tuple[list[Sample], str | None]:
+    """Apply data.overlength to one sample: (samples to train, None) or ([], reason it is dropped)."""
+    if len(sample.input_ids) <= max_length:
+        return [sample], None
+    if policy in ("drop", "error"):
+        return [], "overlength"
+    if policy == "truncate_prompt_left":
+        cut = len(sample.input_ids) - max_length
+        if cut > sample.final_response_start:  # the final response must survive whole, never cut to nothing
+            return [], "response_too_long"
+        return [Sample(sample.input_ids[cut:], sample.labels[cut:], sample.where, sample.final_response_start - cut)], None
+    pieces = [Sample(sample.input_ids[i : i + max_length], sample.labels[i : i + max_length], sample.where)
+              for i in range(0, len(sample.input_ids), max_length)]
+    pieces = [p for p in pieces if p.trained]
+    return pieces, (None if pieces else "no_trainable_tokens")
 
 
 def prepare(data_cfg, tokenizer, template: Template, seed: int) -> PreparedData:
-    """Read, split, tokenize and length-check the data named by `data_cfg` (conf/data)."""
-    rows = read_rows(data_cfg.path, template.required, template.optional)
-    if data_cfg.eval_path:
-        train_rows, eval_rows = rows, read_rows(data_cfg.eval_path, template.required, template.optional)
+    """Read, check, split, tokenize, length-fit and (optionally) pack the data named by `data_cfg` (conf/data)."""
+    columns = dict(data_cfg.columns or {})
+    read = _read(data_cfg, data_cfg.path, data_cfg.split, "data.path", columns)
+    if data_cfg.eval_path or data_cfg.eval_split:
+        eval_source = data_cfg.eval_path or data_cfg.path
+        eval_read = _read(data_cfg, eval_source, data_cfg.eval_split or data_cfg.split, "data.eval_path", columns)
     else:
-        train_rows, eval_rows = _split(rows, data_cfg.eval_fraction, seed)
-    train, dropped_train = _tokenize_all(tokenizer, template, train_rows, data_cfg, data_cfg.path)
-    evals, dropped_eval = _tokenize_all(tokenizer, template, eval_rows, data_cfg, data_cfg.eval_path or data_cfg.path)
-    dropped = dropped_train + dropped_eval
-    total = len(train_rows) + len(eval_rows)
-    if total and dropped / total > data_cfg.max_dropped_fraction:
-        raise DataError(
-            f"{dropped} of {total} rows ({dropped / total:.1%}) are longer than data.max_length={data_cfg.max_length} tokens, "
-            f"above data.max_dropped_fraction={data_cfg.max_dropped_fraction}; raise data.max_length or the fraction"
-        )
+        eval_read = sources.ReadResult([], [], [])
+    not_kept = [NotKept(r.where, r.kind, r.reason, r.raw) for r in read.rejected + eval_read.rejected]
+    train_rows = _checked(read.rows, template, columns, not_kept)
+    eval_rows = _checked(eval_read.rows, template, columns, not_kept)
+    rows_read = len(read.rows) + len(read.rejected) + len(eval_read.rows) + len(eval_read.rejected)
+    if not_kept and not data_cfg.skip_invalid:
+        raise DataError(_listing(not_kept, "bad row(s)", "fix them, or set data.skip_invalid=true to drop them and list them in rejected_rows.jsonl"))
+    if not (data_cfg.eval_path or data_cfg.eval_split):
+        train_rows, eval_rows = _split(train_rows, data_cfg.eval_fraction, seed)
+
+    train, kept_train, truncated = _tokenize_all(tokenizer, template, train_rows, data_cfg, not_kept)
+    evals, kept_eval, truncated_eval = _tokenize_all(tokenizer, template, eval_rows, data_cfg, not_kept)
+    too_long = [n for n in not_kept if n.reason in ("overlength", "response_too_long")]
+    if too_long and data_cfg.overlength == "error":
+        raise DataError(_listing(too_long, f"row(s) longer than data.max_length={data_cfg.max_length}",
+                                 "raise data.max_length, or set data.overlength=drop | truncate_prompt_left | chunk"))
+    dropped = len(not_kept)
+    if rows_read and dropped / rows_read > data_cfg.max_dropped_fraction:
+        reasons = ", ".join(f"{n} {r}" for r, n in Counter(n.reason for n in not_kept).items())
+        raise DataError(f"{dropped} of {rows_read} rows ({dropped / rows_read:.1%}) would not train ({reasons}), above "
+                        f"data.max_dropped_fraction={data_cfg.max_dropped_fraction}; fix the data, raise data.max_length, "
+                        f"or raise data.max_dropped_fraction")
     if not train:
-        raise DataError(f"{data_cfg.path}: no training rows left after the split and length checks")
+        raise DataError(f"{data_cfg.path}: no training rows left after checks, split and length policy")
+
+    packed = packing.pack(train, data_cfg.max_length) if data_cfg.packing else None
+    accounting = _accounting(rows_read, not_kept, train, evals, kept_train, kept_eval, truncated + truncated_eval, packed, data_cfg)
+    kept_eval_rows = [row for row, kept in zip(eval_rows, kept_eval) if kept]
+    return PreparedData(train, evals, kept_eval_rows, accounting, not_kept, packed)
+
+
+def describe(data: PreparedData) -> list[str]:
+    """The row accounting and token statistics, as log lines (train log, finetune.preview)."""
+    a = data.accounting
+    not_kept = {**a["rows_rejected"], **a["rows_dropped"]}
+    why = ", ".join(f"{n} {reason}" for reason, n in not_kept.items()) or "none"
+    lines = [
+        f"data: {a['rows_read']} rows read = {a['train_rows']} train + {a['eval_rows']} held out + {sum(not_kept.values())} not kept ({why})"
+        + (f"; {a['rows_truncated']} truncated from the left" if a["rows_truncated"] else ""),
+        f"data: {a['train_samples']} train samples, {a['train_tokens']:,} tokens, {a['train_trained_tokens']:,} trained; "
+        f"length p50 {a['token_length']['p50']}, p90 {a['token_length']['p90']}, p99 {a['token_length']['p99']}, max {a['token_length']['max']}",
+    ]
+    if a["packing"]:
+        p = a["packing"]
+        lines.append(f"data: packed into {p['rows']} rows of {p['max_length']} tokens, packing efficiency {p['efficiency']:.1%}")
+    if a["duplicate_train_samples"] or a["eval_samples_in_train"]:
+        lines.append(f"warning: {a['duplicate_train_samples']} duplicate train samples, {a['eval_samples_in_train']} held-out samples also in train")
+    return lines
+
+
+def _read(data_cfg, spec, split, key, columns) -> sources.ReadResult:
+    return sources.read_rows(spec, columns=columns, hub_config=data_cfg.hub_config, split=split, revision=data_cfg.revision, key=key)
+
+
+def _checked(rows: list[dict], template: Template, columns: dict, not_kept: list[NotKept]) -> list[dict]:
+    """Rows that fit the template; the others go to not_kept with every problem named."""
+    good = []
+    for row in rows:
+        problems = template.check_row(row, columns)
+        if problems:
+            not_kept.append(NotKept(row["_where"], problems[0].kind, "; ".join(p.text for p in problems), _raw(row)))
+        else:
+            good.append(row)
+    return good
+
+
+def _tokenize_all(tokenizer, template, rows, data_cfg, not_kept) -> tuple[list[Sample], list[bool], int]:
+    samples, kept, truncated = [], [], 0
+    for row, sample in zip(rows, tokenize_many(tokenizer, template, rows, data_cfg.train_on_inputs)):
+        fitted, reason = fit_length(sample, data_cfg.max_length, data_cfg.overlength)
+        if reason:
+            not_kept.append(NotKept(sample.where, reason, f"{len(sample.input_ids)} tokens > data.max_length={data_cfg.max_length}", _raw(row)))
+        truncated += len(sample.input_ids) > data_cfg.max_length and data_cfg.overlength == "truncate_prompt_left" and not reason
+        samples += fitted
+        kept.append(not reason)
+    return samples, kept, truncated
+
+
+def _accounting(rows_read, not_kept, train, evals, kept_train, kept_eval, truncated, packed, data_cfg) -> dict:
+    lengths = sorted(len(s.input_ids) for s in train)
+    train_keys = {tuple(s.input_ids) for s in train}
     accounting = {
-        "rows_read": len(rows) + (len(eval_rows) if data_cfg.eval_path else 0),
-        "train_rows": len(train),
-        "eval_rows": len(evals),
-        "dropped_overlength": dropped,
-        "train_tokens": sum(len(s.input_ids) for s in train),
-        "train_trained_tokens": sum(sum(1 for t in s.labels if t != IGNORE_INDEX) for s in train),
-        "max_sample_tokens": max(len(s.input_ids) for s in train + evals),
+        "rows_read": rows_read,
+        "train_rows": sum(kept_train),
+        "eval_rows": sum(kept_eval),
+        "rows_rejected": dict(Counter(n.reason for n in not_kept if n.reason not in DROP_REASONS)),
+        "rows_dropped": dict(Counter(n.reason for n in not_kept if n.reason in DROP_REASONS)),
+        "rows_truncated": truncated,
+        "train_samples": len(train),
+        "train_tokens": sum(lengths),
+        "train_trained_tokens": sum(s.trained for s in train),
+        "eval_tokens": sum(len(s.input_ids) for s in evals),
+        "token_length": {p: lengths[min(len(lengths) - 1, int(q * len(lengths)))] for p, q in (("p50", 0.5), ("p90", 0.9), ("p99", 0.99))}
+        | {"max": lengths[-1] if lengths else 0},
+        "duplicate_train_samples": len(train) - len(train_keys),
+        "eval_samples_in_train": sum(1 for s in evals if tuple(s.input_ids) in train_keys),
+        "packing": None,
     }
-    kept_eval_lines = {s.line for s in evals}
-    return PreparedData(train, evals, [r for r in eval_rows if r["_line"] in kept_eval_lines], accounting)
+    if packed is not None:
+        accounting["packing"] = {"rows": len(packed), "max_length": data_cfg.max_length,
+                                 "efficiency": round(packing.efficiency(packed, data_cfg.max_length), 4)}
+    return accounting
 
 
 def _split(rows: list[dict], fraction: float, seed: int) -> tuple[list[dict], list[dict]]:
@@ -112,19 +284,12 @@ def _split(rows: list[dict], fraction: float, seed: int) -> tuple[list[dict], li
     return [r for i, r in enumerate(rows) if i not in held], [r for i, r in enumerate(rows) if i in held]
 
 
-def _tokenize_all(tokenizer, template: Template, rows: list[dict], data_cfg, path) -> tuple[list[Sample], int]:
-    samples, too_long = [], []
-    for row in rows:
-        sample = tokenize(tokenizer, template, row)
-        if len(sample.input_ids) > data_cfg.max_length:
-            too_long.append(f"{path}:{sample.line} ({len(sample.input_ids)} tokens)")
-        else:
-            samples.append(sample)
-    if too_long and data_cfg.overlength == "error":
-        raise DataError(
-            f"{len(too_long)} row(s) longer than data.max_length={data_cfg.max_length}: "
-            + ", ".join(too_long[:10])
-            + ("" if len(too_long) <= 10 else ", ...")
-            + "; raise data.max_length or set data.overlength=drop"
-        )
-    return samples, len(too_long)
+def _raw(row: dict) -> str:
+    return json.dumps({k: v for k, v in row.items() if not k.startswith("_")}, ensure_ascii=False, default=str)[:2000]
+
+
+def _listing(items: list[NotKept], what: str, fix: str) -> str:
+    items = sorted(items, key=lambda n: [int(part) if part.isdigit() else part for part in re.split(r"(\d+)", n.where)])
+    shown = [f"  {n.where}: {n.detail}" for n in items[: sources.MAX_REPORTED]]
+    more = [f"  ... and {len(items) - sources.MAX_REPORTED} more"] if len(items) > sources.MAX_REPORTED else []
+    return "\n".join([f"{len(items)} {what}:", *shown, *more, f"  fix: {fix}"])
