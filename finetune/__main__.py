@@ -163,7 +163,7 @@ examples:
   python -m finetune conf=lora_neox20b model.name_or_path=/models/neox20b output_dir=runs/legal
   python -m finetune.preview data=chatml data.path=chats.jsonl n=3    samples as they will train (tokenizer only)
 
-exit codes: 0 done, 1 failure, 2 config or data problem, 3 unsafe or corrupt input.
+exit codes: 0 done, 1 failure, 2 config or data problem, 3 corrupt or unsafe input, 75 preempted (resume=true).
 Hydra's own flags: --cfg job|all, --resolve, -m (multirun), --hydra-help."""
 
 

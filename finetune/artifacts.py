@@ -9,11 +9,13 @@
     rejected_rows.jsonl rows that did not train (unreadable, invalid, too long), each with where, reason and raw text
 
 No pickles: transformers writes `training_args.bin` (a pickle that can hold a Hub token) next to every save;
-`replace_pickled_args` swaps it for a JSON copy with token fields masked.
+`clean_weights_folder` swaps it for a JSON copy with token fields masked, and replaces the local base-model path
+peft writes into adapter_config.json and its README with a public name.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import platform
@@ -73,13 +75,35 @@ class RunRecord:
         self.update(status=status, exit_code=exit_code, finished=_now(), **fields)
 
 
-def replace_pickled_args(directory: Path, args) -> None:
-    """Remove transformers' pickled TrainingArguments from `directory`; keep a JSON copy (tokens masked)."""
+def clean_weights_folder(directory: Path, args, local_base: Path | None, public_base: str) -> None:
+    """Make a saved adapter/model/checkpoint folder safe to share.
+
+    - transformers' pickled `training_args.bin` (it can hold a Hub token) becomes `training_args.json`, tokens masked;
+    - peft writes the local base path into adapter_config.json and README.md: it becomes `public_base`.
+    """
     pickle = directory / TRAINING_ARGS_PICKLE
     if pickle.exists():
         pickle.unlink()
-    if directory.is_dir():
-        (directory / "training_args.json").write_text(args.to_json_string(), encoding="utf-8")
+    (directory / "training_args.json").write_text(args.to_json_string(), encoding="utf-8")
+    if local_base is None:
+        return
+    for name in ("adapter_config.json", "README.md"):
+        path = directory / name
+        if path.is_file():
+            text = path.read_text(encoding="utf-8")
+            for local in sorted({str(local_base), str(local_base.resolve())}, key=len, reverse=True):
+                text = text.replace(json.dumps(local)[1:-1], public_base).replace(local, public_base)
+            path.write_text(text, encoding="utf-8")
+
+
+def read_run_record(run_dir: Path) -> dict:
+    path = run_dir / "run.json"
+    return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
+
+
+def config_hash(resolved: dict) -> str:
+    """sha256 of the resolved config (keys sorted): equal hashes, equal configs."""
+    return hashlib.sha256(json.dumps(resolved, sort_keys=True, default=str).encode()).hexdigest()
 
 
 def write_metrics(run_dir: Path, history: list[dict], **evals) -> None:

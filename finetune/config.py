@@ -114,6 +114,10 @@ class RunConfig:
     trainer: dict
     distributed: DistributedConfig = field(default_factory=DistributedConfig)
     overwrite: bool = False
+    resume: bool | str = False
+    """true: continue from the newest complete checkpoint in output_dir; auto: the same, or start fresh if none."""
+    resume_allow_drift: list[str] = field(default_factory=list)
+    """Fields (fingerprint.RESUME_FIELDS) allowed to differ from the checkpoint when resuming, e.g. [max_steps]."""
     seed: int = 42
     allow_fp16: bool = False
     eval_before_training: bool = True

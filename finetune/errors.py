@@ -6,24 +6,31 @@
 | 1    | anything else (a bug, out of memory, a library failure)   |
 | 2    | config or data problem: fix the input and run again       |
 | 3    | integrity problem: a file we were given is unsafe/corrupt |
+| 75   | preempted (SIGTERM/SIGUSR1): a checkpoint was committed; run again with resume=true |
+
+75 is EX_TEMPFAIL from sysexits.h: "try again later", what a scheduler should requeue.
+Each error also names the `failed:<reason>` status recorded in run.json.
 """
 
 EXIT_OK = 0
 EXIT_FAILURE = 1
 EXIT_CONFIG = 2
 EXIT_INTEGRITY = 3
+EXIT_PREEMPTED = 75
 
 
 class FinetuneError(Exception):
-    """Base class: carries the exit code the CLI should end with."""
+    """Base class: carries the exit code the CLI should end with and the reason run.json records."""
 
     exit_code = EXIT_FAILURE
+    reason = "error"
 
 
 class ConfigError(FinetuneError):
     """One or more config problems, each naming the key and the fix."""
 
     exit_code = EXIT_CONFIG
+    reason = "config"
 
     def __init__(self, problems: list[str] | str):
         self.problems = [problems] if isinstance(problems, str) else list(problems)
@@ -36,9 +43,30 @@ class DataError(FinetuneError):
     """Bad training data: the message names the file, line and field."""
 
     exit_code = EXIT_CONFIG
+    reason = "data"
 
 
 class IntegrityError(FinetuneError):
     """A model, adapter or checkpoint file that is unsafe or does not match what it claims."""
 
     exit_code = EXIT_INTEGRITY
+    reason = "integrity"
+
+
+class NonFiniteError(FinetuneError):
+    """A NaN/inf loss or gradient norm, or an optimizer step with no trained token: stopped before the update."""
+
+    reason = "nonfinite"
+
+
+class DiskFullError(FinetuneError):
+    """No space left while saving; the previous checkpoint is intact."""
+
+    reason = "disk_full"
+
+
+class Preempted(FinetuneError):
+    """Stopped by SIGTERM/SIGUSR1 after committing a checkpoint; resumable."""
+
+    exit_code = EXIT_PREEMPTED
+    reason = "preempted"

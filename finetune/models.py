@@ -101,6 +101,12 @@ def load_model(model_cfg, tokenizer, quantization: dict | None = None):
     return model
 
 
+def local_path(model_cfg) -> Path | None:
+    """The base's folder when name_or_path is a local directory (None for a Hub id)."""
+    path = Path(model_cfg.name_or_path).expanduser()
+    return path.resolve() if path.is_dir() else None
+
+
 def _source(model_cfg) -> str:
     path = Path(model_cfg.name_or_path).expanduser()
     return str(path) if path.exists() else model_cfg.name_or_path

@@ -1,33 +1,33 @@
-"""run(cfg): validate -> data -> training args -> model -> SFTTrainer -> before/after -> save.
+"""run(cfg): validate -> (find the checkpoint to resume) -> data -> training args -> model -> trainer -> before/after -> save.
 
-trl's SFTTrainer owns the loop; this file only puts the pieces in the order that matters:
+trl's SFTTrainer owns the loop (with our guards: finetune.trainer); this file only puts the pieces in the order
+that matters:
 - every config problem is reported before any weights are read;
 - data is tokenized before the model loads, so bad rows fail in seconds, not after a 40 GB load;
 - SFTConfig (TrainingArguments) is built before `from_pretrained`: under DeepSpeed ZeRO-3 that is what makes
-  transformers shard the weights while loading instead of materialising the whole model on every rank.
+  transformers shard the weights while loading instead of materialising the whole model on every rank;
+- run.json is written before anything can fail and says at every exit how the run ended (errors.py's codes).
 """
 
 from __future__ import annotations
 
-import logging
+import shutil
 import sys
 import time
 from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
-from transformers import TrainerCallback  # this module loads only when training starts
 
-from finetune import artifacts, models, strategy
+from finetune import artifacts, checkpoints, fingerprint, models, strategy
 from finetune.data import describe, packing, prepare, prompt_text
 from finetune.data import templates as data_templates
-from finetune.errors import EXIT_OK, FinetuneError
+from finetune.errors import EXIT_FAILURE, EXIT_OK, ConfigError, FinetuneError, IntegrityError, Preempted
+from finetune.guards import FlushStepLog, PreemptionSignals, StepLog, StopOnPreemption
 from finetune.validate import validate
-
-log = logging.getLogger("finetune")
 
 
 def run(cfg: DictConfig) -> Path:
-    """Train as configured; return the run directory. Raises FinetuneError subclasses for bad input."""
+    """Train as configured (or resume); return the run directory. Raises FinetuneError subclasses (exit codes)."""
     resolved, warnings = validate(cfg)
     for warning in warnings:
         _say(f"warning: {warning}")
@@ -35,10 +35,36 @@ def run(cfg: DictConfig) -> Path:
     run_dir = Path(cfg.output_dir).expanduser()
     run_dir.mkdir(parents=True, exist_ok=True)
     _quiet_libraries()
+    checkpoints_dir = run_dir / "checkpoints"
+    resume_from = _resume_checkpoint(cfg, run_dir, checkpoints_dir) if cfg.resume else None
+    if resume_from == "completed":
+        return run_dir
+    if resume_from is None and checkpoints_dir.exists():  # a fresh run (overwrite=true): old checkpoints would resume or rotate wrongly
+        shutil.rmtree(checkpoints_dir)
+    checkpoints.clear_staging(checkpoints_dir)
+    previous = _previous_attempts(run_dir) if cfg.resume else []
+    record = artifacts.RunRecord(run_dir, preset=_preset_name(), strategy=cfg.strategy.name, base_model=cfg.model.name_or_path,
+                                 revision=cfg.model.revision, seed=cfg.seed, config_hash=artifacts.config_hash(resolved),
+                                 resumed_from=resume_from.name if resume_from else None, previous_attempts=previous)
+    with PreemptionSignals() as signals:
+        try:
+            _train(cfg, resolved, run_dir, record, resume_from, signals)
+        except FinetuneError as err:
+            status = "preempted" if isinstance(err, Preempted) else f"failed:{err.reason}"
+            record.finish(status, err.exit_code, error=str(err))
+            raise
+        except BaseException as err:
+            record.finish(f"failed:{type(err).__name__}", EXIT_FAILURE, error=str(err)[:2000])
+            raise
+    return run_dir
 
+
+def _train(cfg, resolved: dict, run_dir: Path, record, resume_from: Path | None, signals: PreemptionSignals) -> None:
     import torch
     from transformers import set_seed
-    from trl import SFTConfig, SFTTrainer
+    from trl import SFTConfig
+
+    from finetune.trainer import GuardedSFTTrainer, estimate_checkpoint_bytes
 
     set_seed(cfg.seed)
     models.ensure_available(cfg.model)
@@ -52,63 +78,121 @@ def run(cfg: DictConfig) -> Path:
     if data.not_kept:
         artifacts.write_jsonl(run_dir / "rejected_rows.jsonl", [n.as_dict() for n in data.not_kept])
         _say(f"rows that will not train, with reasons: {run_dir / 'rejected_rows.jsonl'}")
+    base_folder = fingerprint.model_files(cfg.model)
+    base_print = fingerprint.base_model(base_folder) if base_folder else f"unavailable:{cfg.model.name_or_path}@{cfg.model.revision}"
+    data_print = fingerprint.dataset(data.train + data.eval, data.packed is not None)
+    record.update(data=data.accounting, dataset_fingerprint=data_print, base_model_fingerprint=base_print)
 
-    args = SFTConfig(**_training_arguments(cfg, run_dir, has_eval=eval_set is not None, cuda=torch.cuda.is_available()))
-    record = artifacts.RunRecord(run_dir, preset=_preset_name(), strategy=cfg.strategy.name, base_model=cfg.model.name_or_path,
-                                 revision=cfg.model.revision, seed=cfg.seed, data=data.accounting)
-    try:
-        artifacts.write_config(run_dir, resolved, template.path)
-        model = models.load_model(cfg.model, tokenizer, strategy.quantization(resolved["strategy"]))
-        collator = None
-        if data.packed is not None:
-            model.config.use_cache = False  # a KV cache turns off transformers' packed-sequence masks
-            leak = packing.verify_isolation(model, model.config.vocab_size, cfg.data.max_length)
-            _say(f"packing: samples isolated in this model (probe difference {leak:.1e})")
-            collator = packing.PackedCollator(tokenizer.pad_token_id)
-        trainer = SFTTrainer(
-            model=model,
-            args=args,
-            train_dataset=train_set,
-            eval_dataset=eval_set,
-            processing_class=tokenizer,
-            data_collator=collator,
-            peft_config=strategy.peft_config(resolved["strategy"]),
-            callbacks=[_NoPickledArgs()],
-        )
-        trainable, total = _count_parameters(trainer.model)
-        _say(f"model: {cfg.model.name_or_path} ({cfg.model.family}), {cfg.strategy.name}: {trainable:,} of {total:,} parameters train ({trainable / total:.2%})")
-        record.update(trainable_parameters=trainable, total_parameters=total)
+    training_args = _training_arguments(cfg, run_dir, has_eval=eval_set is not None, cuda=torch.cuda.is_available())
+    keep_checkpoints = training_args.pop("save_total_limit", None)
+    args = SFTConfig(**training_args, save_total_limit=None)  # rotation is ours, after each commit (trainer.py)
+    facts = fingerprint.run_facts(cfg, resolved["strategy"], base_print, data_print, args.world_size)
+    if resume_from is not None:
+        _check_drift(resume_from, facts, list(cfg.resume_allow_drift))
+    artifacts.write_config(run_dir, resolved, template.path)
+    model = models.load_model(cfg.model, tokenizer, strategy.quantization(resolved["strategy"]))
+    collator = None
+    if data.packed is not None:
+        model.config.use_cache = False  # a KV cache turns off transformers' packed-sequence masks
+        leak = packing.verify_isolation(model, model.config.vocab_size, cfg.data.max_length)
+        _say(f"packing: samples isolated in this model (probe difference {leak:.1e})")
+        collator = packing.PackedCollator(tokenizer.pad_token_id)
+    public_base = _public_name(cfg.model)
+    step_log = StepLog(run_dir / "train_steps.jsonl", checkpoints.step_of(resume_from) if resume_from else 0, enabled=args.should_save)
+    trainer = GuardedSFTTrainer(
+        model=model,
+        args=args,
+        train_dataset=train_set,
+        eval_dataset=eval_set,
+        processing_class=tokenizer,
+        data_collator=collator,
+        peft_config=strategy.peft_config(resolved["strategy"]),
+        callbacks=[StopOnPreemption(signals), FlushStepLog(step_log)],
+        keep_checkpoints=keep_checkpoints,
+        run_facts=facts,
+        step_log=step_log,
+        after_save=lambda folder: artifacts.clean_weights_folder(folder, args, models.local_path(cfg.model), public_base),
+    )
+    trainable, total = _count_parameters(trainer.model)
+    _say(f"model: {cfg.model.name_or_path} ({cfg.model.family}), {cfg.strategy.name}: {trainable:,} of {total:,} parameters train ({trainable / total:.2%})")
+    record.update(trainable_parameters=trainable, total_parameters=total)
+    _check_free_space(run_dir, estimate_checkpoint_bytes(trainer.model), args)
 
-        eval_before = trainer.evaluate(metric_key_prefix="eval") if eval_set is not None and cfg.eval_before_training else {}
-        prompts = [prompt_text(tokenizer, template, row) for row in data.eval_rows[: cfg.sample_generations]]
-        before = [_generate(trainer.model, tokenizer, p, cfg.max_new_tokens) for p in prompts]
+    eval_before = trainer.evaluate(metric_key_prefix="eval") if eval_set is not None and cfg.eval_before_training else {}
+    prompts = [prompt_text(tokenizer, template, row) for row in data.eval_rows[: cfg.sample_generations]]
+    before = [_generate(trainer.model, tokenizer, p, cfg.max_new_tokens) for p in prompts]
 
-        started = time.perf_counter()
-        result = trainer.train()
-        train_seconds = time.perf_counter() - started
+    started = time.perf_counter()
+    result = trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
+    train_seconds = time.perf_counter() - started
+    if signals.received:
+        raise Preempted(f"{signals.received}: stopped at step {trainer.state.global_step} with a committed checkpoint in "
+                        f"{run_dir / 'checkpoints'}; run the same command with resume=true to continue")
 
-        eval_after = trainer.evaluate(metric_key_prefix="eval") if eval_set is not None else {}
-        after = [_generate(trainer.model, tokenizer, p, cfg.max_new_tokens) for p in prompts]
-        weights_dir = run_dir / ("adapter" if cfg.strategy.name != "full" else "model")
-        trainer.save_model(str(weights_dir))  # gathers ZeRO-3 / FSDP shards; adapter only for PEFT models
-        if trainer.is_world_process_zero():
-            artifacts.replace_pickled_args(weights_dir, args)
-            history = trainer.state.log_history
-            artifacts.write_metrics(run_dir, history, eval_before=eval_before, eval_after=eval_after, train=result.metrics)
-            artifacts.plot_loss(run_dir, history, eval_before.get("eval_loss"))
-            samples = [{"prompt": p, "before": b, "after": a} for p, b, a in zip(prompts, before, after)]
-            artifacts.write_json(run_dir / "samples.json", {"samples": samples})
-            record.finish("completed", EXIT_OK, train_seconds=round(train_seconds, 2), global_steps=result.global_step,
-                          train_loss=result.training_loss, eval_loss_before=eval_before.get("eval_loss"),
-                          eval_loss_after=eval_after.get("eval_loss"))
-            _summary(run_dir, eval_before, eval_after, samples, train_seconds)
-    except FinetuneError as err:
-        record.finish(f"failed:{type(err).__name__}", err.exit_code, error=str(err))
-        raise
-    except BaseException as err:
-        record.finish(f"failed:{type(err).__name__}", 1, error=str(err)[:2000])
-        raise
-    return run_dir
+    eval_after = trainer.evaluate(metric_key_prefix="eval") if eval_set is not None else {}
+    after = [_generate(trainer.model, tokenizer, p, cfg.max_new_tokens) for p in prompts]
+    weights_dir = run_dir / ("adapter" if cfg.strategy.name != "full" else "model")
+    trainer.save_model(str(weights_dir))  # gathers ZeRO-3 / FSDP shards; adapter only for PEFT models
+    if trainer.is_world_process_zero():
+        artifacts.clean_weights_folder(weights_dir, args, models.local_path(cfg.model), public_base)
+        history = trainer.state.log_history
+        artifacts.write_metrics(run_dir, history, eval_before=eval_before, eval_after=eval_after, train=result.metrics)
+        artifacts.plot_loss(run_dir, history, eval_before.get("eval_loss"))
+        samples = [{"prompt": p, "before": b, "after": a} for p, b, a in zip(prompts, before, after)]
+        artifacts.write_json(run_dir / "samples.json", {"samples": samples})
+        record.finish("completed", EXIT_OK, train_seconds=round(train_seconds, 2), global_steps=result.global_step,
+                      train_loss=result.training_loss, eval_loss_before=eval_before.get("eval_loss"),
+                      eval_loss_after=eval_after.get("eval_loss"))
+        _summary(run_dir, eval_before, eval_after, samples, train_seconds)
+
+
+def _resume_checkpoint(cfg, run_dir: Path, checkpoints_dir: Path):
+    """The newest complete checkpoint (torn ones set aside), "completed" for a finished run, or None (auto: fresh)."""
+    state = artifacts.read_run_record(run_dir)
+    if state.get("status") == "completed":
+        _say(f"run already complete ({run_dir / 'run.json'}): nothing to resume; use overwrite=true to train again")
+        return "completed"
+    found, set_aside = checkpoints.latest_complete(checkpoints_dir, lambda message: _say(f"warning: {message}"))
+    if found is not None:
+        _say(f"resuming from {found}")
+        return found
+    if cfg.resume == "auto":
+        _say(f"no complete checkpoint in {checkpoints_dir}: starting from step 0 (resume=auto)")
+        return None
+    torn = f"; set aside as torn or corrupt: {'; '.join(set_aside)}" if set_aside else ""
+    raise IntegrityError(f"resume=true: no complete checkpoint in {checkpoints_dir}{torn}. Start again with overwrite=true, "
+                         "or use resume=auto to start from step 0 when there is nothing to resume")
+
+
+def _check_drift(checkpoint: Path, facts: dict, allowed: list[str]) -> None:
+    saved = checkpoints.manifest_of(checkpoint).get("run", {})
+    changes = fingerprint.drift(saved, facts, allowed)
+    if changes:
+        raise ConfigError([f"resume: {line}" for line in changes]
+                          + [f"resuming {checkpoint} with these changes would not continue the same run; undo them, or allow "
+                             f"named fields with resume_allow_drift=[{','.join(dict.fromkeys(c.split(':')[0].split('.')[0] for c in changes))}]"])
+
+
+def _check_free_space(run_dir: Path, checkpoint_bytes: int, args) -> None:
+    free = shutil.disk_usage(run_dir).free
+    if args.save_strategy != "no" and free < 2 * checkpoint_bytes:
+        raise ConfigError(f"output_dir: {free / 2**20:.1f} MiB free on the device of {run_dir}, but one checkpoint needs about "
+                          f"{checkpoint_bytes / 2**20:.1f} MiB (twice that is required to replace one safely); free space or "
+                          "choose another output_dir")
+
+
+def _previous_attempts(run_dir: Path) -> list[dict]:
+    state = artifacts.read_run_record(run_dir)
+    attempts = state.get("previous_attempts", [])
+    if state:
+        attempts.append({k: state.get(k) for k in ("status", "started", "finished", "exit_code", "resumed_from")})
+    return attempts
+
+
+def _public_name(model_cfg) -> str:
+    """What cards and adapter configs name the base: the Hub id, or a local folder's name (never a local path)."""
+    local = models.local_path(model_cfg)
+    return local.name if local else model_cfg.name_or_path
 
 
 def _training_arguments(cfg: DictConfig, run_dir: Path, has_eval: bool, cuda: bool) -> dict:
@@ -126,6 +210,7 @@ def _training_arguments(cfg: DictConfig, run_dir: Path, has_eval: bool, cuda: bo
         use_cpu=kwargs.get("use_cpu", False) or not cuda,  # bf16 autocast on CPU needs use_cpu (else "no bf16 GPU")
         dataset_kwargs={"skip_prepare_dataset": True},  # finetune.data already tokenized and masked the rows
         max_length=None,
+        logging_nan_inf_filter=False,  # log losses raw; the trainer stops on a non-finite one (trainer.py)
     )
     if cfg.distributed.backend == "deepspeed":
         kwargs["deepspeed"] = OmegaConf.to_container(cfg.distributed.deepspeed)
@@ -148,14 +233,6 @@ def _generate(model, tokenizer, prompt: str, max_new_tokens: int) -> str:
 def _count_parameters(model) -> tuple[int, int]:
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     return trainable, sum(p.numel() for p in model.parameters())
-
-
-class _NoPickledArgs(TrainerCallback):
-    """After each checkpoint save, replace the pickled training_args.bin with JSON (see artifacts)."""
-
-    def on_save(self, args, state, control, **kwargs):
-        if state.is_world_process_zero:
-            artifacts.replace_pickled_args(Path(args.output_dir) / f"checkpoint-{state.global_step}", args)
 
 
 def _preset_name() -> str | None:

@@ -32,6 +32,7 @@ OWNED_TRAINER_KEYS = {
     "assistant_only_loss": "data.template=NAME (the template decides which tokens are trained)",
     "dataset_kwargs": "data.*",
     "deepspeed": "distributed=zero2|zero3",
+    "logging_nan_inf_filter": "no key (losses are always logged raw, and a non-finite loss stops the run)",
     "hub_token": "the HF_TOKEN environment variable or `hf auth login` (a token in a config ends up in logs)",
 }
 
@@ -223,8 +224,15 @@ def check_data(data: dict) -> list[str]:
 def check_run(cfg: dict) -> list[str]:
     problems = []
     out = Path(cfg["output_dir"]).expanduser()
-    if (out / "run.json").exists() and not cfg["overwrite"]:
-        problems.append(f"output_dir: {out} already holds a run; choose another output_dir=PATH or pass overwrite=true")
+    if (out / "run.json").exists() and not cfg["overwrite"] and not cfg["resume"]:
+        problems.append(f"output_dir: {out} already holds a run; continue it with resume=true, choose another output_dir=PATH "
+                        "or pass overwrite=true")
+    if cfg["resume"] not in (False, True, "auto"):
+        problems.append(f"resume: '{cfg['resume']}' is not one of false, true, auto")
+    from finetune.fingerprint import RESUME_FIELDS
+
+    problems += [f"resume_allow_drift: {_unknown_key(name, name, RESUME_FIELDS)[len('unknown key '):]} is not a resume field; "
+                 f"fields: {', '.join(RESUME_FIELDS)}" for name in cfg["resume_allow_drift"] if name not in RESUME_FIELDS]
     parent = next((p for p in [out, *out.parents] if p.exists()), None)
     if parent is not None and not _writable(parent):
         problems.append(f"output_dir: {parent} is not writable")

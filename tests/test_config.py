@@ -10,7 +10,7 @@ from omegaconf import OmegaConf
 
 from finetune.config import CONF_DIR, compose, group_options, presets
 
-from conftest import PROJECT
+from helpers import PROJECT
 
 EXPECTED_PRESETS = {
     "demo", "lora_neo125m", "lora_neo1.3b", "lora_neo2.7b", "lora_gptj6b", "lora_pythia1b",

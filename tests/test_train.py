@@ -12,7 +12,7 @@ from safetensors.torch import load_file
 from finetune.config import compose
 from finetune.train import run
 
-from conftest import run_cli, tiny_overrides
+from helpers import run_cli, tiny_overrides
 
 
 def train(arch, tiny_models, tmp_path, *extra) -> Path:

@@ -10,7 +10,7 @@ from finetune.config import compose
 from finetune.errors import EXIT_CONFIG, ConfigError
 from finetune.validate import validate
 
-from conftest import run_cli, tiny_overrides
+from helpers import run_cli, tiny_overrides
 
 
 def problems_of(overrides: list[str], preset: str = "demo") -> list[str]:

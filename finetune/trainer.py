@@ -1,0 +1,109 @@
+"""trl's SFTTrainer plus the guarantees it leaves out; each override is small and says which defect it fixes.
+
+- `_save_checkpoint`: transformers writes checkpoint-N in place, so a crash mid-save leaves a torn folder that
+  resume picks as "latest". We let it write into checkpoints/.staging/, then (rank 0) swap the pickled
+  training_args.bin for JSON, scrub local paths, write the manifest and rename (finetune.checkpoints). Rotation
+  is ours and runs after the commit. A full disk is reported with the path and sizes; the previous checkpoint stays.
+- `training_step` / `_get_grad_norm`: a non-finite loss or gradient norm, or an optimizer step without a single
+  trained token, stops the run before the optimizer applies it (trl would log 0.0 for an all-masked batch and the
+  Trainer would step on NaN gradients).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import math
+import shutil
+from pathlib import Path
+
+from trl import SFTTrainer
+
+from finetune import checkpoints
+from finetune.errors import DiskFullError, NonFiniteError
+from finetune.guards import StepLog
+
+
+class GuardedSFTTrainer(SFTTrainer):
+    def __init__(self, *args, keep_checkpoints: int | None, run_facts: dict, step_log: StepLog, after_save, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.keep_checkpoints = keep_checkpoints
+        self.run_facts = run_facts
+        self.step_log = step_log
+        self.after_save = after_save  # callable(folder): replace pickles, scrub local paths
+
+    def _save_checkpoint(self, model, trial) -> None:
+        final_parent = Path(self._get_output_dir(trial=trial))
+        staging = final_parent / checkpoints.STAGING
+        name = f"checkpoint-{self.state.global_step}"
+        self._get_output_dir = lambda trial=None: str(staging)  # instance attribute shadows the method while saving
+        try:
+            super()._save_checkpoint(model, trial)
+        except Exception as err:
+            if self.args.should_save:
+                shutil.rmtree(staging / name, ignore_errors=True)
+            if _is_disk_full(err):
+                raise DiskFullError(_disk_full_message(final_parent, name)) from err
+            raise
+        finally:
+            del self._get_output_dir
+        self.accelerator.wait_for_everyone()
+        if self.args.should_save:
+            staged = staging / name
+            best = self.state.best_model_checkpoint
+            if best and Path(best).parent == staging:  # the Trainer recorded the staging path of the best checkpoint
+                self.state.best_model_checkpoint = str(final_parent / Path(best).name)
+                self.state.save_to_json(str(staged / "trainer_state.json"))
+            self.after_save(staged)
+            checkpoints.write_manifest(staged, step=self.state.global_step, run=self.run_facts)
+            checkpoints.commit(staged, final_parent / name)
+            with contextlib.suppress(OSError):
+                staging.rmdir()  # empty now; a leftover .staging always means a save that did not finish
+            checkpoints.rotate(final_parent, self.keep_checkpoints, self.state.best_model_checkpoint)
+        self.accelerator.wait_for_everyone()
+
+    def training_step(self, model, inputs, num_items_in_batch=None):
+        step = self.state.global_step + 1
+        if num_items_in_batch is not None and int(num_items_in_batch) == 0:
+            raise NonFiniteError(f"optimizer step {step} has no trained token (every label in its batches is masked): "
+                                 "the loss would be NaN or 0.0; check data.template and data.overlength")
+        loss = super().training_step(model, inputs, num_items_in_batch)
+        value = loss.item()
+        if not math.isfinite(value):
+            raise NonFiniteError(f"the loss is {value} at optimizer step {step}; stopped before the update, the last "
+                                 "checkpoint is intact. Lower trainer.learning_rate, keep bf16/fp32 (not fp16), check the data")
+        self.step_log.add(inputs["input_ids"], value)
+        return loss
+
+    def _get_grad_norm(self, model, grad_norm=None):
+        norm = super()._get_grad_norm(model, grad_norm=grad_norm)
+        value = float(norm) if norm is not None else 0.0
+        if not math.isfinite(value):
+            raise NonFiniteError(f"the gradient norm is {value} at optimizer step {self.state.global_step + 1}; stopped before "
+                                 "the update, the last checkpoint is intact. Lower trainer.learning_rate or keep bf16/fp32")
+        return norm
+
+
+def _is_disk_full(err: BaseException) -> bool:
+    while err is not None:
+        if getattr(err, "errno", None) == errno.ENOSPC or "No space left on device" in str(err):
+            return True
+        err = err.__cause__ or err.__context__
+    return False
+
+
+def _disk_full_message(final_parent: Path, name: str) -> str:
+    free = shutil.disk_usage(final_parent).free
+    previous = checkpoints.candidates(final_parent)
+    need = sum(p.stat().st_size for p in previous[0].rglob("*") if p.is_file()) if previous else None
+    keep = f"{previous[0]} is intact" if previous else "no earlier checkpoint exists"
+    size = f"; a checkpoint needs about {need / 2**20:.1f} MiB" if need else ""
+    return (f"no space left on the device of {final_parent} while saving {name} ({free / 2**20:.1f} MiB free{size}); {keep}. "
+            "Free space and run again with resume=true")
+
+
+def estimate_checkpoint_bytes(model) -> int:
+    """Trainable weights + two Adam moments (fp32) + the small files: what one checkpoint writes."""
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters() if p.requires_grad)
+    return weight_bytes + 8 * trainable + (1 << 20)

@@ -1,0 +1,40 @@
+"""Fault injection for the reliability tests: `python tests/reliability/fault.py FAULT STEP [overrides...]`.
+
+Runs the real CLI (`finetune.__main__.main`) in this process after wrapping one function, so that a signal or
+SIGKILL hits the process the way it does in production:
+- KILL STEP:    SIGKILL during the first micro-batch after optimizer step STEP (mid-epoch, between checkpoints)
+- TERM / USR1 STEP: send that signal to ourselves at the same point (a scheduler's preemption)
+- KILL_IN_SAVE STEP: SIGKILL while checkpoint-STEP is staged, after its files are written, before its manifest
+"""
+
+import os
+import signal
+import sys
+
+from finetune import checkpoints
+from finetune import trainer as guarded
+
+fault, at, overrides = sys.argv[1], int(sys.argv[2]), sys.argv[3:]
+
+if fault == "KILL_IN_SAVE":
+    write_manifest = checkpoints.write_manifest
+
+    def dying_write_manifest(directory, **facts):
+        if facts.get("step") == at:
+            os.kill(os.getpid(), signal.SIGKILL)
+        return write_manifest(directory, **facts)
+
+    checkpoints.write_manifest = dying_write_manifest
+else:
+    training_step = guarded.GuardedSFTTrainer.training_step
+
+    def faulty_training_step(self, model, inputs, num_items_in_batch=None):
+        if self.state.global_step == at:
+            os.kill(os.getpid(), getattr(signal, f"SIG{fault}"))
+        return training_step(self, model, inputs, num_items_in_batch)
+
+    guarded.GuardedSFTTrainer.training_step = faulty_training_step
+
+from finetune.__main__ import main  # noqa: E402 - after the fault is in place
+
+main(overrides)
