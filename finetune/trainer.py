@@ -104,6 +104,5 @@ def _disk_full_message(final_parent: Path, name: str) -> str:
 
 def estimate_checkpoint_bytes(model) -> int:
     """Trainable weights + two Adam moments (fp32) + the small files: what one checkpoint writes."""
-    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters() if p.requires_grad)
-    return weight_bytes + 8 * trainable + (1 << 20)
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    return sum(p.numel() * (p.element_size() + 8) for p in trainable) + (1 << 20)

@@ -102,17 +102,17 @@ def verify_isolation(model, vocab_size: int, max_length: int, tolerance: float =
     """
     import torch
 
-    n_a, n_b = max(2, min(24, max_length // 2)), max(2, min(24, max_length // 2))
+    n = max(2, min(24, max_length // 2))  # two samples of n tokens fit in one row
     generator = torch.Generator().manual_seed(0)
-    a1, a2, b = (torch.randint(0, vocab_size, (n,), generator=generator) for n in (n_a, n_a, n_b))
-    positions = torch.cat([torch.arange(n_a), torch.arange(n_b)]).unsqueeze(0)
+    a1, a2, b = (torch.randint(0, vocab_size, (n,), generator=generator) for _ in range(3))
+    positions = torch.cat([torch.arange(n), torch.arange(n)]).unsqueeze(0)
     device = next(model.parameters()).device
     was_training = model.training
     model.eval()
     with torch.no_grad():
         logits = [
             model(input_ids=torch.cat([a, b]).unsqueeze(0).to(device), position_ids=positions.to(device), use_cache=False)
-            .logits[0, n_a:].float()
+            .logits[0, n:].float()
             for a in (a1, a2)
         ]
     model.train(was_training)
