@@ -163,7 +163,13 @@ examples:
   python -m finetune conf=lora_neox20b model.name_or_path=/models/neox20b output_dir=runs/legal
   python -m finetune.preview data=chatml data.path=chats.jsonl n=3    samples as they will train (tokenizer only)
 
-exit codes: 0 done, 1 failure, 2 config or data problem, 3 corrupt or unsafe input, 75 preempted (resume=true).
+after training (each takes --help):
+  python -m finetune.merge RUN_DIR [dtype=bfloat16]            streaming merge + numerical gate -> RUN_DIR/merged
+  python -m finetune.generate RUN_DIR prompt="..." | chat=true  generate with the training chat template
+  python -m finetune.push RUN_DIR repo_id=NAME/REPO [merged=true] [dry_run=true]
+
+exit codes: 0 done, 1 failure, 2 config or data problem, 3 corrupt, unsafe or mismatched input (or a failed merge gate),
+75 preempted (resume=true).
 Hydra's own flags: --cfg job|all, --resolve, -m (multirun), --hydra-help."""
 
 

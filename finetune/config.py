@@ -44,6 +44,9 @@ class ModelConfig:
     """gpt_neo | gpt_neox | gptj: decides attention backends, target modules and the pad-token policy."""
     lora_target_modules: list[str]
     """Linear layers LoRA wraps by default; never the output embedding."""
+    hub_id: str | None = None
+    """The base's Hub id, named in model cards and adapter configs (never a local path); null: name_or_path when that
+    is a Hub id. Keep it set when name_or_path points at a local copy of a Hub model."""
     revision: str = "main"
     """Hub branch, tag or commit; pin a commit for reproducible runs."""
     dtype: str = "bfloat16"
@@ -104,6 +107,25 @@ class DistributedConfig:
 
 
 @dataclass
+class CardConfig:
+    """The model card (README.md) written with every adapter, full model and merged model (finetune.card)."""
+
+    model_name: str | None = None
+    """Title of the card; null: the run directory's name."""
+    description: str | None = None
+    """One paragraph on what the model is for; null: a sentence built from the base, strategy and data."""
+    domain: str = "general"
+    """general | legal | medical: legal and medical cards carry the cautions those uses need."""
+    license: str = "apache-2.0"
+    """License of the published weights (the GPT-Neo family is Apache-2.0; your data may restrict it further)."""
+    language: list[str] = field(default_factory=lambda: ["en"])
+    tags: list[str] = field(default_factory=list)
+    """Extra Hub tags (neo-finetune, the strategy and the architecture are always added)."""
+    datasets: list[str] = field(default_factory=list)
+    """Hub dataset ids the model was trained on (a Hub data.path is added by itself; local files never are)."""
+
+
+@dataclass
 class RunConfig:
     """The root of a composed config: our run-level keys plus the groups."""
 
@@ -113,6 +135,7 @@ class RunConfig:
     strategy: dict
     trainer: dict
     distributed: DistributedConfig = field(default_factory=DistributedConfig)
+    card: CardConfig = field(default_factory=CardConfig)
     overwrite: bool = False
     resume: bool | str = False
     """true: continue from the newest complete checkpoint in output_dir; auto: the same, or start fresh if none."""

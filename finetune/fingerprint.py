@@ -48,6 +48,33 @@ def base_model(folder: Path) -> str:
     return digest.hexdigest()
 
 
+def config_sha256(folder: Path) -> str:
+    return hashlib.sha256((folder / "config.json").read_bytes()).hexdigest()
+
+
+def base_record(model_cfg, folder: Path | None, hub_id: str | None, weights: str | None) -> dict:
+    """What an adapter records about its base (base_model.json): merge refuses any other base."""
+    return {
+        "hub_id": hub_id,
+        "name_or_path": hub_id or (Path(model_cfg.name_or_path).name if folder else model_cfg.name_or_path),
+        "revision": model_cfg.revision,
+        "family": model_cfg.family,
+        "training_dtype": model_cfg.dtype,
+        "config_sha256": config_sha256(folder) if folder else None,
+        "weights_fingerprint": weights if folder else None,
+    }
+
+
+def base_mismatch(recorded: dict, folder: Path) -> list[str]:
+    """How the base in `folder` differs from the recorded one (empty when it is the same checkpoint)."""
+    lines = []
+    if recorded.get("config_sha256") and recorded["config_sha256"] != config_sha256(folder):
+        lines.append(f"config.json sha256 {recorded['config_sha256'][:16]}... at training, {config_sha256(folder)[:16]}... here")
+    if recorded.get("weights_fingerprint") and recorded["weights_fingerprint"] != base_model(folder):
+        lines.append(f"weights fingerprint {recorded['weights_fingerprint'][:16]}... at training, {base_model(folder)[:16]}... here")
+    return lines
+
+
 def dataset(samples: list, packed: bool) -> str:
     digest = hashlib.sha256(b"packed" if packed else b"unpacked")
     for sample in samples:

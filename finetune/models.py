@@ -107,6 +107,13 @@ def local_path(model_cfg) -> Path | None:
     return path.resolve() if path.is_dir() else None
 
 
+def hub_id(model_cfg) -> str | None:
+    """The base's Hub id: model.hub_id, else name_or_path when that is not a local folder (None for a local-only base)."""
+    if model_cfg.get("hub_id"):
+        return model_cfg.hub_id
+    return None if Path(model_cfg.name_or_path).expanduser().exists() else model_cfg.name_or_path
+
+
 def _source(model_cfg) -> str:
     path = Path(model_cfg.name_or_path).expanduser()
     return str(path) if path.exists() else model_cfg.name_or_path

@@ -18,7 +18,7 @@ from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
 
-from finetune import artifacts, checkpoints, fingerprint, models, strategy
+from finetune import artifacts, card, checkpoints, fingerprint, models, rundir, strategy
 from finetune.data import describe, packing, prepare, prompt_text
 from finetune.data import templates as data_templates
 from finetune.errors import EXIT_FAILURE, EXIT_OK, ConfigError, FinetuneError, IntegrityError, Preempted
@@ -131,10 +131,12 @@ def _train(cfg, resolved: dict, run_dir: Path, record, resume_from: Path | None,
 
     eval_after = trainer.evaluate(metric_key_prefix="eval") if eval_set is not None else {}
     after = [_generate(trainer.model, tokenizer, p, cfg.max_new_tokens) for p in prompts]
-    weights_dir = run_dir / ("adapter" if cfg.strategy.name != "full" else "model")
+    weights_dir = run_dir / (rundir.ADAPTER_DIR if cfg.strategy.name != "full" else rundir.MODEL_DIR)
     trainer.save_model(str(weights_dir))  # gathers ZeRO-3 / FSDP shards; adapter only for PEFT models
     if trainer.is_world_process_zero():
         artifacts.clean_weights_folder(weights_dir, args, models.local_path(cfg.model), public_base)
+        base = fingerprint.base_record(cfg.model, base_folder, models.hub_id(cfg.model), base_print)
+        artifacts.write_json(weights_dir / rundir.BASE_RECORD, base)
         history = trainer.state.log_history
         artifacts.write_metrics(run_dir, history, eval_before=eval_before, eval_after=eval_after, train=result.metrics)
         artifacts.plot_loss(run_dir, history, eval_before.get("eval_loss"))
@@ -143,6 +145,7 @@ def _train(cfg, resolved: dict, run_dir: Path, record, resume_from: Path | None,
         record.finish("completed", EXIT_OK, train_seconds=round(train_seconds, 2), global_steps=result.global_step,
                       train_loss=result.training_loss, eval_loss_before=eval_before.get("eval_loss"),
                       eval_loss_after=eval_after.get("eval_loss"))
+        card.write(weights_dir, run_dir, resolved, "adapter" if weights_dir.name == rundir.ADAPTER_DIR else "model")
         _summary(run_dir, eval_before, eval_after, samples, train_seconds)
 
 
@@ -190,9 +193,9 @@ def _previous_attempts(run_dir: Path) -> list[dict]:
 
 
 def _public_name(model_cfg) -> str:
-    """What cards and adapter configs name the base: the Hub id, or a local folder's name (never a local path)."""
-    local = models.local_path(model_cfg)
-    return local.name if local else model_cfg.name_or_path
+    """What adapter configs name the base: the Hub id, or a local folder's name (never a local path)."""
+    hub_id = models.hub_id(model_cfg)
+    return hub_id or models.local_path(model_cfg).name
 
 
 def _training_arguments(cfg: DictConfig, run_dir: Path, has_eval: bool, cuda: bool) -> dict:

@@ -19,6 +19,8 @@ from omegaconf import DictConfig, OmegaConf
 from finetune.config import FAMILIES, STRATEGIES, RunConfig
 from finetune.errors import ConfigError
 
+CARD_DOMAINS = ("general", "legal", "medical")
+
 # trainer keys that another part of our config owns: key -> where to set it instead
 OWNED_TRAINER_KEYS = {
     "output_dir": "output_dir=PATH",
@@ -223,6 +225,8 @@ def check_data(data: dict) -> list[str]:
 
 def check_run(cfg: dict) -> list[str]:
     problems = []
+    if cfg["card"]["domain"] not in CARD_DOMAINS:
+        problems.append(f"card.domain: '{cfg['card']['domain']}' is not one of {', '.join(CARD_DOMAINS)}")
     out = Path(cfg["output_dir"]).expanduser()
     if (out / "run.json").exists() and not cfg["overwrite"] and not cfg["resume"]:
         problems.append(f"output_dir: {out} already holds a run; continue it with resume=true, choose another output_dir=PATH "

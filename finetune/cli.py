@@ -1,0 +1,111 @@
+"""`key=value` arguments for the tools around a run (merge, generate, push), in the same style as training's overrides.
+
+Each tool declares its options once (name, type, default, help); the parser turns argv into typed values, prints
+`--help` from the same declarations, and reports every unknown or mistyped argument at once with a suggestion and
+exit code 2, as training does for its config. Cheap to import: no torch, no Hydra.
+"""
+
+from __future__ import annotations
+
+import difflib
+import sys
+from dataclasses import dataclass
+from collections.abc import Callable
+from typing import Any
+
+from finetune.errors import ConfigError, FinetuneError
+
+TRUE, FALSE = ("true", "1", "yes", "on"), ("false", "0", "no", "off")
+
+
+@dataclass(frozen=True)
+class Option:
+    name: str
+    type: type  # str, int, float, bool or list (comma-separated, or [a,b])
+    default: Any
+    help: str
+
+
+def parse(argv: list[str], options: list[Option], positional: str | None = None) -> dict:
+    """Typed values for every option (defaults filled in); the positional argument under its name.
+
+    Raises ConfigError naming each bad argument and the fix.
+    """
+    known = {o.name: o for o in options}
+    values = {o.name: o.default for o in options}
+    problems, given_positional = [], []
+    for arg in argv:
+        key, sep, raw = arg.partition("=")
+        if not sep:
+            given_positional.append(arg)
+            continue
+        option = known.get(key)
+        if option is None:
+            close = difflib.get_close_matches(key, known, n=1, cutoff=0.6)
+            hint = f" (did you mean '{close[0]}'?)" if close else f"; options: {', '.join(known)}"
+            problems.append(f"unknown option '{arg}'{hint}")
+            continue
+        if option.default is None and raw.lower() in ("null", "none"):
+            values[key] = None  # an optional value set back to "not given"
+            continue
+        try:
+            values[key] = _convert(raw, option.type)
+        except ValueError as err:
+            problems.append(f"{key}={raw}: {err}")
+    if positional is not None:
+        if len(given_positional) != 1:
+            found = f"got {given_positional}" if given_positional else "none given"
+            problems.append(f"expected exactly one {positional} before the key=value options ({found})")
+        else:
+            values[positional] = given_positional[0]
+    elif given_positional:
+        problems.append(f"unexpected argument(s) {given_positional}: options are key=value")
+    if problems:
+        raise ConfigError(problems)
+    return values
+
+
+def _convert(raw: str, kind: type):
+    if kind is bool:
+        if raw.lower() in TRUE:
+            return True
+        if raw.lower() in FALSE:
+            return False
+        raise ValueError("expected true or false")
+    if kind is list:
+        raw = raw.strip()
+        if raw.startswith("[") and raw.endswith("]"):
+            raw = raw[1:-1]
+        return [part.strip() for part in raw.split(",") if part.strip()]
+    if kind in (int, float):
+        try:
+            return kind(raw)
+        except ValueError:
+            raise ValueError(f"expected {'an integer' if kind is int else 'a number'}") from None
+    if raw.lower() in ("null", "none", ""):
+        return None
+    return raw
+
+
+def usage(doc: str, options: list[Option]) -> str:
+    """The tool's docstring, then one line per option with its default."""
+    lines = [doc.strip(), "", "options:"]
+    for option in options:
+        default = option.default if option.type is not list else ",".join(option.default or []) or "[]"
+        lines.append(f"  {option.name}={default!s:<14} {option.help}")
+    lines.append("")
+    lines.append("exit codes: 0 done, 1 failure, 2 bad argument or config, 3 unsafe or mismatched input.")
+    return "\n".join(lines)
+
+
+def main(run: Callable[[dict], Any], doc: str, options: list[Option], positional: str | None, argv: list[str] | None = None):
+    """Parse argv (or sys.argv), print help on -h/--help, run, and exit with the error's code on failure."""
+    args = list(sys.argv[1:] if argv is None else argv)
+    if any(a in ("-h", "--help", "help") for a in args):
+        print(usage(doc, options))
+        return None
+    try:
+        return run(parse(args, options, positional))
+    except FinetuneError as err:
+        print(f"error: {err}", file=sys.stderr)
+        sys.exit(err.exit_code)

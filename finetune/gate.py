@@ -1,0 +1,193 @@
+"""The merge's numerical gate: do the merged weights compute what base + adapter computed?
+
+Two ways, chosen by `gate=` (auto picks full when both models fit in half the free memory):
+- full: fixed probe prompts through base + adapter (peft, unmerged, fp32) and through the merged model as written
+  to disk (loaded by transformers in the merged dtype); the measure is the max abs logit difference.
+- layers: for models too big to load twice, a sample of adapted layers (first, middle and last block): a fixed
+  random input through peft's own unmerged LoRA/DoRA layer (fp32) and through the merged weight read back from the
+  output shard; the measure is the max abs output difference relative to the output's scale.
+
+Tolerance: fp32 1e-4. A bf16/fp16 merge cannot match fp32 closer than rounding allows, so its tolerance is
+GAP_FACTOR times the base's own low-precision gap (the same measure for the base alone, fp32 vs the merged dtype).
+A wrong merge (a missing delta, a wrong scale, a tampered adapter or shard) moves the output by far more.
+"""
+
+from __future__ import annotations
+
+import gc
+import os
+import re
+from pathlib import Path
+
+from finetune import shards
+
+FP32_TOLERANCE = 1e-4
+GAP_FACTOR = 2.0
+FULL_GATE_MEMORY_SHARE = 0.5
+LAYER_SAMPLE_MAX = 16
+PROBES = (
+    "The tenant shall keep the premises in good repair.",
+    "What are the common symptoms of iron deficiency?",
+    "Summarise the indemnification clause in plain English:",
+    "def fibonacci(n):\n    ",
+)
+PROBE_TOKENS = 48
+
+
+def check(base_dir: Path, adapter_dir: Path, merged_dir: Path, dtype: str, mode: str = "auto", tolerance: float | None = None,
+          allow_pickle: bool = False) -> dict:
+    """{"mode", "max_abs_diff", "reference_gap", "tolerance", "passed", ...}; allow_pickle as the merge was given it."""
+    if mode == "auto":
+        mode = "full" if _fits_twice(base_dir, merged_dir, allow_pickle) else "layers"
+    if mode == "full":
+        result = _full(base_dir, adapter_dir, merged_dir, dtype, allow_pickle)
+    else:
+        result = _layers(base_dir, adapter_dir, merged_dir, dtype, allow_pickle)
+    if tolerance is None:
+        tolerance = FP32_TOLERANCE if dtype == "float32" else max(FP32_TOLERANCE, GAP_FACTOR * result["reference_gap"])
+    result.update(mode=mode, tolerance=tolerance, passed=bool(result["max_abs_diff"] <= tolerance))
+    return result
+
+
+def _full(base_dir: Path, adapter_dir: Path, merged_dir: Path, dtype: str, allow_pickle: bool) -> dict:
+    import torch
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(merged_dir)
+    probes = [tokenizer(p, return_tensors="pt").input_ids[:, :PROBE_TOKENS] for p in PROBES]
+    # a pickled base (allow_pickle=true) goes through transformers' torch.load(weights_only=True)
+    base = AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32, use_safetensors=None if allow_pickle else True)
+    model = PeftModel.from_pretrained(base, adapter_dir).eval()
+    reference = _logits(model, probes)
+    gap = 0.0
+    if dtype != "float32":
+        with model.disable_adapter():
+            base_fp32 = _logits(model, probes)
+            model.to(getattr(torch, dtype))
+            gap = _max_diff(_logits(model, probes), base_fp32)
+    del model, base
+    gc.collect()
+    merged = AutoModelForCausalLM.from_pretrained(merged_dir, dtype=getattr(torch, dtype), use_safetensors=True).eval()
+    diff = _max_diff(_logits(merged, probes), reference)
+    return {"max_abs_diff": diff, "reference_gap": gap, "measure": "logits", "probes": len(probes)}
+
+
+def _logits(model, probes) -> list:
+    import torch
+
+    with torch.no_grad():
+        return [model(input_ids=ids).logits.float() for ids in probes]
+
+
+def _max_diff(a: list, b: list) -> float:
+    return max(float((x - y).abs().max()) for x, y in zip(a, b))
+
+
+def _layers(base_dir: Path, adapter_dir: Path, merged_dir: Path, dtype: str, allow_pickle: bool) -> dict:
+    import torch
+
+    from finetune.merge import load_adapter
+
+    adapter = load_adapter(adapter_dir, allow_pickle)
+    sample = _sample(list(adapter.modules))
+    base, merged = _TensorFinder(base_dir, allow_pickle), _TensorFinder(merged_dir)
+    generator = torch.Generator().manual_seed(0)
+    worst, gap = 0.0, 0.0
+    try:
+        for name in sample:
+            lora = adapter.modules[name]
+            weight_name = base.name_for(name)
+            w_base, w_merged = base.read(weight_name).float(), merged.read(weight_name).float()
+            x = torch.randn(8, lora.A.shape[1], generator=generator)
+            reference = _peft_layer(w_base, lora, adapter)(x)
+            scale = float(reference.abs().max()) or 1.0
+            got = x @ (w_merged if adapter.fan_in_fan_out else w_merged.T)
+            worst = max(worst, float((got - reference).abs().max()) / scale)
+            if dtype != "float32":  # the base layer computed in the merged dtype vs in fp32
+                w, low = (w_base if adapter.fan_in_fan_out else w_base.T), getattr(torch, dtype)
+                gap = max(gap, float(((x.to(low) @ w.to(low)).float() - x @ w).abs().max()) / scale)
+    finally:
+        base.close()
+        merged.close()
+    return {"max_abs_diff": worst, "reference_gap": gap, "measure": "layer outputs / their max", "layers": sample}
+
+
+def _peft_layer(weight, lora, adapter):
+    """peft's own unmerged LoRA/DoRA Linear around the base weight, loaded with the adapter's tensors."""
+    import math
+
+    import torch
+    from peft import LoraConfig
+    from peft.tuners.lora.layer import Linear as LoraLinear
+
+    out_features, in_features = weight.T.shape if adapter.fan_in_fan_out else weight.shape
+    base_layer = torch.nn.Linear(in_features, out_features, bias=False)
+    base_layer.weight.data = weight
+    r = lora.A.shape[0]
+    rslora = bool(adapter.config.get("use_rslora"))
+    alpha = lora.scale * (math.sqrt(r) if rslora else r)
+    config = LoraConfig.from_pretrained(str(adapter.folder))
+    config.lora_dropout = 0.0
+    layer = LoraLinear(base_layer, "default", config, r=r, lora_alpha=alpha)
+    with torch.no_grad():
+        layer.lora_A["default"].weight.copy_(lora.A.float())
+        layer.lora_B["default"].weight.copy_(lora.B.float())
+        if adapter.dora:
+            layer.lora_magnitude_vector["default"].weight.copy_(lora.magnitude.float())
+    layer.eval()
+
+    def forward(x):
+        with torch.no_grad():
+            return layer(x)
+
+    return forward
+
+
+def _sample(modules: list[str]) -> list[str]:
+    """Every adapted module of the first, middle and last block (capped)."""
+    def block(name: str) -> int:
+        numbers = re.findall(r"\.(\d+)\.", name)
+        return int(numbers[0]) if numbers else -1
+
+    blocks = sorted({block(m) for m in modules})
+    chosen = {blocks[0], blocks[len(blocks) // 2], blocks[-1]}
+    return [m for m in sorted(modules, key=block) if block(m) in chosen][:LAYER_SAMPLE_MAX]
+
+
+class _TensorFinder:
+    """Read named tensors from a model folder's weight files, opening each file once."""
+
+    def __init__(self, folder: Path, allow_pickle: bool = False):
+        from finetune.merge import open_weights
+
+        self.readers = [open_weights(p) for p in shards.weight_files(folder, allow_pickle)]
+
+    def name_for(self, module: str) -> str:
+        """The checkpoint's name for an adapted module's weight (merge.module_of's matching)."""
+        from finetune.merge import module_of
+
+        return next(name for reader in self.readers for name in reader.tensors
+                    if name.endswith(".weight") and module_of(name, {module: None}))
+
+    def read(self, name: str):
+        return next(r for r in self.readers if name in r.tensors).read(name)
+
+    def close(self) -> None:
+        for reader in self.readers:
+            reader.close()
+
+
+def _fits_twice(base_dir: Path, merged_dir: Path, allow_pickle: bool) -> bool:
+    """An fp32 copy of the base plus the merged model fit in FULL_GATE_MEMORY_SHARE of the available memory."""
+    need = 0
+    for folder, to_fp32 in ((base_dir, True), (merged_dir, False)):
+        for path in shards.weight_files(folder, allow_pickle):
+            size = path.stat().st_size
+            if to_fp32 and path.suffix == ".safetensors":
+                with shards.ShardReader(path) as reader:
+                    if any(t.dtype in ("BF16", "F16") for t in reader.tensors.values()):
+                        size *= 2
+            need += size
+    available = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    return need <= FULL_GATE_MEMORY_SHARE * available

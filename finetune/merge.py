@@ -1,0 +1,387 @@
+"""`python -m finetune.merge <run_dir or adapter> [out=DIR] [dtype=bfloat16]`: merge a LoRA/DoRA adapter into its
+base, shard by shard, straight from the base's safetensors files.
+
+peft's `merge_and_unload` needs the whole model in memory (NeoX-20B: ~41 GB in bf16). Here each base tensor is read
+at its file offset, the adapter's delta added in fp32 when the tensor is a LoRA target (NeoX's fused
+`query_key_value` is one such tensor), the result written to the output shard and freed: peak memory is one tensor
+plus the adapter, whatever the model size. Then, on every merge, a numerical gate (finetune.gate) checks that
+the merged weights compute what base + adapter computed; a merge that fails it is left in `<out>.invalid/`
+with its report and the command exits 3.
+
+Refused before any work (exit 3): a base that is not the one the adapter was trained on (base_model.json, written
+by training: config hash and weight fingerprint), pickled weights unless allow_pickle=true, shard indexes naming
+files outside the model folder, and adapter tensors this merge does not understand.
+
+Output (a plain transformers model): safetensors shards laid out as the base's + index, config.json,
+generation_config.json, the tokenizer with the chat template used in training, merge_report.json, README.md
+(model card) and serving.json.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+import shutil
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from finetune import artifacts, cli, rundir, shards
+from finetune.cli import Option
+from finetune.errors import ConfigError, IntegrityError
+
+OPTIONS = [
+    Option("out", str, None, "output folder (default: RUN/merged)"),
+    Option("dtype", str, None, "bfloat16 | float32 | float16 (default: the dtype the run trained in)"),
+    Option("base", str, None, "base model folder or Hub id (default: the run's model.name_or_path)"),
+    Option("gate", str, "auto", "auto | full (whole model twice) | layers (a sample of merged layers; for models too big)"),
+    Option("tolerance", float, None, "max abs logit difference allowed (default fp32 1e-4; bf16/fp16: 2x the base's own gap)"),
+    Option("allow_pickle", bool, False, "read pickled .bin weights with torch.load(weights_only=True)"),
+    Option("overwrite", bool, False, "replace an existing output folder"),
+    Option("verify", bool, False, "only re-run the numerical gate on an existing merged folder (out=) against the adapter"),
+]
+DTYPES = ("bfloat16", "float32", "float16")
+ADAPTER_PREFIX = "base_model.model."
+LORA_KEY = re.compile(r"^(?P<module>.+)\.(?P<part>lora_A\.weight|lora_B\.weight|lora_B\.bias|lora_magnitude_vector)$")
+# adapter_config.json fields that change what merging means; this merge handles none of them
+UNSUPPORTED = ("modules_to_save", "trainable_token_indices", "layer_replication", "target_parameters", "use_qalora",
+               "alora_invocation_tokens", "use_bdlora")
+
+
+@dataclass
+class LoraModule:
+    """One adapted Linear: W' = W + scale * B @ A (DoRA: then rescaled per output row to the learned magnitude)."""
+
+    name: str
+    A: object = None
+    B: object = None
+    bias: object = None  # lora_bias=True: added to the base bias
+    magnitude: object = None  # DoRA
+    scale: float = 1.0
+
+    def merged(self, weight, fan_in_fan_out: bool):
+        """The merged weight in fp32 (peft's formulas: LoRA get_delta_weight, DoRA merge)."""
+        delta = self.scale * (self.B.float() @ self.A.float())
+        if fan_in_fan_out:
+            delta = delta.T
+        merged = weight.float() + delta
+        if self.magnitude is None:
+            return merged
+        oriented = merged.T if fan_in_fan_out else merged
+        factor = self.magnitude.float() / oriented.norm(p=2, dim=1)
+        return (factor.view(-1, 1) * oriented).T if fan_in_fan_out else factor.view(-1, 1) * oriented
+
+
+@dataclass
+class Adapter:
+    folder: Path
+    config: dict
+    modules: dict[str, LoraModule] = field(default_factory=dict)
+
+    @property
+    def fan_in_fan_out(self) -> bool:
+        return bool(self.config.get("fan_in_fan_out"))
+
+    @property
+    def dora(self) -> bool:
+        return bool(self.config.get("use_dora"))
+
+
+def main(argv: list[str] | None = None) -> Path | None:
+    return cli.main(run, __doc__, OPTIONS, positional="target", argv=argv)
+
+
+def run(opts: dict) -> Path:
+    started = time.perf_counter()
+    target = rundir.locate(opts["target"])
+    if target.kind != "adapter":
+        raise ConfigError(f"{target.weights}: full weights, not an adapter: there is nothing to merge (serve this folder as is)")
+    if opts["gate"] not in ("auto", "full", "layers"):
+        raise ConfigError(f"gate={opts['gate']}: choose auto, full or layers")
+    dtype = opts["dtype"] or _training_dtype(target)
+    if dtype not in DTYPES:
+        raise ConfigError(f"dtype={dtype}: choose one of {', '.join(DTYPES)}")
+    out = Path(opts["out"]).expanduser() if opts["out"] else target.weights.parent / rundir.MERGED_DIR
+    invalid = out.with_name(out.name + rundir.INVALID_SUFFIX)
+    if opts["verify"]:
+        if not (out / "config.json").is_file():
+            raise ConfigError(f"verify=true: no merged model in {out}; merge first (or name it with out=DIR)")
+    elif (out.exists() or invalid.exists()) and not opts["overwrite"]:
+        raise ConfigError(f"out={out}: already exists; choose another out= or pass overwrite=true")
+    adapter = load_adapter(target.weights, opts["allow_pickle"])
+    base_dir = base_folder(rundir.base_source(target, opts["base"]), (target.config or {}).get("model", {}).get("revision"))
+    check_base(target, base_dir)
+    from finetune import card, gate
+
+    if opts["verify"]:
+        report = json.loads((out / "merge_report.json").read_text(encoding="utf-8")) if (out / "merge_report.json").is_file() else {}
+        dtype = report.get("dtype") or dtype
+        result = gate.check(base_dir, target.weights, out, dtype, opts["gate"], opts["tolerance"], opts["allow_pickle"])
+        report.update(verified=result, valid=result["passed"])
+        _write_report(out, report)
+        return _conclude(out, invalid, result, report, staged=False)
+
+    _say(f"merging {target.weights} into {base_dir} ({dtype}) -> {out}")
+    staging = out.with_name(out.name + ".partial")
+    shutil.rmtree(staging, ignore_errors=True)
+    staging.mkdir(parents=True)
+    report = {"adapter": target.weights.name, "base": target.base or {"name_or_path": base_dir.name}, "dtype": dtype,
+              "lora": {k: adapter.config.get(k) for k in ("r", "lora_alpha", "use_rslora", "use_dora", "target_modules")}}
+    report.update(merge_weights(base_dir, adapter, staging, dtype, opts["allow_pickle"]))
+    write_model_files(base_dir, target.weights, staging, dtype)
+    report.update(merge_seconds=round(time.perf_counter() - started, 2), merge_peak_rss_bytes=peak_rss_bytes())
+    result = gate.check(base_dir, target.weights, staging, dtype, opts["gate"], opts["tolerance"], opts["allow_pickle"])
+    report.update(gate=result, valid=result["passed"], peak_rss_bytes=peak_rss_bytes(), seconds=round(time.perf_counter() - started, 2))
+    card.write(staging, target.run_dir, target.config or {}, "merged", extra=report)
+    _write_report(staging, report)
+    for stale in (out, invalid):
+        shutil.rmtree(stale, ignore_errors=True)
+    os.replace(staging, out)
+    return _conclude(out, invalid, result, report, staged=True)
+
+
+def _conclude(out: Path, invalid: Path, result: dict, report: dict, staged: bool) -> Path:
+    """Passed: say so. Failed: move the folder to <out>.invalid (nothing loads it by mistake) and exit 3."""
+    line = (f"numerical gate ({result['mode']}): max abs difference {result['max_abs_diff']:.2e}, "
+            f"tolerance {result['tolerance']:.2e}")
+    if not result["passed"]:
+        shutil.rmtree(invalid, ignore_errors=True)
+        os.replace(out, invalid)
+        raise IntegrityError(f"{line}: the merged weights do not compute what base + adapter computed. Moved to {invalid} "
+                             "(see its merge_report.json); check that the adapter, base and merged files are intact, then merge again")
+    _say(f"{line}: passed")
+    if staged:
+        _say(f"merged model: {out} ({report['merged_modules']} adapted tensors in {len(report['shards'])} shard(s), "
+             f"peak RSS {report['peak_rss_bytes'] / 2**20:.0f} MiB, {report['seconds']:.1f} s)")
+    return out
+
+
+def _write_report(folder: Path, report: dict) -> None:
+    artifacts.write_json(folder / "merge_report.json", report)
+
+
+def load_adapter(folder: Path, allow_pickle: bool) -> Adapter:
+    """The adapter's config and tensors, grouped by adapted module; anything this merge cannot merge is refused."""
+    config = json.loads((folder / "adapter_config.json").read_text(encoding="utf-8"))
+    if config.get("peft_type") != "LORA":
+        raise IntegrityError(f"{folder}: peft_type {config.get('peft_type')}: only LoRA and DoRA adapters can be merged here")
+    found = [key for key in UNSUPPORTED if config.get(key)]
+    if config.get("bias", "none") != "none":
+        found.append(f"bias={config['bias']}")
+    if found:
+        raise IntegrityError(f"{folder}: adapter_config.json sets {', '.join(found)}, which this streaming merge does not "
+                             "merge; use peft's merge_and_unload on a machine that holds the whole model")
+    tensors = _adapter_tensors(folder, allow_pickle)
+    adapter = Adapter(folder, config)
+    for key, tensor in tensors.items():
+        match = LORA_KEY.match(key.removeprefix(ADAPTER_PREFIX))
+        if not key.startswith(ADAPTER_PREFIX) or not match:
+            raise IntegrityError(f"{folder}: adapter tensor '{key}' is not a LoRA/DoRA weight this merge understands "
+                                 "(modules_to_save or trainable tokens?); use peft's merge_and_unload")
+        module = adapter.modules.setdefault(match["module"], LoraModule(match["module"]))
+        attribute = {"lora_A.weight": "A", "lora_B.weight": "B", "lora_B.bias": "bias", "lora_magnitude_vector": "magnitude"}
+        setattr(module, attribute[match["part"]], tensor)
+    for name, module in adapter.modules.items():
+        if module.A is None or module.B is None or (adapter.dora and module.magnitude is None):
+            raise IntegrityError(f"{folder}: module {name} lacks lora_A, lora_B{' or its DoRA magnitude' if adapter.dora else ''}")
+        if module.B.shape[1] != module.A.shape[0]:
+            raise IntegrityError(f"{folder}: module {name}: lora_B {tuple(module.B.shape)} does not fit lora_A {tuple(module.A.shape)}")
+        r = _pattern(config.get("rank_pattern") or {}, name, config["r"])
+        alpha = _pattern(config.get("alpha_pattern") or {}, name, config["lora_alpha"])
+        module.scale = alpha / math.sqrt(r) if config.get("use_rslora") else alpha / r
+    return adapter
+
+
+def _pattern(patterns: dict, module: str, default):
+    """peft's rank_pattern / alpha_pattern lookup (utils.other.get_pattern_key)."""
+    for key, value in patterns.items():
+        if re.match(rf"(.*\.)?({key})$", module):
+            return value
+    return default
+
+
+def _adapter_tensors(folder: Path, allow_pickle: bool) -> dict:
+    path = folder / "adapter_model.safetensors"
+    if path.is_file():
+        with shards.ShardReader(path) as reader:
+            return {name: reader.read(name) for name in reader.tensors}
+    pickled = folder / "adapter_model.bin"
+    if pickled.is_file() and allow_pickle:
+        return shards.load_pickled(pickled)
+    if pickled.is_file():
+        raise IntegrityError(f"{folder}: adapter_model.bin is pickled; unpickling can run arbitrary code. Pass "
+                             "allow_pickle=true to read it with torch.load(weights_only=True)")
+    raise IntegrityError(f"{folder}: no adapter_model.safetensors")
+
+
+def base_folder(source: str, revision: str | None) -> Path:
+    """A local folder with the base's config and weights: the path itself, the Hub cache, or a download (safetensors only)."""
+    path = Path(source).expanduser()
+    if path.is_dir():
+        return path
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError
+
+    try:
+        return Path(snapshot_download(source, revision=revision or "main",
+                                      allow_patterns=["*.json", "*.safetensors", "tokenizer*", "*.txt"]))
+    except (LocalEntryNotFoundError, HfHubHTTPError, OSError) as err:
+        raise ConfigError(f"base={source}: not a local folder and not downloadable here ({type(err).__name__}); "
+                          "pass base=PATH to a local copy") from None
+
+
+def check_base(target: rundir.Target, base_dir: Path) -> None:
+    """Refuse a base other than the one the adapter was trained on (its base_model.json)."""
+    from finetune import fingerprint
+
+    if not (base_dir / "config.json").is_file():
+        raise ConfigError(f"base {base_dir}: no config.json; give the folder of the base model with base=PATH")
+    if target.base is None:
+        _say(f"warning: {target.weights} records no base model (no {rundir.BASE_RECORD}); cannot prove the base matches, "
+             "relying on shapes and the numerical gate")
+        return
+    changes = fingerprint.base_mismatch(target.base, base_dir)
+    if changes:
+        trained = f"{target.base.get('name_or_path')}@{target.base.get('revision')}"
+        raise IntegrityError(f"{target.weights} was trained on {trained}, but {base_dir} is a different checkpoint: "
+                             + "; ".join(changes) + ". Merging would produce a model nobody trained; give the right "
+                             "base with base=PATH (same revision)")
+
+
+def merge_weights(base_dir: Path, adapter: Adapter, out: Path, dtype: str, allow_pickle: bool) -> dict:
+    """Write every base tensor to `out` in `dtype`, adapted ones merged; one tensor in memory at a time."""
+    import torch
+
+    target_dtype = getattr(torch, dtype)
+    files = shards.weight_files(base_dir, allow_pickle)
+    pending = dict(adapter.modules)
+    weight_map, shard_reports, total = {}, [], 0
+    for number, path in enumerate(files, 1):
+        reader = open_weights(path)
+        names = list(reader.tensors)
+        adapted = {n: m for n in names if n.endswith(".weight") and (m := module_of(n, adapter.modules))}
+        bias_of = {n.removesuffix(".weight") + ".bias": adapter.modules[m] for n, m in adapted.items()
+                   if adapter.modules[m].bias is not None}
+        name_out = path.name if path.suffix == ".safetensors" else (  # pickled shards get standard safetensors names
+            shards.SAFETENSORS_SINGLE if len(files) == 1 else f"model-{number:05d}-of-{len(files):05d}.safetensors")
+        layout = [(n, _out_dtype(reader.tensors[n], target_dtype), reader.tensors[n].shape) for n in names]
+        writer = shards.ShardWriter(out / name_out, layout, {"merged_by": "neo-finetune"})
+        merged_here = 0
+        for name, (_, out_dtype, shape) in zip(names, layout):
+            tensor = reader.read(name)
+            if name in adapted:
+                lora = adapter.modules[adapted[name]]
+                pending.pop(lora.name, None)
+                expected = (lora.B.shape[0], lora.A.shape[1])
+                if tuple(shape) != (expected[::-1] if adapter.fan_in_fan_out else expected):
+                    raise IntegrityError(f"{adapter.folder}: module {lora.name} has shape {expected} in the adapter, "
+                                         f"{tuple(shape)} in the base {path.name}: this adapter was not trained on this base")
+                tensor = lora.merged(tensor, adapter.fan_in_fan_out)
+                merged_here += 1
+            elif name in bias_of:
+                tensor = tensor.float() + bias_of[name].scale * bias_of[name].bias.float()
+            writer.write(name, tensor.to(getattr(torch, shards.DTYPE_NAMES[out_dtype])))
+            del tensor
+            weight_map[name] = name_out
+        writer.close()
+        reader.close()
+        total += writer.size
+        shard_reports.append({"file": name_out, "tensors": len(names), "merged": merged_here, "bytes": writer.size})
+    if pending:
+        raise IntegrityError(f"{adapter.folder}: adapted module(s) not found in the base weights: "
+                             f"{', '.join(sorted(pending)[:5])}{' ...' if len(pending) > 5 else ''}; wrong base model?")
+    if len(files) > 1:
+        index = {"metadata": {"total_size": total}, "weight_map": weight_map}
+        (out / shards.SAFETENSORS_INDEX).write_text(json.dumps(index, indent=2) + "\n", encoding="utf-8")
+    return {"shards": shard_reports, "merged_modules": sum(s["merged"] for s in shard_reports)}
+
+
+def module_of(tensor_name: str, modules: dict) -> str | None:
+    """The adapted module a base tensor belongs to (checkpoints may or may not carry the model prefix)."""
+    stem = tensor_name.removesuffix(".weight")
+    if stem in modules:
+        return stem
+    for module in modules:
+        if module.endswith("." + stem) or stem.endswith("." + module):
+            return module
+    return None
+
+
+def _out_dtype(info, target_dtype) -> str:
+    """Floating tensors take the output dtype; integer buffers keep theirs."""
+    return shards.dtype_name(target_dtype) if info.dtype in ("F64", "F32", "F16", "BF16") else info.dtype
+
+
+def open_weights(path: Path):
+    """A reader for one weights file: safetensors, or a pickled shard (allow_pickle=true only)."""
+    return shards.ShardReader(path) if path.suffix == ".safetensors" else _PickledShard(path)
+
+
+class _PickledShard:
+    """A pickled shard (allow_pickle=true only), read with weights_only=True, behind ShardReader's interface."""
+
+    def __init__(self, path: Path):
+        self.state = shards.load_pickled(path)
+        self.tensors = {name: shards.TensorInfo(name, shards.dtype_name(t.dtype), tuple(t.shape), 0, 0)
+                        for name, t in self.state.items()}
+
+    def read(self, name: str):
+        return self.state[name]
+
+    def close(self) -> None:
+        self.state = {}
+
+
+def write_model_files(base_dir: Path, adapter_dir: Path, out: Path, dtype: str) -> None:
+    """config.json (dtype updated), generation_config.json and the trained tokenizer (with its chat template)."""
+    from transformers import AutoTokenizer, GenerationConfig
+
+    config = json.loads((base_dir / "config.json").read_text(encoding="utf-8"))
+    config["dtype"] = dtype
+    config.pop("torch_dtype", None)
+    trained = (adapter_dir / "tokenizer_config.json").is_file()  # training saves it with the chat template
+    tokenizer = AutoTokenizer.from_pretrained(adapter_dir if trained else base_dir)
+    config["pad_token_id"] = tokenizer.pad_token_id
+    (out / "config.json").write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
+    if (base_dir / "generation_config.json").is_file():
+        generation = GenerationConfig.from_pretrained(base_dir)
+    else:
+        generation = GenerationConfig(bos_token_id=config.get("bos_token_id"))
+    generation.eos_token_id = tokenizer.eos_token_id
+    generation.pad_token_id = tokenizer.pad_token_id
+    generation.save_pretrained(out)
+    tokenizer.save_pretrained(out)
+
+
+def _training_dtype(target: rundir.Target) -> str:
+    if target.base and target.base.get("training_dtype"):
+        return target.base["training_dtype"]
+    if target.config:
+        return target.config.get("model", {}).get("dtype", "bfloat16")
+    return "bfloat16"
+
+
+def peak_rss_bytes() -> int:
+    """This process's peak resident memory: VmHWM (Linux; getrusage's ru_maxrss would include the parent's peak
+    from before exec), else ru_maxrss."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    import resource
+
+    scale = 1 if sys.platform == "darwin" else 1024  # bytes on macOS, KiB elsewhere
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * scale
+
+
+def _say(message: str) -> None:
+    print(f"[finetune] {message}", file=sys.stderr, flush=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,178 @@
+"""`python -m finetune.push <run_dir> repo_id=NAME/REPO [merged=true] [private=true] [dry_run=true]`: publish an
+adapter (or the merged model) to the Hugging Face Hub in one commit.
+
+Only an explicit allowlist of files is staged (weights in safetensors, their configs, the tokenizer with the
+training chat template, the model card and serving.json): never optimizer state, checkpoints, logs, run records or
+pickles. The card is rebuilt at staging time, so it carries the latest evaluation. `dry_run=true` stages exactly
+the folder that would be uploaded and prints its files; nothing touches the network.
+
+The token comes only from the HF_TOKEN environment variable or the stored `hf auth login`, read by
+huggingface_hub itself: it is never an argument (process lists and shell history show those), and a staged file
+that contains it stops the push.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import sys
+from pathlib import Path
+
+from finetune import card, cli, rundir, shards
+from finetune.cli import Option
+from finetune.errors import ConfigError, FinetuneError, IntegrityError
+
+OPTIONS = [
+    Option("repo_id", str, None, "Hub repository, NAME/REPO (created if missing)"),
+    Option("merged", bool, False, "push RUN/merged (from python -m finetune.merge) instead of the adapter"),
+    Option("private", bool, True, "create the repository private (an existing repository keeps its visibility)"),
+    Option("dry_run", bool, False, "stage the upload folder and print its files; upload nothing"),
+    Option("revision", str, "main", "branch to commit to"),
+    Option("commit_message", str, None, "commit message (default: names the run and what is pushed)"),
+    Option("staging", str, None, "folder to stage the upload in (default: RUN/push_staging)"),
+]
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja",
+                   "vocab.json", "merges.txt", "added_tokens.json")
+ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors", rundir.BASE_RECORD, "serving.json", *TOKENIZER_FILES)
+MODEL_FILES = ("config.json", "generation_config.json", "model.safetensors", shards.SAFETENSORS_INDEX, "serving.json",
+               *TOKENIZER_FILES)
+SHARD_NAME = re.compile(r"^model-\d{5}-of-\d{5}\.safetensors$")
+REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]{0,95}/[A-Za-z0-9][\w.-]{0,95}$")
+TOKEN_ARGS = ("token=", "hub_token=", "hf_token=", "--token")
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = list(sys.argv[1:] if argv is None else argv)
+    if any(a.startswith(TOKEN_ARGS) for a in args):
+        print("error: a token on the command line is visible in process lists and shell history; set HF_TOKEN in the "
+              "environment or run `hf auth login` once", file=sys.stderr)
+        sys.exit(ConfigError.exit_code)
+    cli.main(run, __doc__, OPTIONS, positional="target", argv=args)
+
+
+def run(opts: dict) -> Path:
+    repo_id = opts["repo_id"]
+    if not repo_id and not opts["dry_run"]:
+        raise ConfigError("repo_id=NAME/REPO is required (or dry_run=true to stage only)")
+    if repo_id and not REPO_ID.match(repo_id):
+        raise ConfigError(f"repo_id={repo_id}: expected NAME/REPO (letters, digits, '-', '_', '.')")
+    target = rundir.locate(opts["target"], merged=opts["merged"])
+    kind = "adapter" if target.kind == "adapter" else ("merged" if opts["merged"] else "model")
+    staging = Path(opts["staging"]).expanduser() if opts["staging"] else (target.run_dir or target.weights.parent) / "push_staging"
+    files = stage(target, kind, staging)
+    total = sum(p.stat().st_size for p in files)
+    where = f"{repo_id} ({'private' if opts['private'] else 'public'}, branch {opts['revision']})" if repo_id else "(no repo_id)"
+    print(f"{'would upload' if opts['dry_run'] else 'uploading'} {len(files)} files, {total / 2**20:.1f} MiB, in one commit to {where}:")
+    for path in files:
+        print(f"  {path.name:<40} {path.stat().st_size:>14,} bytes")
+    if opts["dry_run"]:
+        print(f"staged in {staging} (dry run: nothing uploaded)")
+        return staging
+    message = opts["commit_message"] or f"Upload {kind} from neo-finetune run {target.run_dir.name if target.run_dir else target.weights.name}"
+    url = upload(staging, repo_id, opts["private"], opts["revision"], message)
+    print(f"pushed: {url}")
+    return staging
+
+
+def stage(target: rundir.Target, kind: str, staging: Path) -> list[Path]:
+    """A fresh `staging` folder with exactly the allowlisted files (hard links where possible), checked."""
+    source = target.weights
+    allowed = ADAPTER_FILES if kind == "adapter" else MODEL_FILES
+    names = [n for n in allowed if (source / n).is_file()]
+    if kind != "adapter":
+        names += sorted(p.name for p in source.iterdir() if SHARD_NAME.match(p.name))
+    _check_complete(source, kind, names)
+    shutil.rmtree(staging, ignore_errors=True)
+    staging.mkdir(parents=True)
+    for name in names:
+        _link_or_copy(source / name, staging / name)
+    config = target.config or {}
+    extra = _read_json(source / "merge_report.json") if kind == "merged" else None
+    (staging / "README.md").write_text(card.render(target.run_dir, config, kind, extra), encoding="utf-8")
+    files = sorted(staging.iterdir())
+    try:
+        _check_safe(staging, files, kind)
+    except IntegrityError:
+        shutil.rmtree(staging)  # what must not be published must not stay staged either
+        raise
+    return files
+
+
+def _check_complete(source: Path, kind: str, names: list[str]) -> None:
+    if kind == "adapter":
+        required = ("adapter_config.json", "adapter_model.safetensors", "tokenizer_config.json")
+    else:
+        required = ("config.json", "tokenizer_config.json")
+        if not any(n == shards.SAFETENSORS_SINGLE or SHARD_NAME.match(n) for n in names):
+            raise IntegrityError(f"{source}: no safetensors weights to push (pickled weights are never pushed)")
+    missing = [n for n in required if n not in names]
+    if missing:
+        raise IntegrityError(f"{source}: missing {', '.join(missing)}; this is not a complete {kind} folder")
+
+
+def _check_safe(staging: Path, files: list[Path], kind: str) -> None:
+    """Weights readable as safetensors, shard index inside the folder, no local base path, no token in any file."""
+    for path in files:
+        if path.suffix == ".safetensors":
+            shards.ShardReader(path).close()
+    if kind != "adapter" and (staging / shards.SAFETENSORS_INDEX).is_file():
+        shards.weight_files(staging)
+    if kind == "adapter":
+        base = json.loads((staging / "adapter_config.json").read_text(encoding="utf-8")).get("base_model_name_or_path") or ""
+        if base.startswith(("/", "~", "./", "../")) or Path(base).expanduser().is_absolute():
+            raise IntegrityError(f"{staging / 'adapter_config.json'}: base_model_name_or_path is a local path ({base}); "
+                                 "set model.hub_id when training, or fix the file")
+    token = _token()
+    if token:
+        leaked = [p.name for p in files if token.encode() in p.read_bytes()]
+        if leaked:
+            raise IntegrityError(f"the Hub token appears in {', '.join(leaked)}; refusing to publish it. Remove it from "
+                                 "those files and revoke the token")
+
+
+def upload(staging: Path, repo_id: str, private: bool, revision: str, message: str) -> str:
+    """One commit with the staged folder; the token is whatever huggingface_hub finds (HF_TOKEN or the login)."""
+    from huggingface_hub import HfApi
+    from huggingface_hub.errors import HfHubHTTPError, OfflineModeIsEnabled
+
+    if not _token():
+        raise ConfigError("no Hub token: set HF_TOKEN in the environment or run `hf auth login` (a write token)")
+    api = HfApi()
+    try:
+        api.create_repo(repo_id, private=private, exist_ok=True, repo_type="model")
+        commit = api.upload_folder(folder_path=str(staging), repo_id=repo_id, revision=revision, commit_message=message,
+                                   repo_type="model")
+    except OfflineModeIsEnabled:
+        raise ConfigError("HF_HUB_OFFLINE is set: unset it to push, or use dry_run=true") from None
+    except (HfHubHTTPError, OSError) as err:
+        raise FinetuneError(f"push to {repo_id} failed: {_without_token(str(err))}") from None
+    return getattr(commit, "commit_url", str(commit))
+
+
+def _token() -> str | None:
+    """The token huggingface_hub would use (environment or stored login), only to check files and say if it is missing."""
+    from huggingface_hub import get_token
+
+    return get_token()
+
+
+def _without_token(text: str) -> str:
+    token = _token()
+    return text.replace(token, "***") if token else text
+
+
+def _link_or_copy(source: Path, destination: Path) -> None:
+    try:
+        os.link(source, destination)
+    except OSError:
+        shutil.copy2(source, destination)
+
+
+def _read_json(path: Path) -> dict | None:
+    return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else None
+
+
+if __name__ == "__main__":
+    main()
