@@ -109,3 +109,20 @@ def main(run: Callable[[dict], Any], doc: str, options: list[Option], positional
     except FinetuneError as err:
         print(f"error: {err}", file=sys.stderr)
         sys.exit(err.exit_code)
+
+
+def say(message: str) -> None:
+    """One line of ours on stderr (stdout stays for a tool's result: generated text, file lists)."""
+    print(f"[finetune] {message}", file=sys.stderr, flush=True)
+
+
+def quiet_libraries() -> None:
+    """Our own lines, not a wall of library deprecation notices and weight-loading bars (training's own progress bar
+    is tqdm's and stays)."""
+    import warnings
+
+    import transformers
+
+    warnings.filterwarnings("ignore", category=FutureWarning, module=r"transformers\.")
+    transformers.logging.set_verbosity_error()
+    transformers.logging.disable_progress_bar()

@@ -68,10 +68,9 @@ def base_record(model_cfg, folder: Path | None, hub_id: str | None, weights: str
 def base_mismatch(recorded: dict, folder: Path) -> list[str]:
     """How the base in `folder` differs from the recorded one (empty when it is the same checkpoint)."""
     lines = []
-    if recorded.get("config_sha256") and recorded["config_sha256"] != config_sha256(folder):
-        lines.append(f"config.json sha256 {recorded['config_sha256'][:16]}... at training, {config_sha256(folder)[:16]}... here")
-    if recorded.get("weights_fingerprint") and recorded["weights_fingerprint"] != base_model(folder):
-        lines.append(f"weights fingerprint {recorded['weights_fingerprint'][:16]}... at training, {base_model(folder)[:16]}... here")
+    for key, label, compute in (("config_sha256", "config.json sha256", config_sha256), ("weights_fingerprint", "weights fingerprint", base_model)):
+        if recorded.get(key) and recorded[key] != (here := compute(folder)):
+            lines.append(f"{label} {recorded[key][:16]}... at training, {here[:16]}... here")
     return lines
 
 

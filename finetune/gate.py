@@ -34,15 +34,16 @@ PROBES = (
 PROBE_TOKENS = 48
 
 
-def check(base_dir: Path, adapter_dir: Path, merged_dir: Path, dtype: str, mode: str = "auto", tolerance: float | None = None,
+def check(base_dir: Path, adapter, merged_dir: Path, dtype: str, mode: str = "auto", tolerance: float | None = None,
           allow_pickle: bool = False) -> dict:
-    """{"mode", "max_abs_diff", "reference_gap", "tolerance", "passed", ...}; allow_pickle as the merge was given it."""
+    """{"mode", "max_abs_diff", "reference_gap", "tolerance", "passed", ...} for a merge.Adapter (as the merge read it)
+    merged into `merged_dir`; allow_pickle as the merge was given it."""
     if mode == "auto":
         mode = "full" if _fits_twice(base_dir, merged_dir, allow_pickle) else "layers"
     if mode == "full":
-        result = _full(base_dir, adapter_dir, merged_dir, dtype, allow_pickle)
+        result = _full(base_dir, adapter.folder, merged_dir, dtype, allow_pickle)
     else:
-        result = _layers(base_dir, adapter_dir, merged_dir, dtype, allow_pickle)
+        result = _layers(base_dir, adapter, merged_dir, dtype, allow_pickle)
     if tolerance is None:
         tolerance = FP32_TOLERANCE if dtype == "float32" else max(FP32_TOLERANCE, GAP_FACTOR * result["reference_gap"])
     result.update(mode=mode, tolerance=tolerance, passed=bool(result["max_abs_diff"] <= tolerance))
@@ -84,12 +85,9 @@ def _max_diff(a: list, b: list) -> float:
     return max(float((x - y).abs().max()) for x, y in zip(a, b))
 
 
-def _layers(base_dir: Path, adapter_dir: Path, merged_dir: Path, dtype: str, allow_pickle: bool) -> dict:
+def _layers(base_dir: Path, adapter, merged_dir: Path, dtype: str, allow_pickle: bool) -> dict:
     import torch
 
-    from finetune.merge import load_adapter
-
-    adapter = load_adapter(adapter_dir, allow_pickle)
     sample = _sample(list(adapter.modules))
     base, merged = _TensorFinder(base_dir, allow_pickle), _TensorFinder(merged_dir)
     generator = torch.Generator().manual_seed(0)

@@ -338,7 +338,7 @@ def _dtype(requested: str | None, target: rundir.Target) -> str:
     if dtype not in DTYPES:
         raise ConfigError(f"dtype={dtype}: choose one of {', '.join(DTYPES)}")
     if dtype == "float16" and not torch.cuda.is_available():
-        _say("float16 on a CPU is slow and imprecise: using float32")
+        cli.say("float16 on a CPU is slow and imprecise: using float32")
         return "float32"
     return dtype
 
@@ -365,7 +365,7 @@ def chat(session: Session, decoding: dict, system: str | None = None, lines=None
 
         set_seed(seed)
     history = session.prompting.start(system)
-    _say(f"chat with {_describe(session)}; commands: {CHAT_COMMANDS}")
+    cli.say(f"chat with {_describe(session)}; commands: {CHAT_COMMANDS}")
     for line in _prompted(lines):
         text = line.strip()
         if text == "/exit":
@@ -383,7 +383,7 @@ def _reply(session: Session, history: list[dict], text: str, decoding: dict) -> 
     try:
         reply = session.complete(text if raw else session.prompting.text(session.tokenizer, turns), stream=True, **decoding)
     except ConfigError as err:
-        _say(f"error: {err}")
+        cli.say(f"error: {err}")
         return history
     return turns if raw else turns + [{"role": "assistant", "content": reply}]
 
@@ -393,17 +393,17 @@ def _command(session: Session, text: str, history: list[dict], system: str | Non
     command, _, argument = text.partition(" ")
     argument = argument.strip()
     if command == "/reset":
-        _say("conversation cleared")
+        cli.say("conversation cleared")
         return session.prompting.start(system)
     if command == "/adapters":
-        _say(f"adapters: {_adapter_list(session)}")
+        cli.say(f"adapters: {_adapter_list(session)}")
     elif command == "/adapter" and argument in session.adapters:
         session.use(argument)
-        _say(f"active adapter: {session.active} ({_describe_prompting(session.prompting)}); the conversation is kept")
+        cli.say(f"active adapter: {session.active} ({_describe_prompting(session.prompting)}); the conversation is kept")
     elif command == "/adapter":
-        _say(f"no adapter '{argument}'; adapters: {_adapter_list(session)}")
+        cli.say(f"no adapter '{argument}'; adapters: {_adapter_list(session)}")
     else:
-        _say(f"unknown command {command}; commands: {CHAT_COMMANDS}")
+        cli.say(f"unknown command {command}; commands: {CHAT_COMMANDS}")
     return history
 
 
@@ -445,36 +445,22 @@ def run(opts: dict) -> str | None:
     decoding["seed"] = opts["seed"]
     if opts["temperature"] > 0 and opts["seed"] is None:
         decoding["seed"] = random.SystemRandom().randrange(2**31)
-        _say(f"sampling with seed={decoding['seed']} (pass it to repeat this sample)")
+        cli.say(f"sampling with seed={decoding['seed']} (pass it to repeat this sample)")
     loading = plan(opts["target"], opts["merged"], opts["adapters"], opts["base"], opts["dtype"])
     first = loading.prompting_by_name[loading.first]
     if opts["chat"]:
         first.start(opts["system"])  # a system message the template cannot render fails here, not after loading
     else:
         text = first.text(loading.tokenizer, opts["prompt"], opts["raw"], opts["system"], opts["input"])
-    _quiet_libraries()
+    cli.quiet_libraries()
     adapters = f" with adapters {', '.join(loading.adapters)}" if loading.adapters else ""
-    _say(f"loading {loading.weights}{adapters} ({loading.dtype})")
+    cli.say(f"loading {loading.weights}{adapters} ({loading.dtype})")
     session = loading.load()
     if opts["chat"]:
         return chat(session, decoding, opts["system"])
-    _say(f"generating with {_describe(session)}")
+    cli.say(f"generating with {_describe(session)}")
     return session.complete(text, stream=True, **decoding)
 
-
-def _quiet_libraries() -> None:
-    """stderr for our lines, not the libraries' deprecation notices and loading bars."""
-    import warnings
-
-    import transformers
-
-    warnings.filterwarnings("ignore", category=FutureWarning, module=r"transformers\.")
-    transformers.logging.set_verbosity_error()
-    transformers.logging.disable_progress_bar()
-
-
-def _say(message: str) -> None:
-    print(f"[finetune] {message}", file=sys.stderr, flush=True)
 
 
 def main(argv: list[str] | None = None) -> None:

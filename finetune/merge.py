@@ -96,6 +96,7 @@ def main(argv: list[str] | None = None) -> Path | None:
 
 def run(opts: dict) -> Path:
     started = time.perf_counter()
+    cli.quiet_libraries()
     target = rundir.locate(opts["target"])
     if target.kind != "adapter":
         raise ConfigError(f"{target.weights}: full weights, not an adapter: there is nothing to merge (serve this folder as is)")
@@ -119,12 +120,12 @@ def run(opts: dict) -> Path:
     if opts["verify"]:
         report = json.loads((out / "merge_report.json").read_text(encoding="utf-8")) if (out / "merge_report.json").is_file() else {}
         dtype = report.get("dtype") or dtype
-        result = gate.check(base_dir, target.weights, out, dtype, opts["gate"], opts["tolerance"], opts["allow_pickle"])
+        result = gate.check(base_dir, adapter, out, dtype, opts["gate"], opts["tolerance"], opts["allow_pickle"])
         report.update(verified=result, valid=result["passed"])
         _write_report(out, report)
         return _conclude(out, invalid, result, report, staged=False)
 
-    _say(f"merging {target.weights} into {base_dir} ({dtype}) -> {out}")
+    cli.say(f"merging {target.weights} into {base_dir} ({dtype}) -> {out}")
     staging = out.with_name(out.name + ".partial")
     shutil.rmtree(staging, ignore_errors=True)
     staging.mkdir(parents=True)
@@ -133,7 +134,7 @@ def run(opts: dict) -> Path:
     report.update(merge_weights(base_dir, adapter, staging, dtype, opts["allow_pickle"]))
     write_model_files(base_dir, target.weights, staging, dtype)
     report.update(merge_seconds=round(time.perf_counter() - started, 2), merge_peak_rss_bytes=peak_rss_bytes())
-    result = gate.check(base_dir, target.weights, staging, dtype, opts["gate"], opts["tolerance"], opts["allow_pickle"])
+    result = gate.check(base_dir, adapter, staging, dtype, opts["gate"], opts["tolerance"], opts["allow_pickle"])
     report.update(gate=result, valid=result["passed"], peak_rss_bytes=peak_rss_bytes(), seconds=round(time.perf_counter() - started, 2))
     card.write(staging, target.run_dir, target.config or {}, "merged", extra=report)
     _write_report(staging, report)
@@ -152,9 +153,9 @@ def _conclude(out: Path, invalid: Path, result: dict, report: dict, staged: bool
         os.replace(out, invalid)
         raise IntegrityError(f"{line}: the merged weights do not compute what base + adapter computed. Moved to {invalid} "
                              "(see its merge_report.json); check that the adapter, base and merged files are intact, then merge again")
-    _say(f"{line}: passed")
+    cli.say(f"{line}: passed")
     if staged:
-        _say(f"merged model: {out} ({report['merged_modules']} adapted tensors in {len(report['shards'])} shard(s), "
+        cli.say(f"merged model: {out} ({report['merged_modules']} adapted tensors in {len(report['shards'])} shard(s), "
              f"peak RSS {report['peak_rss_bytes'] / 2**20:.0f} MiB, {report['seconds']:.1f} s)")
     return out
 
@@ -240,7 +241,7 @@ def check_base(target: rundir.Target, base_dir: Path) -> None:
     if not (base_dir / "config.json").is_file():
         raise ConfigError(f"base {base_dir}: no config.json; give the folder of the base model with base=PATH")
     if target.base is None:
-        _say(f"warning: {target.weights} records no base model (no {rundir.BASE_RECORD}); cannot prove the base matches, "
+        cli.say(f"warning: {target.weights} records no base model (no {rundir.BASE_RECORD}); cannot prove the base matches, "
              "relying on shapes and the numerical gate")
         return
     changes = fingerprint.base_mismatch(target.base, base_dir)
@@ -378,9 +379,6 @@ def peak_rss_bytes() -> int:
     scale = 1 if sys.platform == "darwin" else 1024  # bytes on macOS, KiB elsewhere
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * scale
 
-
-def _say(message: str) -> None:
-    print(f"[finetune] {message}", file=sys.stderr, flush=True)
 
 
 if __name__ == "__main__":

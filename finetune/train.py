@@ -12,13 +12,12 @@ that matters:
 from __future__ import annotations
 
 import shutil
-import sys
 import time
 from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
 
-from finetune import artifacts, card, checkpoints, fingerprint, models, rundir, strategy
+from finetune import artifacts, card, checkpoints, cli, fingerprint, models, rundir, strategy
 from finetune.data import describe, packing, prepare, prompt_text
 from finetune.data import templates as data_templates
 from finetune.errors import EXIT_FAILURE, EXIT_OK, ConfigError, FinetuneError, IntegrityError, Preempted
@@ -30,11 +29,11 @@ def run(cfg: DictConfig) -> Path:
     """Train as configured (or resume); return the run directory. Raises FinetuneError subclasses (exit codes)."""
     resolved, warnings = validate(cfg)
     for warning in warnings:
-        _say(f"warning: {warning}")
+        cli.say(f"warning: {warning}")
     cfg = OmegaConf.create(resolved)
     run_dir = Path(cfg.output_dir).expanduser()
     run_dir.mkdir(parents=True, exist_ok=True)
-    _quiet_libraries()
+    cli.quiet_libraries()
     checkpoints_dir = run_dir / "checkpoints"
     resume_from = _resume_checkpoint(cfg, run_dir, checkpoints_dir) if cfg.resume else None
     if resume_from == "completed":
@@ -74,10 +73,10 @@ def _train(cfg, resolved: dict, run_dir: Path, record, resume_from: Path | None,
     data = prepare(cfg.data, tokenizer, template, cfg.seed)
     train_set, eval_set = data.as_datasets()
     for line in describe(data):
-        _say(line)
+        cli.say(line)
     if data.not_kept:
         artifacts.write_jsonl(run_dir / "rejected_rows.jsonl", [n.as_dict() for n in data.not_kept])
-        _say(f"rows that will not train, with reasons: {run_dir / 'rejected_rows.jsonl'}")
+        cli.say(f"rows that will not train, with reasons: {run_dir / 'rejected_rows.jsonl'}")
     base_folder = fingerprint.model_files(cfg.model)
     base_print = fingerprint.base_model(base_folder) if base_folder else f"unavailable:{cfg.model.name_or_path}@{cfg.model.revision}"
     data_print = fingerprint.dataset(data.train + data.eval, data.packed is not None)
@@ -95,7 +94,7 @@ def _train(cfg, resolved: dict, run_dir: Path, record, resume_from: Path | None,
     if data.packed is not None:
         model.config.use_cache = False  # a KV cache turns off transformers' packed-sequence masks
         leak = packing.verify_isolation(model, model.config.vocab_size, cfg.data.max_length)
-        _say(f"packing: samples isolated in this model (probe difference {leak:.1e})")
+        cli.say(f"packing: samples isolated in this model (probe difference {leak:.1e})")
         collator = packing.PackedCollator(tokenizer.pad_token_id)
     public_base = _public_name(cfg.model)
     step_log = StepLog(run_dir / "train_steps.jsonl", checkpoints.step_of(resume_from) if resume_from else 0, enabled=args.should_save)
@@ -114,7 +113,7 @@ def _train(cfg, resolved: dict, run_dir: Path, record, resume_from: Path | None,
         after_save=lambda folder: artifacts.clean_weights_folder(folder, args, models.local_path(cfg.model), public_base),
     )
     trainable, total = _count_parameters(trainer.model)
-    _say(f"model: {cfg.model.name_or_path} ({cfg.model.family}), {cfg.strategy.name}: {trainable:,} of {total:,} parameters train ({trainable / total:.2%})")
+    cli.say(f"model: {cfg.model.name_or_path} ({cfg.model.family}), {cfg.strategy.name}: {trainable:,} of {total:,} parameters train ({trainable / total:.2%})")
     record.update(trainable_parameters=trainable, total_parameters=total)
     _check_free_space(run_dir, estimate_checkpoint_bytes(trainer.model), args)
 
@@ -153,14 +152,14 @@ def _resume_checkpoint(cfg, run_dir: Path, checkpoints_dir: Path):
     """The newest complete checkpoint (torn ones set aside), "completed" for a finished run, or None (auto: fresh)."""
     state = artifacts.read_run_record(run_dir)
     if state.get("status") == "completed":
-        _say(f"run already complete ({run_dir / 'run.json'}): nothing to resume; use overwrite=true to train again")
+        cli.say(f"run already complete ({run_dir / 'run.json'}): nothing to resume; use overwrite=true to train again")
         return "completed"
-    found, set_aside = checkpoints.latest_complete(checkpoints_dir, lambda message: _say(f"warning: {message}"))
+    found, set_aside = checkpoints.latest_complete(checkpoints_dir, lambda message: cli.say(f"warning: {message}"))
     if found is not None:
-        _say(f"resuming from {found}")
+        cli.say(f"resuming from {found}")
         return found
     if cfg.resume == "auto":
-        _say(f"no complete checkpoint in {checkpoints_dir}: starting from step 0 (resume=auto)")
+        cli.say(f"no complete checkpoint in {checkpoints_dir}: starting from step 0 (resume=auto)")
         return None
     torn = f"; set aside as torn or corrupt: {'; '.join(set_aside)}" if set_aside else ""
     raise IntegrityError(f"resume=true: no complete checkpoint in {checkpoints_dir}{torn}. Start again with overwrite=true, "
@@ -247,25 +246,14 @@ def _preset_name() -> str | None:
 def _summary(run_dir: Path, before: dict, after: dict, samples: list[dict], seconds: float) -> None:
     if "eval_loss" in before and "eval_loss" in after:
         b, a = before["eval_loss"], after["eval_loss"]
-        _say(f"held-out eval loss: {b:.3f} -> {a:.3f} ({(a - b) / b:+.1%}) after {seconds:.0f} s of training")
+        cli.say(f"held-out eval loss: {b:.3f} -> {a:.3f} ({(a - b) / b:+.1%}) after {seconds:.0f} s of training")
     for sample in samples:
-        _say("held-out prompt:\n" + _indent(sample["prompt"]))
-        _say("before training:\n" + _indent(sample["before"] or "(empty)"))
-        _say("after training:\n" + _indent(sample["after"] or "(empty)"))
-    _say(f"run directory: {run_dir}")
+        cli.say("held-out prompt:\n" + _indent(sample["prompt"]))
+        cli.say("before training:\n" + _indent(sample["before"] or "(empty)"))
+        cli.say("after training:\n" + _indent(sample["after"] or "(empty)"))
+    cli.say(f"run directory: {run_dir}")
 
 
 def _indent(text: str) -> str:
     return "\n".join(f"    | {line}" for line in text.strip().splitlines())
 
-
-def _say(message: str) -> None:
-    print(f"[finetune] {message}", file=sys.stderr, flush=True)
-
-
-def _quiet_libraries() -> None:
-    """Our own lines and the training progress bar; not a wall of library warnings and loading bars."""
-    import transformers
-
-    transformers.logging.set_verbosity_error()
-    transformers.logging.disable_progress_bar()  # weight-loading bars; the training bar is tqdm's own (disable_tqdm)
