@@ -166,6 +166,8 @@ examples:
 after training (each takes --help):
   python -m finetune.merge RUN_DIR [dtype=bfloat16]            streaming merge + numerical gate -> RUN_DIR/merged
   python -m finetune.generate RUN_DIR prompt="..." | chat=true  generate with the training chat template
+  python -m finetune.evaluate RUN_DIR [data=FILE] [harness=lambada_openai,sciq]   base vs fine-tuned -> eval_report.md/json/png
+  python -m finetune.embed RUN_DIR input=texts.txt [pooling=mean|last] [adapter=false]   vectors -> RUN_DIR/embeddings/
   python -m finetune.push RUN_DIR repo_id=NAME/REPO [merged=true] [dry_run=true]
 
 exit codes: 0 done, 1 failure, 2 config or data problem, 3 corrupt, unsafe or mismatched input (or a failed merge gate),

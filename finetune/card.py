@@ -165,8 +165,15 @@ def _results(run_dir, record: dict, extra: dict) -> list[str]:
     if record.get("train_loss") is not None:
         lines += [f"Final training loss: {record['train_loss']:.4f}.", ""]
     report = _read_json(run_dir / "eval_report.json") if run_dir else {}
-    for name, value in (report.get("summary") or {}).items():
-        lines.append(f"- {_line(name)}: {_cell(value)}")
+    if report.get("metrics"):
+        from finetune import eval_report
+
+        data = report.get("data", {})
+        lines += [f"Evaluation (`python -m finetune.evaluate`) on {_cell(data.get('rows'))} rows ({_cell(data.get('source'))}):", "",
+                  *eval_report.metric_table(report), ""]
+        harness_rows = eval_report.harness_table(report)
+        if harness_rows:
+            lines += ["lm-evaluation-harness:", "", *harness_rows, ""]
     if extra.get("gate"):
         gate = extra["gate"]
         verdict = "passed" if gate["passed"] else "FAILED"

@@ -92,7 +92,7 @@ def usage(doc: str, options: list[Option]) -> str:
     lines = [doc.strip(), "", "options:"]
     for option in options:
         default = option.default if option.type is not list else ",".join(option.default or []) or "[]"
-        lines.append(f"  {option.name}={default!s:<14} {option.help}")
+        lines.append(f"  {option.name + '=' + str(default):<24} {option.help}")
     lines.append("")
     lines.append("exit codes: 0 done, 1 failure, 2 bad argument or config, 3 unsafe or mismatched input.")
     return "\n".join(lines)

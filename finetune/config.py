@@ -144,6 +144,10 @@ class RunConfig:
     seed: int = 42
     allow_fp16: bool = False
     eval_before_training: bool = True
+    early_stopping_patience: int | None = None
+    """Stop after this many evaluations without a lower eval loss (then the best checkpoint is the result)."""
+    early_stopping_threshold: float = 0.0
+    """How much lower the eval loss must be to count as better."""
     sample_generations: int = 1
     max_new_tokens: int = 48
 

@@ -106,7 +106,7 @@ def _train(cfg, resolved: dict, run_dir: Path, record, resume_from: Path | None,
         processing_class=tokenizer,
         data_collator=collator,
         peft_config=strategy.peft_config(resolved["strategy"]),
-        callbacks=[StopOnPreemption(signals), FlushStepLog(step_log)],
+        callbacks=[StopOnPreemption(signals), FlushStepLog(step_log), *_early_stopping(cfg, eval_set)],
         keep_checkpoints=keep_checkpoints,
         run_facts=facts,
         step_log=step_log,
@@ -143,7 +143,7 @@ def _train(cfg, resolved: dict, run_dir: Path, record, resume_from: Path | None,
         artifacts.write_json(run_dir / "samples.json", {"samples": samples})
         record.finish("completed", EXIT_OK, train_seconds=round(train_seconds, 2), global_steps=result.global_step,
                       train_loss=result.training_loss, eval_loss_before=eval_before.get("eval_loss"),
-                      eval_loss_after=eval_after.get("eval_loss"))
+                      eval_loss_after=eval_after.get("eval_loss"), **_best(trainer.state))
         card.write(weights_dir, run_dir, resolved, "adapter" if weights_dir.name == rundir.ADAPTER_DIR else "model")
         _summary(run_dir, eval_before, eval_after, samples, train_seconds)
 
@@ -214,9 +214,27 @@ def _training_arguments(cfg: DictConfig, run_dir: Path, has_eval: bool, cuda: bo
         max_length=None,
         logging_nan_inf_filter=False,  # log losses raw; the trainer stops on a non-finite one (trainer.py)
     )
+    if cfg.early_stopping_patience and has_eval:  # the best checkpoint becomes the result (validate.py checked the rest)
+        kwargs.update(load_best_model_at_end=True, metric_for_best_model="eval_loss", greater_is_better=False)
     if cfg.distributed.backend == "deepspeed":
         kwargs["deepspeed"] = OmegaConf.to_container(cfg.distributed.deepspeed)
     return kwargs
+
+
+def _best(state) -> dict:
+    """Which checkpoint had the lowest eval loss, and whether early stopping ended the run before max_steps."""
+    if state.best_model_checkpoint is None:
+        return {}
+    return {"best_checkpoint": Path(state.best_model_checkpoint).name, "best_eval_loss": state.best_metric,
+            "stopped_early": state.global_step < state.max_steps}
+
+
+def _early_stopping(cfg, eval_set) -> list:
+    from transformers import EarlyStoppingCallback
+
+    if not cfg.early_stopping_patience or eval_set is None:
+        return []
+    return [EarlyStoppingCallback(cfg.early_stopping_patience, cfg.early_stopping_threshold)]
 
 
 def _generate(model, tokenizer, prompt: str, max_new_tokens: int) -> str:

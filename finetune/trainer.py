@@ -62,6 +62,12 @@ class GuardedSFTTrainer(SFTTrainer):
             checkpoints.rotate(final_parent, self.keep_checkpoints, self.state.best_model_checkpoint)
         self.accelerator.wait_for_everyone()
 
+    def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
+        """Perplexity beside every eval loss (train.log, metrics.json, TensorBoard/W&B alike)."""
+        if isinstance(logs.get("eval_loss"), float):
+            logs["eval_perplexity"] = math.exp(min(logs["eval_loss"], 50.0))
+        super().log(logs, start_time)
+
     def training_step(self, model, inputs, num_items_in_batch=None):
         step = self.state.global_step + 1
         if num_items_in_batch is not None and int(num_items_in_batch) == 0:

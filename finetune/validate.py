@@ -242,11 +242,33 @@ def check_run(cfg: dict) -> list[str]:
         problems.append(f"output_dir: {parent} is not writable")
     if cfg["sample_generations"] < 0 or cfg["max_new_tokens"] <= 0:
         problems.append("sample_generations must be >= 0 and max_new_tokens > 0")
+    problems += _check_early_stopping(cfg)
     backend = cfg["distributed"]["backend"]
     if backend not in ("none", "deepspeed"):
         problems.append(f"distributed.backend: '{backend}' is not one of none, deepspeed")
     if backend == "deepspeed" and importlib.util.find_spec("deepspeed") is None:
         problems.append('distributed: DeepSpeed is not installed; pip install -e ".[deepspeed]"')
+    return problems
+
+
+def _check_early_stopping(cfg: dict) -> list[str]:
+    """Early stopping needs evaluations to compare and a checkpoint at each of them to go back to."""
+    patience, trainer, data = cfg["early_stopping_patience"], cfg["trainer"], cfg["data"]
+    if patience is None:
+        return []
+    if isinstance(patience, bool) or not isinstance(patience, int) or patience < 1:
+        return [f"early_stopping_patience: must be an integer >= 1 (or null), got {patience!r}"]
+    problems = []
+    evals, saves = trainer.get("eval_strategy", "no"), trainer.get("save_strategy", "steps")
+    if evals == "no":
+        problems.append("early_stopping_patience: needs evaluations; set trainer.eval_strategy=steps (with trainer.eval_steps) or epoch")
+    elif saves != evals or (evals == "steps" and trainer.get("save_steps") != trainer.get("eval_steps")):
+        problems.append(f"early_stopping_patience: checkpoints must be saved at every evaluation to keep the best one; set "
+                        f"trainer.save_strategy={evals}" + (" and trainer.save_steps equal to trainer.eval_steps" if evals == "steps" else ""))
+    if not (data.get("eval_path") or data.get("eval_split") or data.get("eval_fraction")):
+        problems.append("early_stopping_patience: needs a held-out split; set data.eval_fraction (e.g. 0.05) or data.eval_path")
+    if trainer.get("metric_for_best_model") not in (None, "eval_loss", "loss"):
+        problems.append("early_stopping_patience: compares eval loss; leave trainer.metric_for_best_model unset")
     return problems
 
 

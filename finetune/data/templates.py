@@ -28,7 +28,7 @@ from finetune.errors import ConfigError
 
 _JINJA = ImmutableSandboxedEnvironment(undefined=StrictUndefined, keep_trailing_newline=True)
 ROLES = ("system", "user", "assistant")
-TOP_LEVEL_KEYS = ("description", "fields", "messages", "conversation", "chat_template", "example")
+TOP_LEVEL_KEYS = ("description", "fields", "messages", "conversation", "chat_template", "example", "options")
 CONVERSATION_KEYS = ("field", "role_key", "content_key", "roles")
 
 
@@ -53,6 +53,10 @@ class Template:
     description: str = ""
     example: dict = field(default_factory=dict)
     """A row this template accepts, rendered in data_templates/README.md (and by the tests)."""
+    options: tuple[str, ...] = ()
+    """Labelled data: the answers a row may have (finetune.evaluate scores each one's log-likelihood)."""
+    options_field: str | None = None
+    """Labelled data whose options differ per row: the row field holding the list."""
 
     @property
     def fields(self) -> tuple[str, ...]:
@@ -167,7 +171,7 @@ def load(name_or_path: str) -> Template:
     if problems:
         raise ConfigError(problems)
     common = {"name": path.stem, "path": path, "chat_template": spec["chat_template"], "description": spec.get("description", ""),
-              "example": spec.get("example") or {}}
+              "example": spec.get("example") or {}, **_options(spec.get("options"))}
     if "conversation" in spec:
         return Template(**common, conversation_spec=spec["conversation"])
     fields = spec["fields"]
@@ -179,11 +183,22 @@ def load(name_or_path: str) -> Template:
     )
 
 
+def _options(spec) -> dict:
+    """`options: [Yes, No]` (the same answers for every row) or `options: {field: choices}` (a list in each row)."""
+    if isinstance(spec, dict):
+        return {"options_field": spec["field"]}
+    return {"options": tuple(str(o) for o in spec or ())}
+
+
 def _check(spec, path: Path) -> list[str]:
     if not isinstance(spec, dict):
         return [f"{path}: a template is a YAML mapping (see data_templates/README.md)"]
     unknown = set(spec) - set(TOP_LEVEL_KEYS)
     problems = [f"{path}: unknown key '{k}' (allowed: {', '.join(TOP_LEVEL_KEYS)})" for k in sorted(unknown)]
+    options = spec.get("options")
+    if options is not None and not (isinstance(options, list) and len(options) >= 2 and all(isinstance(o, (str, int, float)) for o in options)
+                                    or isinstance(options, dict) and set(options) == {"field"} and isinstance(options["field"], str)):
+        problems.append(f"{path}: 'options' is a list of at least two answers ([Yes, No]) or {{field: NAME}} for a per-row list")
     if "chat_template" not in spec:
         problems.append(f"{path}: missing key 'chat_template'")
     if "conversation" in spec:
