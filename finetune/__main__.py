@@ -126,6 +126,10 @@ def _run_hydra(config_name: str, args: list[str]) -> None:
     from finetune.config import CONF_DIR, register_resolvers
 
     register_resolvers()
+    from finetune import ranks
+
+    if not ranks.is_main() and not any(a.startswith(("hydra/job_logging=", "hydra.job_logging")) for a in args):
+        args = [*args, "hydra/job_logging=stdout"]  # train.log in the shared run directory is rank 0's alone
     sys.argv = [sys.argv[0], *args]
     hydra.main(version_base=None, config_path=str(CONF_DIR), config_name=config_name)(_task)()
 

@@ -51,7 +51,7 @@ def versions() -> dict:
     from importlib.metadata import PackageNotFoundError, version
 
     found = {"python": platform.python_version()}
-    for package in ("neo-finetune", "torch", "transformers", "peft", "trl", "accelerate", "datasets", "hydra-core"):
+    for package in ("neo-finetune", "torch", "transformers", "peft", "trl", "accelerate", "datasets", "hydra-core", "deepspeed"):
         try:
             found[package] = version(package)
         except PackageNotFoundError:
@@ -60,16 +60,23 @@ def versions() -> dict:
 
 
 class RunRecord:
-    """run.json: written at start (status running) and rewritten at every change of state."""
+    """run.json: written at start (status running) and rewritten at every change of state.
 
-    def __init__(self, run_dir: Path, **fields):
-        self.path = run_dir / "run.json"
+    `enabled=False` keeps the record in memory only: the other ranks of a distributed run share rank 0's run
+    directory, and two processes renaming the same temporary file over run.json would fail or interleave."""
+
+    def __init__(self, run_dir: Path, enabled: bool = True, **fields):
+        self.path, self.enabled = run_dir / "run.json", enabled
         self.data = {"status": "running", "started": _now(), "versions": versions(), **fields}
-        write_json(self.path, self.data)
+        self._write()
 
     def update(self, **fields) -> None:
         self.data.update(fields)
-        write_json(self.path, self.data)
+        self._write()
+
+    def _write(self) -> None:
+        if self.enabled:
+            write_json(self.path, self.data)
 
     def finish(self, status: str, exit_code: int, **fields) -> None:
         self.update(status=status, exit_code=exit_code, finished=_now(), **fields)

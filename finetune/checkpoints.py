@@ -94,13 +94,22 @@ def candidates(checkpoints_dir: Path) -> list[Path]:
     return sorted((p for p in checkpoints_dir.iterdir() if p.is_dir() and _NAME.match(p.name)), key=step_of, reverse=True)
 
 
-def latest_complete(checkpoints_dir: Path, warn) -> tuple[Path | None, list[str]]:
-    """The newest checkpoint that verifies; torn or corrupt ones on the way are quarantined, with `warn(message)`."""
+def latest_complete(checkpoints_dir: Path, warn, set_aside_torn: bool = True) -> tuple[Path | None, list[str]]:
+    """The newest checkpoint that verifies; torn or corrupt ones on the way are quarantined, with `warn(message)`.
+
+    `set_aside_torn=False` (the other ranks of a distributed run) only skips them: rank 0 moves them, and a folder
+    that rank 0 moves away during the check counts as torn here too, so every rank picks the same checkpoint."""
     set_aside = []
     for candidate in candidates(checkpoints_dir):
-        problem = verify(candidate)
+        try:
+            problem = verify(candidate)
+        except OSError as err:  # moved away by rank 0 while this rank was reading it
+            problem = f"{candidate} could not be read ({err})"
         if problem is None:
             return candidate, set_aside
+        if not set_aside_torn:
+            set_aside.append(f"{candidate.name}: {problem}")
+            continue
         moved = quarantine(candidate, problem)
         set_aside.append(f"{candidate.name}: {problem}")
         warn(f"checkpoint {candidate.name} is incomplete or corrupt and was set aside ({moved}): {problem}")

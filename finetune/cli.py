@@ -112,8 +112,14 @@ def main(run: Callable[[dict], Any], doc: str, options: list[Option], positional
 
 
 def say(message: str) -> None:
-    """One line of ours on stderr (stdout stays for a tool's result: generated text, file lists)."""
-    print(f"[finetune] {message}", file=sys.stderr, flush=True)
+    """One line of ours on stderr (stdout stays for a tool's result: generated text, file lists).
+
+    Rank 0 only in a distributed launch: the other ranks would repeat every line (errors still reach stderr on every
+    rank, through the CLI's error path)."""
+    from finetune import ranks
+
+    if ranks.is_main():
+        print(f"[finetune] {message}", file=sys.stderr, flush=True)
 
 
 def quiet_libraries() -> None:

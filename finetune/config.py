@@ -101,9 +101,12 @@ class DistributedConfig:
     """How training is spread over processes (conf/distributed/)."""
 
     backend: str = "none"
-    """none | deepspeed."""
+    """none (one process, or whatever the launcher starts) | ddp | deepspeed | fsdp. Processes come from the launcher
+    (`accelerate launch`, torchrun); this picks how they share the work."""
     deepspeed: dict | None = None
     """DeepSpeed config dict, passed to TrainingArguments(deepspeed=...)."""
+    fsdp_config: dict | None = None
+    """FSDP config dict (version: 2 for FSDP2), passed to TrainingArguments(fsdp=True, fsdp_config=...); CUDA only."""
 
 
 @dataclass

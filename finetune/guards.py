@@ -21,16 +21,27 @@ PREEMPTION_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
 
 
 class PreemptionSignals:
-    """Install handlers that record the first preemption signal; restore the previous ones on exit."""
+    """Install handlers that record the first preemption signal; restore the previous ones on exit.
 
-    def __init__(self):
+    `deferred=True` (a distributed launch) leaves the default action (terminate) in place until `arm()`, called once
+    the process group exists: before that, a SIGTERM comes from the launcher stopping the group because another rank
+    failed (torchrun's way), and a process still waiting for that rank to join would otherwise wait out the launcher's
+    30 s grace period before being killed."""
+
+    def __init__(self, deferred: bool = False):
         self.received: str | None = None
+        self.deferred = deferred
         self._previous = {}
 
     def __enter__(self):
-        for sig in PREEMPTION_SIGNALS:
-            self._previous[sig] = signal.signal(sig, self._handle)
+        if not self.deferred:
+            self.arm()
         return self
+
+    def arm(self) -> None:
+        for sig in PREEMPTION_SIGNALS:
+            if sig not in self._previous:
+                self._previous[sig] = signal.signal(sig, self._handle)
 
     def __exit__(self, *exc):
         for sig, handler in self._previous.items():
@@ -96,3 +107,13 @@ class FlushStepLog(TrainerCallback):
 
     def on_step_end(self, args, state, control, **kwargs):
         self.log.flush(state.global_step)
+
+
+class OnTrainBegin(TrainerCallback):
+    """Run `fn()` once the Trainer has wrapped the model (DDP / DeepSpeed engine), before the first step."""
+
+    def __init__(self, fn):
+        self.fn = fn
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        self.fn()

@@ -27,9 +27,16 @@ TINY_ARCH = {"neo": "gpt_neo", "neox": "gpt_neox", "gptj": "gptj"}
 
 
 def ensure_available(model_cfg) -> None:
-    """Build the tiny checkpoint a `tiny:` model config asks for, once."""
+    """Build the tiny checkpoint a `tiny:` model config asks for, once (under a file lock: the ranks of a distributed
+    launch all get here, one builds and the others then find it built)."""
     if model_cfg.tiny:
-        tiny.ensure(model_cfg.tiny, Path(model_cfg.name_or_path).expanduser())
+        import fcntl
+
+        out = Path(model_cfg.name_or_path).expanduser()
+        out.parent.mkdir(parents=True, exist_ok=True)
+        with open(out.parent / f".{out.name}.lock", "w") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            tiny.ensure(model_cfg.tiny, out)
 
 
 def architecture_config(model_cfg):

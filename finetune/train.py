@@ -7,21 +7,25 @@ that matters:
 - SFTConfig (TrainingArguments) is built before `from_pretrained`: under DeepSpeed ZeRO-3 that is what makes
   transformers shard the weights while loading instead of materialising the whole model on every rank;
 - run.json is written before anything can fail and says at every exit how the run ended (errors.py's codes).
+
+Distributed runs (`accelerate launch` / torchrun, conf/distributed/): every rank runs this same function on the same
+`output_dir`; only rank 0 writes run files (finetune.ranks before the trainer exists, `is_world_process_zero` after).
 """
 
 from __future__ import annotations
 
+import contextlib
 import shutil
 import time
 from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
 
-from finetune import artifacts, card, checkpoints, cli, fingerprint, models, rundir, strategy
+from finetune import artifacts, card, checkpoints, cli, fingerprint, models, ranks, rundir, strategy
 from finetune.data import describe, packing, prepare, prompt_text
 from finetune.data import templates as data_templates
 from finetune.errors import EXIT_FAILURE, EXIT_OK, ConfigError, FinetuneError, IntegrityError, Preempted
-from finetune.guards import FlushStepLog, PreemptionSignals, StepLog, StopOnPreemption
+from finetune.guards import FlushStepLog, OnTrainBegin, PreemptionSignals, StepLog, StopOnPreemption
 from finetune.validate import validate
 
 
@@ -38,14 +42,16 @@ def run(cfg: DictConfig) -> Path:
     resume_from = _resume_checkpoint(cfg, run_dir, checkpoints_dir) if cfg.resume else None
     if resume_from == "completed":
         return run_dir
-    if resume_from is None and checkpoints_dir.exists():  # a fresh run (overwrite=true): old checkpoints would resume or rotate wrongly
+    main = ranks.is_main()  # the other ranks of a distributed launch share this run directory and write nothing here
+    if main and resume_from is None and checkpoints_dir.exists():  # a fresh run (overwrite=true): old checkpoints would resume or rotate wrongly
         shutil.rmtree(checkpoints_dir)
-    checkpoints.clear_staging(checkpoints_dir)
+    if main:
+        checkpoints.clear_staging(checkpoints_dir)
     previous = _previous_attempts(run_dir) if cfg.resume else []
-    record = artifacts.RunRecord(run_dir, preset=_preset_name(), strategy=cfg.strategy.name, base_model=cfg.model.name_or_path,
+    record = artifacts.RunRecord(run_dir, enabled=main, preset=_preset_name(), strategy=cfg.strategy.name, base_model=cfg.model.name_or_path,
                                  revision=cfg.model.revision, seed=cfg.seed, config_hash=artifacts.config_hash(resolved),
                                  resumed_from=resume_from.name if resume_from else None, previous_attempts=previous)
-    with PreemptionSignals() as signals:
+    with PreemptionSignals(deferred=ranks.world_size() > 1) as signals:
         try:
             _train(cfg, resolved, run_dir, record, resume_from, signals)
         except FinetuneError as err:
@@ -74,7 +80,7 @@ def _train(cfg, resolved: dict, run_dir: Path, record, resume_from: Path | None,
     train_set, eval_set = data.as_datasets()
     for line in describe(data):
         cli.say(line)
-    if data.not_kept:
+    if data.not_kept and ranks.is_main():
         artifacts.write_jsonl(run_dir / "rejected_rows.jsonl", [n.as_dict() for n in data.not_kept])
         cli.say(f"rows that will not train, with reasons: {run_dir / 'rejected_rows.jsonl'}")
     base_folder = fingerprint.model_files(cfg.model)
@@ -85,10 +91,18 @@ def _train(cfg, resolved: dict, run_dir: Path, record, resume_from: Path | None,
     training_args = _training_arguments(cfg, run_dir, has_eval=eval_set is not None, cuda=torch.cuda.is_available())
     keep_checkpoints = training_args.pop("save_total_limit", None)
     args = SFTConfig(**training_args, save_total_limit=None)  # rotation is ours, after each commit (trainer.py)
+    distributed = args.world_size > 1  # the process group exists from here on
+    signals.arm()
+    if distributed and cfg.distributed.backend == "deepspeed":
+        _start_deepspeed_comm()
+    if distributed:
+        _same_on_every_rank(f"config {artifacts.config_hash(resolved)[:12]}, data {data_print[:12]}, "
+                            f"resume from {resume_from.name if resume_from else 'step 0'}")
     facts = fingerprint.run_facts(cfg, resolved["strategy"], base_print, data_print, args.world_size)
     if resume_from is not None:
         _check_drift(resume_from, facts, list(cfg.resume_allow_drift))
-    artifacts.write_config(run_dir, resolved, template.path)
+    if ranks.is_main():
+        artifacts.write_config(run_dir, resolved, template.path)
     model = models.load_model(cfg.model, tokenizer, strategy.quantization(resolved["strategy"]))
     collator = None
     if data.packed is not None:
@@ -117,9 +131,34 @@ def _train(cfg, resolved: dict, run_dir: Path, record, resume_from: Path | None,
     record.update(trainable_parameters=trainable, total_parameters=total)
     _check_free_space(run_dir, estimate_checkpoint_bytes(trainer.model), args)
 
-    eval_before = trainer.evaluate(metric_key_prefix="eval") if eval_set is not None and cfg.eval_before_training else {}
     prompts = [prompt_text(tokenizer, template, row) for row in data.eval_rows[: cfg.sample_generations]]
-    before = [_generate(trainer.model, tokenizer, p, cfg.max_new_tokens) for p in prompts]
+    eval_before, before = {}, []
+
+    def measure_base() -> None:
+        """The "before" numbers: held-out loss and sample generations of the untouched base."""
+        if eval_set is not None and cfg.eval_before_training:
+            eval_before.update(trainer.evaluate(metric_key_prefix="eval"))
+        before[:] = [_generate(trainer.model, tokenizer, p, cfg.max_new_tokens) for p in prompts]
+
+    if not distributed:
+        measure_base()
+    else:
+        # trainer.evaluate() before trainer.train() breaks distributed training in transformers 5.23 + accelerate
+        # 1.15. DDP: evaluate() marks the bare model as prepared, train() then skips the DDP wrapper, gradients are
+        # never averaged and the ranks silently train apart (measured: adapter 0.039 off a single-process run, vs 5e-6
+        # without it). DeepSpeed: train() finds evaluate()'s inference engine and fails in backward. So the base is
+        # measured inside train(), once the model is wrapped, before the first step, with the adapter switched off
+        # (the untouched base also on a resume). A resumed full fine-tune holds the checkpoint's weights by then.
+        def measure_base_in_loop() -> None:
+            if cfg.strategy.name == "full" and resume_from is not None:
+                cli.say("before-training numbers: not measured on a resumed distributed full fine-tune (the weights are the checkpoint's)")
+                return
+            with trainer.model.disable_adapter() if cfg.strategy.name != "full" else contextlib.nullcontext():
+                measure_base()
+            if eval_before:  # a baseline, not a point of this run's curve (single-process runs start a fresh log too)
+                trainer.state.log_history.pop()
+
+        trainer.add_callback(OnTrainBegin(measure_base_in_loop))
 
     started = time.perf_counter()
     result = trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
@@ -216,9 +255,35 @@ def _training_arguments(cfg: DictConfig, run_dir: Path, has_eval: bool, cuda: bo
     )
     if cfg.early_stopping_patience and has_eval:  # the best checkpoint becomes the result (validate.py checked the rest)
         kwargs.update(load_best_model_at_end=True, metric_for_best_model="eval_loss", greater_is_better=False)
+    # distributed=...: the launcher starts the processes; none and ddp need nothing here (transformers runs DDP over
+    # whatever processes were launched, NCCL on GPUs, gloo on CPU). use_cpu stays as set above on CPU under DeepSpeed
+    # too: it makes accelerate start a gloo group of the right size, and the Accelerator still switches to DeepSpeed.
     if cfg.distributed.backend == "deepspeed":
         kwargs["deepspeed"] = OmegaConf.to_container(cfg.distributed.deepspeed)
+    elif cfg.distributed.backend == "fsdp":  # CUDA only (validate.check_distributed)
+        kwargs.update(fsdp=True, fsdp_config=OmegaConf.to_container(cfg.distributed.fsdp_config))
     return kwargs
+
+
+def _start_deepspeed_comm() -> None:
+    """On CPU, accelerate starts torch.distributed (gloo) but not deepspeed.comm, and ZeRO-3's zero.Init inside
+    from_pretrained then sizes its batch for one process and fails ("train_batch_size ... 8 != 2 * 2 * 1"). This wraps
+    the existing process group; on GPUs accelerate has already done it and this is a no-op."""
+    import deepspeed
+
+    deepspeed.init_distributed()
+
+
+def _same_on_every_rank(summary: str) -> None:
+    """Ranks that disagree on the config, the data or the checkpoint would train different things (or wait for each
+    other forever): compare once, and let every rank stop with the same error."""
+    import torch.distributed as dist
+
+    summaries = [None] * dist.get_world_size()
+    dist.all_gather_object(summaries, summary)
+    if len(set(summaries)) > 1:
+        raise ConfigError(f"the ranks of this launch disagree ({'; '.join(f'rank {i}: {s}' for i, s in enumerate(summaries))}); "
+                          "every rank must see the same config, data files and run directory")
 
 
 def _best(state) -> dict:
@@ -251,8 +316,11 @@ def _generate(model, tokenizer, prompt: str, max_new_tokens: int) -> str:
 
 
 def _count_parameters(model) -> tuple[int, int]:
-    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    return trainable, sum(p.numel() for p in model.parameters())
+    def numel(p):  # ZeRO-3 partitions parameters to empty tensors; ds_numel is the real size
+        return getattr(p, "ds_numel", p.numel())
+
+    trainable = sum(numel(p) for p in model.parameters() if p.requires_grad)
+    return trainable, sum(numel(p) for p in model.parameters())
 
 
 def _preset_name() -> str | None:

@@ -110,5 +110,5 @@ def _disk_full_message(final_parent: Path, name: str) -> str:
 
 def estimate_checkpoint_bytes(model) -> int:
     """Trainable weights + two Adam moments (fp32) + the small files: what one checkpoint writes."""
-    trainable = [p for p in model.parameters() if p.requires_grad]
-    return sum(p.numel() * (p.element_size() + 8) for p in trainable) + (1 << 20)
+    trainable = [p for p in model.parameters() if p.requires_grad]  # ds_numel: the real size of a ZeRO-3 partitioned one
+    return sum(getattr(p, "ds_numel", p.numel()) * (p.element_size() + 8) for p in trainable) + (1 << 20)

@@ -16,10 +16,12 @@ from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
 
+from finetune import ranks
 from finetune.config import FAMILIES, STRATEGIES, RunConfig
 from finetune.errors import ConfigError
 
 CARD_DOMAINS = ("general", "legal", "medical")
+BACKENDS = ("none", "ddp", "deepspeed", "fsdp")  # conf/distributed/: how the launched processes share the work
 
 # trainer keys that another part of our config owns: key -> where to set it instead
 OWNED_TRAINER_KEYS = {
@@ -33,7 +35,9 @@ OWNED_TRAINER_KEYS = {
     "completion_only_loss": "data.template=NAME (the template decides which tokens are trained)",
     "assistant_only_loss": "data.template=NAME (the template decides which tokens are trained)",
     "dataset_kwargs": "data.*",
-    "deepspeed": "distributed=zero2|zero3",
+    "deepspeed": "distributed=zero2|zero3|zero3_offload (conf/distributed/)",
+    "fsdp": "distributed=fsdp (conf/distributed/fsdp.yaml)",
+    "fsdp_config": "distributed=fsdp (distributed.fsdp_config.*)",
     "logging_nan_inf_filter": "no key (losses are always logged raw, and a non-finite loss stops the run)",
     "hub_token": "the HF_TOKEN environment variable or `hf auth login` (a token in a config ends up in logs)",
 }
@@ -56,6 +60,7 @@ def validate(cfg: DictConfig) -> tuple[dict, list[str]]:
     if not schema_problems:  # the checks below read typed values of our own keys
         problems += check_data(resolved["data"])
         problems += check_run(resolved)
+        problems += check_distributed(resolved, warnings)
         problems += check_model(resolved, warnings)
     if problems:
         raise ConfigError(problems)
@@ -228,7 +233,9 @@ def check_run(cfg: dict) -> list[str]:
     if cfg["card"]["domain"] not in CARD_DOMAINS:
         problems.append(f"card.domain: '{cfg['card']['domain']}' is not one of {', '.join(CARD_DOMAINS)}")
     out = Path(cfg["output_dir"]).expanduser()
-    if (out / "run.json").exists() and not cfg["overwrite"] and not cfg["resume"]:
+    # Rank 0 alone judges the run directory: the other ranks of a distributed launch share it and may validate after
+    # rank 0 has already written this very run's run.json (they would refuse their own run and leave rank 0 waiting).
+    if (out / "run.json").exists() and not cfg["overwrite"] and not cfg["resume"] and ranks.is_main():
         problems.append(f"output_dir: {out} already holds a run; continue it with resume=true, choose another output_dir=PATH "
                         "or pass overwrite=true")
     if cfg["resume"] not in (False, True, "auto"):
@@ -243,11 +250,34 @@ def check_run(cfg: dict) -> list[str]:
     if cfg["sample_generations"] < 0 or cfg["max_new_tokens"] <= 0:
         problems.append("sample_generations must be >= 0 and max_new_tokens > 0")
     problems += _check_early_stopping(cfg)
-    backend = cfg["distributed"]["backend"]
-    if backend not in ("none", "deepspeed"):
-        problems.append(f"distributed.backend: '{backend}' is not one of none, deepspeed")
-    if backend == "deepspeed" and importlib.util.find_spec("deepspeed") is None:
-        problems.append('distributed: DeepSpeed is not installed; pip install -e ".[deepspeed]"')
+    return problems
+
+
+def check_distributed(cfg: dict, warnings: list[str]) -> list[str]:
+    """The distributed backend (conf/distributed/) against what is installed and how the run was launched."""
+    dist = cfg["distributed"]
+    backend = dist["backend"]
+    if backend not in BACKENDS:
+        return [f"distributed.backend: '{backend}' is not one of {', '.join(BACKENDS)} (distributed=NAME)"]
+    problems = []
+    if backend == "deepspeed":
+        if not isinstance(dist.get("deepspeed"), dict):
+            problems.append("distributed.deepspeed: backend deepspeed needs the DeepSpeed config (use distributed=zero2|zero3|zero3_offload)")
+        if importlib.util.find_spec("deepspeed") is None:
+            problems.append('distributed: DeepSpeed is not installed; pip install -e ".[deepspeed]"')
+    if backend == "fsdp":
+        import torch
+
+        if not isinstance(dist.get("fsdp_config"), dict):
+            problems.append("distributed.fsdp_config: backend fsdp needs its config (use distributed=fsdp)")
+        # accelerate 1.15 turns FSDP on only for GPU-type devices (AcceleratorState); on CPU processes it would drop
+        # the plugin without a word and train plain DDP, with every rank holding the whole model.
+        if not torch.cuda.is_available():
+            problems.append("distributed=fsdp: FSDP needs CUDA GPUs (accelerate ignores it on CPU and would silently run "
+                            "plain DDP); on CPU use distributed=ddp, zero2 or zero3")
+    if backend in ("ddp", "fsdp") and ranks.world_size() == 1:
+        warnings.append(f"distributed={backend} in a single process: start the processes with accelerate launch "
+                        "--config_file conf/accelerate/ddp.yaml --num_processes N -m finetune ... (README: Distributed training)")
     return problems
 
 

@@ -47,7 +47,7 @@ def test_every_group_option_composes():
             overrides = [f"{group}={option}"] + (["data.path=x.jsonl"] if option == "alpaca" else [])
             compose("demo", overrides)
             count += 1
-    assert count == 16 + 4 + 7 + 2 + 3  # models, strategies, data (demo + one per template), trainers, launchers
+    assert count == 16 + 4 + 7 + 2 + 6  # models, strategies, data (demo + one per template), trainers, distributed backends
 
 
 @pytest.mark.parametrize("option", [o for o in group_options("model")])

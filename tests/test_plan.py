@@ -1,0 +1,180 @@
+"""finetune.plan: parameter counts from the shipped configs, peft's trainable counts, the memory model's consistency,
+the CLI's errors and the preset header lines. Real configs and models, nothing mocked, no Hub (conftest)."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+from helpers import PROJECT, tiny_overrides
+
+from finetune import plan as planner
+from finetune.config import compose
+
+# Published totals (model cards, the GPT-NeoX-20B paper, the GPT-J README) and Pythia's non-embedding counts
+PUBLISHED_TOTALS = {
+    "EleutherAI/gpt-neo-125m": 125_198_592,
+    "EleutherAI/gpt-neo-1.3B": 1_315_575_808,
+    "EleutherAI/gpt-neo-2.7B": 2_651_307_520,
+    "EleutherAI/gpt-j-6b": 6_053_381_344,
+    "EleutherAI/gpt-neox-20b": 20_554_567_680,
+    "EleutherAI/pythia-70m": 70_426_624,
+    "EleutherAI/pythia-160m": 162_322_944,
+    "EleutherAI/pythia-410m": 405_334_016,
+    "EleutherAI/pythia-1b": 1_011_781_632,
+    "EleutherAI/pythia-1.4b": 1_414_647_808,
+    "EleutherAI/pythia-2.8b": 2_775_208_960,
+    "EleutherAI/pythia-6.9b": 6_857_302_016,
+    "EleutherAI/pythia-12b": 11_846_072_320,
+}
+PYTHIA_NON_EMBEDDING = {  # the Pythia model card's table
+    "EleutherAI/pythia-70m": 18_915_328,
+    "EleutherAI/pythia-160m": 85_056_000,
+    "EleutherAI/pythia-410m": 302_311_424,
+    "EleutherAI/pythia-1b": 805_736_448,
+    "EleutherAI/pythia-1.4b": 1_208_602_624,
+    "EleutherAI/pythia-2.8b": 2_517_652_480,
+    "EleutherAI/pythia-6.9b": 6_444_163_072,
+    "EleutherAI/pythia-12b": 11_327_027_200,
+}
+FAMILY = {"gpt-neo-": "gpt_neo", "gpt-j-": "gptj", "pythia-": "gpt_neox", "gpt-neox-": "gpt_neox"}
+TINY_FAMILY = {"neo": "gpt_neo", "neox": "gpt_neox", "gptj": "gptj"}
+
+
+def hub_model(hub_id: str) -> dict:
+    family = next(f for prefix, f in FAMILY.items() if prefix in hub_id)
+    return {"name_or_path": hub_id, "hub_id": hub_id, "family": family, "tiny": None}
+
+
+def plan_of(preset: str, *overrides: str, **options):
+    return planner.plan_preset(preset, list(overrides), **options)
+
+
+def line(result, name: str) -> int:
+    return next(m.bytes for m in result.memory if m.name.startswith(name))
+
+
+@pytest.mark.parametrize("hub_id", sorted(PUBLISHED_TOTALS))
+def test_shipped_configs_match_published_parameter_counts(hub_id):
+    arch = planner.architecture(hub_model(hub_id))
+    assert abs(arch.total_params - PUBLISHED_TOTALS[hub_id]) / PUBLISHED_TOTALS[hub_id] < 0.01
+    if hub_id in PYTHIA_NON_EMBEDDING:  # exact: two untied vocab x hidden embeddings apart
+        assert arch.total_params - arch.embedding_params - arch.output_embedding_params == PYTHIA_NON_EMBEDDING[hub_id]
+
+
+def test_every_hub_model_in_conf_has_a_shipped_config():
+    from omegaconf import OmegaConf
+
+    from finetune.config import CONF_DIR
+
+    for path in (CONF_DIR / "model").glob("*.yaml"):
+        hub_id = OmegaConf.load(path).get("hub_id")
+        if hub_id:
+            assert planner.shipped_config_path({"hub_id": hub_id}) is not None, f"{path.name}: no config for {hub_id}"
+
+
+@pytest.mark.parametrize("arch", ["neo", "neox", "gptj"])
+def test_local_folder_config_counts_like_the_real_model(tiny_models, arch):
+    from transformers import AutoModelForCausalLM
+
+    model = {"name_or_path": str(tiny_models[arch]), "family": TINY_FAMILY[arch], "tiny": None}
+    real = AutoModelForCausalLM.from_pretrained(tiny_models[arch])
+    assert planner.architecture(model).total_params == sum(p.numel() for p in real.parameters())
+
+
+@pytest.mark.parametrize("arch,strategy", [("neo", "lora"), ("neox", "lora"), ("gptj", "dora")])
+def test_adapter_trainable_count_is_what_peft_reports_on_the_real_model(tiny_models, tmp_path, arch, strategy):
+    from peft import get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    from finetune import strategy as strategies
+    from finetune.config import to_container
+
+    cfg = to_container(compose("demo", tiny_overrides(arch, tiny_models[arch], tmp_path / "run", f"strategy={strategy}")))
+    real = get_peft_model(AutoModelForCausalLM.from_pretrained(tiny_models[arch]), strategies.peft_config(cfg["strategy"]))
+    trainable, _ = real.get_nb_trainable_parameters()
+    planned = planner.adapter(cfg["model"], cfg["strategy"], planner.architecture(cfg["model"]))
+    assert planned.trainable == trainable
+
+
+def test_gradient_checkpointing_reduces_activations():
+    without = plan_of("lora_neox20b", "data.max_length=2048", "trainer.gradient_checkpointing=false")
+    with_ = plan_of("lora_neox20b", "data.max_length=2048", "trainer.gradient_checkpointing=true")
+    assert line(with_, "activations") < line(without, "activations") / 5
+    assert with_.activations_with_checkpointing == line(with_, "activations")
+    assert without.activations_with_checkpointing == line(with_, "activations")
+
+
+def test_zero3_on_two_gpus_halves_the_training_state():
+    def state(result):
+        return sum(line(result, name) for name in ("trainable weights", "gradients", "optimizer states"))
+
+    one = plan_of("full_neox20b", num_gpus=1)
+    two = plan_of("full_neox20b", num_gpus=2)
+    assert state(two) == pytest.approx(state(one) / 2, rel=0.01)
+
+
+def test_qlora_frozen_weights_are_about_a_quarter_of_bf16():
+    lora = plan_of("lora_neox20b", gpu="a100-80gb")
+    qlora = plan_of("qlora_neox20b", gpu="a100-80gb")
+    ratio = line(qlora, "frozen weights") / line(lora, "frozen weights")
+    assert 0.25 < ratio < 0.30  # NF4 + constants is 0.258 of bf16; embeddings and LM head stay bf16
+
+
+def test_lora_adapter_is_fp32_and_optimizer_is_two_fp32_moments():
+    result = plan_of("lora_neox20b")
+    assert result.trainable_params == 69_206_016  # r=16 on the four projections of 44 layers
+    assert line(result, "trainable weights") == 69_206_016 * 4
+    assert line(result, "optimizer states") == 69_206_016 * 8
+
+
+def test_a_config_that_does_not_fit_gets_suggestions_that_fit_when_replanned():
+    result = plan_of("lora_neox20b", "data.max_length=2048", gpu="a100-40gb")
+    assert result.fits is False and result.suggestions
+    first = result.suggestions[0]
+    assert first.fits
+    options = {"gpu": "a100-40gb", "num_gpus": first.num_gpus}
+    overrides = ["data.max_length=2048", *[o for o in first.overrides if not o.startswith("num_gpus=")]]
+    replanned = plan_of("lora_neox20b", *overrides, **options)
+    assert replanned.fits and replanned.total_bytes == first.total_bytes
+
+
+def test_eager_attention_scores_grow_with_the_square_of_the_length():
+    short = plan_of("lora_neo125m", "trainer.gradient_checkpointing=false", "data.max_length=512", gpu="cpu")
+    long = plan_of("lora_neo125m", "trainer.gradient_checkpointing=false", "data.max_length=1024", gpu="cpu")
+    sdpa_short = plan_of("lora_pythia1b", "trainer.gradient_checkpointing=false", "data.max_length=512", gpu="cpu")
+    sdpa_long = plan_of("lora_pythia1b", "trainer.gradient_checkpointing=false", "data.max_length=1024", gpu="cpu")
+    assert line(long, "activations") / line(short, "activations") > 2.2  # GPT-Neo keeps b x heads x s x s fp32 scores
+    assert line(sdpa_long, "activations") / line(sdpa_short, "activations") < 2.1  # sdpa keeps no s x s tensor
+
+
+def test_time_uses_max_steps_when_set():
+    result = plan_of("lora_neox20b", "trainer.max_steps=100")
+    assert result.run_steps == 100
+    assert result.run_seconds == pytest.approx(100 * result.step_seconds)
+
+
+def test_json_output_has_the_numbers():
+    import json
+
+    data = json.loads(json.dumps(planner.as_json(plan_of("lora_pythia1b", gpu="l4-24gb"))))
+    assert data["gpu"]["key"] == "l4-24gb" and data["fits"] is True
+    assert sum(m["bytes"] for m in data["memory"]) == data["total_bytes"]
+
+
+def test_unknown_gpu_exits_2_with_a_suggestion():
+    out = subprocess.run([sys.executable, "-m", "finetune.plan", "conf=demo", "gpu=H100-80G"], check=False, cwd=PROJECT,
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode == 2
+    assert "did you mean 'h100-80gb'" in out.stderr
+
+
+def test_gpu_names_are_case_insensitive():
+    assert planner.find_gpu("H100_80GB").key == "h100-80gb"
+
+
+def test_preset_headers_state_the_current_plan():
+    stale = planner.sync_headers(write=False)
+    assert not stale, ("preset header lines differ from the planner's result; regenerate them with "
+                       "`python -m finetune.plan --sync-headers`:\n" + "\n".join(stale))
