@@ -9,9 +9,14 @@ Each case is a config composed as training composes it (a preset plus overrides)
 finetune.tiny writes; Hub shapes: random weights from the shipped config.json, nothing downloaded), wraps it with
 peft from the same strategy section, patches trl's fused LM head as SFTTrainer does, turns on gradient checkpointing
 the way the Trainer does (non-reentrant, input gradients for peft), and runs optimizer steps of `--accum`
-micro-batches with fused AdamW, gradient clipping and zero_grad(set_to_none), on full-length rows of random tokens.
+micro-batches with fused AdamW, gradient clipping and zero_grad(set_to_none), on rows of random tokens as long as
+max_length except the last, which ends in padding (so the batch is padded and masked, as SFT batches are).
 
-Measured: on CPU the rise of the process's peak resident memory (VmHWM, reset through /proc/self/clear_refs after
+First, per layer: the bytes the tensors kept for backward occupy (torch.autograd.graph.saved_tensors_hooks, each
+storage once, parameters excluded; 4 layers minus 2, halved) in tiny Neo/NeoX/GPT-J models, full and LoRA, against
+the planner's layer term, on the chosen device and precision (CUDA: bf16 weights under bf16 autocast).
+
+Then the peaks. Measured: on CPU the rise of the process's peak resident memory (VmHWM, reset through /proc/self/clear_refs after
 the imports) over its resident memory just before the model is built; on CUDA torch.cuda.max_memory_allocated over
 the allocation before the model is built. The planner's fixed CUDA context is left out of the comparison (neither
 measure includes it). Prints a table with the error of each estimate; the target is within 15%.
@@ -59,6 +64,7 @@ CUDA_CASES = {
     ],
 }
 TINY_CONFIG = {"neo": "tiny_neo", "neox": "tiny_neox", "gptj": "tiny_gptj"}
+PADDING = 16  # padding tokens at the end of each batch's last row
 # glibc keeps freed blocks below its (self-raising) mmap threshold in the heap, so resident memory stops tracking live
 # tensors; a fixed 64 KiB threshold hands every tensor-sized block back to the kernel when it is freed.
 WORKER_ENV = {"HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", "MALLOC_MMAP_THRESHOLD_": "65536",
@@ -77,6 +83,7 @@ def main() -> None:
     if args.worker:
         print(json.dumps(worker(json.loads(args.worker))))
         return
+    print_layer_table(args.device)
     groups = CPU_CASES if args.device == "cpu" else CUDA_CASES
     wanted = args.cases.split(",") if args.cases else list(groups)
     cases = [case for name in wanted for case in groups[name]]
@@ -268,13 +275,15 @@ def train_steps(model, cfg, input_ids, steps: int, accum: int, device: str, meas
     autocast = (torch.autocast("cuda", dtype=torch.bfloat16) if device == "cuda" and cfg.trainer.bf16
                 else contextlib.nullcontext())
     mask = torch.ones_like(input_ids)
+    mask[-1, -PADDING:] = 0  # a padded batch: transformers builds the attention mask a real SFT batch gets
+    labels = input_ids.masked_fill(mask == 0, -100)
     started, after_forward = None, 0
     for step in range(steps):
         if step == 1:
             started = time.perf_counter()
         for _ in range(accum):
             with autocast:
-                outputs = model(input_ids=input_ids, attention_mask=mask, labels=input_ids, use_cache=False, fused_lm_head=True)
+                outputs = model(input_ids=input_ids, attention_mask=mask, labels=labels, use_cache=False, fused_lm_head=True)
                 loss = -outputs.log_probs.sum() / outputs.label_mask.sum().clamp(min=1) / accum
             after_forward = measure.now()
             loss.backward()
@@ -282,6 +291,74 @@ def train_steps(model, cfg, input_ids, steps: int, accum: int, device: str, meas
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
     return ((time.perf_counter() - started) / max(1, steps - 1) if started else 0.0), after_forward
+
+
+# --- per-layer saved tensors ----------------------------------------------------------------------------------------
+
+
+def print_layer_table(device: str) -> None:
+    rows = [layer_row(arch, strategy, device) for arch in TINY_CONFIG for strategy in ("full", "lora")]
+    print("| layer of | strategy | planner (MiB) | saved tensors (MiB) | error |")
+    print("|---|---|---:|---:|---:|")
+    for arch, strategy, planned, measured in rows:
+        print(f"| tiny {arch} | {strategy} | {planned / 2**20:.3f} | {measured / 2**20:.3f} | {(planned - measured) / measured:+.2%} |")
+    print(flush=True)
+
+
+def layer_row(arch: str, strategy: str, device: str, batch: int = 4, length: int = 256) -> tuple:
+    """The planner's bytes for one layer and the saved-tensor bytes of one real layer (4-layer model minus 2-layer)."""
+    from finetune import plan as planner
+    from finetune.config import compose
+
+    precision = ["model.dtype=float32", "trainer.bf16=false"] if device == "cpu" else ["model.dtype=bfloat16", "trainer.bf16=true"]
+    overrides = [f"model={TINY_CONFIG[arch]}", f"strategy={strategy}", *precision, f"data.max_length={length}",
+                 f"trainer.per_device_train_batch_size={batch}"]
+    resolved, _ = planner.checked_config(compose("demo", overrides))
+    gpu = planner.find_gpu("cpu" if device == "cpu" else "h100-80gb")
+    arch_facts = planner.architecture(resolved["model"])
+    adapter = planner.adapter(resolved["model"], resolved["strategy"], arch_facts)
+    setup = planner.setup_of(resolved, gpu)
+    planned = planner.layer_saved_bytes(arch_facts, adapter, set(adapter.wrapped[0]) if adapter else set(), setup)
+    kept = {layers: saved_tensor_bytes(resolved, arch, layers, batch, length, device) for layers in (2, 4)}
+    return arch, strategy, planned, (kept[4] - kept[2]) / 2
+
+
+def saved_tensor_bytes(resolved: dict, arch: str, layers: int, batch: int, length: int, device: str) -> int:
+    """Bytes of the distinct storages autograd keeps after a forward of the backbone (parameters and buffers excluded)."""
+    import contextlib
+
+    import torch
+    from peft import get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    from finetune import strategy, tiny
+
+    config = tiny.model_config(arch, layers=layers)
+    dtype = getattr(torch, resolved["model"]["dtype"])
+    torch.manual_seed(0)
+    with torch.device(device):
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype, attn_implementation=resolved["model"]["attn_implementation"])
+    peft_config = strategy.peft_config(resolved["strategy"])
+    if peft_config is not None:
+        model = get_peft_model(model, peft_config)
+    model.train()
+    fixed = {t.untyped_storage().data_ptr() for t in [*model.parameters(), *model.buffers()]}
+    kept = {}
+
+    def pack(tensor):
+        storage = tensor.untyped_storage()
+        if storage.data_ptr() not in fixed:
+            kept[storage.data_ptr()] = storage.nbytes()
+        return tensor
+
+    backbone = model.get_base_model() if peft_config is not None else model
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device == "cuda" else contextlib.nullcontext()
+    ids = torch.randint(0, config.vocab_size, (batch, length), device=device)
+    mask = torch.ones_like(ids)
+    mask[-1, -PADDING:] = 0
+    with autocast, torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+        getattr(backbone, backbone.base_model_prefix)(input_ids=ids, attention_mask=mask, use_cache=False)
+    return sum(kept.values())
 
 
 # --- report ---------------------------------------------------------------------------------------------------------

@@ -11,8 +11,9 @@ on the meta device; an adapter's trainable count from peft applied to that meta 
 Memory, per GPU: frozen and trainable weights, gradients, optimizer states, activations (the tensors each layer keeps
 for backward, worked out per family from the transformers/peft/trl code this project pins, at the config's
 micro-batch and max_length, with and without gradient checkpointing), trl's fused LM head (it never builds the
-b x s x vocab logits: it works in 4096 x 32768 tiles), DeepSpeed ZeRO partitioning and CPU offload, and a fixed CUDA
-context. It fits when the total stays under the GPU's memory less `headroom`; when it does not, the cheapest
+b x s x vocab logits: it works in 4096 x 32768 tiles), DeepSpeed ZeRO / FSDP partitioning and CPU offload, and a
+fixed CUDA context. On CUDA the dtypes follow bf16 autocast (fp32 LayerNorm, pow and softmax outputs, bf16 matmuls);
+on CPU (gpu=cpu) everything is fp32. It fits when the total stays under the GPU's memory less `headroom`; when it does not, the cheapest
 changes that make it fit are re-planned and shown. Time: FLOPs per token, tokens/s at `mfu` x the GPU's dense
 peak, seconds per optimizer step and for the whole run (rows padded to max_length: an upper bound).
 
@@ -385,8 +386,11 @@ MACHINE_PROBLEMS = (
     "strategy=qlora: needs a CUDA GPU",
     "strategy=qlora: bitsandbytes is not installed",
     "distributed: DeepSpeed is not installed",
+    "distributed=fsdp: FSDP needs CUDA GPUs",
     "output_dir:",
 )
+# Warnings about how this process was launched: the planner's num_gpus= stands for the launch.
+LAUNCH_WARNINGS = ("distributed=ddp in a single process", "distributed=fsdp in a single process")
 
 
 def checked_config(cfg) -> tuple[dict, list[str]]:
@@ -409,7 +413,7 @@ def checked_config(cfg) -> tuple[dict, list[str]]:
     notes = []
     try:
         resolved, warnings = validate(OmegaConf.create(offline))
-        notes += [f"warning: {w}" for w in warnings]
+        notes += [f"warning: {w}" for w in warnings if not w.startswith(LAUNCH_WARNINGS)]
     except ConfigError as err:
         real = [p for p in err.problems if not p.startswith(MACHINE_PROBLEMS)]
         if real:
@@ -595,16 +599,21 @@ def setup_of(resolved: dict, device: Gpu) -> Setup:
     distributed = resolved.get("distributed") or {"backend": "none"}
     backend = distributed.get("backend", "none")
     stage, offload_optimizer, offload_params, ds_bf16 = 0, False, False, bool(autocast)
+    optimizer = str(trainer_setting(trainer, "optim"))
     if backend == "deepspeed":
         ds = distributed.get("deepspeed") or {}
+        if ds.get("optimizer"):  # DeepSpeed's own optimizer replaces trainer.optim
+            optimizer = f"{ds['optimizer'].get('type', 'AdamW')} (DeepSpeed)"
         zero = ds.get("zero_optimization") or {}
         stage = int(zero.get("stage", 0))
         offload_optimizer = (zero.get("offload_optimizer") or {}).get("device", "none") in ("cpu", "nvme")
         offload_params = (zero.get("offload_param") or {}).get("device", "none") in ("cpu", "nvme")
         enabled = (ds.get("bf16") or {}).get("enabled", "auto")
         ds_bf16 = bool(autocast) if enabled == "auto" else bool(enabled)
-    elif backend == "fsdp":
-        stage = 3
+    elif backend == "fsdp":  # reshard_after_forward: full sharding (ZeRO-3-like); without it ZeRO-2-like
+        fsdp = distributed.get("fsdp_config") or {}
+        stage = 3 if fsdp.get("reshard_after_forward", True) else 2
+        offload_optimizer = offload_params = bool(fsdp.get("cpu_offload"))
     attention = model.get("attn_implementation") or ("sdpa" if model["family"] in SDPA_FAMILIES else "eager")
     quantization = strategy.get("quantization") or {}
     return Setup(
@@ -613,7 +622,7 @@ def setup_of(resolved: dict, device: Gpu) -> Setup:
         max_length=int(data["max_length"]),
         grad_accum=int(trainer_setting(trainer, "gradient_accumulation_steps")),
         checkpointing=bool(trainer_setting(trainer, "gradient_checkpointing")),
-        optimizer=str(trainer_setting(trainer, "optim")),
+        optimizer=optimizer,
         device="cpu" if device.key == "cpu" else "cuda",
         weight_bytes=4 if model["dtype"] == "float32" else 2,
         autocast=autocast,
@@ -630,9 +639,11 @@ def setup_of(resolved: dict, device: Gpu) -> Setup:
 
 def adapter_bytes(setup: Setup) -> int:
     """dtype of LoRA weights: peft upcasts them to fp32 (autocast_adapter_dtype=True), except where trl keeps them
-    in bf16 (QLoRA; LoRA under ZeRO-3) and where DeepSpeed casts the whole module to bf16."""
-    if setup.strategy == "qlora" or (setup.backend == "deepspeed" and setup.deepspeed_bf16) or setup.sharded:
+    in bf16 (QLoRA) or in the base's dtype (LoRA under ZeRO-3), and where DeepSpeed casts the whole module to bf16."""
+    if setup.strategy == "qlora" or (setup.backend == "deepspeed" and setup.deepspeed_bf16):
         return 2
+    if setup.backend == "deepspeed" and setup.zero_stage == 3:
+        return setup.weight_bytes
     return 4
 
 
@@ -665,7 +676,7 @@ def memory_lines(arch: Architecture, adapter_: Adapter | None, setup: Setup, num
         lines.append(MemoryLine("frozen weights", frozen_bytes // shards, frozen_detail + _shard_note(shards)))
 
     param_bytes, grad_bytes, state_bytes, state_detail = trainable_bytes(setup, adapter_ is not None)
-    zero = setup.backend == "deepspeed" and setup.zero_stage > 0
+    zero = setup.backend in ("deepspeed", "fsdp") and setup.zero_stage > 0  # optimizer state (and from stage 2 gradients) sharded
     weights = trainable * param_bytes // shards
     grads = trainable * grad_bytes // (num_gpus if zero and setup.zero_stage >= 2 else shards)
     states = trainable * state_bytes // (num_gpus if zero else shards)
@@ -678,12 +689,12 @@ def memory_lines(arch: Architecture, adapter_: Adapter | None, setup: Setup, num
         states = 0
         grads = grads if setup.zero_stage < 2 else 0
         state_detail += ", offloaded to CPU (ZeRO offload_optimizer)"
-    lines.append(MemoryLine("gradients", grads, f"{grad_bytes} B each" + (f", sharded over {num_gpus}" if zero and setup.zero_stage >= 2 else "")))
-    lines.append(MemoryLine("optimizer states", states, state_detail + (f", sharded over {num_gpus}" if zero else "")))
+    lines.append(MemoryLine("gradients", grads, f"{grad_bytes} B each" + _shard_note(num_gpus if zero and setup.zero_stage >= 2 else 1)))
+    lines.append(MemoryLine("optimizer states", states, state_detail + _shard_note(num_gpus if zero else 1)))
     if num_gpus > 1 and setup.backend not in ("deepspeed", "fsdp"):
         lines.append(MemoryLine("DDP gradient buckets", trainable * grad_bytes, "DDP copies gradients into buckets of the same size"))
-    if setup.backend == "deepspeed" and setup.zero_stage >= 2:
-        lines.append(MemoryLine("ZeRO buffers", zero_buffer_bytes(arch, setup), zero_buffer_detail(setup)))
+    if setup.backend in ("deepspeed", "fsdp") and setup.zero_stage >= 2:
+        lines.append(MemoryLine("sharding buffers", zero_buffer_bytes(arch, setup), zero_buffer_detail(setup)))
     if arch.buffer_bytes >= 2**20:
         lines.append(MemoryLine("model buffers", arch.buffer_bytes, "causal-mask and rotary tables the model registers"))
     if setup.device == "cuda":
@@ -745,6 +756,8 @@ def optimizer_states(name: str) -> tuple[int, int | None, str]:
 
 
 def zero_buffer_bytes(arch: Architecture, setup: Setup) -> int:
+    """ZeRO-2: reduce buckets; ZeRO-3 / FSDP full shard: also the gathered weights of the block computed and the one
+    prefetched (DeepSpeed caps them at stage3_max_live_parameters, 1e9)."""
     bucket = arch.hidden**2 * 2  # reduce_bucket_size auto = hidden^2 elements, in bf16
     if setup.zero_stage < 3:
         return 2 * bucket
@@ -754,8 +767,8 @@ def zero_buffer_bytes(arch: Architecture, setup: Setup) -> int:
 
 def zero_buffer_detail(setup: Setup) -> str:
     if setup.zero_stage < 3:
-        return "reduce buckets (hidden^2 elements each)"
-    return f"{ZERO3_GATHERED_LAYERS} gathered layers in bf16 (computed + prefetched) and reduce buckets"
+        return "gradient reduce buckets (hidden^2 elements each)"
+    return f"{ZERO3_GATHERED_LAYERS} gathered layers in bf16 (computed + prefetched) and gradient reduce buckets"
 
 
 def activations(arch: Architecture, adapter_: Adapter | None, setup: Setup) -> Activations:
@@ -809,27 +822,32 @@ def layer_saved_bytes(arch: Architecture, adapter_: Adapter | None, wrapped: set
         per_token += setup.weight_bytes * h  # the layer input, kept by the first LayerNorm
         if not arch.parallel_residual:
             per_token += setup.weight_bytes * h  # the second LayerNorm's input is a new sum (attention + residual)
-    linear_part, scores_per_head_pair = attention_saved(arch, setup)
+    linear_part, scores_per_head_pair, mask_per_pair = attention_saved(arch, setup)
     per_token += linear_part
     act_saved, act_out = activation_function_bytes(arch.activation, setup)
     per_token += act_saved * f
     per_token += linear_inputs_saved(arch, adapter_, wrapped, setup, act_out)
-    scores = scores_per_head_pair * setup.micro_batch * heads * setup.max_length**2
+    scores = (scores_per_head_pair * heads + mask_per_pair) * setup.micro_batch * setup.max_length**2
     rotary_tables = 16 * arch.rotary_dim * setup.max_length if arch.family == "gptj" else 0  # GPT-J: sin/cos per layer, fp32
     return int(per_token * tokens + scores + rotary_tables)
 
 
-def attention_saved(arch: Architecture, setup: Setup) -> tuple[float, int]:
-    """(bytes per token, bytes per element of the b x heads x s x s scores) attention keeps for backward."""
+def attention_saved(arch: Architecture, setup: Setup) -> tuple[float, int, int]:
+    """(bytes per token, per element of the b x heads x s x s scores, per element of a b x s x s mask) attention
+    keeps for backward."""
     h, compute = arch.hidden, setup.compute_bytes
     if setup.attention in ("eager",):
         # GPT-Neo and GPT-J upcast query and key to fp32 before the matmul; autocast casts them back to bf16 copies
         qk_bytes = (compute if setup.autocast else 4) if arch.family in ("gpt_neo", "gptj") else compute
         # fp32 softmax output, plus its copy in the value's dtype when that is not fp32
         scores = 4 + (compute if compute != 4 else 0)
-        return 2 * qk_bytes * h + compute * h, scores
-    # sdpa / flash-attention: query, key, value and the output kept, plus an fp32 logsumexp per head; no s x s scores
-    return 4 * compute * h + 4 * arch.heads, 0
+        return 2 * qk_bytes * h + compute * h, scores, 0
+    # sdpa / flash-attention: query, key, value and the output kept, plus an fp32 logsumexp per head; no s x s scores.
+    # NeoX's value is a view of the fused query_key_value output, so the whole 3*h output stays alive (the rotary
+    # query and key are new tensors); with use_cache (never in training) the cache would copy the value instead.
+    # A padded batch comes with a boolean mask, which sdpa turns into an additive one in the query's dtype, per layer.
+    value = 3 * compute * h if arch.family == "gpt_neox" else compute * h
+    return 2 * compute * h + value + compute * h + 4 * arch.heads, 0, compute
 
 
 def activation_function_bytes(name: str, setup: Setup) -> tuple[int, int]:
@@ -965,7 +983,8 @@ def run_length(resolved: dict, setup: Setup, num_gpus: int) -> tuple[int | None,
         return max_steps, max_steps * rows_per_step * setup.max_length, f"trainer.max_steps={max_steps}"
     rows = None if setup.packing else count_rows(data["path"])
     if rows is None:
-        return None, DEFAULT_TRAIN_TOKENS, "per 100M tokens (the data's size is not known without tokenizing it)"
+        why = "packed rows" if setup.packing else "the data is not a local file whose rows can be counted"
+        return None, DEFAULT_TRAIN_TOKENS, f"per {DEFAULT_TRAIN_TOKENS // 10**6}M tokens ({why})"
     train_rows = rows if (data.get("eval_path") or data.get("eval_split")) else rows - round(rows * data["eval_fraction"])
     epochs = float(trainer_setting(trainer, "num_train_epochs"))
     micro_batches = math.ceil(train_rows / (setup.micro_batch * num_gpus))
@@ -1069,7 +1088,8 @@ def distributed_name(setup: Setup) -> str:
         offload = [k for k, on in (("optimizer", setup.offload_optimizer), ("params", setup.offload_params)) if on]
         return f"DeepSpeed ZeRO-{setup.zero_stage}" + (f" + CPU offload ({', '.join(offload)})" if offload else "")
     if setup.backend == "fsdp":
-        return "FSDP full shard (planned like ZeRO-3)"
+        shard = "full shard (planned like ZeRO-3)" if setup.zero_stage == 3 else "no reshard (planned like ZeRO-2)"
+        return f"FSDP {shard}" + (" + CPU offload" if setup.offload_params else "")
     return setup.backend
 
 
@@ -1085,7 +1105,8 @@ def setup_notes(arch: Architecture, setup: Setup, device: Gpu, num_gpus: int, re
     if setup.backend == "ddp" and num_gpus == 1:
         notes.append("distributed=ddp on one GPU: nothing to replicate; set num_gpus=N for the per-GPU plan of N processes")
     if setup.backend == "fsdp":
-        notes.append("FSDP is planned as full sharding (ZeRO-3-like): parameters, gradients and optimizer states / num_gpus")
+        notes.append("FSDP is planned like ZeRO: reshard_after_forward=true shards weights, gradients and optimizer state "
+                     "over num_gpus (ZeRO-3), false keeps the weights whole (ZeRO-2); no fp32 master copy")
     if num_gpus > 1 and setup.backend == "none":
         notes.append(f"num_gpus={num_gpus} with distributed=none is plain DDP: every GPU holds everything; "
                      "distributed=zero2|zero3 shard the training state")
@@ -1107,6 +1128,9 @@ def setup_notes(arch: Architecture, setup: Setup, device: Gpu, num_gpus: int, re
         notes.append("data.packing=true: every row is a full max_length; the time is per 100M tokens")
     notes.append("activations assume every row is max_length tokens long (padding to the longest row of a batch can "
                  "only make them smaller)")
+    logits = setup.micro_batch * setup.max_length * arch.vocab * (setup.compute_bytes + 4 + 4)
+    notes.append(f"trl's fused LM head never builds the {setup.micro_batch} x {setup.max_length} x {arch.vocab} logits; "
+                 f"a plain transformers loss would add about {_gib(logits)} GiB (logits, their fp32 copy and gradient)")
     return notes
 
 
@@ -1167,14 +1191,9 @@ def candidate_changes(resolved: dict, setup: Setup, num_gpus: int):
                 yield ("gpus", f"{name} on {gpus} GPUs", [*change, f"num_gpus={gpus}"], sharded, gpus,
                        f"accelerate launch --num_processes {gpus}")
     if setup.device == "cuda" and not (setup.offload_optimizer and setup.offload_params):
-        zero3 = _group_file("distributed", "zero3")
-        ds = json.loads(json.dumps(zero3["deepspeed"]))
-        ds["zero_optimization"]["offload_optimizer"] = {"device": "cpu", "pin_memory": True}
-        ds["zero_optimization"]["offload_param"] = {"device": "cpu", "pin_memory": True}
-        yield ("offload", "DeepSpeed ZeRO-3 with optimizer and parameters offloaded to CPU",
-               ["distributed=zero3", "+distributed.deepspeed.zero_optimization.offload_optimizer.device=cpu",
-                "+distributed.deepspeed.zero_optimization.offload_param.device=cpu"],
-               _with(resolved, distributed={**zero3, "deepspeed": ds}), num_gpus, "much slower: CPU Adam and PCIe bound")
+        yield ("offload", "DeepSpeed ZeRO-3 with optimizer and parameters offloaded to CPU", ["distributed=zero3_offload"],
+               _with(resolved, distributed=_group_file("distributed", "zero3_offload")), num_gpus,
+               "much slower: CPU Adam and PCIe bound")
     length = setup.max_length // 2
     while length >= MIN_MAX_LENGTH:
         changed = _with(resolved, data={**resolved["data"], "max_length": length})
@@ -1220,7 +1239,7 @@ def render(p: Plan) -> str:
     if p.tokens_per_second:
         out.append(f"  at {p.mfu:.0%} of {_tflops(p.peak_tflops)} TFLOPs x {p.num_gpus}: {p.tokens_per_second:,.0f} tokens/s; "
                    f"{_duration(p.step_seconds)} per optimizer step")
-        out.append(f"  run: {_duration(p.run_seconds)} ({p.run_basis})")
+        out.append(f"  run: {_duration(p.run_seconds)} " + (p.run_basis if p.run_steps is None else f"({p.run_basis})"))
     else:
         out.append("  tokens/s: not estimated on CPU")
     if p.suggestions:

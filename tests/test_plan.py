@@ -3,6 +3,7 @@ the CLI's errors and the preset header lines. Real configs and models, nothing m
 
 from __future__ import annotations
 
+import functools
 import subprocess
 import sys
 
@@ -10,7 +11,7 @@ import pytest
 from helpers import PROJECT, tiny_overrides
 
 from finetune import plan as planner
-from finetune.config import compose
+from finetune.config import compose, to_container
 
 # Published totals (model cards, the GPT-NeoX-20B paper, the GPT-J README) and Pythia's non-embedding counts
 PUBLISHED_TOTALS = {
@@ -89,13 +90,59 @@ def test_adapter_trainable_count_is_what_peft_reports_on_the_real_model(tiny_mod
     from transformers import AutoModelForCausalLM
 
     from finetune import strategy as strategies
-    from finetune.config import to_container
 
     cfg = to_container(compose("demo", tiny_overrides(arch, tiny_models[arch], tmp_path / "run", f"strategy={strategy}")))
     real = get_peft_model(AutoModelForCausalLM.from_pretrained(tiny_models[arch]), strategies.peft_config(cfg["strategy"]))
     trainable, _ = real.get_nb_trainable_parameters()
     planned = planner.adapter(cfg["model"], cfg["strategy"], planner.architecture(cfg["model"]))
     assert planned.trainable == trainable
+
+
+def saved_tensor_bytes(arch: str, layers: int, strategy_section: dict, batch: int, length: int) -> int:
+    """Bytes of the distinct storages autograd keeps after a forward of a real tiny backbone (fp32, CPU)."""
+    import torch
+    from peft import get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    from finetune import strategy, tiny
+
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(tiny.model_config(arch, layers=layers),
+                                             attn_implementation="sdpa" if arch == "neox" else "eager")
+    peft_config = strategy.peft_config(strategy_section)
+    model = get_peft_model(model, peft_config).get_base_model() if peft_config else model
+    model.train()
+    fixed = {t.untyped_storage().data_ptr() for t in [*model.parameters(), *model.buffers()]}
+    kept = {}
+
+    def pack(tensor):
+        if tensor.untyped_storage().data_ptr() not in fixed:
+            kept[tensor.untyped_storage().data_ptr()] = tensor.untyped_storage().nbytes()
+        return tensor
+
+    ids = torch.randint(0, 1000, (batch, length))
+    mask = torch.ones_like(ids)
+    mask[-1, -8:] = 0  # a padded batch, as SFT batches are
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+        getattr(model, model.base_model_prefix)(input_ids=ids, attention_mask=mask, use_cache=False)
+    return sum(kept.values())
+
+
+@pytest.mark.parametrize("arch,strategy", [("neo", "lora"), ("neox", "lora"), ("neox", "full")])
+def test_layer_activation_term_is_what_a_real_layer_keeps_for_backward(arch, strategy):
+    overrides = [f"model={planner_model(arch)}", f"strategy={strategy}", "model.dtype=float32", "trainer.bf16=false",
+                 "data.max_length=64", "trainer.per_device_train_batch_size=2"]
+    resolved = to_container(compose("demo", overrides))
+    arch_facts = planner.architecture(resolved["model"])
+    adapter = planner.adapter(resolved["model"], resolved["strategy"], arch_facts)
+    setup = planner.setup_of(resolved, planner.find_gpu("cpu"))
+    planned = planner.layer_saved_bytes(arch_facts, adapter, set(adapter.wrapped[0]) if adapter else set(), setup)
+    real = (saved_tensor_bytes(arch, 4, resolved["strategy"], 2, 64) - saved_tensor_bytes(arch, 2, resolved["strategy"], 2, 64)) / 2
+    assert planned == real
+
+
+def planner_model(arch: str) -> str:
+    return {"neo": "tiny_neo", "neox": "tiny_neox", "gptj": "tiny_gptj"}[arch]
 
 
 def test_gradient_checkpointing_reduces_activations():
@@ -110,8 +157,9 @@ def test_zero3_on_two_gpus_halves_the_training_state():
     def state(result):
         return sum(line(result, name) for name in ("trainable weights", "gradients", "optimizer states"))
 
-    one = plan_of("full_neox20b", num_gpus=1)
-    two = plan_of("full_neox20b", num_gpus=2)
+    cfg = compose("full_neox20b")  # the library entry point: a composed config, planned twice
+    one = planner.plan(cfg, "h100-80gb", num_gpus=1)
+    two = planner.plan(cfg, "h100-80gb", num_gpus=2)
     assert state(two) == pytest.approx(state(one) / 2, rel=0.01)
 
 
@@ -140,13 +188,20 @@ def test_a_config_that_does_not_fit_gets_suggestions_that_fit_when_replanned():
     assert replanned.fits and replanned.total_bytes == first.total_bytes
 
 
+@functools.cache
+def without_checkpointing(preset: str) -> dict:
+    return to_container(compose(preset, ["trainer.gradient_checkpointing=false"]))
+
+
+def activations_at(preset: str, length: int) -> int:
+    cfg = without_checkpointing(preset)  # a resolved dict plans too
+    return line(planner.plan({**cfg, "data": {**cfg["data"], "max_length": length}}, "cpu"), "activations")
+
+
 def test_eager_attention_scores_grow_with_the_square_of_the_length():
-    short = plan_of("lora_neo125m", "trainer.gradient_checkpointing=false", "data.max_length=512", gpu="cpu")
-    long = plan_of("lora_neo125m", "trainer.gradient_checkpointing=false", "data.max_length=1024", gpu="cpu")
-    sdpa_short = plan_of("lora_pythia1b", "trainer.gradient_checkpointing=false", "data.max_length=512", gpu="cpu")
-    sdpa_long = plan_of("lora_pythia1b", "trainer.gradient_checkpointing=false", "data.max_length=1024", gpu="cpu")
-    assert line(long, "activations") / line(short, "activations") > 2.2  # GPT-Neo keeps b x heads x s x s fp32 scores
-    assert line(sdpa_long, "activations") / line(sdpa_short, "activations") < 2.1  # sdpa keeps no s x s tensor
+    # GPT-Neo keeps b x heads x s x s fp32 scores; NeoX's sdpa keeps no s x s tensor per head
+    assert activations_at("lora_neo125m", 1024) / activations_at("lora_neo125m", 512) > 2.2
+    assert activations_at("lora_pythia1b", 1024) / activations_at("lora_pythia1b", 512) < 2.1
 
 
 def test_time_uses_max_steps_when_set():
