@@ -51,8 +51,6 @@ OPTIONS = [
     Option("out", str, None, "folder for eval_report.* (default: the run directory)"),
 ]
 
-SIDES = ("base", "finetuned")
-
 
 @dataclass
 class EvalSet:
