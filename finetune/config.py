@@ -49,10 +49,12 @@ class ModelConfig:
     is a Hub id. Keep it set when name_or_path points at a local copy of a Hub model."""
     revision: str = "main"
     """Hub branch, tag or commit; pin a commit for reproducible runs."""
-    dtype: str = "bfloat16"
-    """Weight dtype while loading: bfloat16 | float32 | float16."""
+    dtype: str = "auto"
+    """Weight dtype while loading: auto (bfloat16 where the hardware has native bf16, else float32: finetune.precision)
+    | bfloat16 | float32 | float16."""
     attn_implementation: str | None = None
-    """eager | sdpa | flash_attention_2 (GPT-Neo/GPT-J: eager or FA2 only)."""
+    """eager | sdpa | flash_attention_2 | flex_attention (NeoX); sdpa (finetune.neo_attention) | eager (GPT-Neo);
+    eager | flash_attention_2 (GPT-J)."""
     trust_remote_code: bool = False
     """Never needed for this family; true runs Python shipped with the checkpoint."""
     pad_token: str | None = None

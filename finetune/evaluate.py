@@ -257,12 +257,15 @@ def _load_base(target: rundir.Target, override: str | None, dtype: str):
     import torch
     from transformers import AutoModelForCausalLM
 
+    from finetune import neo_attention
+
     source = rundir.base_source(target, override)
     cli.say(f"loading the base {source} to compare with")
     trust = bool((target.config or {}).get("model", {}).get("trust_remote_code", False))
     device = "cuda" if torch.cuda.is_available() else "cpu"
     model = AutoModelForCausalLM.from_pretrained(source, dtype=getattr(torch, dtype) if dtype != "auto" else "auto",
                                                  trust_remote_code=trust, use_safetensors=True, device_map=device)
+    neo_attention.enable(model)  # the same attention as the fine-tuned side
     return model.eval()
 
 

@@ -124,11 +124,14 @@ class Plan:
         import torch
         from transformers import AutoModelForCausalLM
 
+        from finetune import neo_attention
+
         device = "cuda" if torch.cuda.is_available() else "cpu"
         model = AutoModelForCausalLM.from_pretrained(
             str(self.weights), dtype=self.dtype if self.dtype == "auto" else getattr(torch, self.dtype),
             trust_remote_code=self.trust_remote_code, use_safetensors=True, device_map=device,
         )
+        neo_attention.enable(model)  # GPT-Neo: SDPA with its local window (a no-op for the other families)
         if self.adapters:
             from peft import PeftModel
 

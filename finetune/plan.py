@@ -27,6 +27,7 @@ Validated against measured peaks on CPU (fp32) only: benchmarks/plan_accuracy.py
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import difflib
 import functools
@@ -37,7 +38,7 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from finetune import cli
+from finetune import cli, precision
 from finetune.cli import Option
 from finetune.config import CONF_DIR, PACKAGE_DIR
 from finetune.errors import ConfigError, FinetuneError
@@ -99,7 +100,7 @@ LINEAR_INPUTS = {
     "gptj": {"q_proj": "ln1", "k_proj": "ln1", "v_proj": "ln1", "out_proj": "attn", "fc_in": "ln1", "fc_out": "act"},
     "gpt_neox": {"query_key_value": "ln1", "dense": "attn", "dense_h_to_4h": "ln2", "dense_4h_to_h": "act"},
 }
-SDPA_FAMILIES = ("gpt_neox",)  # GPT-Neo and GPT-J have eager and flash-attention-2 only (finetune.models.ATTENTION)
+SDPA_FAMILIES = ("gpt_neox", "gpt_neo")  # GPT-Neo's is finetune.neo_attention; GPT-J has eager and FA2 only
 ADAMW = ("adamw_torch", "adamw_torch_fused", "adamw_hf", "adamw_apex_fused", "adamw_torch_xla", "adamw_torch_npu_fused",
          "adamw_anyprecision", "adamw")
 EIGHT_BIT = ("_8bit", "8bit")
@@ -383,6 +384,7 @@ def find_gpu(name: str) -> Gpu:
 
 # Problems that concern the machine the planner runs on, not the plan: they become notes.
 MACHINE_PROBLEMS = (
+    "trainer.fp16 / model.dtype=float16 on CPU",
     "strategy=qlora: needs a CUDA GPU",
     "strategy=qlora: bitsandbytes is not installed",
     "distributed: DeepSpeed is not installed",
@@ -1036,6 +1038,9 @@ def _file_rows(path: Path) -> int | None:
 def plan_resolved(resolved: dict, device: Gpu, num_gpus: int, mfu: float, headroom: float, preset: str | None = None,
                   notes: list | None = None, suggest: bool = True) -> Plan:
     notes = list(notes or [])
+    resolved = copy.deepcopy(resolved)
+    if precision.resolve(resolved, bf16=device.key != "cpu" and device.bf16_tflops is not None):  # auto: by the target
+        notes.append(f"precision auto on {device.name}: {precision.describe(resolved)}")
     arch = architecture(resolved["model"])
     adapter_ = adapter(resolved["model"], resolved["strategy"], arch)
     setup = setup_of(resolved, device)

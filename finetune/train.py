@@ -21,7 +21,7 @@ from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
 
-from finetune import artifacts, card, checkpoints, cli, fingerprint, models, ranks, rundir, strategy
+from finetune import artifacts, card, checkpoints, cli, fingerprint, models, precision, ranks, rundir, strategy
 from finetune.data import describe, packing, prepare, prompt_text
 from finetune.data import templates as data_templates
 from finetune.errors import EXIT_FAILURE, EXIT_OK, ConfigError, FinetuneError, IntegrityError, Preempted
@@ -34,6 +34,10 @@ def run(cfg: DictConfig) -> Path:
     resolved, warnings = validate(cfg)
     for warning in warnings:
         cli.say(f"warning: {warning}")
+    bf16, why = precision.choose()
+    chosen = precision.resolve(resolved, bf16)  # before the config is hashed and written: it records what ran
+    precision_used = f"{precision.describe(resolved)} ({why if chosen else 'as configured'})"
+    cli.say(f"precision: {precision_used}")
     cfg = OmegaConf.create(resolved)
     run_dir = Path(cfg.output_dir).expanduser()
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -50,7 +54,8 @@ def run(cfg: DictConfig) -> Path:
     previous = _previous_attempts(run_dir) if cfg.resume else []
     record = artifacts.RunRecord(run_dir, enabled=main, preset=_preset_name(), strategy=cfg.strategy.name, base_model=cfg.model.name_or_path,
                                  revision=cfg.model.revision, seed=cfg.seed, config_hash=artifacts.config_hash(resolved),
-                                 resumed_from=resume_from.name if resume_from else None, previous_attempts=previous)
+                                 resumed_from=resume_from.name if resume_from else None, previous_attempts=previous,
+                                 precision=precision_used)
     with PreemptionSignals(deferred=ranks.world_size() > 1) as signals:
         try:
             _train(cfg, resolved, run_dir, record, resume_from, signals)

@@ -63,9 +63,13 @@ class GuardedSFTTrainer(SFTTrainer):
         self.accelerator.wait_for_everyone()
 
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
-        """Perplexity beside every eval loss (train.log, metrics.json, TensorBoard/W&B alike)."""
+        """Perplexity beside every eval loss, fp16's loss scale beside every loss (train.log, metrics.json,
+        TensorBoard/W&B alike)."""
         if isinstance(logs.get("eval_loss"), float):
             logs["eval_perplexity"] = math.exp(min(logs["eval_loss"], 50.0))
+        scaler = getattr(self.accelerator, "scaler", None)
+        if "loss" in logs and scaler is not None and scaler.is_enabled():  # fp16: a halving scale means overflow
+            logs["loss_scale"] = float(scaler.get_scale())
         super().log(logs, start_time)
 
     def training_step(self, model, inputs, num_items_in_batch=None):

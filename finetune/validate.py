@@ -151,6 +151,12 @@ def check_strategy(strategy: dict) -> list[str]:
     return problems
 
 
+def _has_cuda() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
 def _qlora_environment() -> list[str]:
     import torch
 
@@ -186,15 +192,21 @@ def check_trainer(cfg: dict, warnings: list[str]) -> list[str]:
     if (number("num_train_epochs", 3) or 0) <= 0 and (number("max_steps", -1) or -1) <= 0:
         problems.append("trainer.num_train_epochs / trainer.max_steps: set a positive number of epochs or steps")
     fp16 = bool(trainer.get("fp16")) or (cfg.get("model") or {}).get("dtype") == "float16"
-    if trainer.get("fp16") and trainer.get("bf16"):
+    if trainer.get("bf16") not in (True, False, "auto", None):
+        problems.append(f"trainer.bf16: true, false or auto, got {trainer.get('bf16')!r}")
+    if trainer.get("fp16") and trainer.get("bf16") is True:
         problems.append("trainer.fp16 and trainer.bf16: choose one (set trainer.fp16=false)")
     if fp16 and cfg.get("allow_fp16") is not True:
         problems.append(
             "trainer.fp16 / model.dtype=float16: GPT-Neo and GPT-NeoX overflow in fp16 (NaN loss); use bf16 "
             "(the default), or accept the risk with allow_fp16=true"
         )
+    elif fp16 and not _has_cuda():
+        problems.append("trainer.fp16 / model.dtype=float16 on CPU: CPUs have no fast fp16 (1-2 GFLOP/s measured) and "
+                        "this family overflows in it; use trainer.bf16=auto model.dtype=auto (bf16 where native, else fp32)")
     elif fp16:
-        warnings.append("fp16 on GPT-Neo/NeoX: watch for overflow (inf/NaN loss); bf16 is safer where the GPU has it")
+        warnings.append("fp16 on GPT-Neo/NeoX: watch for overflow (inf/NaN loss) and the loss_scale in the logs "
+                        "(a scale that keeps halving means overflowing gradients); bf16 is safer where the GPU has it")
     return problems
 
 

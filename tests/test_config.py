@@ -59,10 +59,10 @@ def test_model_configs_carry_family_facts(option):
     assert model["trust_remote_code"] is False
     assert model["pad_token"] == ("<|padding|>" if family == "gpt_neox" else None)
     if not option.startswith("tiny_"):
-        assert model["dtype"] == "bfloat16"
+        assert model["dtype"] == "auto"  # finetune.precision: bf16 where native, else fp32
         assert model["name_or_path"].startswith("EleutherAI/")
     if family == "gpt_neo":
-        assert model["attn_implementation"] == "eager"  # FA2 ignores the local window
+        assert model["attn_implementation"] == "sdpa"  # finetune.neo_attention; FA2 ignores the local window
 
 
 def test_presets_cover_every_family_model():

@@ -10,7 +10,16 @@ import pytest
 from omegaconf import OmegaConf
 
 from finetune.config import DataConfig
-from finetune.data import IGNORE_INDEX, fit_length, prepare, prompt_text, tokenize
+from finetune.data import (
+    IGNORE_INDEX,
+    _plain_backend,
+    fit_length,
+    prepare,
+    prompt_text,
+    segments,
+    tokenize,
+    tokenize_many,
+)
 from finetune.data import templates as data_templates
 from finetune.errors import ConfigError, DataError
 from finetune.preview import show
@@ -247,3 +256,167 @@ def test_broken_templates_are_refused_naming_the_key(tmp_path, text, message):
     (tmp_path / "t.yaml").write_text(text)
     with pytest.raises(ConfigError, match=message.replace("[", r"\[").replace("]", r"\]")):
         data_templates.load(str(tmp_path / "t.yaml"))
+
+
+# The fast path (finetune.data._ChatRenderer, _encode, templates._Field, packing.gc_paused) against the plain algorithm
+# it replaced: every field rendered by Jinja, every prefix rendered by tokenizer.apply_chat_template, one tokenizer
+# call per piece, best-fit packing sorted by (-length, index).
+
+TRICKY = " {{ eos_token }} {% if x %}<|endoftext|> café 🙂\r\n\tdone  "  # Jinja-looking text, EOS text, unicode, \r\n
+
+
+def _reference_conversation(template, row: dict) -> list[dict]:
+    if template.conversation_spec:
+        return template.conversation(row)
+    values = {name: row.get(name) or "" for name in template.optional} | {name: row[name] for name in template.required}
+    return [{key: data_templates._JINJA.from_string(text).render(values) if isinstance(text, str) else text for key, text in message.items()}
+            for message in template.messages]
+
+
+def _reference_segments(tokenizer, template, conversation: list[dict]) -> list[tuple[str, bool]]:
+    def render(messages, add_generation_prompt=False):
+        return tokenizer.apply_chat_template(messages, chat_template=template.chat_template, tokenize=False,
+                                             add_generation_prompt=add_generation_prompt) if messages else ""
+
+    pieces, done = [], ""
+    for i, message in enumerate(conversation):
+        if message["role"] == "assistant":
+            prompt, upto = render(conversation[:i], add_generation_prompt=True), render(conversation[: i + 1])
+            assert prompt.startswith(done) and upto.startswith(prompt)
+            pieces += [(prompt[len(done) :], False), (upto[len(prompt) :], True)]
+            done = upto
+    assert done == render(conversation)
+    return [(text, trained) for text, trained in pieces if text]
+
+
+def _reference_tokenize(tokenizer, template, row: dict, train_on_inputs: bool) -> tuple[list[int], list[int], int]:
+    ids, labels, final_response_start = [], [], 0
+    for text, trained in _reference_segments(tokenizer, template, _reference_conversation(template, row)):
+        piece = tokenizer(text, add_special_tokens=False)["input_ids"]
+        if trained:
+            final_response_start = len(ids)
+            assert piece[-1] == tokenizer.eos_token_id
+        ids += piece
+        labels += piece if trained or train_on_inputs else [IGNORE_INDEX] * len(piece)
+    return ids, labels, final_response_start
+
+
+def _variants(template) -> list[dict]:
+    """The template's example, and versions of it with tricky text, fewer turns or optional fields left out."""
+    example = template.example
+    if template.conversation_spec:
+        spec = template.conversation_spec
+        turns = example[spec["field"]]
+        rows = [example, {spec["field"]: turns[-2:]},
+                {spec["field"]: [{**turn, spec["content_key"]: turn[spec["content_key"]] + TRICKY} for turn in turns]}]
+    else:
+        rows = [example, {k: v + TRICKY if isinstance(v, str) and v else v for k, v in example.items()},
+                {k: example[k] for k in template.required}, {**example, **{k: "" for k in template.optional}}]
+    rows = [{**row, "_where": f"variants:{i + 1}"} for i, row in enumerate(rows)]
+    assert not any(template.check_row(row) for row in rows)
+    return rows
+
+
+def _assert_matches_reference(tokenizer, template, rows: list[dict]) -> None:
+    for train_on_inputs in (False, True):
+        samples = tokenize_many(tokenizer, template, rows, train_on_inputs)
+        assert len(samples) == len(rows)
+        for row, sample in zip(rows, samples):
+            ids, labels, final_response_start = _reference_tokenize(tokenizer, template, row, train_on_inputs)
+            assert sample.input_ids == ids, row["_where"]
+            assert sample.labels == labels, row["_where"]
+            assert sample.final_response_start == final_response_start and sample.where == row["_where"]
+            assert tokenize(tokenizer, template, row, train_on_inputs) == sample
+    for row in rows:
+        conversation = template.conversation(row)
+        assert conversation == _reference_conversation(template, row)
+        assert segments(tokenizer, template, conversation) == _reference_segments(tokenizer, template, conversation)
+
+
+@pytest.mark.parametrize("name", data_templates.available())
+def test_fast_path_gives_the_ids_and_labels_of_apply_chat_template_prefix_rendering(family_tokenizer, name):
+    assert _plain_backend(family_tokenizer) is not None  # the Rust fast path is the one under test
+    _assert_matches_reference(family_tokenizer, data_templates.load(name), _variants(data_templates.load(name)))
+
+
+def test_chunks_tokenized_in_a_worker_thread_give_the_same_samples(neo_tokenizer, monkeypatch, tmp_path):
+    """Large inputs are rendered chunk by chunk while a worker thread tokenizes: same samples, same errors."""
+    import finetune.data
+
+    monkeypatch.setattr(finetune.data, "_CHUNK_ROWS", 2)
+    template = data_templates.load("sharegpt")
+    rows = [{**row, "_where": f"chunked:{i}"} for i, row in enumerate(_variants(template) * 3)]
+    _assert_matches_reference(neo_tokenizer, template, rows)
+    (tmp_path / "no_eos.yaml").write_text("fields: {q: required, a: required}\nmessages: [{role: user, content: '{{ q }}'}, "
+                                          "{role: assistant, content: '{{ a }}'}]\nchat_template: \"{% for m in messages %}"
+                                          "{{ m.content }}{% if m.content != 'x' %}{{ eos_token }}{% endif %}{% endfor %}\"\n")
+    rows = [{"q": "q", "a": "x" if i == 5 else "an answer", "_where": f"rows.jsonl:{i + 1}"} for i in range(7)]
+    with pytest.raises(ConfigError, match=r"an assistant message of rows.jsonl:6 does not end with EOS"):
+        tokenize_many(neo_tokenizer, data_templates.load(str(tmp_path / "no_eos.yaml")), rows)
+
+
+def test_fast_path_matches_for_messages_transformers_converts(neo_tokenizer, tmp_path):
+    """Non-string and None message values and reasoning fields: what apply_chat_template converts before rendering."""
+    custom = tmp_path / "qa.yaml"
+    custom.write_text(
+        "fields: {question: required, answer: required, notes: optional}\n"
+        "messages:\n"
+        "  - {role: user, content: 'Q: {{ question }}', priority: 2, tag: null}\n"
+        "  - {role: assistant, content: '{{ answer }}', thinking: '{{ notes }}'}\n"
+        "chat_template: \"{% for m in messages %}{% if m.role == 'user' %}{% if m.tag is defined %}TAG {% endif %}[{{ m.priority }}] {{ m.content }}\\nA: "
+        "{% else %}{% if m.reasoning_content %}({{ m.reasoning_content }}) {% endif %}{{ m.content }}{{ eos_token }}{% endif %}{% endfor %}\"\n"
+    )
+    template = data_templates.load(str(custom))
+    rows = [{"question": "What is bail?", "answer": "Release before trial.", "notes": "criminal law", "_where": "x:1"},
+            {"question": "What is a tort?" + TRICKY, "answer": "A civil wrong.", "_where": "x:2"}]
+    _assert_matches_reference(neo_tokenizer, template, rows)
+    assert "(criminal law) Release" in neo_tokenizer.decode(tokenize(neo_tokenizer, template, rows[0]).input_ids)
+
+
+def test_fast_path_matches_when_the_backend_cannot_be_called_directly(tiny_models):
+    """A backend with truncation set (transformers turns it off per call) goes through tokenizer(...) instead."""
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_models["neox"])
+    tokenizer.backend_tokenizer.enable_truncation(8)
+    assert _plain_backend(tokenizer) is None
+    template = data_templates.load("chatml")
+    _assert_matches_reference(tokenizer, template, _variants(template))
+
+
+def test_templates_that_are_not_a_concatenation_or_omit_eos_are_refused(neo_tokenizer, tmp_path):
+    fields = "fields: {q: required, a: required}\nmessages: [{role: user, content: '{{ q }}'}, {role: assistant, content: '{{ a }}'}]\n"
+    (tmp_path / "suffix.yaml").write_text(fields + "chat_template: \"{% for m in messages %}{{ m.content }}{{ eos_token if m.role == "
+                                          "'assistant' else '' }}{% endfor %}{% if add_generation_prompt %}A: {% endif %}\"\n")
+    (tmp_path / "no_eos.yaml").write_text(fields + "chat_template: \"{% for m in messages %}{{ m.content }}{% endfor %}{# eos_token #}\"\n")
+    row = {"q": "Q?", "a": "an answer", "_where": "rows.jsonl:3"}
+    with pytest.raises(ConfigError, match=r"rendering messages 0..1 does not extend the text of the messages before it"):
+        tokenize(neo_tokenizer, data_templates.load(str(tmp_path / "suffix.yaml")), row)
+    with pytest.raises(ConfigError, match=r"an assistant message of rows.jsonl:3 does not end with EOS"):
+        tokenize(neo_tokenizer, data_templates.load(str(tmp_path / "no_eos.yaml")), row)
+
+
+def test_pack_matches_the_reference_best_fit():
+    import bisect
+
+    from finetune.data import Sample, packing
+
+    lengths = [7, 3, 7, 1, 5, 3, 8, 2, 7, 4, 6, 1, 3]  # ties: equal lengths must keep their sample order
+    samples = [Sample(list(range(100 * i, 100 * i + n)), [IGNORE_INDEX] + list(range(1, n)), f"s:{i}") for i, n in enumerate(lengths)]
+    order = sorted(range(len(samples)), key=lambda i: (-len(samples[i].input_ids), i))
+    rows, free = [], []
+    for i in order:
+        need = len(samples[i].input_ids)
+        at = bisect.bisect_left(free, (need, -1))
+        if at < len(free):
+            space, row = free.pop(at)
+            rows[row].append(i)
+            if space - need > 0:
+                bisect.insort(free, (space - need, row))
+        else:
+            rows.append([i])
+            if 10 - need > 0:
+                bisect.insort(free, (10 - need, len(rows) - 1))
+    expected = [packing.PackedRow([t for i in m for t in samples[i].input_ids], [t for i in m for t in samples[i].labels],
+                                  [p for i in m for p in range(lengths[i])], [lengths[i] for i in m]) for m in rows]
+    assert packing.pack(samples, 10) == expected

@@ -7,8 +7,10 @@ from pathlib import Path
 
 import pytest
 import torch
+import yaml
 from safetensors.torch import load_file
 
+from finetune import precision
 from finetune.config import compose
 from finetune.train import run
 
@@ -120,6 +122,10 @@ def test_neox20b_preset_runs_against_a_local_checkpoint(tiny_models, tmp_path):
     assert out.returncode == 0, out.stderr[-3000:]
     record = json.loads((tmp_path / "run" / "run.json").read_text())
     assert record["status"] == "completed" and record["preset"] == "lora_neox20b" and record["global_steps"] == 2
+    bf16, why = precision.choose()  # dtype auto, bf16 auto: this machine's choice, resolved in config.yaml and run.json
+    saved = yaml.safe_load((tmp_path / "run" / "config.yaml").read_text())
+    assert saved["model"]["dtype"] == ("bfloat16" if bf16 else "float32") and saved["trainer"]["bf16"] is bf16
+    assert why in record["precision"] and f"precision: {record['precision']}" in out.stderr
     assert (tmp_path / "run" / "adapter" / "adapter_model.safetensors").exists()
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 
 import pytest
+import torch
 
 from finetune.config import compose
 from finetune.errors import EXIT_CONFIG, ConfigError
@@ -69,11 +70,15 @@ def test_fan_in_fan_out_true_is_refused():
     assert any(p.startswith("strategy.fan_in_fan_out") for p in problems)
 
 
-def test_fp16_is_refused_unless_allowed_then_warned():
+def test_fp16_is_refused_unless_allowed_then_warned_on_gpu_refused_on_cpu():
     problems = problems_of(["trainer.bf16=false", "+trainer.fp16=true"])
     assert any("allow_fp16=true" in p for p in problems)
-    _, warnings = validate(compose("demo", ["trainer.bf16=false", "+trainer.fp16=true", "allow_fp16=true"]))
-    assert any("fp16" in w for w in warnings)
+    allowed = ["trainer.bf16=false", "+trainer.fp16=true", "allow_fp16=true"]
+    if torch.cuda.is_available():
+        _, warnings = validate(compose("demo", allowed))
+        assert any("fp16" in w and "loss_scale" in w for w in warnings)
+    else:
+        assert any(p.startswith("trainer.fp16 / model.dtype=float16 on CPU") for p in problems_of(allowed))
 
 
 def test_missing_data_file_and_template_are_named():

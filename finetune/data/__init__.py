@@ -17,6 +17,7 @@ import json
 import random
 import re
 from collections import Counter
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 from finetune.data import packing, sources
@@ -105,18 +106,7 @@ def segments(tokenizer, template: Template, conversation: list[dict]) -> list[tu
     Built by rendering growing prefixes of the conversation, so the pieces join to exactly the text the chat template
     renders for the whole conversation (what the saved tokenizer reproduces at inference).
     """
-    pieces, done = [], ""
-    for i, message in enumerate(conversation):
-        if message["role"] != "assistant":
-            continue
-        prompt = render(tokenizer, template, conversation[:i], add_generation_prompt=True)
-        upto = render(tokenizer, template, conversation[: i + 1])
-        if not prompt.startswith(done) or not upto.startswith(prompt):
-            raise ConfigError(f"data.template {template.path}: rendering messages 0..{i} does not extend the text of the messages "
-                              f"before it; a chat template must render a conversation as the concatenation of its turns")
-        pieces += [(prompt[len(done):], False), (upto[len(prompt):], True)]
-        done = upto
-    return [(text, trained) for text, trained in pieces if text]
+    return _segments_many(_ChatRenderer(tokenizer, template), template, [conversation])[0]
 
 
 def tokenize(tokenizer, template: Template, row: dict, train_on_inputs: bool = False) -> Sample:
@@ -125,23 +115,175 @@ def tokenize(tokenizer, template: Template, row: dict, train_on_inputs: bool = F
 
 
 def tokenize_many(tokenizer, template: Template, rows: list[dict], train_on_inputs: bool = False) -> list[Sample]:
-    """tokenize() for many rows with one batched tokenizer call (the Rust tokenizer then uses every core)."""
-    pieces = [segments(tokenizer, template, template.conversation(row)) for row in rows]
-    flat = [text for row_pieces in pieces for text, _ in row_pieces]
-    encoded = iter(tokenizer(flat, add_special_tokens=False)["input_ids"]) if flat else iter(())
-    samples = []
+    """tokenize() for many rows: prefixes rendered by one `_ChatRenderer`, then batched tokenizer calls (the Rust
+    tokenizer uses every core). Same ids and labels as tokenize() row by row (tests/test_data.py checks them against
+    the plain apply_chat_template algorithm).
+
+    Above `_CHUNK_ROWS` rows, chunks are tokenized in a worker thread while the next chunk is rendered: the Rust
+    tokenizer releases the GIL, so rendering (Python) and tokenizing (Rust) run on different cores at once.
+    """
+    renderer, eos = _ChatRenderer(tokenizer, template), tokenizer.eos_token_id
+    chunks = [rows[i : i + _CHUNK_ROWS] for i in range(0, len(rows), _CHUNK_ROWS)]
+    with packing.gc_paused():
+        if len(chunks) <= 1:
+            pieces = _segments_many(renderer, template, [template.conversation(row) for row in rows])
+            return _assemble(template, rows, pieces, _encode(tokenizer, _texts(pieces)), eos, train_on_inputs)
+        with ThreadPoolExecutor(max_workers=1, thread_name_prefix="finetune-tokenize") as worker:
+            parts = []
+            try:
+                for chunk in chunks:  # every chunk is rendered (and checked) before any is assembled, as in one batch
+                    pieces = _segments_many(renderer, template, [template.conversation(row) for row in chunk])
+                    parts.append((chunk, pieces, worker.submit(_encode, tokenizer, _texts(pieces))))
+            except BaseException:
+                for *_, future in parts:
+                    future.cancel()
+                raise
+            samples = []
+            for chunk, pieces, future in parts:
+                samples += _assemble(template, chunk, pieces, future.result(), eos, train_on_inputs)
+    return samples
+
+
+_CHUNK_ROWS = 2048
+
+
+def _texts(pieces: list[list[tuple[str, bool]]]) -> list[str]:
+    return [text for row_pieces in pieces for text, _ in row_pieces]
+
+
+def _assemble(template: Template, rows: list[dict], pieces: list[list[tuple[str, bool]]], encoded: list[list[int]], eos: int,
+              train_on_inputs: bool) -> list[Sample]:
+    """Samples from each row's pieces and their token ids (in order): trained pieces keep their ids as labels."""
+    encoded, samples = iter(encoded), []
     for row, row_pieces in zip(rows, pieces):
         ids, labels, final_response_start = [], [], 0
         for (_, trained), piece in zip(row_pieces, encoded):
             if trained:
                 final_response_start = len(ids)
-                if piece[-1] != tokenizer.eos_token_id:
-                    raise ConfigError(f"data.template {template.path}: an assistant message of {row.get('_where')} does not end with "
-                                      f"EOS; end it with {{{{ eos_token }}}} in the chat template")
+                if piece[-1] != eos:
+                    raise ConfigError(f"data.template {template.path}: an assistant message of {row.get('_where')} does not end "
+                                      f"with EOS; end it with {{{{ eos_token }}}} in the chat template")
+                labels += piece
+            else:
+                labels += piece if train_on_inputs else [IGNORE_INDEX] * len(piece)
             ids += piece
-            labels += piece if trained or train_on_inputs else [IGNORE_INDEX] * len(piece)
         samples.append(Sample(ids, labels, str(row.get("_where")), final_response_start))
     return samples
+
+
+def _encode(tokenizer, texts: list[str]) -> list[list[int]]:
+    """`tokenizer(texts, add_special_tokens=False)["input_ids"]`, read straight from the Rust tokenizer when that is
+    the same call.
+
+    Why: for a fast tokenizer, transformers sets the backend's truncation and padding to the call's (none here), runs
+    `encode_batch` and copies every encoding's ids, type ids and attention mask into Python lists; asking the backend
+    for the ids alone (`encode_batch_fast`, no character offsets) is ~15% less tokenizer time. Taken only when the
+    backend has no truncation, padding or special-token splitting that the call would change, and the tokenizer class
+    does not override transformers' encode path; anything else (slow tokenizers too) goes through `tokenizer(...)`.
+    """
+    if not texts:
+        return []
+    backend = _plain_backend(tokenizer)
+    if backend is None:
+        return tokenizer(texts, add_special_tokens=False)["input_ids"]
+    encode = getattr(backend, "encode_batch_fast", backend.encode_batch)
+    return [encoding.ids for encoding in encode(texts, add_special_tokens=False)]
+
+
+def _plain_backend(tokenizer):
+    """The Rust tokenizer behind `tokenizer` when `tokenizer(texts, add_special_tokens=False)` only calls its
+    encode_batch; None otherwise."""
+    try:
+        from transformers.tokenization_utils_base import PreTrainedTokenizerBase
+        from transformers.tokenization_utils_tokenizers import TokenizersBackend
+    except ImportError:
+        return None
+    cls, backend = type(tokenizer), getattr(tokenizer, "_tokenizer", None)
+    if (not isinstance(tokenizer, TokenizersBackend) or backend is None or cls.__call__ is not PreTrainedTokenizerBase.__call__
+            or cls._encode_plus is not TokenizersBackend._encode_plus or hasattr(tokenizer, "_switch_to_input_mode")):
+        return None
+    if backend.truncation is not None or backend.padding is not None or backend.encode_special_tokens != bool(tokenizer.split_special_tokens):
+        return None
+    return backend
+
+
+def _segments_many(renderer: _ChatRenderer, template: Template, conversations: list[list[dict]]) -> list[list[tuple[str, bool]]]:
+    """segments() of each conversation, with every prefix rendered in two batched renderer calls.
+
+    For assistant message i: prompt = messages 0..i-1 with the generation prompt, upto = messages 0..i; the pieces
+    are prompt minus the text before it (not trained) and upto minus prompt (trained). Empty pieces are left out.
+    """
+    turns = [[i for i, m in enumerate(conversation) if m["role"] == "assistant"] for conversation in conversations]
+    prepared = [renderer.prepare(conversation) if ix else (conversation, True) for conversation, ix in zip(conversations, turns)]
+    prompts = iter(renderer([(c[:i], plain) for (c, plain), ix in zip(prepared, turns) for i in ix], add_generation_prompt=True))
+    uptos = iter(renderer([(c[: i + 1], plain) for (c, plain), ix in zip(prepared, turns) for i in ix], add_generation_prompt=False))
+    result = []
+    for ix in turns:
+        pieces, done = [], ""
+        for i in ix:
+            prompt, upto = next(prompts), next(uptos)
+            if not prompt.startswith(done) or not upto.startswith(prompt):
+                raise ConfigError(f"data.template {template.path}: rendering messages 0..{i} does not extend the text of the messages "
+                                  f"before it; a chat template must render a conversation as the concatenation of its turns")
+            if len(prompt) > len(done):
+                pieces.append((prompt[len(done) :], False))
+            if len(upto) > len(prompt):
+                pieces.append((upto[len(prompt) :], True))
+            done = upto
+        result.append(pieces)
+    return result
+
+
+class _ChatRenderer:
+    """Renders conversations to exactly the text `render()` (tokenizer.apply_chat_template) gives, in half the time.
+
+    Why: data preparation renders two prefixes per assistant message, and apply_chat_template spends most of each
+    call on set-up (special-token map, template lookup, a deep copy of the messages and of every keyword through
+    `_plain_template_data`). This does that set-up once: the template comes from transformers' own compile cache
+    (`chat_template_utils._compile_jinja_template`, the sandboxed environment apply_chat_template renders with) and
+    is rendered with the arguments `render_jinja_template` passes. A conversation whose messages are not plain
+    string-to-string dicts, or carry reasoning fields (which transformers rewrites), goes through
+    `render_jinja_template` itself. tests/test_data.py compares both paths token for token on every template.
+    """
+
+    def __init__(self, tokenizer, template: Template):
+        from transformers.utils import chat_template_utils
+
+        self._library = chat_template_utils
+        self._chat_template = tokenizer.get_chat_template(template.chat_template)
+        self._kwargs = dict(tokenizer.special_tokens_map)
+        compile_template = getattr(chat_template_utils, "_compile_jinja_template", None)  # absent: everything takes the slow path
+        self._render = compile_template(self._chat_template).render if compile_template else None
+        self._reasoning = frozenset(getattr(chat_template_utils, "_REASONING_FIELDS", ("reasoning_content", "thinking", "reasoning")))
+
+    def prepare(self, conversation: list[dict]) -> tuple[list[dict], bool]:
+        """The messages as apply_chat_template hands them over (keys whose value is None dropped), and whether they
+        are plain: what transformers' conversion (`_plain_template_data`, `_alias_reasoning_fields`) would give back
+        as equal dicts of the same strings, so they can be rendered as they are. Checked once per conversation, not
+        per prefix."""
+        messages = [{k: v for k, v in m.items() if v is not None} if any(v is None for v in m.values()) else m for m in conversation]
+        plain = self._render is not None and all(
+            type(m) is dict and self._reasoning.isdisjoint(m) and all(type(k) is str and type(v) is str for k, v in m.items()) for m in messages)
+        return messages, plain
+
+    def __call__(self, conversations: list[tuple[list[dict], bool]], add_generation_prompt: bool = False) -> list[str]:
+        """The text of each prepared conversation ("" for an empty one, as render() gives)."""
+        texts, slow = [], []
+        render, kwargs = self._render, self._kwargs
+        for messages, plain in conversations:
+            if not messages:
+                texts.append("")
+            elif plain:
+                texts.append(render(messages=messages, tools=None, documents=None, add_generation_prompt=add_generation_prompt, **kwargs))
+            else:
+                slow.append((len(texts), messages))
+                texts.append(None)
+        if slow:
+            rendered, _ = self._library.render_jinja_template(conversations=[m for _, m in slow], chat_template=self._chat_template,
+                                                              add_generation_prompt=add_generation_prompt, **kwargs)
+            for (at, _), text in zip(slow, rendered):
+                texts[at] = text
+        return texts
 
 
 def fit_length(sample: Sample, max_length: int, policy: str) -> tuple[list[Sample], str | None]:

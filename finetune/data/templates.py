@@ -14,6 +14,7 @@ is trained; everything else is prompt.
 from __future__ import annotations
 
 import difflib
+import re
 from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
@@ -76,8 +77,7 @@ class Template:
     @cached_property
     def _compiled_messages(self) -> list[dict]:
         """The message templates compiled once (compiling per row cost ~90% of data preparation)."""
-        return [{key: _JINJA.from_string(text) if isinstance(text, str) else text for key, text in message.items()}
-                for message in self.messages]
+        return [{key: _compile(text) if isinstance(text, str) else text for key, text in message.items()} for message in self.messages]
 
     def check_row(self, row: dict, columns: dict | None = None) -> list[Problem]:
         """Problems with one row, each naming the field (the caller adds file:line)."""
@@ -136,6 +136,40 @@ class Template:
         if body[-1] != "assistant":
             return f"{name}: the last message must be an assistant message (it is what the model learns to write)"
         return None
+
+
+_FIELD_ONLY = re.compile(r"\{\{\s*([A-Za-z_][A-Za-z0-9_]*)\s*\}\}")
+_JINJA_LITERALS = {"true", "false", "none", "True", "False", "None"}
+
+
+def _compile(text: str):
+    """A message template: plain text stays text, `{{ name }}` alone becomes a `_Field`, anything else is compiled.
+
+    Jinja renders text without markup as itself (it only normalises line endings, hence the `\\r` check)."""
+    if "{" not in text and "\r" not in text:
+        return text
+    match = _FIELD_ONLY.fullmatch(text)
+    if match and match.group(1) not in _JINJA_LITERALS:
+        return _Field(match.group(1), _JINJA.from_string(text))
+    return _JINJA.from_string(text)
+
+
+class _Field:
+    """A message template that is one field reference (`{{ output }}`): the row's string as it is.
+
+    Jinja renders `{{ name }}` of a string value as that same string; skipping its render (a new context per call)
+    took conversation() of an Alpaca row from ~55 us to ~4 us, a tenth of data preparation before this.
+    Any other value (missing, not exactly a str) goes through the compiled Jinja template, as before.
+    """
+
+    __slots__ = ("name", "template")
+
+    def __init__(self, name: str, template):
+        self.name, self.template = name, template
+
+    def render(self, values: dict) -> str:
+        value = values.get(self.name)
+        return value if type(value) is str else self.template.render(values)
 
 
 def _missing_hint(name: str, present: list[str], columns: dict) -> str:

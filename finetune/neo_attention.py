@@ -1,0 +1,94 @@
+"""GPT-Neo attention through `torch.nn.functional.scaled_dot_product_attention`, local window and packing kept.
+
+Why this module exists (transformers 5.23): GPT-Neo has only two attention paths.
+- `eager` materialises the (batch, heads, q, k) scores in fp32, applies the layer's causal or windowed-local band,
+  then softmax: O(T^2) memory per head and no fused kernel, on CPU and GPU alike.
+- `flash_attention_2` ignores the 256-token window of the local layers, so past the window it computes a different
+  model (refused by finetune.validate).
+
+`NeoSdpaAttention` is the eager layer with only its attention product replaced: same parameters, buffers and cache
+handling, so a checkpoint loads and saves unchanged. It keeps GPT-Neo's peculiarities: no 1/sqrt(head_dim) scaling
+(scale=1.0), and each layer's own band (`bias`: causal for global layers, causal within `window_size` for local ones)
+ANDed with the mask the model builds. `enable()` also switches the model's mask format to SDPA's: a boolean
+(batch, 1, q, k) mask carrying padding and the block-diagonal isolation of packed samples (position_ids restarting
+at 0, see finetune.data.packing), or None for a plain causal batch, where global layers use `is_causal` (the
+flash kernel on GPU). Tested against the eager layer in tests/test_neo_attention.py.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch.nn import functional as F
+from transformers.models.gpt_neo import modeling_gpt_neo
+
+NAME = "sdpa"  # what model.attn_implementation calls it for GPT-Neo; the mask format it asks transformers for
+
+
+class NeoSdpaAttention(modeling_gpt_neo.GPTNeoSelfAttention):
+    """GPT-Neo self-attention (global or windowed-local) computed by SDPA; eager only when weights are asked for."""
+
+    def forward(self, hidden_states, attention_mask=None, layer_past=None, use_cache=False, output_attentions=False, **kwargs):
+        if output_attentions:  # SDPA never forms the weights; the eager layer does, from an additive mask
+            return super().forward(hidden_states, _additive(attention_mask, hidden_states.dtype), layer_past, use_cache, output_attentions)
+        query = self._split_heads(self.q_proj(hidden_states), self.num_heads, self.head_dim)
+        key = self._split_heads(self.k_proj(hidden_states), self.num_heads, self.head_dim)
+        value = self._split_heads(self.v_proj(hidden_states), self.num_heads, self.head_dim)
+        if layer_past is not None:
+            key, value = layer_past.update(key, value, self.layer_id)
+        q_len, k_len = query.size(-2), key.size(-2)
+        mask = self._mask(attention_mask, q_len, k_len)
+        output = F.scaled_dot_product_attention(
+            query,
+            key,
+            value,
+            attn_mask=mask,
+            dropout_p=self.attn_dropout.p if self.training else 0.0,
+            is_causal=mask is None and q_len == k_len,
+            scale=1.0,  # GPT-Neo does not scale its attention scores
+        )
+        output = self.resid_dropout(self.out_proj(self._merge_heads(output, self.num_heads, self.head_dim)))
+        return output, None
+
+    def _mask(self, attention_mask, q_len: int, k_len: int):
+        """The model's mask ANDed with this layer's band; None where plain causal attention is exact."""
+        band = self.bias[:, :, k_len - q_len : k_len, :k_len]
+        if attention_mask is None:
+            if self.attention_type == "global" and (q_len == k_len or q_len == 1):
+                return None  # is_causal, or one new token that sees the whole cache
+            return band
+        if attention_mask.dtype == torch.bool:
+            return attention_mask if self.attention_type == "global" else attention_mask & band
+        return attention_mask.masked_fill(~band, torch.finfo(attention_mask.dtype).min)  # an eager-format mask
+
+
+def _additive(attention_mask, dtype):
+    """A boolean SDPA mask as the additive float mask the eager layer adds to its scores."""
+    if attention_mask is None or attention_mask.dtype != torch.bool:
+        return attention_mask
+    zero = torch.zeros((), dtype=dtype, device=attention_mask.device)
+    return torch.where(attention_mask, zero, torch.finfo(dtype).min)
+
+
+def enable(model) -> int:
+    """Use NeoSdpaAttention in every GPT-Neo attention layer of `model` (a bare, peft-wrapped or compiled model).
+
+    The swap changes only the class of each layer (parameters and buffers stay), so it is safe before or after
+    LoRA wrapping. Returns how many layers were switched (0 for other families).
+    """
+    return _switch(model, modeling_gpt_neo.GPTNeoSelfAttention, NeoSdpaAttention, NAME)
+
+
+def disable(model) -> int:
+    """Back to transformers' eager GPT-Neo attention (for comparisons and `output_attentions`)."""
+    return _switch(model, NeoSdpaAttention, modeling_gpt_neo.GPTNeoSelfAttention, "eager")
+
+
+def _switch(model, old: type, new: type, mask_format: str) -> int:
+    layers = [module for module in model.modules() if type(module) is old]
+    for module in layers:
+        module.__class__ = new
+    if layers:  # the configs of the wrapped GPT-Neo model(s) decide the mask format create_causal_mask builds
+        for module in model.modules():
+            if isinstance(module, modeling_gpt_neo.GPTNeoPreTrainedModel):
+                module.config._attn_implementation = mask_format
+    return len(layers)

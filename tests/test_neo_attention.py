@@ -1,0 +1,123 @@
+"""finetune.neo_attention: SDPA GPT-Neo attention equals transformers' eager layer, past the local window.
+
+The tiny GPT-Neo alternates global and local layers with a 32-token window; every sequence here is longer than
+that, so a wrong band on the local layers, a 1/sqrt(d) scale GPT-Neo does not have, or a lost packing mask fails.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+from transformers.models.gpt_neo import modeling_gpt_neo
+
+from finetune import neo_attention
+
+ATOL = 1e-5
+
+
+@pytest.fixture(scope="module")
+def pair(tiny_models):
+    """(eager model, SDPA model) with the same fp32 weights."""
+    eager = AutoModelForCausalLM.from_pretrained(tiny_models["neo"], dtype=torch.float32).eval()
+    assert eager.config.window_size < 100 and "local" in eager.config.attention_layers
+    fast = copy.deepcopy(eager)
+    assert neo_attention.enable(fast) == eager.config.num_layers
+    return eager, fast
+
+
+def _ids(model, batch=3, length=100, seed=0):
+    return torch.randint(3, model.config.vocab_size, (batch, length), generator=torch.Generator().manual_seed(seed))
+
+
+def test_enable_swaps_every_layer_and_keeps_the_weights(pair):
+    eager, fast = pair
+    layers = [m for m in fast.modules() if isinstance(m, modeling_gpt_neo.GPTNeoSelfAttention)]
+    assert layers and all(type(m) is neo_attention.NeoSdpaAttention for m in layers)
+    assert {m.attention_type for m in layers} == {"global", "local"}
+    assert fast.config._attn_implementation == "sdpa" and eager.config._attn_implementation == "eager"
+    assert fast.state_dict().keys() == eager.state_dict().keys()
+
+
+@pytest.mark.parametrize("padding", ["none", "right"])
+def test_forward_and_gradients_equal_eager_beyond_the_window(pair, padding):
+    eager, fast = pair
+    ids = _ids(eager)
+    mask = torch.ones_like(ids)
+    if padding == "right":
+        mask[1, 70:] = 0
+        mask[2, 45:] = 0
+    labels = ids.masked_fill(mask == 0, -100)
+    results = []
+    for model in (eager, fast):
+        model.train()  # dropout is 0 in the tiny config; train() checks the training code path
+        model.zero_grad()
+        out = model(ids, attention_mask=None if padding == "none" else mask, labels=labels, use_cache=False)
+        out.loss.backward()
+        results.append((out.logits.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}))
+        model.eval()
+    (logits_e, grads_e), (logits_f, grads_f) = results
+    keep = mask.bool()
+    assert torch.allclose(logits_e[keep], logits_f[keep], atol=ATOL)
+    for name, grad in grads_e.items():
+        assert torch.allclose(grad, grads_f[name], atol=ATOL), name
+
+
+def test_left_padded_batch_equals_eager_on_real_tokens(pair):
+    eager, fast = pair
+    ids = _ids(eager)
+    mask = torch.ones_like(ids)
+    mask[2, :20] = 0
+    with torch.no_grad():
+        logits_e = eager(ids, attention_mask=mask).logits
+        logits_f = fast(ids, attention_mask=mask).logits
+    assert not torch.isnan(logits_f).any()  # fully masked padding queries must not poison anything
+    assert torch.allclose(logits_e[mask.bool()], logits_f[mask.bool()], atol=ATOL)
+
+
+def test_packed_samples_are_isolated_and_equal_eager(pair):
+    eager, fast = pair
+    ids = _ids(eager, batch=2)
+    positions = torch.cat([torch.arange(60), torch.arange(40)]).expand(2, -1)  # two samples per row, both > window
+    with torch.no_grad():
+        packed_e = eager(ids, position_ids=positions, use_cache=False).logits
+        packed_f = fast(ids, position_ids=positions, use_cache=False).logits
+        alone = fast(ids[:, 60:], use_cache=False).logits
+        first_alone = fast(ids[:, :60], use_cache=False).logits
+    assert torch.allclose(packed_e, packed_f, atol=ATOL)
+    assert torch.allclose(packed_f[:, 60:], alone, atol=ATOL)  # the second sample never sees the first
+    assert torch.allclose(packed_f[:, :60], first_alone, atol=ATOL)
+
+
+def test_generation_with_kv_cache_equals_eager(pair):
+    eager, fast = pair
+    prompt = _ids(eager, length=40)
+    mask = torch.ones_like(prompt)
+    mask[2, :8] = 0  # left padding, as batched generation pads
+    settings = dict(attention_mask=mask, max_new_tokens=50, do_sample=False, pad_token_id=0)  # past the window
+    with torch.no_grad():
+        by_eager = eager.generate(prompt, **settings, output_scores=True, return_dict_in_generate=True)
+        by_fast = fast.generate(prompt, **settings, output_scores=True, return_dict_in_generate=True)
+    assert torch.equal(by_eager.sequences, by_fast.sequences)
+    assert torch.allclose(torch.stack(by_eager.scores), torch.stack(by_fast.scores), atol=1e-4)
+
+
+def test_attention_weights_requested_fall_back_to_eager(pair):
+    eager, fast = pair
+    ids = _ids(eager, batch=1)
+    with torch.no_grad():
+        weights_e = eager(ids, output_attentions=True).attentions
+        weights_f = fast(ids, output_attentions=True).attentions
+    assert len(weights_f) == len(weights_e)
+    for a, b in zip(weights_e, weights_f):
+        assert torch.allclose(a, b, atol=ATOL)
+
+
+def test_disable_restores_the_eager_layer(pair):
+    _, fast = pair
+    back = copy.deepcopy(fast)
+    assert neo_attention.disable(back) == back.config.num_layers
+    assert back.config._attn_implementation == "eager"
+    assert not any(type(m) is neo_attention.NeoSdpaAttention for m in back.modules())
