@@ -23,18 +23,87 @@ def main(argv: list[str] | None = None) -> None:
     config_name, args = _pop_preset(args)
     overrides = _overrides(args)
     multirun = any(a in ("-m", "--multirun") for a in args)
-    if not multirun:  # sweeps (a=1,2) are not composable in one go; each job is validated when it runs
-        problems, accepted = preflight(config_name, overrides)
-        if problems:
-            from finetune.errors import EXIT_CONFIG, ConfigError
-            from finetune.validate import unknown_library_keys
+    # A sweep (key=a,b) is checked with the first value of each swept key; every job is validated again when it runs.
+    composable = _first_values(overrides) if multirun else dict(zip(overrides, overrides))
+    problems, accepted = preflight(config_name, list(composable.values()))
+    if problems:
+        from finetune.errors import EXIT_CONFIG, ConfigError
+        from finetune.validate import unknown_library_keys
 
-            problems += unknown_library_keys([o.split("=", 1)[0] for o in overrides if o.startswith(("trainer.", "strategy."))])
+        problems += unknown_library_keys([o.split("=", 1)[0] for o in overrides if o.startswith(("trainer.", "strategy."))])
 
-            print(f"error: {ConfigError(problems)}", file=sys.stderr)
-            sys.exit(EXIT_CONFIG)
-        args = [accepted.get(a, a) for a in args]
+        print(f"error: {ConfigError(problems)}", file=sys.stderr)
+        sys.exit(EXIT_CONFIG)
+    if multirun:
+        _validate_first_job(config_name, [accepted.get(o, o) for o in composable.values()])
+    args = [_as_taken(a, accepted.get(composable.get(a, a), a)) for a in args]
+    if multirun:
+        args = _sweep_directories(args)
     _run_hydra(config_name, args)
+    if multirun and _SWEEP_EXIT_CODES:
+        sys.exit(max(_SWEEP_EXIT_CODES))
+
+
+def _first_values(overrides: list[str]) -> dict[str, str]:
+    """Each override with a sweep (`strategy.r=8,16`, `range(..)`, `choice(..)`, `interval(..)`) replaced by its first
+    value, so that the sweep's keys and group options can be checked before any job starts."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+    from hydra.errors import HydraException
+
+    first = {}
+    for text in overrides:
+        try:
+            override = OverridesParser.create().parse_overrides([text])[0]
+        except HydraException:
+            first[text] = text  # Hydra reports the syntax error itself
+            continue
+        if not override.is_sweep_override():
+            first[text] = text
+        elif override.is_interval_sweep():
+            first[text] = f"{override.get_key_element()}={override.value().start}"
+        else:
+            first[text] = f"{override.get_key_element()}={next(iter(override.sweep_string_iterator()))}"
+    return first
+
+
+def _validate_first_job(config_name: str, overrides: list[str]) -> None:
+    """A sweep's first job validated in full (keys of trl and peft, data files, templates) before any job starts: a
+    misspelled key should cost seconds, not one failed job per combination."""
+    import tempfile
+
+    from finetune.config import compose
+    from finetune.errors import EXIT_CONFIG, ConfigError
+    from finetune.validate import validate
+
+    with tempfile.TemporaryDirectory() as scratch:  # not the sweep's directory: nothing is written before the jobs
+        try:
+            validate(compose(config_name, [*overrides, f"output_dir={scratch}/job"]))
+        except ConfigError as err:
+            print(f"error: the sweep's first job: {err}", file=sys.stderr)
+            sys.exit(EXIT_CONFIG)
+
+
+def _as_taken(original: str, taken: str) -> str:
+    """The original override with the prefix Hydra needed for it (`++trainer.warmup_ratio=0.1,0.2`)."""
+    prefix = taken[: len(taken) - len(taken.lstrip("+~"))]
+    return prefix + original.lstrip("+~") if prefix and not original.startswith(("+", "~")) else original
+
+
+def _sweep_directories(args: list[str]) -> list[str]:
+    """In a sweep, `output_dir=DIR` names the sweep's directory (default runs/sweeps/PRESET/TIME) and each job trains
+    in DIR/<job number>/, a run directory of its own."""
+    rest, sweep_dir = [], None
+    for arg in args:
+        if arg.startswith("output_dir="):
+            sweep_dir = arg.split("=", 1)[1]
+        else:
+            rest.append(arg)
+    if sweep_dir is not None:
+        rest.append(f"hydra.sweep.dir={sweep_dir}")
+    return [*rest, "output_dir=${hydra:sweep.dir}/${hydra:sweep.subdir}"]
+
+
+_SWEEP_EXIT_CODES: list[int] = []  # exit codes of the failed jobs of a sweep: the sweep exits with the worst
 
 
 def _pop_preset(args: list[str]) -> tuple[str, list[str]]:
@@ -134,15 +203,55 @@ def _run_hydra(config_name: str, args: list[str]) -> None:
     hydra.main(version_base=None, config_path=str(CONF_DIR), config_name=config_name)(_task)()
 
 
-def _task(cfg) -> None:
-    from finetune.errors import FinetuneError
+def _task(cfg) -> float | None:
+    """One run. In a sweep, a failed job is reported and recorded (its run.json) and the sweep goes on; the job
+    returns its objective (finetune.sweep.objective) for sweepers that optimise, such as Optuna."""
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+
+    from finetune.errors import EXIT_FAILURE, FinetuneError
     from finetune.train import run
 
+    in_sweep = HydraConfig.get().mode == RunMode.MULTIRUN
     try:
-        run(cfg)
+        run_dir = run(cfg)
     except FinetuneError as err:
         print(f"error: {err}", file=sys.stderr)
-        sys.exit(err.exit_code)
+        if not in_sweep:
+            sys.exit(err.exit_code)
+        _SWEEP_EXIT_CODES.append(err.exit_code)
+        _record_refused_job(cfg, err)
+        return float("nan")
+    except Exception as err:  # a bug or out of memory in one job of a sweep: the others still run
+        if not in_sweep:
+            raise
+        import traceback
+
+        traceback.print_exc()
+        print(f"error: job {HydraConfig.get().job.num} failed: {type(err).__name__}: {err}", file=sys.stderr)
+        _SWEEP_EXIT_CODES.append(EXIT_FAILURE)
+        return float("nan")
+    if not in_sweep:
+        return None
+    import json
+
+    from finetune.sweep import objective
+
+    return objective(json.loads((run_dir / "run.json").read_text(encoding="utf-8")))
+
+
+def _record_refused_job(cfg, err) -> None:
+    """A job refused before it started (a config error) has no run.json yet: write one, so the sweep's table lists it."""
+    from pathlib import Path
+
+    from finetune import artifacts
+    from finetune.train import given_overrides
+
+    run_dir = Path(str(cfg.output_dir))
+    if not (run_dir / "run.json").exists():
+        run_dir.mkdir(parents=True, exist_ok=True)
+        artifacts.write_json(run_dir / "run.json", {"status": f"failed:{err.reason}", "exit_code": err.exit_code, "error": str(err),
+                                                    "overrides": given_overrides()})
 
 
 def _help_text() -> str:
@@ -176,6 +285,8 @@ after training (each takes --help):
 
 exit codes: 0 done, 1 failure, 2 config or data problem, 3 corrupt, unsafe or mismatched input (or a failed merge gate),
 75 preempted (resume=true).
+sweeps: python -m finetune conf=demo -m strategy.r=8,16,32 trainer.learning_rate=1e-4,3e-4
+  each job in runs/sweeps/PRESET/TIME/N/ (output_dir=DIR: DIR/N/), table in sweep_summary.md; exit code: the worst job's.
 Hydra's own flags: --cfg job|all, --resolve, -m (multirun), --hydra-help."""
 
 

@@ -68,12 +68,12 @@ def metadata(config: dict, kind: str) -> dict:
     return meta
 
 
-def render(run_dir: Path | None, config: dict, kind: str, extra: dict | None = None) -> str:
+def render(run_dir: Path | None, config: dict, kind: str, extra: dict | None = None, repo_id: str | None = None) -> str:
     """The whole README.md: front matter, then the card body."""
     meta = metadata(config, kind)
     front = yaml.dump(meta, Dumper=_Dumper, sort_keys=False, allow_unicode=True, width=float("inf"))
     record = _read_json(run_dir / "run.json") if run_dir else {}
-    body = _body(run_dir, config, kind, meta, record, extra or {})
+    body = _body(run_dir, config, kind, meta, record, extra or {}, repo_id or "YOUR_NAME/THIS_REPO")
     return f"---\n{front}---\n\n{body}"
 
 
@@ -87,7 +87,7 @@ def write(folder: Path, run_dir: Path | None, config: dict, kind: str, extra: di
     return path
 
 
-def _body(run_dir, config: dict, kind: str, meta: dict, record: dict, extra: dict) -> str:
+def _body(run_dir, config: dict, kind: str, meta: dict, record: dict, extra: dict, repo: str) -> str:
     card, model, strategy, data = (config.get(k, {}) for k in ("card", "model", "strategy", "data"))
     title = _line(card.get("model_name") or (run_dir.name if run_dir else "fine-tuned model"))
     base = meta.get("base_model") or f"a local {model.get('family', '')} checkpoint ({_line(Path(str(model.get('name_or_path', ''))).name)})"
@@ -99,7 +99,7 @@ def _body(run_dir, config: dict, kind: str, meta: dict, record: dict, extra: dic
     parts = [f"# {title}", "", description, ""]
     if card.get("domain") in CAUTIONS:
         parts += [f"> **Caution — {card['domain']} use.** {CAUTIONS[card['domain']]}", ""]
-    parts += _usage(kind, meta, data) + _training(config, record) + _results(run_dir, record, extra)
+    parts += _usage(kind, meta, repo) + _training(config, record) + _results(run_dir, record, extra)
     parts += _serving_section(model.get("family", ""), kind, strategy)
     parts += _limitations(card.get("domain", "general"))
     parts += ["## Resolved training config", "", "Local paths are reduced to file names.", "", "```yaml",
@@ -110,8 +110,8 @@ def _body(run_dir, config: dict, kind: str, meta: dict, record: dict, extra: dic
     return "\n".join(parts)
 
 
-def _usage(kind: str, meta: dict, data: dict) -> list[str]:
-    repo = "YOUR_NAME/THIS_REPO"
+def _usage(kind: str, meta: dict, repo: str) -> list[str]:
+    """Loading code; `repo` is the repository being pushed to (a placeholder in the run directory's own card)."""
     base = meta.get("base_model", "BASE_MODEL")
     if kind == "adapter":
         code = ["from peft import PeftModel", "from transformers import AutoModelForCausalLM, AutoTokenizer", "",

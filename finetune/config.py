@@ -131,6 +131,20 @@ class CardConfig:
 
 
 @dataclass
+class TrackingConfig:
+    """Where `trainer.report_to` sends the training curves (finetune.tracking): TensorBoard always logs inside the run
+    directory; W&B and MLflow log there too when offline."""
+
+    project: str | None = None
+    """W&B project / MLflow experiment; null: the preset's name, or neo-finetune."""
+    run_name: str | None = None
+    """Name of the run in W&B / MLflow; null: the run directory's name."""
+    offline: bool | str = "auto"
+    """true: W&B and MLflow write only inside the run directory (wandb sync / mlflow ui later) | false: online |
+    auto: offline unless credentials are set (WANDB_API_KEY or a netrc login for api.wandb.ai; MLFLOW_TRACKING_URI)."""
+
+
+@dataclass
 class RunConfig:
     """The root of a composed config: our run-level keys plus the groups."""
 
@@ -141,6 +155,7 @@ class RunConfig:
     trainer: dict
     distributed: DistributedConfig = field(default_factory=DistributedConfig)
     card: CardConfig = field(default_factory=CardConfig)
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)
     overwrite: bool = False
     resume: bool | str = False
     """true: continue from the newest complete checkpoint in output_dir; auto: the same, or start fresh if none."""

@@ -35,6 +35,7 @@ import json
 import math
 import re
 import sys
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -565,8 +566,11 @@ def _adapter(config_json: str, lora_json: str) -> Adapter:
     config = _config_from_json(config_json, AutoConfig)
     with torch.device("meta"):
         base = AutoModelForCausalLM.from_config(config)
-    # low_cpu_mem_usage: peft creates the adapter weights on the meta device too (and fast, outside the device context)
-    model = get_peft_model(base, LoraConfig(task_type="CAUSAL_LM", **lora), low_cpu_mem_usage=True)
+    # low_cpu_mem_usage: peft creates the adapter weights on the meta device too (and fast, outside the device context).
+    # peft 0.21 reads transformers' deprecated is_gradient_checkpointing: its FutureWarning is not the user's business.
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", category=FutureWarning, module=r"transformers\.")
+        model = get_peft_model(base, LoraConfig(task_type="CAUSAL_LM", **lora), low_cpu_mem_usage=True)
     layers = _layers(model.get_base_model())
     wrapped = tuple(tuple(sorted(name.rsplit(".", 1)[-1] for name, m in layer.named_modules() if isinstance(m, LoraLayer)))
                     for layer in layers)
@@ -1329,6 +1333,12 @@ def preset_files() -> list[Path]:
     return sorted(p for p in CONF_DIR.glob("*.yaml") if p.stem != "config")
 
 
+def recipe_files() -> list[Path]:
+    """Recipe READMEs and scripts: their `# plan (...)` lines (anywhere, any preset) are kept in sync too."""
+    recipes = CONF_DIR.parent / "recipes"
+    return sorted(p for p in recipes.rglob("*") if p.suffix in (".md", ".sbatch", ".sh"))
+
+
 def header_line(path: Path) -> tuple[int, re.Match] | None:
     """(index, match) of the `# plan (...)` line in the leading comment block of a preset."""
     for index, line in enumerate(path.read_text(encoding="utf-8").splitlines()):
@@ -1349,26 +1359,31 @@ def expected_header(args: str) -> str:
 
 
 def sync_headers(write: bool) -> list[str]:
-    """Recompute every preset's header line; rewrite stale ones when `write`. Returns one message per stale or missing
-    line (after writing: per rewritten line)."""
-    messages = []
+    """Recompute every preset's header line and every plan line of the recipes; rewrite stale ones when `write`.
+    Returns one message per stale or missing line (after writing: per rewritten line)."""
+    messages, lines_of = [], {}
     for path in preset_files():
         found = header_line(path)
         if found is None:
             messages.append(f"{path.name}: no `# plan (python -m finetune.plan conf={path.stem} gpu=... num_gpus=...)` line "
                             "in its leading comments; add one, then run python -m finetune.plan --sync-headers")
-            continue
-        index, match = found
-        if f"conf={path.stem}" not in match.group("args").split():
+        elif f"conf={path.stem}" not in found[1].group("args").split():
             messages.append(f"{path.name}: its plan line must name conf={path.stem}")
-            continue
-        wanted = expected_header(match.group("args"))
+        else:
+            lines_of[path] = [found]
+    for path in recipe_files():
+        found = [(i, m) for i, line in enumerate(path.read_text(encoding="utf-8").splitlines()) if (m := HEADER.match(line))]
+        if found:
+            lines_of[path] = found
+    for path, found in lines_of.items():
         lines = path.read_text(encoding="utf-8").splitlines(keepends=True)
-        if lines[index].rstrip("\n") != wanted:
-            messages.append(f"{path.name}: {'rewrote' if write else 'stale'}: {wanted}")
-            if write:
+        for index, match in found:
+            wanted = expected_header(match.group("args"))
+            if lines[index].rstrip("\n") != wanted:
+                messages.append(f"{path.relative_to(CONF_DIR.parent)}:{index + 1}: {'rewrote' if write else 'stale'}: {wanted}")
                 lines[index] = wanted + "\n"
-                path.write_text("".join(lines), encoding="utf-8")
+        if write:
+            path.write_text("".join(lines), encoding="utf-8")
     return messages
 
 

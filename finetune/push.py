@@ -61,7 +61,7 @@ def run(opts: dict) -> Path:
     target = rundir.locate(opts["target"], merged=opts["merged"])
     kind = "adapter" if target.kind == "adapter" else ("merged" if opts["merged"] else "model")
     staging = Path(opts["staging"]).expanduser() if opts["staging"] else (target.run_dir or target.weights.parent) / "push_staging"
-    files = stage(target, kind, staging)
+    files = stage(target, kind, staging, repo_id)
     total = sum(p.stat().st_size for p in files)
     where = f"{repo_id} ({'private' if opts['private'] else 'public'}, branch {opts['revision']})" if repo_id else "(no repo_id)"
     print(f"{'would upload' if opts['dry_run'] else 'uploading'} {len(files)} files, {total / 2**20:.1f} MiB, in one commit to {where}:")
@@ -76,7 +76,7 @@ def run(opts: dict) -> Path:
     return staging
 
 
-def stage(target: rundir.Target, kind: str, staging: Path) -> list[Path]:
+def stage(target: rundir.Target, kind: str, staging: Path, repo_id: str | None = None) -> list[Path]:
     """A fresh `staging` folder with exactly the allowlisted files (hard links where possible), checked."""
     source = target.weights
     allowed = ADAPTER_FILES if kind == "adapter" else MODEL_FILES
@@ -90,7 +90,7 @@ def stage(target: rundir.Target, kind: str, staging: Path) -> list[Path]:
         _link_or_copy(source / name, staging / name)
     config = target.config or {}
     extra = _read_json(source / "merge_report.json") if kind == "merged" else None
-    (staging / "README.md").write_text(card.render(target.run_dir, config, kind, extra), encoding="utf-8")
+    (staging / "README.md").write_text(card.render(target.run_dir, config, kind, extra, repo_id), encoding="utf-8")
     files = sorted(staging.iterdir())
     try:
         _check_safe(staging, files, kind)

@@ -21,7 +21,7 @@ from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
 
-from finetune import artifacts, card, checkpoints, cli, fingerprint, models, precision, ranks, rundir, strategy
+from finetune import artifacts, card, checkpoints, cli, fingerprint, models, precision, ranks, rundir, strategy, tracking
 from finetune.data import describe, packing, prepare, prompt_text
 from finetune.data import templates as data_templates
 from finetune.errors import EXIT_FAILURE, EXIT_OK, ConfigError, FinetuneError, IntegrityError, Preempted
@@ -52,13 +52,14 @@ def run(cfg: DictConfig) -> Path:
     if main:
         checkpoints.clear_staging(checkpoints_dir)
     previous = _previous_attempts(run_dir) if cfg.resume else []
-    record = artifacts.RunRecord(run_dir, enabled=main, preset=_preset_name(), strategy=cfg.strategy.name, base_model=cfg.model.name_or_path,
+    record = artifacts.RunRecord(run_dir, enabled=main, preset=_preset_name(), overrides=given_overrides(), strategy=cfg.strategy.name, base_model=cfg.model.name_or_path,
                                  revision=cfg.model.revision, seed=cfg.seed, config_hash=artifacts.config_hash(resolved),
                                  resumed_from=resume_from.name if resume_from else None, previous_attempts=previous,
                                  precision=precision_used)
     with PreemptionSignals(deferred=ranks.world_size() > 1) as signals:
         try:
-            _train(cfg, resolved, run_dir, record, resume_from, signals)
+            with tracking.session(cfg, run_dir, _preset_name()):  # report_to's environment, for this run only
+                _train(cfg, resolved, run_dir, record, resume_from, signals)
         except FinetuneError as err:
             status = "preempted" if isinstance(err, Preempted) else f"failed:{err.reason}"
             record.finish(status, err.exit_code, error=str(err))
@@ -74,6 +75,7 @@ def _train(cfg, resolved: dict, run_dir: Path, record, resume_from: Path | None,
     from transformers import set_seed
     from trl import SFTConfig
 
+    from finetune.progress import rows_bar
     from finetune.trainer import GuardedSFTTrainer, estimate_checkpoint_bytes
 
     set_seed(cfg.seed)
@@ -81,7 +83,7 @@ def _train(cfg, resolved: dict, run_dir: Path, record, resume_from: Path | None,
     tokenizer = models.load_tokenizer(cfg.model)
     template = data_templates.load(cfg.data.template)
     tokenizer.chat_template = template.chat_template  # saved with the tokenizer: inference renders as training did
-    data = prepare(cfg.data, tokenizer, template, cfg.seed)
+    data = prepare(cfg.data, tokenizer, template, cfg.seed, progress=rows_bar)
     train_set, eval_set = data.as_datasets()
     for line in describe(data):
         cli.say(line)
@@ -125,7 +127,7 @@ def _train(cfg, resolved: dict, run_dir: Path, record, resume_from: Path | None,
         processing_class=tokenizer,
         data_collator=collator,
         peft_config=strategy.peft_config(resolved["strategy"]),
-        callbacks=[StopOnPreemption(signals), FlushStepLog(step_log), *_early_stopping(cfg, eval_set)],
+        callbacks=[StopOnPreemption(signals), FlushStepLog(step_log), *_early_stopping(cfg, eval_set), *tracking.callbacks(args.report_to)],
         keep_checkpoints=keep_checkpoints,
         run_facts=facts,
         step_log=step_log,
@@ -247,6 +249,9 @@ def _training_arguments(cfg: DictConfig, run_dir: Path, has_eval: bool, cuda: bo
     if not has_eval and kwargs.get("eval_strategy", "no") != "no":
         kwargs["eval_strategy"] = "no"
     kwargs.setdefault("disable_tqdm", False)  # transformers hides the bar when its logger is quiet, and ours is
+    # DDP: every trainable parameter (adapter or full model) gets a gradient every step, so DDP need not search the
+    # graph for unused ones each step (transformers' default turns the search on, and torch warns on every rank).
+    kwargs.setdefault("ddp_find_unused_parameters", False)
     if kwargs.get("load_best_model_at_end") and not has_eval:
         kwargs["load_best_model_at_end"] = False
     kwargs.update(
@@ -257,6 +262,7 @@ def _training_arguments(cfg: DictConfig, run_dir: Path, has_eval: bool, cuda: bo
         dataset_kwargs={"skip_prepare_dataset": True},  # finetune.data already tokenized and masked the rows
         max_length=None,
         logging_nan_inf_filter=False,  # log losses raw; the trainer stops on a non-finite one (trainer.py)
+        **tracking.trainer_arguments(cfg, run_dir),  # report_to, run_name (finetune.tracking)
     )
     if cfg.early_stopping_patience and has_eval:  # the best checkpoint becomes the result (validate.py checked the rest)
         kwargs.update(load_best_model_at_end=True, metric_for_best_model="eval_loss", greater_is_better=False)
@@ -332,6 +338,13 @@ def _preset_name() -> str | None:
     from hydra.core.hydra_config import HydraConfig
 
     return HydraConfig.get().job.config_name if HydraConfig.initialized() else None
+
+
+def given_overrides() -> list[str]:
+    """The command-line overrides of this run (one job's own values in a sweep), as Hydra took them."""
+    from hydra.core.hydra_config import HydraConfig
+
+    return list(HydraConfig.get().overrides.task) if HydraConfig.initialized() else []
 
 
 def _summary(run_dir: Path, before: dict, after: dict, samples: list[dict], seconds: float) -> None:

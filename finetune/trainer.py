@@ -7,6 +7,9 @@
 - `training_step` / `_get_grad_norm`: a non-finite loss or gradient norm, or an optimizer step without a single
   trained token, stops the run before the optimizer applies it (trl would log 0.0 for an all-masked batch and the
   Trainer would step on NaN gradients).
+- progress: transformers' ProgressCallback / PrinterCallback give way to finetune.progress.TrainingProgress (one bar,
+  one line per log), and `_track_num_input_tokens` counts every micro-batch's non-padding tokens for its tok/s
+  (transformers counts only when asked, and counts a packed row's padding: no attention mask, and pad is EOS here).
 """
 
 from __future__ import annotations
@@ -17,9 +20,11 @@ import math
 import shutil
 from pathlib import Path
 
+import torch
+from transformers import PrinterCallback, ProgressCallback
 from trl import SFTTrainer
 
-from finetune import checkpoints
+from finetune import checkpoints, progress
 from finetune.errors import DiskFullError, NonFiniteError
 from finetune.guards import StepLog
 
@@ -31,6 +36,16 @@ class GuardedSFTTrainer(SFTTrainer):
         self.run_facts = run_facts
         self.step_log = step_log
         self.after_save = after_save  # callable(folder): replace pickles, scrub local paths
+        self.remove_callback(ProgressCallback)  # whichever of the two the Trainer added (disable_tqdm picks)
+        self.remove_callback(PrinterCallback)
+        self.progress = progress.TrainingProgress()
+        self.add_callback(self.progress)
+
+    def train(self, *args, **kwargs):
+        try:
+            return super().train(*args, **kwargs)
+        finally:
+            self.progress.close()  # stopped by an error: its message starts on a line of its own
 
     def _save_checkpoint(self, model, trial) -> None:
         final_parent = Path(self._get_output_dir(trial=trial))
@@ -84,6 +99,13 @@ class GuardedSFTTrainer(SFTTrainer):
                                  "checkpoint is intact. Lower trainer.learning_rate, keep bf16/fp32 (not fp16), check the data")
         self.step_log.add(inputs["input_ids"], value)
         return loss
+
+    def _track_num_input_tokens(self, inputs) -> None:
+        if self.args.include_num_input_tokens_seen == "all":  # asked for every token, padding included
+            return super()._track_num_input_tokens(inputs)
+        count = torch.as_tensor(progress.input_tokens(inputs), device=self.args.device, dtype=torch.int64)
+        self.state.num_input_tokens_seen += int(self.accelerator.gather(count).sum().item())
+        return None
 
     def _get_grad_norm(self, model, grad_norm=None):
         norm = super()._get_grad_norm(model, grad_norm=grad_norm)

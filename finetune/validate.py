@@ -40,6 +40,7 @@ OWNED_TRAINER_KEYS = {
     "fsdp_config": "distributed=fsdp (distributed.fsdp_config.*)",
     "logging_nan_inf_filter": "no key (losses are always logged raw, and a non-finite loss stops the run)",
     "hub_token": "the HF_TOKEN environment variable or `hf auth login` (a token in a config ends up in logs)",
+    "run_name": "tracking.run_name=NAME",
 }
 
 
@@ -191,6 +192,7 @@ def check_trainer(cfg: dict, warnings: list[str]) -> list[str]:
             problems.append(f"trainer.{key}: must be an integer >= 1, got {value!r}")
     if (number("num_train_epochs", 3) or 0) <= 0 and (number("max_steps", -1) or -1) <= 0:
         problems.append("trainer.num_train_epochs / trainer.max_steps: set a positive number of epochs or steps")
+    problems += check_report_to(trainer.get("report_to", "none"))
     fp16 = bool(trainer.get("fp16")) or (cfg.get("model") or {}).get("dtype") == "float16"
     if trainer.get("bf16") not in (True, False, "auto", None):
         problems.append(f"trainer.bf16: true, false or auto, got {trainer.get('bf16')!r}")
@@ -208,6 +210,26 @@ def check_trainer(cfg: dict, warnings: list[str]) -> list[str]:
         warnings.append("fp16 on GPT-Neo/NeoX: watch for overflow (inf/NaN loss) and the loss_scale in the logs "
                         "(a scale that keeps halving means overflowing gradients); bf16 is safer where the GPU has it")
     return problems
+
+
+def check_report_to(report_to) -> list[str]:
+    """trainer.report_to names installed backends of finetune.tracking (transformers would fail only once training
+    starts, after the model has loaded, or with "all" silently turn on whatever happens to be installed)."""
+    from finetune.tracking import BACKENDS, PACKAGES, backends
+
+    allowed = ", ".join(("none", *BACKENDS))
+    items = [report_to] if isinstance(report_to, str) or report_to is None else report_to
+    if not isinstance(items, list) or not all(isinstance(item, str) for item in items):
+        return [f"trainer.report_to: expected one of {allowed} or a list of them, got {report_to!r}"]
+    if "all" in items:
+        return ["trainer.report_to: 'all' turns on every tracker that happens to be installed; name the ones you want, "
+                "e.g. trainer.report_to=[tensorboard,wandb]"]
+    problems = [f"trainer.report_to: '{name}' is not one of {allowed}" for name in items if name not in ("none", *BACKENDS)]
+    if problems:
+        return problems
+    missing = [name for name in backends(items) if importlib.util.find_spec(name) is None]
+    return [f"trainer.report_to: {name} is selected but not installed; pip install {PACKAGES[name]} "
+            '(or pip install -e ".[tracking]")' for name in missing]
 
 
 def _type_name(hint) -> str:
@@ -262,6 +284,8 @@ def check_run(cfg: dict) -> list[str]:
     if cfg["sample_generations"] < 0 or cfg["max_new_tokens"] <= 0:
         problems.append("sample_generations must be >= 0 and max_new_tokens > 0")
     problems += _check_early_stopping(cfg)
+    if cfg["tracking"]["offline"] not in (True, False, "auto"):
+        problems.append(f"tracking.offline: '{cfg['tracking']['offline']}' is not one of true, false, auto")
     return problems
 
 

@@ -83,9 +83,9 @@ def test_saved_tokenizer_reproduces_training_text_byte_for_byte(neo_tokenizer, t
     trained_text = neo_tokenizer.decode(tokenize(neo_tokenizer, template, row).input_ids)
     assert reloaded.apply_chat_template(conversation, tokenize=False) == trained_text
     prompt = prompt_text(neo_tokenizer, template, row)
-    assert trained_text.startswith(prompt)
-    if prompt:
-        last = max(i for i, m in enumerate(conversation) if m["role"] == "assistant")
+    assert prompt and trained_text.startswith(prompt)
+    last = max(i for i, m in enumerate(conversation) if m["role"] == "assistant")
+    if last > 0:  # raw text (completion) has no prompt: its first words are one, checked above
         assert reloaded.apply_chat_template(conversation[:last], tokenize=False, add_generation_prompt=True) == prompt
 
 

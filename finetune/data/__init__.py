@@ -13,10 +13,13 @@ under the length policy (overlength, response_too_long, no_trainable_tokens).
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import json
 import random
 import re
 from collections import Counter
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
@@ -94,10 +97,16 @@ def render(tokenizer, template: Template, conversation: list[dict], add_generati
 
 
 def prompt_text(tokenizer, template: Template, row: dict) -> str:
-    """The prompt for the row's last assistant message, ready for generation."""
+    """The prompt for the row's last assistant message, ready for generation. Raw text (the completion template)
+    has no prompt before it: its first words (a quarter, at most 32) are the prompt, so the model continues them."""
     conversation = template.conversation(row)
     last = max(i for i, m in enumerate(conversation) if m["role"] == "assistant")
-    return render(tokenizer, template, conversation[:last], add_generation_prompt=True)
+    prompt = render(tokenizer, template, conversation[:last], add_generation_prompt=True)
+    if prompt.strip():
+        return prompt
+    text = str(conversation[last]["content"])
+    words = max(1, min(32, len(text.split()) // 4))
+    return re.match(rf"(?:\s*\S+){{{words}}}", text).group(0)  # an exact prefix of the text: spacing kept
 
 
 def segments(tokenizer, template: Template, conversation: list[dict]) -> list[tuple[str, bool]]:
@@ -114,26 +123,34 @@ def tokenize(tokenizer, template: Template, row: dict, train_on_inputs: bool = F
     return tokenize_many(tokenizer, template, [row], train_on_inputs)[0]
 
 
-def tokenize_many(tokenizer, template: Template, rows: list[dict], train_on_inputs: bool = False) -> list[Sample]:
+def tokenize_many(tokenizer, template: Template, rows: list[dict], train_on_inputs: bool = False,
+                  on_rows: Callable[[int], None] | None = None) -> list[Sample]:
     """tokenize() for many rows: prefixes rendered by one `_ChatRenderer`, then batched tokenizer calls (the Rust
     tokenizer uses every core). Same ids and labels as tokenize() row by row (tests/test_data.py checks them against
     the plain apply_chat_template algorithm).
 
     Above `_CHUNK_ROWS` rows, chunks are tokenized in a worker thread while the next chunk is rendered: the Rust
     tokenizer releases the GIL, so rendering (Python) and tokenizing (Rust) run on different cores at once.
+    `on_rows(n)` is told as each chunk of n rows is tokenized (from the worker thread): a progress bar's update.
     """
     renderer, eos = _ChatRenderer(tokenizer, template), tokenizer.eos_token_id
     chunks = [rows[i : i + _CHUNK_ROWS] for i in range(0, len(rows), _CHUNK_ROWS)]
     with packing.gc_paused():
         if len(chunks) <= 1:
             pieces = _segments_many(renderer, template, [template.conversation(row) for row in rows])
-            return _assemble(template, rows, pieces, _encode(tokenizer, _texts(pieces)), eos, train_on_inputs)
+            samples = _assemble(template, rows, pieces, _encode(tokenizer, _texts(pieces)), eos, train_on_inputs)
+            if on_rows is not None:
+                on_rows(len(rows))
+            return samples
         with ThreadPoolExecutor(max_workers=1, thread_name_prefix="finetune-tokenize") as worker:
             parts = []
             try:
                 for chunk in chunks:  # every chunk is rendered (and checked) before any is assembled, as in one batch
                     pieces = _segments_many(renderer, template, [template.conversation(row) for row in chunk])
-                    parts.append((chunk, pieces, worker.submit(_encode, tokenizer, _texts(pieces))))
+                    future = worker.submit(_encode, tokenizer, _texts(pieces))
+                    if on_rows is not None:
+                        future.add_done_callback(functools.partial(_tell, on_rows, len(chunk)))
+                    parts.append((chunk, pieces, future))
             except BaseException:
                 for *_, future in parts:
                     future.cancel()
@@ -145,6 +162,11 @@ def tokenize_many(tokenizer, template: Template, rows: list[dict], train_on_inpu
 
 
 _CHUNK_ROWS = 2048
+
+
+def _tell(on_rows: Callable[[int], None], rows: int, future) -> None:
+    if not future.cancelled():
+        on_rows(rows)
 
 
 def _texts(pieces: list[list[tuple[str, bool]]]) -> list[str]:
@@ -303,8 +325,11 @@ def fit_length(sample: Sample, max_length: int, policy: str) -> tuple[list[Sampl
     return pieces, (None if pieces else "no_trainable_tokens")
 
 
-def prepare(data_cfg, tokenizer, template: Template, seed: int) -> PreparedData:
-    """Read, check, split, tokenize, length-fit and (optionally) pack the data named by `data_cfg` (conf/data)."""
+def prepare(data_cfg, tokenizer, template: Template, seed: int, progress=None) -> PreparedData:
+    """Read, check, split, tokenize, length-fit and (optionally) pack the data named by `data_cfg` (conf/data).
+
+    `progress(total_rows)`: a context manager yielding `advance(n)`, told as rows are templated and tokenized (a bar:
+    finetune.progress.rows_bar)."""
     columns = dict(data_cfg.columns or {})
     read = _read(data_cfg, data_cfg.path, data_cfg.split, "data.path", columns)
     if data_cfg.eval_path or data_cfg.eval_split:
@@ -321,8 +346,9 @@ def prepare(data_cfg, tokenizer, template: Template, seed: int) -> PreparedData:
     if not (data_cfg.eval_path or data_cfg.eval_split):
         train_rows, eval_rows = _split(train_rows, data_cfg.eval_fraction, seed)
 
-    train, kept_train, truncated = _tokenize_all(tokenizer, template, train_rows, data_cfg, not_kept)
-    evals, kept_eval, truncated_eval = _tokenize_all(tokenizer, template, eval_rows, data_cfg, not_kept)
+    with progress(len(train_rows) + len(eval_rows)) if progress else contextlib.nullcontext() as advance:
+        train, kept_train, truncated = _tokenize_all(tokenizer, template, train_rows, data_cfg, not_kept, advance)
+        evals, kept_eval, truncated_eval = _tokenize_all(tokenizer, template, eval_rows, data_cfg, not_kept, advance)
     too_long = [n for n in not_kept if n.reason in ("overlength", "response_too_long")]
     if too_long and data_cfg.overlength == "error":
         raise DataError(_listing(too_long, f"row(s) longer than data.max_length={data_cfg.max_length}",
@@ -377,9 +403,9 @@ def _checked(rows: list[dict], template: Template, columns: dict, not_kept: list
     return good
 
 
-def _tokenize_all(tokenizer, template, rows, data_cfg, not_kept) -> tuple[list[Sample], list[bool], int]:
+def _tokenize_all(tokenizer, template, rows, data_cfg, not_kept, on_rows=None) -> tuple[list[Sample], list[bool], int]:
     samples, kept, truncated = [], [], 0
-    for row, sample in zip(rows, tokenize_many(tokenizer, template, rows, data_cfg.train_on_inputs)):
+    for row, sample in zip(rows, tokenize_many(tokenizer, template, rows, data_cfg.train_on_inputs, on_rows)):
         fitted, reason = fit_length(sample, data_cfg.max_length, data_cfg.overlength)
         if reason:
             not_kept.append(NotKept(sample.where, reason, f"{len(sample.input_ids)} tokens > data.max_length={data_cfg.max_length}", _raw(row)))

@@ -23,9 +23,9 @@ from finetune.errors import DataError
 
 MAX_REPORTED = 20
 MAX_RAW = 2000
-SUFFIXES = (".jsonl", ".json", ".csv", ".tsv", ".parquet")
+SUFFIXES = (".jsonl", ".json", ".csv", ".tsv", ".parquet", ".txt")
 # An entry ending in one of these is a file path, never a Hub id, even though `data/train.txt` looks like owner/name.
-FILE_SUFFIXES = (*SUFFIXES, ".txt", ".gz", ".zip", ".arrow", ".xlsx")
+FILE_SUFFIXES = (*SUFFIXES, ".gz", ".zip", ".arrow", ".xlsx")
 HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 GLOB_CHARS = re.compile(r"[*?\[]")
 
@@ -139,6 +139,8 @@ def _read_source(
         rows, rejected = _read_csv(source, "\t" if suffix == ".tsv" else ",", columns, key)
     elif suffix == ".parquet":
         rows, rejected = _read_parquet(source, columns, key), []
+    elif suffix == ".txt":
+        rows, rejected = _read_text(source, key)
     else:
         raise DataError(
             f"{source}: unsupported file type '{suffix}'; use one of {', '.join(SUFFIXES)}, "
@@ -178,6 +180,15 @@ def _decode(source: str, data: bytes, key: str) -> str:
             f"{source}:{line}: not valid UTF-8 (byte 0x{data[err.start]:02x} at column {column}); re-encode the "
             f"file as UTF-8, e.g. `iconv -f latin1 -t utf-8 {source} > fixed{Path(source).suffix}` ({key})"
         ) from None
+
+
+def _read_text(source: str, key: str) -> tuple[list[dict], list[Rejected]]:
+    """A plain-text file is one document, {"text": its content}: a corpus folder (`data.path='corpus/*.txt'`) for
+    continued pretraining with the completion template. An empty file is listed as a row that does not train."""
+    text = _decode(source, Path(source).read_bytes(), key)
+    if not text.strip():
+        return [], [Rejected(f"{source}:1", "empty text file", "", "empty")]
+    return [{"_where": f"{source}:1", "text": text}], []
 
 
 def _read_jsonl(source: str) -> tuple[list[dict], list[Rejected]]:
