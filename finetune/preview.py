@@ -32,8 +32,10 @@ def main(argv: list[str] | None = None) -> None:
             n = int(arg[2:])
         else:
             overrides.append(arg)
+    from finetune import cli
     from finetune.errors import FinetuneError
 
+    cli.quiet_libraries()  # building a tiny checkpoint on first use would otherwise print library notices and bars
     try:
         print(preview(config_name, overrides, n, color))
     except FinetuneError as err:

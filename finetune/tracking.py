@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 from urllib.parse import urlparse
@@ -128,17 +129,13 @@ def session(cfg, run_dir: Path, preset: str | None) -> Iterator[None]:
 
 def _close(chosen: list[str], completed: bool) -> None:
     """transformers never finishes a W&B run, and ends the MLflow run at train end (KeepMlflowRunOpen reopens it for
-    the final evaluation): finish both here, or the next run in this process would log into them."""
-    if "wandb" in chosen:
-        import wandb
-
-        if wandb.run is not None:
-            wandb.finish(exit_code=0 if completed else 1)
-    if "mlflow" in chosen:
-        import mlflow
-
-        if mlflow.active_run() is not None:
-            mlflow.end_run("FINISHED" if completed else "FAILED")
+    the final evaluation): finish both here, or the next run in this process would log into them. A library that was
+    never imported (the run stopped before its first log) has no run to finish."""
+    wandb, mlflow = sys.modules.get("wandb"), sys.modules.get("mlflow")
+    if "wandb" in chosen and wandb is not None and wandb.run is not None:
+        wandb.finish(exit_code=0 if completed else 1)
+    if "mlflow" in chosen and mlflow is not None and mlflow.active_run() is not None:
+        mlflow.end_run("FINISHED" if completed else "FAILED")
 
 
 def callbacks(report_to) -> list:
