@@ -13,8 +13,10 @@ metrics.json and loss.png (finetune.artifacts) are written whatever is chosen he
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import sys
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from urllib.parse import urlparse
@@ -23,8 +25,9 @@ BACKENDS = ("tensorboard", "wandb", "mlflow")
 PACKAGES = {"tensorboard": "tensorboard", "wandb": "wandb", "mlflow": "mlflow"}  # pip names (mlflow-skinny also does: no UI)
 DEFAULT_PROJECT = "neo-finetune"
 TENSORBOARD_DIR, WANDB_DIR, MLFLOW_DIR = "tensorboard", "wandb", "mlruns"  # inside the run directory
-VARIABLES = ("TENSORBOARD_LOGGING_DIR", "WANDB_PROJECT", "WANDB_DIR", "WANDB_MODE", "MLFLOW_EXPERIMENT_NAME", "MLFLOW_TRACKING_URI",
-             "MLFLOW_ALLOW_FILE_STORE")
+VARIABLES = ("TENSORBOARD_LOGGING_DIR", "WANDB_PROJECT", "WANDB_DIR", "WANDB_MODE", "WANDB_RUN_ID", "WANDB_RESUME",
+             "MLFLOW_EXPERIMENT_NAME", "MLFLOW_TRACKING_URI", "MLFLOW_ALLOW_FILE_STORE", "MLFLOW_RUN_ID")
+RUN_IDS = "tracking.json"  # in the run directory: the W&B / MLflow run ids, so that a resumed run continues the same runs
 
 
 def backends(report_to) -> list[str]:
@@ -66,8 +69,26 @@ def _netrc_login(host: str) -> bool:
         return False
 
 
-def environment(cfg, run_dir: Path, preset: str | None) -> tuple[dict[str, str], list[str]]:
-    """The environment variables the selected integrations read, and one line per backend saying where it logs."""
+def run_ids(run_dir: Path, chosen: list[str], resuming: bool) -> dict[str, str]:
+    """The W&B / MLflow run ids this run logs to: a resumed run's from its tracking.json (the curves go on in the same
+    runs), a fresh W&B id otherwise (MLflow makes its own at the first log; session() records it)."""
+    import uuid
+
+    saved = {}
+    if resuming and (run_dir / RUN_IDS).is_file():
+        saved = json.loads((run_dir / RUN_IDS).read_text(encoding="utf-8"))
+    ids = {}
+    if "wandb" in chosen:
+        ids["wandb"] = saved.get("wandb") or uuid.uuid4().hex[:12]
+    if "mlflow" in chosen and saved.get("mlflow"):
+        ids["mlflow"] = saved["mlflow"]
+    return ids
+
+
+def environment(cfg, run_dir: Path, preset: str | None, ids: dict[str, str] | None = None) -> tuple[dict[str, str], list[str]]:
+    """The environment variables the selected integrations read, and one line per backend saying where it logs.
+    `ids` (run_ids): the W&B / MLflow runs to log to; a WANDB_RUN_ID / MLFLOW_RUN_ID set by the user wins."""
+    ids = ids or {}
     chosen = backends(cfg.trainer.get("report_to"))
     project = cfg.tracking.project or preset or DEFAULT_PROJECT
     run_name = cfg.tracking.run_name or default_run_name(run_dir)
@@ -85,11 +106,15 @@ def environment(cfg, run_dir: Path, preset: str | None) -> tuple[dict[str, str],
         else:
             mode = "offline" if offline(cfg.tracking.offline, "wandb") else "online"
             env["WANDB_MODE"] = mode
+        if ids.get("wandb") and not os.environ.get("WANDB_RUN_ID"):
+            env.update(WANDB_RUN_ID=ids["wandb"], WANDB_RESUME="allow")  # a resumed run appends to the same W&B run
         folder = run_dir / WANDB_DIR
         where = f"{folder} (wandb sync {folder}/offline-run-*)" if mode == "offline" else f"project {project} (local files in {folder})"
-        lines.append(f"tracking: wandb {mode} -> {where}, run {run_name}")
+        lines.append(f"tracking: wandb {mode} -> {where}, run {run_name} (id {env.get('WANDB_RUN_ID', 'from WANDB_RUN_ID')})")
     if "mlflow" in chosen:
         env["MLFLOW_EXPERIMENT_NAME"] = project
+        if ids.get("mlflow") and not os.environ.get("MLFLOW_RUN_ID"):
+            env["MLFLOW_RUN_ID"] = ids["mlflow"]  # transformers' MLflowCallback resumes that run
         if offline(cfg.tracking.offline, "mlflow"):
             folder = run_dir / MLFLOW_DIR
             env["MLFLOW_TRACKING_URI"] = (run_dir.resolve() / MLFLOW_DIR).as_uri()  # a plain folder: copy it, `mlflow ui` it
@@ -102,23 +127,29 @@ def environment(cfg, run_dir: Path, preset: str | None) -> tuple[dict[str, str],
 
 
 @contextlib.contextmanager
-def session(cfg, run_dir: Path, preset: str | None) -> Iterator[None]:
-    """Set the integrations' environment for one run; at the end, close what they left open and restore it."""
-    from finetune import cli
+def session(cfg, run_dir: Path, preset: str | None, resuming: bool = False) -> Iterator[None]:
+    """Set the integrations' environment for one run; at the end, close what they left open, record the run ids
+    (rank 0) and restore the environment."""
+    from finetune import cli, ranks
 
-    env, lines = environment(cfg, run_dir, preset)
+    chosen = backends(cfg.trainer.get("report_to"))
+    ids = run_ids(run_dir, chosen, resuming)
+    env, lines = environment(cfg, run_dir, preset, ids)
     saved = {name: os.environ.get(name) for name in VARIABLES}
     os.environ.update(env)
     for line in lines:
         cli.say(line)
-    chosen = backends(cfg.trainer.get("report_to"))
-    completed = False
+    completed, started_ms = False, int(time.time() * 1000)
     try:
         yield
         completed = True
     finally:
         try:
-            _close(chosen, completed)
+            mlflow_id = _close(chosen, completed, started_ms)
+            if mlflow_id:
+                ids["mlflow"] = mlflow_id
+            if ids and ranks.is_main() and run_dir.is_dir():
+                (run_dir / RUN_IDS).write_text(json.dumps(ids, indent=2) + "\n", encoding="utf-8")
         finally:
             for name, value in saved.items():
                 if value is None:
@@ -127,15 +158,20 @@ def session(cfg, run_dir: Path, preset: str | None) -> Iterator[None]:
                     os.environ[name] = value
 
 
-def _close(chosen: list[str], completed: bool) -> None:
+def _close(chosen: list[str], completed: bool, started_ms: int) -> str | None:
     """transformers never finishes a W&B run, and ends the MLflow run at train end (KeepMlflowRunOpen reopens it for
     the final evaluation): finish both here, or the next run in this process would log into them. A library that was
-    never imported (the run stopped before its first log) has no run to finish."""
+    never imported (the run stopped before its first log) has no run to finish. Returns the id of the MLflow run
+    started since `started_ms` (epoch milliseconds), if any."""
     wandb, mlflow = sys.modules.get("wandb"), sys.modules.get("mlflow")
     if "wandb" in chosen and wandb is not None and wandb.run is not None:
         wandb.finish(exit_code=0 if completed else 1)
-    if "mlflow" in chosen and mlflow is not None and mlflow.active_run() is not None:
+    if "mlflow" not in chosen or mlflow is None:
+        return None
+    if mlflow.active_run() is not None:
         mlflow.end_run("FINISHED" if completed else "FAILED")
+    last = mlflow.last_active_run()  # this run's, unless it never logged (then an older one of this process, or none)
+    return last.info.run_id if last is not None and last.info.start_time >= started_ms else None
 
 
 def callbacks(report_to) -> list:

@@ -58,7 +58,7 @@ def run(cfg: DictConfig) -> Path:
                                  precision=precision_used)
     with PreemptionSignals(deferred=ranks.world_size() > 1) as signals:
         try:
-            with tracking.session(cfg, run_dir, _preset_name()):  # report_to's environment, for this run only
+            with tracking.session(cfg, run_dir, _preset_name(), resuming=resume_from is not None):  # report_to's environment, this run only
                 _train(cfg, resolved, run_dir, record, resume_from, signals)
         except FinetuneError as err:
             status = "preempted" if isinstance(err, Preempted) else f"failed:{err.reason}"

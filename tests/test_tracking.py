@@ -133,6 +133,8 @@ def test_wandb_and_mlflow_offline_runs_land_in_the_run_directory(tiny_models, tm
 
         assert wandb.run is None  # finished, so a next run in this process starts its own
         (offline,) = (run_dir / "wandb").glob("offline-run-*")
+        ids = json.loads((run_dir / tracking.RUN_IDS).read_text())
+        assert offline.name.endswith(f"-{ids['wandb']}")  # the id a resumed run will continue
         (records,) = offline.glob("run-*.wandb")
         data = records.read_bytes()
         assert b"train/loss" in data and b"eval/loss" in data and b"tiny-offline" in data
@@ -141,8 +143,29 @@ def test_wandb_and_mlflow_offline_runs_land_in_the_run_directory(tiny_models, tm
 
         assert mlflow.active_run() is None
         (run,) = [p.parent for p in (run_dir / "mlruns").glob("*/*/meta.yaml")]  # one run: the final eval reopened it
+        assert run.name == json.loads((run_dir / tracking.RUN_IDS).read_text())["mlflow"]
         meta = (run / "meta.yaml").read_text()
         assert "run_name: tiny-offline" in meta and "status: 3" in meta  # FINISHED
         losses = [float(line.split()[1]) for line in (run / "metrics" / "loss").read_text().splitlines()]
         assert losses == pytest.approx(train_losses(run_dir))
         assert (run / "metrics" / "eval_loss").read_text().strip()
+
+
+def test_a_resumed_run_continues_its_wandb_and_mlflow_runs(tmp_path, clean_environment, monkeypatch):
+    cfg = compose("demo", [f"output_dir={tmp_path}", "trainer.report_to=[wandb,mlflow]", "tracking.offline=true"])
+    fresh = tracking.run_ids(tmp_path, ["wandb", "mlflow"], resuming=False)
+    assert len(fresh["wandb"]) == 12 and "mlflow" not in fresh  # MLflow names its run at the first log
+    assert tracking.run_ids(tmp_path, ["wandb"], resuming=False) != fresh  # a fresh run (overwrite=true) starts new runs
+
+    (tmp_path / tracking.RUN_IDS).write_text(json.dumps({"wandb": "abc123def456", "mlflow": "0f1e2d"}))
+    ids = tracking.run_ids(tmp_path, ["wandb", "mlflow"], resuming=True)
+    assert ids == {"wandb": "abc123def456", "mlflow": "0f1e2d"}
+    env, lines = tracking.environment(cfg, tmp_path, "demo", ids)
+    assert env["WANDB_RUN_ID"] == "abc123def456" and env["WANDB_RESUME"] == "allow" and env["MLFLOW_RUN_ID"] == "0f1e2d"
+    assert any("id abc123def456" in line for line in lines)
+    assert tracking.run_ids(tmp_path, ["wandb", "mlflow"], resuming=False)["wandb"] != "abc123def456"
+
+    monkeypatch.setenv("WANDB_RUN_ID", "chosen-by-user")  # the user's own ids win
+    monkeypatch.setenv("MLFLOW_RUN_ID", "user-run")
+    env, _ = tracking.environment(cfg, tmp_path, "demo", ids)
+    assert "WANDB_RUN_ID" not in env and "MLFLOW_RUN_ID" not in env
