@@ -1377,12 +1377,14 @@ def sync_headers(write: bool) -> list[str]:
             lines_of[path] = found
     for path, found in lines_of.items():
         lines = path.read_text(encoding="utf-8").splitlines(keepends=True)
+        stale = 0
         for index, match in found:
             wanted = expected_header(match.group("args"))
             if lines[index].rstrip("\n") != wanted:
                 messages.append(f"{path.relative_to(CONF_DIR.parent)}:{index + 1}: {'rewrote' if write else 'stale'}: {wanted}")
                 lines[index] = wanted + "\n"
-        if write:
+                stale += 1
+        if write and stale:
             path.write_text("".join(lines), encoding="utf-8")
     return messages
 
