@@ -19,7 +19,8 @@ into a cache folder) on the same rows of instruction data, one epoch, global bat
 - ours: the real CLI, `python -m finetune model=tiny_neo|tiny_neox model.name_or_path=PATH data=alpaca data.path=...
   data.eval_path=... data.max_length=512 trainer.per_device_train_batch_size=8 trainer.gradient_accumulation_steps=1
   trainer.num_train_epochs=1 trainer.save_strategy=no`, our defaults for everything else (LoRA r=16 on every
-  projection, eval before / after / each epoch, one sample generation, adapter + card + loss plot saved).
+  projection without dropout, data.packing=auto, eval before / after / each epoch, one sample generation, adapter +
+  card + loss plot saved).
 Precision: `fp32` is fp32 weights and no autocast on both sides (ours: model.dtype=float32 trainer.bf16=false);
 `best` is each side's default: trl's bf16=True (if it fails on CPU, its error is shown and fp32 is used), ours
 whatever its config chooses (trainer.bf16 / model.dtype). The table shows what each run really used: the trl
@@ -133,14 +134,15 @@ def run_trl(model_dir: Path, data: Path, out: Path, bf16: bool) -> dict:
 
 # ---------------------------------------------------------------- our side: the real CLI
 
-# Our side as shipped, and with packing, and with packing and TRL's adapter (peft's default targets, r=8, no dropout):
-# the last one separates the engine's speed from the adapter's size (ours: r=16 on every projection, dropout 0.05).
+# Our side as shipped (data.packing=auto, LoRA r=16 on every projection, no dropout), without packing (what auto chose
+# is worth), with TRL's adapter (peft's default targets, r=8: the engine's speed apart from the adapter's size), and
+# with gradient checkpointing (trl's default: the same memory policy on both sides).
 TRL_ADAPTER = {"neo": "[q_proj,v_proj]", "neox": "[query_key_value]"}
 OUR_VARIANTS = {
     "ours": lambda arch: [],
-    "ours+packing": lambda arch: ["data.packing=true"],
-    "ours+packing+trl-adapter": lambda arch: ["data.packing=true", "strategy.r=8", "strategy.lora_alpha=16", "strategy.lora_dropout=0.0",
-                                                 f"strategy.target_modules={TRL_ADAPTER[arch]}"],
+    "ours-no-packing": lambda arch: ["data.packing=false"],
+    "ours+trl-adapter": lambda arch: ["strategy.r=8", "strategy.lora_alpha=16", f"strategy.target_modules={TRL_ADAPTER[arch]}"],
+    "ours+checkpointing": lambda arch: ["trainer.gradient_checkpointing=true"],  # trl's recipe checkpoints by default
 }
 
 

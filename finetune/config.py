@@ -92,8 +92,9 @@ class DataConfig:
     """Abort when more than this share of rows would not train (dropped or, with skip_invalid, rejected)."""
     train_on_inputs: bool = False
     """true: train on prompts and user turns too (default: assistant messages only)."""
-    packing: bool = False
-    """Best-fit packing of samples into rows of max_length; samples never attend to each other."""
+    packing: bool | str = "auto"
+    """Best-fit packing of samples into rows of max_length; samples never attend to each other. auto: pack when that
+    computes at least 10% less padding than batches of padded samples (finetune.data.packing.choose)."""
     skip_invalid: bool = False
     """true: unreadable or invalid rows are dropped, counted and written to rejected_rows.jsonl instead of stopping."""
 
@@ -108,7 +109,7 @@ class DistributedConfig:
     deepspeed: dict | None = None
     """DeepSpeed config dict, passed to TrainingArguments(deepspeed=...)."""
     fsdp_config: dict | None = None
-    """FSDP config dict (version: 2 for FSDP2), passed to TrainingArguments(fsdp=True, fsdp_config=...); CUDA only."""
+    """FSDP config dict (version: 2 for FSDP2), passed to TrainingArguments(fsdp=True, fsdp_config=...)."""
 
 
 @dataclass

@@ -52,8 +52,9 @@ def config_sha256(folder: Path) -> str:
     return hashlib.sha256((folder / "config.json").read_bytes()).hexdigest()
 
 
-def base_record(model_cfg, folder: Path | None, hub_id: str | None, weights: str | None) -> dict:
-    """What an adapter records about its base (base_model.json): merge refuses any other base."""
+def base_record(model_cfg, folder: Path | None, hub_id: str | None, weights: str | None, quantization: dict | None = None) -> dict:
+    """What an adapter records about its base (base_model.json): merge refuses any other base, and compares a merge of
+    a QLoRA adapter with the 4-bit model it trained (`quantization`: the BitsAndBytesConfig kwargs, else None)."""
     return {
         "hub_id": hub_id,
         "name_or_path": hub_id or (Path(model_cfg.name_or_path).name if folder else model_cfg.name_or_path),
@@ -62,6 +63,7 @@ def base_record(model_cfg, folder: Path | None, hub_id: str | None, weights: str
         "training_dtype": model_cfg.dtype,
         "config_sha256": config_sha256(folder) if folder else None,
         "weights_fingerprint": weights if folder else None,
+        "quantization": quantization,
     }
 
 

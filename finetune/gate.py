@@ -10,6 +10,12 @@ Two ways, chosen by `gate=` (auto picks full when both models fit in half the fr
 Tolerance: fp32 1e-4. A bf16/fp16 merge cannot match fp32 closer than rounding allows, so its tolerance is
 GAP_FACTOR times the base's own low-precision gap (the same measure for the base alone, fp32 vs the merged dtype).
 A wrong merge (a missing delta, a wrong scale, a tampered adapter or shard) moves the output by far more.
+
+QLoRA adapters trained on a 4-bit NF4 copy of the base, but merge into the base's real (bf16/fp32) weights: the merged
+model cannot equal the 4-bit model in logits. So the full gate also compares the merged model with the model that
+trained (4-bit base + adapter, loaded with the recorded quantization) in next-token probabilities, with tolerance
+GAP_FACTOR times the base's own gap in the same measure (4-bit base vs unquantized base). That needs bitsandbytes
+that runs here (CUDA, or >= 0.50 on CPU); otherwise the report says why it was not measured.
 """
 
 from __future__ import annotations
@@ -35,9 +41,10 @@ PROBE_TOKENS = 48
 
 
 def check(base_dir: Path, adapter, merged_dir: Path, dtype: str, mode: str = "auto", tolerance: float | None = None,
-          allow_pickle: bool = False) -> dict:
+          allow_pickle: bool = False, quantization: dict | None = None) -> dict:
     """{"mode", "max_abs_diff", "reference_gap", "tolerance", "passed", ...} for a merge.Adapter (as the merge read it)
-    merged into `merged_dir`; allow_pickle as the merge was given it."""
+    merged into `merged_dir`; allow_pickle as the merge was given it; `quantization`: the QLoRA base's
+    BitsAndBytesConfig kwargs (base_model.json), which adds "trained_model" (passed is then both checks)."""
     if mode == "auto":
         mode = "full" if _fits_twice(base_dir, merged_dir, allow_pickle) else "layers"
     if mode == "full":
@@ -47,7 +54,61 @@ def check(base_dir: Path, adapter, merged_dir: Path, dtype: str, mode: str = "au
     if tolerance is None:
         tolerance = FP32_TOLERANCE if dtype == "float32" else max(FP32_TOLERANCE, GAP_FACTOR * result["reference_gap"])
     result.update(mode=mode, tolerance=tolerance, passed=bool(result["max_abs_diff"] <= tolerance))
+    if quantization:
+        if mode == "full":
+            result["trained_model"] = _against_4bit(base_dir, adapter.folder, merged_dir, dtype, quantization)
+        else:
+            result["trained_model"] = {"measured": False, "why": "gate=layers compares sampled layers; gate=full compares "
+                                       "the merged model with the 4-bit model that trained"}
+        result["merge_passed"] = result["passed"]
+        result["passed"] = result["passed"] and result["trained_model"].get("passed", True)
     return result
+
+
+def _against_4bit(base_dir: Path, adapter_dir: Path, merged_dir: Path, dtype: str, quantization: dict) -> dict:
+    """Next-token probabilities of the merged model vs the 4-bit base + adapter (the model QLoRA trained), and the base's
+    own 4-bit gap in the same measure, which sets the tolerance."""
+    import torch
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig
+
+    from finetune.strategy import bitsandbytes_problem
+
+    cuda = torch.cuda.is_available()
+    problem = bitsandbytes_problem(cuda)
+    if problem:
+        return {"measured": False, "why": problem}
+    tokenizer = AutoTokenizer.from_pretrained(merged_dir)
+    probes = [tokenizer(p, return_tensors="pt").input_ids[:, :PROBE_TOKENS] for p in PROBES]
+    compute = getattr(torch, quantization.get("bnb_4bit_compute_dtype", "bfloat16"))
+    device = "cuda:0" if cuda else "cpu"
+    four_bit = AutoModelForCausalLM.from_pretrained(base_dir, quantization_config=BitsAndBytesConfig(
+        **{**quantization, "bnb_4bit_compute_dtype": compute}), dtype=compute, device_map={"": device}, use_safetensors=True)
+    trained = PeftModel.from_pretrained(four_bit, adapter_dir).eval()
+    reference = _probabilities(trained, probes, device)
+    with trained.disable_adapter():
+        base_4bit = _probabilities(trained, probes, device)
+    del trained, four_bit
+    gc.collect()
+    base = AutoModelForCausalLM.from_pretrained(base_dir, dtype=getattr(torch, dtype), use_safetensors=True).to(device).eval()
+    gap = _max_diff(_probabilities(base, probes, device), base_4bit)
+    del base
+    gc.collect()
+    merged = AutoModelForCausalLM.from_pretrained(merged_dir, dtype=getattr(torch, dtype), use_safetensors=True).to(device).eval()
+    got = _probabilities(merged, probes, device)
+    diff = _max_diff(got, reference)
+    top1 = sum(int((g.argmax(-1) == r.argmax(-1)).sum()) for g, r in zip(got, reference)) / sum(r.shape[1] for r in reference)
+    tolerance = GAP_FACTOR * gap if gap > 0 else FP32_TOLERANCE
+    return {"measured": True, "measure": "next-token probabilities vs 4-bit base + adapter", "max_abs_diff": diff,
+            "reference_gap": gap, "tolerance": tolerance, "passed": bool(diff <= tolerance), "top1_agreement": round(top1, 4),
+            "quantization": quantization}
+
+
+def _probabilities(model, probes, device: str) -> list:
+    import torch
+
+    with torch.no_grad():
+        return [model(input_ids=ids.to(device)).logits.float().softmax(-1).cpu() for ids in probes]
 
 
 def _full(base_dir: Path, adapter_dir: Path, merged_dir: Path, dtype: str, allow_pickle: bool) -> dict:

@@ -115,12 +115,13 @@ def run(opts: dict) -> Path:
     adapter = load_adapter(target.weights, opts["allow_pickle"])
     base_dir = base_folder(rundir.base_source(target, opts["base"]), (target.config or {}).get("model", {}).get("revision"))
     check_base(target, base_dir)
+    quantization = (target.base or {}).get("quantization")  # QLoRA: merged into the real weights, compared with the 4-bit model
     from finetune import card, gate
 
     if opts["verify"]:
         report = json.loads((out / "merge_report.json").read_text(encoding="utf-8")) if (out / "merge_report.json").is_file() else {}
         dtype = report.get("dtype") or dtype
-        result = gate.check(base_dir, adapter, out, dtype, opts["gate"], opts["tolerance"], opts["allow_pickle"])
+        result = gate.check(base_dir, adapter, out, dtype, opts["gate"], opts["tolerance"], opts["allow_pickle"], quantization)
         report.update(verified=result, valid=result["passed"])
         _write_report(out, report)
         return _conclude(out, invalid, result, report, staged=False)
@@ -134,7 +135,7 @@ def run(opts: dict) -> Path:
     report.update(merge_weights(base_dir, adapter, staging, dtype, opts["allow_pickle"]))
     write_model_files(base_dir, target.weights, staging, dtype)
     report.update(merge_seconds=round(time.perf_counter() - started, 2), merge_peak_rss_bytes=peak_rss_bytes())
-    result = gate.check(base_dir, adapter, staging, dtype, opts["gate"], opts["tolerance"], opts["allow_pickle"])
+    result = gate.check(base_dir, adapter, staging, dtype, opts["gate"], opts["tolerance"], opts["allow_pickle"], quantization)
     report.update(gate=result, valid=result["passed"], peak_rss_bytes=peak_rss_bytes(), seconds=round(time.perf_counter() - started, 2))
     card.write(staging, target.run_dir, target.config or {}, "merged", extra=report)
     _write_report(staging, report)
@@ -148,11 +149,20 @@ def _conclude(out: Path, invalid: Path, result: dict, report: dict, staged: bool
     """Passed: say so. Failed: move the folder to <out>.invalid (nothing loads it by mistake) and exit 3."""
     line = (f"numerical gate ({result['mode']}): max abs difference {result['max_abs_diff']:.2e}, "
             f"tolerance {result['tolerance']:.2e}")
+    trained = result.get("trained_model")
+    if trained and trained["measured"]:
+        line += (f"; against the 4-bit model that trained: max next-token probability difference {trained['max_abs_diff']:.2e}, "
+                 f"tolerance {trained['tolerance']:.2e} (2x the base's own 4-bit gap), top-1 agreement {trained['top1_agreement']:.1%}")
+    elif trained:
+        line += f"; not compared with the 4-bit model that trained: {trained['why']}"
     if not result["passed"]:
         shutil.rmtree(invalid, ignore_errors=True)
         os.replace(out, invalid)
-        raise IntegrityError(f"{line}: the merged weights do not compute what base + adapter computed. Moved to {invalid} "
-                             "(see its merge_report.json); check that the adapter, base and merged files are intact, then merge again")
+        what = ("the merged weights do not compute what base + adapter computed" if result.get("merge_passed", False) is False else
+                "the merged model is further from the 4-bit model that trained than the base's own 4-bit rounding explains "
+                "(serve the adapter on the 4-bit base instead)")
+        raise IntegrityError(f"{line}: {what}. Moved to {invalid} (see its merge_report.json); check that the adapter, base "
+                             "and merged files are intact, then merge again")
     cli.say(f"{line}: passed")
     if staged:
         cli.say(f"merged model: {out} ({report['merged_modules']} adapted tensors in {len(report['shards'])} shard(s), "

@@ -386,10 +386,9 @@ def find_gpu(name: str) -> Gpu:
 # Problems that concern the machine the planner runs on, not the plan: they become notes.
 MACHINE_PROBLEMS = (
     "trainer.fp16 / model.dtype=float16 on CPU",
-    "strategy=qlora: needs a CUDA GPU",
+    "strategy=qlora: no CUDA GPU, and bitsandbytes",
     "strategy=qlora: bitsandbytes is not installed",
     "distributed: DeepSpeed is not installed",
-    "distributed=fsdp: FSDP needs CUDA GPUs",
     "output_dir:",
 )
 # Warnings about how this process was launched: the planner's num_gpus= stands for the launch.
@@ -638,7 +637,7 @@ def setup_of(resolved: dict, device: Gpu) -> Setup:
         offload_optimizer=offload_optimizer,
         offload_params=offload_params,
         deepspeed_bf16=ds_bf16,
-        packing=bool(data.get("packing")),
+        packing=data.get("packing") is True,  # auto packs only rows that gain; unpacked is the upper bound
         quant_double=bool(quantization.get("bnb_4bit_use_double_quant", False)),
     )
 
@@ -875,12 +874,15 @@ def linear_inputs_saved(arch: Architecture, adapter_: Adapter | None, wrapped: s
     role_bytes = {"ln1": setup.norm_bytes, "ln2": setup.norm_bytes, "attn": setup.compute_bytes, "act": act_out}
     lora_bytes = adapter_bytes(setup)
     shared, per_token = {}, 0.0
+    # GPT-Neo under SDPA (finetune.neo_attention): the kernels return the output in (b, s, heads, d) memory, so merging
+    # the heads is a view and out_proj's input is the attention output attention_saved already counts.
+    counted = {"attn"} if arch.family == "gpt_neo" and setup.attention != "eager" else set()
     for name, (fan_in, fan_out) in arch.layer_linears.items():
         role = roles[name]
         if adapter_ is None:  # full fine-tuning: every weight trains
             if setup.autocast and role_bytes[role] != setup.compute_bytes:
                 per_token += setup.compute_bytes * fan_in  # each Linear keeps its own bf16 cast of an fp32 input
-            else:
+            elif role not in counted:
                 shared[role] = role_bytes[role] * fan_in  # Linears reading the same tensor keep it once
         elif name in wrapped:
             if adapter_.dropout > 0:
@@ -888,7 +890,7 @@ def linear_inputs_saved(arch: Architecture, adapter_: Adapter | None, wrapped: s
             elif setup.autocast:
                 per_token += setup.compute_bytes * fan_in
             elif role_bytes[role] == lora_bytes:
-                shared[role] = role_bytes[role] * fan_in
+                shared[role] = 0 if role in counted else role_bytes[role] * fan_in
             else:
                 per_token += lora_bytes * fan_in  # peft casts the input to the adapter's dtype
             low_rank = setup.compute_bytes if setup.autocast else lora_bytes
@@ -995,7 +997,8 @@ def run_length(resolved: dict, setup: Setup, num_gpus: int) -> tuple[int | None,
     epochs = float(trainer_setting(trainer, "num_train_epochs"))
     micro_batches = math.ceil(train_rows / (setup.micro_batch * num_gpus))
     steps = math.ceil(epochs * max(1, math.ceil(micro_batches / setup.grad_accum)))
-    basis = f"{epochs:g} epochs of {train_rows:,} rows, {steps} optimizer steps, every row padded to max_length (an upper bound)"
+    basis = f"{epochs:g} epochs of {train_rows:,} rows, {steps} optimizer steps, every row padded to max_length (an upper bound"
+    basis += "; data.packing=auto can only make fewer rows)" if data.get("packing") == "auto" else ")"
     return steps, steps * rows_per_step * setup.max_length, basis
 
 

@@ -8,7 +8,6 @@ checkpoint is built on first use). Exit codes as for training: 2 for a config or
 from __future__ import annotations
 
 import os
-import random
 import sys
 
 TRAINED_OPEN, TRAINED_CLOSE = "[[", "]]"
@@ -48,7 +47,7 @@ def preview(config_name: str, overrides: list[str], n: int = 5, color: bool = Fa
     from finetune import models
     from finetune.__main__ import preflight
     from finetune.config import RunConfig, compose, to_container
-    from finetune.data import describe, packing, prepare
+    from finetune.data import describe, prepare
     from finetune.data import templates as data_templates
     from finetune.errors import ConfigError
     from finetune.validate import check_data, check_schema
@@ -66,7 +65,7 @@ def preview(config_name: str, overrides: list[str], n: int = 5, color: bool = Fa
     models.ensure_available(cfg.model)
     tokenizer = models.load_tokenizer(cfg.model)
     template = data_templates.load(cfg.data.template)
-    data = prepare(cfg.data, tokenizer, template, cfg.seed)
+    data = prepare(cfg.data, tokenizer, template, cfg.seed, batch_size=cfg.trainer.get("per_device_train_batch_size", 8))
 
     legend = f"{GREEN}trained{RESET} {DIM}masked{RESET}" if color else f"text inside {TRAINED_OPEN} {TRAINED_CLOSE} is trained; the rest is masked"
     out = [f"template {template.name} ({template.path}); {legend}"]
@@ -74,11 +73,6 @@ def preview(config_name: str, overrides: list[str], n: int = 5, color: bool = Fa
         out += ["", f"--- {sample.where}: {len(sample.input_ids)} tokens, {sample.trained} trained", show(sample, tokenizer, color)]
     out.append("")
     out += describe(data)
-    batch = int(cfg.trainer.get("per_device_train_batch_size", 8))
-    lengths = [len(s.input_ids) for s in data.train]
-    packed = data.packed if data.packed is not None else packing.pack(data.train, cfg.data.max_length)
-    out.append(f"data: padding efficiency at batch size {batch} in shuffled order {padding_efficiency(lengths, batch, cfg.seed):.1%}; "
-               f"with data.packing=true {packing.efficiency(packed, cfg.data.max_length):.1%} ({len(packed)} rows)")
     return "\n".join(out)
 
 
@@ -97,14 +91,6 @@ def show(sample, tokenizer, color: bool) -> str:
                 parts.append(f"{TRAINED_OPEN}{text}{TRAINED_CLOSE}" if trained else text)
             start = end
     return "".join(parts)
-
-
-def padding_efficiency(lengths: list[int], batch_size: int, seed: int) -> float:
-    """Real tokens / padded tokens when batches of random order are padded to their longest sample."""
-    order = list(range(len(lengths)))
-    random.Random(seed).shuffle(order)
-    padded = sum(max(lengths[i] for i in order[k : k + batch_size]) * len(order[k : k + batch_size]) for k in range(0, len(order), batch_size))
-    return sum(lengths) / padded if padded else 0.0
 
 
 def _quiet() -> None:

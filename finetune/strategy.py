@@ -27,6 +27,25 @@ def quantization(strategy: dict) -> dict | None:
     return dict(strategy["quantization"]) if strategy["name"] == "qlora" else None
 
 
+def bitsandbytes_problem(cuda: bool) -> str | None:
+    """Why 4-bit NF4 cannot run here, or None. bitsandbytes >= 0.49 ships CPU kernels (checked on 0.50.2: load, LoRA
+    training and merging all work on CPU); older releases and builds without its native CPU library are CUDA only."""
+    import importlib.metadata
+    import importlib.util
+
+    if importlib.util.find_spec("bitsandbytes") is None:
+        return 'bitsandbytes is not installed; pip install -e ".[quant]"'
+    if cuda:
+        return None
+    import bitsandbytes
+    import bitsandbytes.cextension as native
+
+    version = importlib.metadata.version("bitsandbytes")
+    if "cpu" not in getattr(bitsandbytes, "supported_torch_devices", ()) or isinstance(native.lib, native.ErrorHandlerMockBNBNativeLibrary):
+        return f"no CUDA GPU, and bitsandbytes {version} has no CPU 4-bit kernels here (0.49 or newer has them: pip install -U bitsandbytes)"
+    return None
+
+
 def lora_fields() -> set[str]:
     """Keys peft.LoraConfig accepts (for validation)."""
     import dataclasses

@@ -83,7 +83,7 @@ def _train(cfg, resolved: dict, run_dir: Path, record, resume_from: Path | None,
     tokenizer = models.load_tokenizer(cfg.model)
     template = data_templates.load(cfg.data.template)
     tokenizer.chat_template = template.chat_template  # saved with the tokenizer: inference renders as training did
-    data = prepare(cfg.data, tokenizer, template, cfg.seed, progress=rows_bar)
+    data = prepare(cfg.data, tokenizer, template, cfg.seed, progress=rows_bar, batch_size=cfg.trainer.get("per_device_train_batch_size", 8))
     train_set, eval_set = data.as_datasets()
     for line in describe(data):
         cli.say(line)
@@ -170,6 +170,10 @@ def _train(cfg, resolved: dict, run_dir: Path, record, resume_from: Path | None,
     started = time.perf_counter()
     result = trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
     train_seconds = time.perf_counter() - started
+    if cfg.distributed.backend == "fsdp":
+        from finetune import fsdp
+
+        record.update(fsdp_sharded_parameters=fsdp.sharded_parameters(trainer.model_wrapped))
     if signals.received:
         raise Preempted(f"{signals.received}: stopped at step {trainer.state.global_step} with a committed checkpoint in "
                         f"{run_dir / 'checkpoints'}; run the same command with resume=true to continue")
@@ -180,7 +184,7 @@ def _train(cfg, resolved: dict, run_dir: Path, record, resume_from: Path | None,
     trainer.save_model(str(weights_dir))  # gathers ZeRO-3 / FSDP shards; adapter only for PEFT models
     if trainer.is_world_process_zero():
         artifacts.clean_weights_folder(weights_dir, args, models.local_path(cfg.model), public_base)
-        base = fingerprint.base_record(cfg.model, base_folder, models.hub_id(cfg.model), base_print)
+        base = fingerprint.base_record(cfg.model, base_folder, models.hub_id(cfg.model), base_print, strategy.quantization(resolved["strategy"]))
         artifacts.write_json(weights_dir / rundir.BASE_RECORD, base)
         history = trainer.state.log_history
         artifacts.write_metrics(run_dir, history, eval_before=eval_before, eval_after=eval_after, train=result.metrics)
@@ -271,7 +275,7 @@ def _training_arguments(cfg: DictConfig, run_dir: Path, has_eval: bool, cuda: bo
     # too: it makes accelerate start a gloo group of the right size, and the Accelerator still switches to DeepSpeed.
     if cfg.distributed.backend == "deepspeed":
         kwargs["deepspeed"] = OmegaConf.to_container(cfg.distributed.deepspeed)
-    elif cfg.distributed.backend == "fsdp":  # CUDA only (validate.check_distributed)
+    elif cfg.distributed.backend == "fsdp":  # on CPU process groups too (finetune.fsdp)
         kwargs.update(fsdp=True, fsdp_config=OmegaConf.to_container(cfg.distributed.fsdp_config))
     return kwargs
 

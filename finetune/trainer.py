@@ -10,6 +10,9 @@
 - progress: transformers' ProgressCallback / PrinterCallback give way to finetune.progress.TrainingProgress (one bar,
   one line per log), and `_track_num_input_tokens` counts every micro-batch's non-padding tokens for its tok/s
   (transformers counts only when asked, and counts a packed row's padding: no attention mask, and pad is EOS here).
+- `create_accelerator_and_postprocess`: accelerate leaves FSDP out on CPU process groups (finetune.fsdp).
+- `__init__`: trl's fused LM head scores every position on devices without Triton (CPU); finetune.lm_head makes it
+  score only the trained ones, as it does on GPUs.
 """
 
 from __future__ import annotations
@@ -24,7 +27,7 @@ import torch
 from transformers import PrinterCallback, ProgressCallback
 from trl import SFTTrainer
 
-from finetune import checkpoints, progress
+from finetune import checkpoints, fsdp, lm_head, progress
 from finetune.errors import DiskFullError, NonFiniteError
 from finetune.guards import StepLog
 
@@ -32,6 +35,7 @@ from finetune.guards import StepLog
 class GuardedSFTTrainer(SFTTrainer):
     def __init__(self, *args, keep_checkpoints: int | None, run_facts: dict, step_log: StepLog, after_save, **kwargs):
         super().__init__(*args, **kwargs)
+        lm_head.compact_everywhere(self.model)  # trl's fused head projects every position off CUDA; only trained ones
         self.keep_checkpoints = keep_checkpoints
         self.run_facts = run_facts
         self.step_log = step_log
@@ -40,6 +44,10 @@ class GuardedSFTTrainer(SFTTrainer):
         self.remove_callback(PrinterCallback)
         self.progress = progress.TrainingProgress()
         self.add_callback(self.progress)
+
+    def create_accelerator_and_postprocess(self) -> None:
+        super().create_accelerator_and_postprocess()
+        fsdp.enable_on_cpu(self)  # accelerate drops FSDP on CPU process groups and would train plain DDP
 
     def train(self, *args, **kwargs):
         try:

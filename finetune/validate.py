@@ -161,11 +161,10 @@ def _has_cuda() -> bool:
 def _qlora_environment() -> list[str]:
     import torch
 
-    if not torch.cuda.is_available():
-        return ["strategy=qlora: needs a CUDA GPU and bitsandbytes (4-bit NF4 kernels); on this machine use strategy=lora"]
-    if importlib.util.find_spec("bitsandbytes") is None:
-        return ['strategy=qlora: bitsandbytes is not installed; pip install -e ".[quant]"']
-    return []
+    from finetune.strategy import bitsandbytes_problem
+
+    problem = bitsandbytes_problem(torch.cuda.is_available())
+    return [f"strategy=qlora: {problem}; or use strategy=lora"] if problem else []
 
 
 def check_trainer(cfg: dict, warnings: list[str]) -> list[str]:
@@ -257,6 +256,8 @@ def check_data(data: dict) -> list[str]:
         problems.append(f"data.max_length: must be positive, got {data['max_length']}")
     if data["overlength"] not in LENGTH_POLICIES:
         problems.append(f"data.overlength: '{data['overlength']}' is not one of {', '.join(LENGTH_POLICIES)}")
+    if data["packing"] not in (True, False, "auto"):
+        problems.append(f"data.packing: '{data['packing']}' is not one of true, false, auto")
     if not 0 <= data["max_dropped_fraction"] <= 1:
         problems.append(f"data.max_dropped_fraction: must be in [0, 1], got {data['max_dropped_fraction']}")
     return problems
@@ -301,16 +302,8 @@ def check_distributed(cfg: dict, warnings: list[str]) -> list[str]:
             problems.append("distributed.deepspeed: backend deepspeed needs the DeepSpeed config (use distributed=zero2|zero3|zero3_offload)")
         if importlib.util.find_spec("deepspeed") is None:
             problems.append('distributed: DeepSpeed is not installed; pip install -e ".[deepspeed]"')
-    if backend == "fsdp":
-        import torch
-
-        if not isinstance(dist.get("fsdp_config"), dict):
-            problems.append("distributed.fsdp_config: backend fsdp needs its config (use distributed=fsdp)")
-        # accelerate 1.15 turns FSDP on only for GPU-type devices (AcceleratorState); on CPU processes it would drop
-        # the plugin without a word and train plain DDP, with every rank holding the whole model.
-        if not torch.cuda.is_available():
-            problems.append("distributed=fsdp: FSDP needs CUDA GPUs (accelerate ignores it on CPU and would silently run "
-                            "plain DDP); on CPU use distributed=ddp, zero2 or zero3")
+    if backend == "fsdp" and not isinstance(dist.get("fsdp_config"), dict):
+        problems.append("distributed.fsdp_config: backend fsdp needs its config (use distributed=fsdp)")
     if backend in ("ddp", "fsdp") and ranks.world_size() == 1:
         warnings.append(f"distributed={backend} in a single process: start the processes with accelerate launch "
                         "--config_file conf/accelerate/ddp.yaml --num_processes N -m finetune ... (README: Distributed training)")

@@ -13,6 +13,7 @@ from finetune.config import DataConfig
 from finetune.data import (
     IGNORE_INDEX,
     _plain_backend,
+    describe,
     fit_length,
     prepare,
     prompt_text,
@@ -52,7 +53,7 @@ def family_tokenizer(request, tiny_models):
 
 
 def data_config(path, **overrides) -> DataConfig:
-    return OmegaConf.create(dataclasses.asdict(DataConfig(path=str(path), template="alpaca", max_length=256, **overrides)))
+    return OmegaConf.create(dataclasses.asdict(DataConfig(path=str(path), template="alpaca", **{"max_length": 256, **overrides})))
 
 
 def write_jsonl(path: Path, rows: list[dict]) -> Path:
@@ -227,6 +228,29 @@ def test_packing_is_reported_in_the_accounting(neo_tokenizer, tmp_path):
     assert packed["rows"] == len(data.packed) < 50 and 0.5 < packed["efficiency"] <= 1
     train, _ = data.as_datasets()
     assert train.column_names == ["input_ids", "labels", "position_ids"] and len(train) == packed["rows"]
+
+
+def test_packing_auto_packs_only_when_it_saves_a_tenth_of_the_padding(neo_tokenizer, tmp_path):
+    """Rows of mixed lengths pack well into rows of 512; rows of nearly one length, each over half of max_length,
+    cannot share a row, so auto keeps them as padded samples. data.packing=true packs regardless."""
+    alpaca = data_templates.load("alpaca")
+    mixed = write_jsonl(tmp_path / "mixed.jsonl", [{"instruction": "q" * (i % 7 + 1), "output": "word " * (1 + i * 37 % 90)} for i in range(50)])
+    data = prepare(data_config(mixed, packing="auto", eval_fraction=0.0, max_length=512), neo_tokenizer, alpaca, seed=1, batch_size=4)
+    choice = data.accounting["batching"]
+    assert choice["packed"] and data.packed is not None and choice["packed_efficiency"] >= 1.1 * choice["padded_efficiency"]
+    assert len(data.as_datasets()[0]) == choice["packed_rows"] < 50
+    assert "data: packing (data.packing=auto" in "\n".join(describe(data))
+
+    even = write_jsonl(tmp_path / "even.jsonl", [{"instruction": "q", "output": "word " * (60 + i % 3)} for i in range(50)])
+    longest = max(len(s.input_ids) for s in prepare(data_config(even, packing=False, eval_fraction=0.0), neo_tokenizer, alpaca, seed=1).train)
+    data = prepare(data_config(even, packing="auto", eval_fraction=0.0, max_length=longest), neo_tokenizer, alpaca, seed=1, batch_size=4)
+    choice = data.accounting["batching"]
+    assert not choice["packed"] and data.packed is None and choice["packed_rows"] == 50
+    assert len(data.as_datasets()[0]) == 50 and "position_ids" not in data.as_datasets()[0].column_names
+    assert "data: no packing (data.packing=auto" in "\n".join(describe(data))
+
+    forced = prepare(data_config(even, packing=True, eval_fraction=0.0, max_length=longest), neo_tokenizer, alpaca, seed=1, batch_size=4)
+    assert forced.packed is not None and forced.accounting["batching"]["setting"] is True
 
 
 def test_custom_template_without_code(neo_tokenizer, tmp_path):

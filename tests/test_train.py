@@ -165,7 +165,7 @@ def test_preview_shows_trained_tokens_without_loading_the_model(tiny_models, tmp
     out = result.stdout
     assert out.count("--- ") == 2 and "[[" in out and "<|endoftext|>]]" in out
     assert "rows read = 288 train + 32 held out + 0 not kept" in out
-    assert "padding efficiency at batch size 4" in out and "with data.packing=true" in out
+    assert "no packing (data.packing=auto" in out and "padded batches of 4 samples are" in out and "packed rows" in out
     assert not (tmp_path / "run").exists()  # a preview writes nothing
 
     bad = subprocess.run([sys.executable, "-m", "finetune.preview", *overrides, "data.path=/nonexistent.jsonl"], capture_output=True, text=True, timeout=300)

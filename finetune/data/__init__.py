@@ -325,8 +325,10 @@ def fit_length(sample: Sample, max_length: int, policy: str) -> tuple[list[Sampl
     return pieces, (None if pieces else "no_trainable_tokens")
 
 
-def prepare(data_cfg, tokenizer, template: Template, seed: int, progress=None) -> PreparedData:
+def prepare(data_cfg, tokenizer, template: Template, seed: int, progress=None, batch_size: int = 8) -> PreparedData:
     """Read, check, split, tokenize, length-fit and (optionally) pack the data named by `data_cfg` (conf/data).
+
+    `batch_size`: samples per device batch, which data.packing=auto weighs packing against (finetune.data.packing.choose).
 
     `progress(total_rows)`: a context manager yielding `advance(n)`, told as rows are templated and tokenized (a bar:
     finetune.progress.rows_bar)."""
@@ -362,8 +364,9 @@ def prepare(data_cfg, tokenizer, template: Template, seed: int, progress=None) -
     if not train:
         raise DataError(f"{data_cfg.path}: no training rows left after checks, split and length policy")
 
-    packed = packing.pack(train, data_cfg.max_length) if data_cfg.packing else None
+    packed, batching = packing.choose(train, data_cfg.max_length, data_cfg.packing, batch_size, seed)
     accounting = _accounting(rows_read, not_kept, train, evals, kept_train, kept_eval, truncated + truncated_eval, packed, data_cfg)
+    accounting["batching"] = batching
     kept_eval_rows = [row for row, kept in zip(eval_rows, kept_eval) if kept]
     return PreparedData(train, evals, kept_eval_rows, accounting, not_kept, packed)
 
@@ -379,12 +382,19 @@ def describe(data: PreparedData) -> list[str]:
         f"data: {a['train_samples']} train samples, {a['train_tokens']:,} tokens, {a['train_trained_tokens']:,} trained; "
         f"length p50 {a['token_length']['p50']}, p90 {a['token_length']['p90']}, p99 {a['token_length']['p99']}, max {a['token_length']['max']}",
     ]
-    if a["packing"]:
-        p = a["packing"]
-        lines.append(f"data: packed into {p['rows']} rows of {p['max_length']} tokens, packing efficiency {p['efficiency']:.1%}")
+    lines.append(_batching_line(a))
     if a["duplicate_train_samples"] or a["eval_samples_in_train"]:
         lines.append(f"warning: {a['duplicate_train_samples']} duplicate train samples, {a['eval_samples_in_train']} held-out samples also in train")
     return lines
+
+
+def _batching_line(a: dict) -> str:
+    """How the train set is batched and what the other choice would compute (data.packing=true | false | auto)."""
+    b = a["batching"]
+    padded = f"padded batches of {b['batch_size']} samples are {b['padded_efficiency']:.1%} tokens"
+    packed = f"batches of {b['batch_size']} packed rows ({b['packed_rows']:,} rows of {b['max_length']}) are {b['packed_efficiency']:.1%} tokens"
+    why = "data.packing=auto packs when that saves 10% or more" if b["setting"] == "auto" else f"data.packing={str(b['setting']).lower()}"
+    return f"data: {'packing' if b['packed'] else 'no packing'} ({why}): {packed}, {padded}"
 
 
 def _read(data_cfg, spec, split, key, columns) -> sources.ReadResult:
