@@ -238,21 +238,23 @@ def build_model(cfg, config, device: str, warm_up: bool = False):
     from transformers import AutoModelForCausalLM
     from trl.trainer.utils import add_fused_lm_head
 
-    from finetune import strategy
+    from finetune import lm_head, neo_attention, strategy
 
     dtype = getattr(torch, cfg.model.dtype)
-    attention = cfg.model.attn_implementation
+    attention = _loadable(cfg.model.attn_implementation, cfg.model.family)
     folder = Path(cfg.model.name_or_path).expanduser()
     if (folder / "config.json").is_file() and not warm_up:
         model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype, attn_implementation=attention).to(device)
     else:
         with torch.device(device):
             model = AutoModelForCausalLM.from_config(config, dtype=dtype, attn_implementation=attention)
+    neo_attention.enable(model)  # as finetune.models.load_model does for GPT-Neo (no-op for the others)
     model.config.use_cache = False
     add_fused_lm_head(model, outputs=("log_probs", "entropy", "is_top1"))
     peft_config = strategy.peft_config(OmegaConf.to_container(cfg.strategy, resolve=True))
     if peft_config is not None:
         model = get_peft_model(model, peft_config)
+    lm_head.compact_everywhere(model)  # as GuardedSFTTrainer does
     if warm_up:
         return model
     if cfg.trainer.gradient_checkpointing:
@@ -331,13 +333,14 @@ def saved_tensor_bytes(resolved: dict, arch: str, layers: int, batch: int, lengt
     from peft import get_peft_model
     from transformers import AutoModelForCausalLM
 
-    from finetune import strategy, tiny
+    from finetune import neo_attention, strategy, tiny
 
     config = tiny.model_config(arch, layers=layers)
     dtype = getattr(torch, resolved["model"]["dtype"])
     torch.manual_seed(0)
     with torch.device(device):
-        model = AutoModelForCausalLM.from_config(config, dtype=dtype, attn_implementation=resolved["model"]["attn_implementation"])
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype, attn_implementation=_loadable(resolved["model"]["attn_implementation"], resolved["model"]["family"]))
+    neo_attention.enable(model)
     peft_config = strategy.peft_config(resolved["strategy"])
     if peft_config is not None:
         model = get_peft_model(model, peft_config)
@@ -378,6 +381,12 @@ def print_table(rows: list[dict], args) -> None:
     print(f"\n{within} of {len(rows)} within ±{TARGET_ERROR:.0%}; mean |error| {sum(errors) / len(errors):.1%}, "
           f"max {max(errors):.1%}")
 
+
+
+def _loadable(attention: str, family: str) -> str:
+    """transformers' name for the configured attention: GPT-Neo's `sdpa` is ours (finetune.neo_attention), loaded
+    eager then enabled; NeoX's and GPT-J's are transformers' own."""
+    return "eager" if family == "gpt_neo" and attention == "sdpa" else attention
 
 if __name__ == "__main__":
     main()

@@ -850,9 +850,10 @@ def attention_saved(arch: Architecture, setup: Setup) -> tuple[float, int, int]:
     # sdpa / flash-attention: query, key, value and the output kept, plus an fp32 logsumexp per head; no s x s scores.
     # NeoX's value is a view of the fused query_key_value output, so the whole 3*h output stays alive (the rotary
     # query and key are new tensors); with use_cache (never in training) the cache would copy the value instead.
-    # A padded batch comes with a boolean mask, which sdpa turns into an additive one in the query's dtype, per layer.
+    # A padded batch comes with a boolean mask, which sdpa turns into an additive one in the query's dtype, per layer;
+    # GPT-Neo's layers (finetune.neo_attention) share one additive mask per layer type instead (model_saved_bytes).
     value = 3 * compute * h if arch.family == "gpt_neox" else compute * h
-    return 2 * compute * h + value + compute * h + 4 * arch.heads, 0, compute
+    return 2 * compute * h + value + compute * h + 4 * arch.heads, 0, 0 if arch.family == "gpt_neo" else compute
 
 
 def activation_function_bytes(name: str, setup: Setup) -> tuple[int, int]:
@@ -921,11 +922,13 @@ def layer_backward_bytes(arch: Architecture, setup: Setup) -> tuple[int, int]:
 
 def model_saved_bytes(arch: Architecture, setup: Setup) -> int:
     """Outside the layers: input ids, labels and mask (int64), the final LayerNorm's input and statistics, NeoX's
-    rotary cos/sin and the attention mask transformers builds once per forward."""
+    rotary cos/sin, the attention mask transformers builds once per forward and GPT-Neo's two shared additive masks."""
     tokens = setup.micro_batch * setup.max_length
     final_norm = (4 if setup.norm_input_copy else setup.weight_bytes) * arch.hidden + 8
     rotary = 2 * arch.rotary_dim * setup.compute_bytes if arch.family == "gpt_neox" else 0
     mask = setup.micro_batch * setup.max_length**2 * (1 if setup.attention != "eager" else setup.weight_bytes)
+    if arch.family == "gpt_neo" and setup.attention != "eager":  # one additive mask per layer type, shared (global, local)
+        mask += 2 * setup.micro_batch * setup.max_length**2 * setup.compute_bytes
     return tokens * (24 + final_norm + rotary) + mask
 
 

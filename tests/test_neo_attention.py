@@ -121,3 +121,27 @@ def test_disable_restores_the_eager_layer(pair):
     assert neo_attention.disable(back) == back.config.num_layers
     assert back.config._attn_implementation == "eager"
     assert not any(type(m) is neo_attention.NeoSdpaAttention for m in back.modules())
+
+
+@pytest.mark.parametrize("padding", ["none", "right"])
+def test_layers_of_one_type_share_one_additive_mask_kept_for_backward(pair, padding):
+    """SDPA turns a boolean mask into a float one per call and autograd keeps each: one (b, 1, q, k) tensor per layer.
+    neo_attention hands every layer of a type the same additive mask, so the graph keeps at most two."""
+    _, fast = pair
+    ids = _ids(fast, batch=2, length=64)
+    mask = torch.ones_like(ids)
+    mask[1, 40:] = 0
+    square = set()
+
+    def pack(tensor):
+        if tensor.dim() == 4 and tensor.shape[-2:] == (64, 64) and tensor.is_floating_point():
+            square.add(tensor.untyped_storage().data_ptr())
+        return tensor
+
+    fast.train()
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+        fast(ids, attention_mask=None if padding == "none" else mask, use_cache=False)
+    fast.eval()
+    local_layers = sum(t == "local" for t in fast.config.attention_layers)
+    assert local_layers >= 2 and fast.config.num_layers > 2
+    assert len(square) == (1 if padding == "none" else 2)  # the local band (global layers are is_causal); global + local
