@@ -62,25 +62,26 @@ class NeoSdpaAttention(modeling_gpt_neo.GPTNeoSelfAttention):
         if attention_mask is None:
             if self.attention_type == "global" and (q_len == k_len or q_len == 1):
                 return None  # is_causal, or one new token that sees the whole cache
-            return _shared_mask(("band", self.attention_type, q_len, k_len, dtype, band.device), None, lambda: _additive(band, dtype))
+            return _shared_mask(("band", self.attention_type, dtype, band.device), None, (q_len, k_len), lambda: _additive(band, dtype))
         if attention_mask.dtype == torch.bool:
             allowed = (lambda: attention_mask) if self.attention_type == "global" else (lambda: attention_mask & band)
-            return _shared_mask(("mask", self.attention_type, q_len, k_len, dtype), attention_mask, lambda: _additive(allowed(), dtype))
+            return _shared_mask(("mask", self.attention_type, dtype), attention_mask, (q_len, k_len), lambda: _additive(allowed(), dtype))
         return attention_mask.masked_fill(~band, torch.finfo(attention_mask.dtype).min)  # an eager-format mask
 
 
 _SHARED: dict = {}  # key -> (weak ref to the model's mask it was built from, weak ref to the additive mask)
 
 
-def _shared_mask(key: tuple, source, build):
+def _shared_mask(key: tuple, source, shape: tuple[int, int], build):
     """The additive mask for `key`, built once for as long as it is alive and (for a model mask) built from this very
     `source` tensor: the model hands the same mask object to every layer of a forward (and to checkpointed recomputes),
-    so all layers of one type share one tensor, and autograd keeps one copy instead of one per layer."""
+    so all layers of one type share one tensor, and autograd keeps one copy instead of one per layer. `shape` (q, k)
+    stays out of the key, so generation's growing lengths replace one entry instead of adding one per length."""
     entry = _SHARED.get(key)
     if entry is not None:
         source_ref, mask_ref = entry
         mask = mask_ref()
-        if mask is not None and (source_ref is None or source_ref() is source):
+        if mask is not None and mask.shape[-2:] == shape and (source_ref is None or source_ref() is source):
             return mask
     mask = build()
     _SHARED[key] = (None if source is None else weakref.ref(source), weakref.ref(mask))

@@ -393,7 +393,8 @@ def _batching_line(a: dict) -> str:
     b = a["batching"]
     padded = f"padded batches of {b['batch_size']} samples are {b['padded_efficiency']:.1%} tokens"
     packed = f"batches of {b['batch_size']} packed rows ({b['packed_rows']:,} rows of {b['max_length']}) are {b['packed_efficiency']:.1%} tokens"
-    why = "data.packing=auto packs when that saves 10% or more" if b["setting"] == "auto" else f"data.packing={str(b['setting']).lower()}"
+    gain = f"{packing.AUTO_MIN_GAIN - 1:.0%}"
+    why = f"data.packing=auto packs when that saves {gain} or more" if b["setting"] == "auto" else f"data.packing={str(b['setting']).lower()}"
     return f"data: {'packing' if b['packed'] else 'no packing'} ({why}): {packed}, {padded}"
 
 
