@@ -3,6 +3,7 @@
     python benchmarks/train.py                                  # neo and neox, fp32 and best, 400 rows
     python benchmarks/train.py --models neo --precision best --rows 48     # a quick check of the script itself
     python benchmarks/train.py --shape wide                     # 4 layers x 256 wide instead of tiny.py's 4 x 128
+    python benchmarks/train.py --shape wide --vocab family      # ... with the family's real 50k-row head (most of a small model's step)
     python benchmarks/train.py --rows 96 --repeat 3             # median of 3 runs per side (sides alternate), for a busy machine
 
 Both sides train the same local checkpoints (random-weight GPT-Neo / GPT-NeoX built once by `python -m finetune.tiny`
@@ -52,6 +53,9 @@ PROJECT = Path(__file__).resolve().parents[1]
 CHATDOCTOR = PROJECT.parent / "shared" / "datasets" / "chatdoctor5k.json"
 DEMO = PROJECT / "finetune" / "demo_data" / "legal_medical_qa.jsonl"
 SHAPES = {"tiny": (128, 4), "wide": (256, 4)}  # (hidden size, layers); tiny = finetune.tiny's default
+# Rows of the embedding / LM head in the real checkpoints (GPT-Neo's 50,257 tokens; Pythia and NeoX-20B pad to a
+# multiple of 128: 50,304 for Pythia). --vocab family gives the tiny body that head; the tokenizer stays the tiny one.
+FAMILY_VOCAB = {"neo": 50_257, "neox": 50_304}
 MAX_LENGTH, BATCH = 512, 8
 # The Alpaca prompt, word for word as data_templates/alpaca.yaml renders it (checked against it in main()).
 PROMPT_INPUT = ("Below is an instruction that describes a task, paired with an input that provides further context. "
@@ -203,17 +207,20 @@ def _last_error(text: str) -> str:
 
 # ---------------------------------------------------------------- fixtures: checkpoints and data
 
-def build_models(archs: list[str], shape: str, cache: Path) -> dict[str, Path]:
+def build_models(archs: list[str], shape: str, vocab: str, cache: Path) -> dict[str, Path]:
     hidden, layers = SHAPES[shape]
     folders = {}
     for arch in archs:
-        folder = cache / f"tiny-{arch}-{hidden}x{layers}"
+        rows = FAMILY_VOCAB[arch] if vocab == "family" else None
+        folder = cache / (f"tiny-{arch}-{hidden}x{layers}" + (f"-v{rows}" if rows else ""))
         marker = folder / "tiny_build.json"
         built = json.loads(marker.read_text()) if marker.is_file() else {}
-        if built.get("hidden_size") != hidden or built.get("layers") != layers:
-            print(f"building {folder} (random weights, {layers} layers x {hidden})", file=sys.stderr, flush=True)
+        if built.get("hidden_size") != hidden or built.get("layers") != layers or built.get("model_vocab_size") != rows:
+            print(f"building {folder} (random weights, {layers} layers x {hidden}, head of {rows or 'the tokenizer'} rows)",
+                  file=sys.stderr, flush=True)
+            padded = ["--model-vocab-size", str(rows)] if rows else []
             subprocess.run([sys.executable, "-m", "finetune.tiny", "--arch", arch, "--out", str(folder), "--hidden-size",
-                            str(hidden), "--layers", str(layers)], cwd=PROJECT, check=True, capture_output=True, env=_env())
+                            str(hidden), "--layers", str(layers), *padded], cwd=PROJECT, check=True, capture_output=True, env=_env())
         folders[arch] = folder
     return folders
 
@@ -336,6 +343,8 @@ def main() -> None:
     parser.add_argument("--ours", default=",".join(OUR_VARIANTS), help=f"comma-separated variants of our side: {', '.join(OUR_VARIANTS)}")
     parser.add_argument("--repeat", type=int, default=1, help="runs of each (model, precision, side); the median is reported (a busy machine is noisy)")
     parser.add_argument("--shape", choices=SHAPES, default="tiny", help="tiny: 4 layers x 128 (finetune.tiny's default); wide: 4 x 256")
+    parser.add_argument("--vocab", choices=["tokenizer", "family"], default="tokenizer",
+                        help="rows of the embedding / LM head: the tiny tokenizer's 1,024, or the family's real 50,257 (neo) / 50,304 (neox)")
     parser.add_argument("--cache", default=None, help="where the checkpoints are built once (default: $NEO_FINETUNE_CACHE/bench or ~/.cache/neo-finetune/bench)")
     parser.add_argument("--workdir", default=None, help="keep data and run folders here (default: a temporary folder, removed)")
     parser.add_argument("--worker", choices=["trl"], help=argparse.SUPPRESS)
@@ -360,13 +369,14 @@ def main() -> None:
         unknown = [v for v in ours_variants if v not in OUR_VARIANTS]
         if unknown:
             parser.error(f"--ours: unknown variant(s) {', '.join(unknown)}; choose from {', '.join(OUR_VARIANTS)}")
-        models = build_models(archs, args.shape, cache)
+        models = build_models(archs, args.shape, args.vocab, cache)
         data = write_data(work, args.rows, list(models.values()))
         check_prompt(models[archs[0]], data["train"])
         hidden, layers = SHAPES[args.shape]
+        head = "/".join(f"{FAMILY_VOCAB[a]:,}" for a in archs) if args.vocab == "family" else "the tokenizer's"
         print(f"data: {args.rows} train rows + {data['heldout_rows']} held out (ours only) from {data['source'].name}, seeded sample, "
               f"{data['skipped_too_long']} longer than {MAX_LENGTH} tokens skipped; models: random {layers} x {hidden} "
-              f"{', '.join(archs)} in {cache}", file=sys.stderr, flush=True)
+              f"{', '.join(archs)}, head of {head} rows, in {cache}", file=sys.stderr, flush=True)
         results = []
         for arch in archs:
             for precision in precisions:
@@ -381,7 +391,7 @@ def main() -> None:
                         state = measured.get("failed") or f"{measured['tokens'] / measured['train_seconds']:,.0f} tokens/s"
                         print(f"{arch} {precision} {side} #{repeat + 1}: {state} ({time.perf_counter() - t:.0f} s)", file=sys.stderr, flush=True)
                 for side, side_runs in runs.items():
-                    results.append({"model": f"{arch} {layers}x{hidden}", "side": side, "precision": precision,
+                    results.append({"model": f"{arch} {layers}x{hidden}" + (f" vocab {FAMILY_VOCAB[arch]:,}" if args.vocab == "family" else ""), "side": side, "precision": precision,
                                     "precision_label": labels[side], "measured": median_run(side_runs), "runs": side_runs})
         print()
         print(f"LoRA SFT on CPU ({os.cpu_count()} cores), {args.rows} rows of {data['source'].name}, 1 epoch, batch 8, "

@@ -49,8 +49,12 @@ def build(
     window_size: int = 32,
     seed: int = 0,
     pretrain_epochs: int = 0,
+    model_vocab_size: int | None = None,
 ) -> Path:
     """Write a tiny `arch` checkpoint (safetensors) and its tokenizer to `out`, replacing what is there.
+
+    model_vocab_size pads the embedding and LM head to that many rows (the tokenizer keeps its own size), as Pythia
+    pads 50,277 tokens to 50,304: benchmarks use it to give a tiny body the family's real 50k-row head.
 
     Written to a staging directory beside `out` and renamed into place, so a crash never leaves half a model.
     """
@@ -60,7 +64,9 @@ def build(
     out = Path(out)
     tokenizer = train_tokenizer(arch, _corpus_texts(corpus), vocab_size, max_positions)
     ids = {"bos_token_id": tokenizer.eos_token_id, "eos_token_id": tokenizer.eos_token_id, "pad_token_id": tokenizer.pad_token_id}
-    config = model_config(arch, len(tokenizer), hidden_size, layers, heads, max_positions, window_size, **ids)
+    if model_vocab_size is not None and model_vocab_size < len(tokenizer):
+        raise ValueError(f"model_vocab_size={model_vocab_size} is smaller than the tokenizer's {len(tokenizer)} tokens")
+    config = model_config(arch, model_vocab_size or len(tokenizer), hidden_size, layers, heads, max_positions, window_size, **ids)
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(config)
     if pretrain_epochs:
@@ -74,7 +80,7 @@ def build(
     try:
         model.save_pretrained(staging)
         tokenizer.save_pretrained(staging)
-        (staging / MARKER).write_text(json.dumps(_fingerprint(arch, corpus, vocab_size, hidden_size, layers, seed, pretrain_epochs), indent=2))
+        (staging / MARKER).write_text(json.dumps(_fingerprint(arch, corpus, vocab_size, hidden_size, layers, seed, pretrain_epochs, model_vocab_size), indent=2))
         if out.exists():
             shutil.rmtree(out)
         staging.rename(out)
@@ -220,8 +226,11 @@ def _sha256(path: str | os.PathLike) -> str:
     return hashlib.sha256(Path(path).read_bytes()).hexdigest()
 
 
-def _fingerprint(arch: str, corpus, vocab_size: int, hidden_size: int, layers: int, seed: int, pretrain_epochs: int) -> dict:
+def _fingerprint(arch: str, corpus, vocab_size: int, hidden_size: int, layers: int, seed: int, pretrain_epochs: int,
+                 model_vocab_size: int | None = None) -> dict:
+    padded = {"model_vocab_size": model_vocab_size} if model_vocab_size else {}  # absent when unpadded: old caches stay valid
     return {
+        **padded,
         "version": BUILDER_VERSION,
         "arch": arch,
         "corpus_sha256": _sha256(corpus),
@@ -243,9 +252,11 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--hidden-size", type=int, default=128)
     parser.add_argument("--layers", type=int, default=4)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--model-vocab-size", type=int, default=None, help="pad the embedding and LM head to this many rows (default: the tokenizer's size)")
     parser.add_argument("--pretrain-epochs", type=int, default=0, help=f"causal-LM epochs on general English (the demo base uses {DEMO_PRETRAIN_EPOCHS})")
     args = parser.parse_args(argv)
-    out = build(args.arch, args.out, args.corpus, args.vocab_size, args.hidden_size, args.layers, seed=args.seed, pretrain_epochs=args.pretrain_epochs)
+    out = build(args.arch, args.out, args.corpus, args.vocab_size, args.hidden_size, args.layers, seed=args.seed, pretrain_epochs=args.pretrain_epochs,
+                model_vocab_size=args.model_vocab_size)
     print(f"wrote tiny {args.arch} checkpoint to {out}")
 
 
