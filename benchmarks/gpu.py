@@ -51,6 +51,7 @@ PROJECT = Path(__file__).resolve().parents[1]
 DEMO = PROJECT / "finetune" / "demo_data" / "legal_medical_qa.jsonl"
 sys.path.insert(0, str(PROJECT))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from data import demo_rows
 from train import LAUNCHER as _CPU_LAUNCHER
 from train import _env, _last_error, prompt, source_state, vmhwm
 
@@ -150,13 +151,8 @@ def model_flops_per_token(shape: str, seq: int) -> tuple[float, int]:
 
 
 def write_rows(path: Path, n: int) -> None:
-    """n Alpaca rows: the demo rows cycled, each made unique by its row number."""
-    base = [json.loads(line) for line in DEMO.read_text(encoding="utf-8").splitlines() if line.strip()]
-    with path.open("w", encoding="utf-8") as f:
-        for i in range(n):
-            row = base[i % len(base)]
-            f.write(json.dumps({"instruction": f"{row['instruction']} (row {i})", "input": row.get("input") or "",
-                                "output": f"{row['output']} (row {i})"}) + "\n")
+    """n Alpaca rows: the demo rows cycled, each made unique by its row number (benchmarks/data.py's rows)."""
+    path.write_text("".join(json.dumps(row) + "\n" for row in demo_rows(n, "alpaca")), encoding="utf-8")
 
 
 # ---------------------------------------------------------------- the trl side (a subprocess)
