@@ -63,11 +63,34 @@ def run(cfg: DictConfig) -> Path:
         except FinetuneError as err:
             status = "preempted" if isinstance(err, Preempted) else f"failed:{err.reason}"
             record.finish(status, err.exit_code, error=str(err))
+            _leave_process_group(wait=False)
             raise
         except BaseException as err:
             record.finish(f"failed:{type(err).__name__}", EXIT_FAILURE, error=str(err)[:2000])
+            _leave_process_group(wait=False)
             raise
+    _leave_process_group(wait=True)
     return run_dir
+
+
+def _leave_process_group(wait: bool) -> None:
+    """End a distributed launch's process group while Python is still whole. Left to interpreter teardown, gloo's
+    worker threads can still hold tensors when the interpreter is half gone: the rank dies with SIGABRT ("terminate
+    called without an active exception") after a finished run, and torchrun reports the launch failed (seen in CI on
+    a ZeRO-3 resume; pytorch/pytorch#190489). `wait`: on success, every rank first waits for rank 0's last writes,
+    so none tears down a connection another is still using; after an error, a peer may never arrive, so only this
+    rank's side is closed."""
+    import sys
+
+    if "torch.distributed" not in sys.modules:  # a single-process run never imported it
+        return
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()):
+        return
+    if wait:
+        dist.barrier()
+    dist.destroy_process_group()
 
 
 def _train(cfg, resolved: dict, run_dir: Path, record, resume_from: Path | None, signals: PreemptionSignals) -> None:
