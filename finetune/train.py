@@ -300,6 +300,25 @@ def _training_arguments(cfg: DictConfig, run_dir: Path, has_eval: bool, cuda: bo
         kwargs["deepspeed"] = OmegaConf.to_container(cfg.distributed.deepspeed)
     elif cfg.distributed.backend == "fsdp":  # on CPU process groups too (finetune.fsdp)
         kwargs.update(fsdp=True, fsdp_config=OmegaConf.to_container(cfg.distributed.fsdp_config))
+    return _checkpointing_renamed(kwargs)
+
+
+_CHECKPOINTING_NAMES = (("gradient_checkpointing", "activation_checkpointing"),
+                        ("gradient_checkpointing_kwargs", "activation_checkpointing_kwargs"))
+
+
+def _checkpointing_renamed(kwargs: dict) -> dict:
+    """trainer.gradient_checkpointing(_kwargs): the name users of every other trainer know, and our presets'. Since 5.2x
+    transformers calls it activation_checkpointing(_kwargs) and warns on the old name, which v6 removes; hand it over
+    under the name the installed TrainingArguments has. A value given under the new name wins, as in transformers."""
+    from transformers import TrainingArguments
+
+    fields = TrainingArguments.__dataclass_fields__
+    for old, new in _CHECKPOINTING_NAMES:
+        if new in fields and old in kwargs:
+            value = kwargs.pop(old)
+            if kwargs.get(new) is None:
+                kwargs[new] = value
     return kwargs
 
 

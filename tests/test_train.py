@@ -170,3 +170,23 @@ def test_preview_shows_trained_tokens_without_loading_the_model(tiny_models, tmp
 
     bad = subprocess.run([sys.executable, "-m", "finetune.preview", *overrides, "data.path=/nonexistent.jsonl"], capture_output=True, text=True, timeout=300)
     assert bad.returncode == 2 and "data.path: '/nonexistent.jsonl': no such file" in bad.stderr
+
+
+def test_gradient_checkpointing_reaches_transformers_under_its_current_name(tmp_path):
+    """trainer.gradient_checkpointing (our presets' key) is handed over as activation_checkpointing: on, and without
+    the FutureWarning transformers 5.2x gives for the old name (removed in v6)."""
+    import warnings
+
+    from omegaconf import OmegaConf
+    from trl import SFTConfig
+
+    from finetune.train import _training_arguments
+    from finetune.validate import validate
+
+    resolved, _ = validate(compose("demo", [f"output_dir={tmp_path}", "trainer.gradient_checkpointing=true"]))
+    precision.resolve(resolved, False)
+    kwargs = _training_arguments(OmegaConf.create(resolved), tmp_path, has_eval=True, cuda=False)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", FutureWarning)
+        args = SFTConfig(**kwargs)
+    assert args.activation_checkpointing is True and args.gradient_checkpointing is True
