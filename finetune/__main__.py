@@ -20,7 +20,9 @@ def main(argv: list[str] | None = None) -> None:
     if any(a in ("-h", "--help", "help") for a in args):
         print(_help_text())
         return
-    config_name, args = _pop_preset(args)
+    from finetune.config import split_preset
+
+    config_name, args = split_preset(args)
     overrides = _overrides(args)
     multirun = any(a in ("-m", "--multirun") for a in args)
     # A sweep (key=a,b) is checked with the first value of each swept key; every job is validated again when it runs.
@@ -104,18 +106,6 @@ def _sweep_directories(args: list[str]) -> list[str]:
 
 
 _SWEEP_EXIT_CODES: list[int] = []  # exit codes of the failed jobs of a sweep: the sweep exits with the worst
-
-
-def _pop_preset(args: list[str]) -> tuple[str, list[str]]:
-    from finetune.config import DEFAULT_PRESET
-
-    name, rest = DEFAULT_PRESET, []
-    for arg in args:
-        if arg.startswith("conf="):
-            name = arg.split("=", 1)[1].removesuffix(".yaml")
-        else:
-            rest.append(arg)
-    return name, rest
 
 
 def _overrides(args: list[str]) -> list[str]:

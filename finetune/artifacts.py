@@ -25,6 +25,8 @@ from pathlib import Path
 
 import yaml
 
+from finetune import rundir
+
 TRAINING_ARGS_PICKLE = "training_args.bin"
 
 
@@ -104,8 +106,7 @@ def clean_weights_folder(directory: Path, args, local_base: Path | None, public_
 
 
 def read_run_record(run_dir: Path) -> dict:
-    path = run_dir / "run.json"
-    return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
+    return rundir.read_json(run_dir / "run.json")
 
 
 def config_hash(resolved: dict) -> str:

@@ -173,6 +173,18 @@ class RunConfig:
     max_new_tokens: int = 48
 
 
+def split_preset(args: list[str]) -> tuple[str, list[str]]:
+    """The preset named by `conf=NAME` (DEFAULT_PRESET when none; the last one wins) and the other arguments: how
+    `python -m finetune`, finetune.plan and finetune.preview read a command line."""
+    name, rest = DEFAULT_PRESET, []
+    for arg in args:
+        if arg.startswith("conf="):
+            name = arg.split("=", 1)[1].removesuffix(".yaml")
+        else:
+            rest.append(arg)
+    return name, rest
+
+
 def compose(config_name: str = DEFAULT_PRESET, overrides: list[str] | None = None) -> DictConfig:
     """Compose a preset the way the CLI does, for tests, notebooks and tools (no output dir is created).
 

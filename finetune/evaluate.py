@@ -144,7 +144,7 @@ def _evalset(target, tokenizer, template, data_cfg, source: str, opts: dict, rep
     prepared = prepare(data_cfg, tokenizer, template, seed)
     warnings = []
     if reproduced and target.run_dir:
-        recorded = (_read_json(target.run_dir / "run.json")).get("dataset_fingerprint")
+        recorded = rundir.read_json(target.run_dir / "run.json").get("dataset_fingerprint")
         now = fingerprint.dataset(prepared.train + prepared.eval, prepared.packed is not None)
         if recorded and recorded != now:
             warnings.append(f"the data named in {target.run_dir / 'config.yaml'} changed since training: the held-out rows "
@@ -278,7 +278,7 @@ def _refresh_cards(target: rundir.Target) -> None:
     for folder, kind in ((target.run_dir / rundir.ADAPTER_DIR, "adapter"), (target.run_dir / rundir.MODEL_DIR, "model"),
                          (target.run_dir / rundir.MERGED_DIR, "merged")):
         if (folder / "README.md").is_file():
-            extra = _read_json(folder / "merge_report.json") if kind == "merged" else None
+            extra = rundir.read_json(folder / "merge_report.json") if kind == "merged" else None
             with contextlib.suppress(OSError):
                 card.write(folder, target.run_dir, target.config, kind, extra=extra)
 
@@ -304,12 +304,6 @@ def _default_data_config() -> dict:
     from finetune.config import DataConfig
 
     return asdict(DataConfig(path=""))
-
-
-def _read_json(path: Path) -> dict:
-    import json
-
-    return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
 
 
 def main(argv: list[str] | None = None) -> None:

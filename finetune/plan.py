@@ -297,9 +297,9 @@ def options_format(args: list[str], options: dict) -> str:
 def parse_args(args: list[str]) -> tuple[str | None, dict, list[str]]:
     """(preset, planner options, Hydra overrides). A key=value whose key is one of ours is an option; the rest go to
     Hydra, except a bare word close to one of our options, which is reported as the misspelled option it likely is."""
-    from finetune.__main__ import _pop_preset
+    from finetune.config import split_preset
 
-    preset, rest = _pop_preset(args)
+    preset, rest = split_preset(args)
     ours, overrides, problems = [], [], []
     names = [o.name for o in OPTIONS]
     for arg in rest:

@@ -15,7 +15,7 @@ GREEN, DIM, RESET = "\033[32m", "\033[2m", "\033[0m"
 
 
 def main(argv: list[str] | None = None) -> None:
-    from finetune.__main__ import _pop_preset
+    from finetune.config import split_preset
 
     args = list(sys.argv[1:] if argv is None else argv)
     if any(a in ("-h", "--help", "help") for a in args):
@@ -23,7 +23,7 @@ def main(argv: list[str] | None = None) -> None:
         return
     color = sys.stdout.isatty() and "NO_COLOR" not in os.environ
     n, overrides = 5, []
-    config_name, args = _pop_preset(args)
+    config_name, args = split_preset(args)
     for arg in args:
         if arg in ("--color", "--no-color"):
             color = arg == "--color"

@@ -69,7 +69,7 @@ def _in_run(run_dir: Path, merged: bool) -> Target:
         return Target("adapter", run_dir / ADAPTER_DIR, run_dir, config, _base_record(run_dir / ADAPTER_DIR))
     if (run_dir / MODEL_DIR / "config.json").is_file():
         return Target("model", run_dir / MODEL_DIR, run_dir, config, _base_record(run_dir / MODEL_DIR))
-    status = json.loads((run_dir / "run.json").read_text(encoding="utf-8")).get("status") if (run_dir / "run.json").is_file() else None
+    status = read_json(run_dir / "run.json").get("status")
     raise ConfigError(f"{run_dir}: no trained weights ({ADAPTER_DIR}/ or {MODEL_DIR}/); run status: {status}. "
                       "Finish (or resume) the run first")
 
@@ -87,8 +87,12 @@ def _config(run_dir: Path | None) -> dict | None:
 
 
 def _base_record(folder: Path) -> dict | None:
-    path = folder / BASE_RECORD
-    return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else None
+    return read_json(folder / BASE_RECORD) or None
+
+
+def read_json(path: Path) -> dict:
+    """A JSON record a run writes (run.json, base_model.json, merge_report.json); {} while it does not exist yet."""
+    return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
 
 
 def base_source(target: Target, override: str | None) -> str:

@@ -13,6 +13,9 @@ import subprocess
 from pathlib import Path
 
 import pytest
+
+from finetune.config import split_preset
+
 from helpers import PROJECT
 
 from finetune import cli
@@ -70,7 +73,7 @@ def check(argv: list[str]) -> list[str]:
         argv = ["python", *argv[argv.index("-m") :]]
     module, args = argv[2], argv[3:]
     if module == "finetune":
-        preset, rest = entry._pop_preset(args)
+        preset, rest = split_preset(args)
         overrides = entry._overrides(rest)
         composable = entry._first_values(overrides) if "-m" in rest else {o: o for o in overrides}
         return entry.preflight(preset, list(composable.values()))[0]
@@ -81,7 +84,7 @@ def check(argv: list[str]) -> list[str]:
             return [str(err)]
         return entry.preflight(preset or "demo", overrides)[0]
     if module == "finetune.preview":
-        preset, rest = entry._pop_preset(args)
+        preset, rest = split_preset(args)
         return entry.preflight(preset, [a for a in rest if not a.startswith(("n=", "--"))])[0]
     if module == "finetune.sweep":
         return [] if len(args) == 1 else ["finetune.sweep takes one sweep directory"]
