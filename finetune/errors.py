@@ -65,6 +65,13 @@ class DiskFullError(FinetuneError):
     reason = "disk_full"
 
 
+class OutOfMemory(FinetuneError):
+    """The accelerator (or the host) ran out of memory; the message says what to change. Committed checkpoints are
+    untouched, so the run resumes once it fits."""
+
+    reason = "oom"
+
+
 class Preempted(FinetuneError):
     """Stopped by SIGTERM/SIGUSR1 after committing a checkpoint; resumable."""
 

@@ -21,7 +21,7 @@ from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
 
-from finetune import artifacts, card, checkpoints, cli, fingerprint, models, precision, ranks, rundir, strategy, tracking
+from finetune import artifacts, card, checkpoints, cli, fingerprint, models, oom, precision, ranks, rundir, strategy, tracking
 from finetune.data import describe, packing, prepare, prompt_text
 from finetune.data import templates as data_templates
 from finetune.errors import EXIT_FAILURE, EXIT_OK, ConfigError, FinetuneError, IntegrityError, Preempted
@@ -58,7 +58,8 @@ def run(cfg: DictConfig) -> Path:
                                  precision=precision_used)
     with PreemptionSignals(deferred=ranks.world_size() > 1) as signals:
         try:
-            with tracking.session(cfg, run_dir, _preset_name(), resuming=resume_from is not None):  # report_to's environment, this run only
+            with (tracking.session(cfg, run_dir, _preset_name(), resuming=resume_from is not None),  # report_to's environment, this run only
+                  oom.explained(cfg, checkpoints_dir)):
                 _train(cfg, resolved, run_dir, record, resume_from, signals)
         except FinetuneError as err:
             status = "preempted" if isinstance(err, Preempted) else f"failed:{err.reason}"
@@ -90,7 +91,10 @@ def _leave_process_group(wait: bool) -> None:
         return
     if wait:
         dist.barrier()
-    dist.destroy_process_group()
+        dist.destroy_process_group()
+        return
+    with contextlib.suppress(Exception):  # the error being raised is the one to report, not a teardown's
+        dist.destroy_process_group()
 
 
 def _train(cfg, resolved: dict, run_dir: Path, record, resume_from: Path | None, signals: PreemptionSignals) -> None:
@@ -133,7 +137,8 @@ def _train(cfg, resolved: dict, run_dir: Path, record, resume_from: Path | None,
         _check_drift(resume_from, facts, list(cfg.resume_allow_drift))
     if ranks.is_main():
         artifacts.write_config(run_dir, resolved, template.path)
-    model = models.load_model(cfg.model, tokenizer, strategy.quantization(resolved["strategy"]))
+    with oom.explained(cfg, run_dir / "checkpoints", loading=True):
+        model = models.load_model(cfg.model, tokenizer, strategy.quantization(resolved["strategy"]))
     collator = None
     if data.packed is not None:
         model.config.use_cache = False  # a KV cache turns off transformers' packed-sequence masks
@@ -191,7 +196,8 @@ def _train(cfg, resolved: dict, run_dir: Path, record, resume_from: Path | None,
         trainer.add_callback(OnTrainBegin(measure_base_in_loop))
 
     started = time.perf_counter()
-    result = trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
+    with oom.explained(cfg, run_dir / "checkpoints", step=lambda: trainer.state.global_step):
+        result = trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
     train_seconds = time.perf_counter() - started
     if cfg.distributed.backend == "fsdp":
         from finetune import fsdp

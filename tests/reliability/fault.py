@@ -5,6 +5,7 @@ SIGKILL hits the process the way it does in production:
 - KILL STEP:    SIGKILL during the first micro-batch after optimizer step STEP (mid-epoch, between checkpoints)
 - TERM / USR1 STEP: send that signal to ourselves at the same point (a scheduler's preemption)
 - KILL_IN_SAVE STEP: SIGKILL while checkpoint-STEP is staged, after its files are written, before its manifest
+- OOM STEP:     the CUDA out-of-memory error torch raises, from the first micro-batch after optimizer step STEP
 """
 
 import os
@@ -25,6 +26,17 @@ if fault == "KILL_IN_SAVE":
         return write_manifest(directory, **facts)
 
     checkpoints.write_manifest = dying_write_manifest
+elif fault == "OOM":
+    import torch
+
+    training_step = guarded.GuardedSFTTrainer.training_step
+
+    def running_out(self, *args, **kwargs):
+        if self.state.global_step == at:
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB. GPU 0 has a total capacity of 79.19 GiB")
+        return training_step(self, *args, **kwargs)
+
+    guarded.GuardedSFTTrainer.training_step = running_out
 else:
     training_step = guarded.GuardedSFTTrainer.training_step
 

@@ -1,5 +1,5 @@
-"""Disk full, NaN/inf and empty steps, the run record, secrets and local paths, gradient accumulation equivalence
-(RELIABILITY_PLAN CK-12, DV-07, NU-01, NU-02, SE-05, SE-07, EN-03)."""
+"""Disk full, out of memory, NaN/inf and empty steps, the run record, secrets and local paths, gradient accumulation
+equivalence (RELIABILITY_PLAN CK-12, EN-02, DV-07, NU-01, NU-02, SE-05, SE-07, EN-03)."""
 
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ from safetensors.torch import load_file
 
 from finetune import checkpoints
 from finetune.config import compose
-from finetune.errors import EXIT_FAILURE, ConfigError, DiskFullError
+from finetune.errors import EXIT_FAILURE, ConfigError, DiskFullError, OutOfMemory
 from finetune.train import run
 
 from harness import finetune, overrides
@@ -49,6 +49,59 @@ def test_refuses_to_start_without_room_for_a_checkpoint(tiny_models, tmp_path, m
     monkeypatch.setattr(shutil, "disk_usage", lambda path: usage(10**9, 10**9 - 4096, 4096))
     with pytest.raises(ConfigError, match=r"output_dir: 0.0 MiB free on the device of .* one checkpoint needs about \d+\.\d MiB"):
         run(compose("demo", overrides(tiny_models["neox"], tmp_path / "run")))
+
+
+def test_out_of_memory_names_this_runs_fixes_and_keeps_its_checkpoints(tiny_models, tmp_path):
+    run_dir = tmp_path / "run"
+    result = finetune(overrides(tiny_models["neox"], run_dir), fault=("OOM", 4))
+    assert result.returncode == EXIT_FAILURE, result.stderr[-3000:]
+    assert "error: out of memory in optimizer step 5: CUDA out of memory. Tried to allocate 2.00 GiB" in result.stderr
+    assert "Traceback" not in result.stderr
+    # the standard run: batch 4 x accumulation 2, no checkpointing, max_length 384, LoRA
+    for fix in ("trainer.per_device_train_batch_size=2 trainer.gradient_accumulation_steps=4", "trainer.gradient_checkpointing=true",
+                "data.max_length=192", "strategy=qlora", "python -m finetune.plan"):
+        assert f"{fix}" in result.stderr, fix
+    assert "per_device_eval_batch_size" not in result.stderr  # a training step ran out, not evaluation
+    record = json.loads((run_dir / "run.json").read_text())
+    assert record["status"] == "failed:oom" and record["exit_code"] == EXIT_FAILURE and "out of memory" in record["error"]
+    assert f"the checkpoints committed in {run_dir / 'checkpoints'} are intact" in result.stderr
+    newest = checkpoints.candidates(run_dir / "checkpoints")[0]
+    assert newest.name == "checkpoint-3" and checkpoints.verify(newest) is None
+    assert not (run_dir / "adapter").exists()
+
+
+def test_out_of_memory_in_evaluation_names_the_eval_batch(tiny_models, tmp_path, monkeypatch):
+    from finetune.trainer import GuardedSFTTrainer
+
+    prediction_step = GuardedSFTTrainer.prediction_step
+
+    def running_out(self, *args, **kwargs):
+        if self.state.global_step == 2:
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 512.00 MiB")
+        return prediction_step(self, *args, **kwargs)
+
+    monkeypatch.setattr(GuardedSFTTrainer, "prediction_step", running_out)
+    cfg = compose("demo", overrides(tiny_models["neox"], tmp_path / "run", "trainer.max_steps=3", "trainer.eval_strategy=steps",
+                                    "trainer.eval_steps=2", "trainer.per_device_eval_batch_size=6", "trainer.gradient_checkpointing=true"))
+    with pytest.raises(OutOfMemory, match=r"out of memory in the evaluation after optimizer step 2: CUDA out of memory") as raised:
+        run(cfg)
+    message = str(raised.value)
+    assert "trainer.per_device_eval_batch_size=3 (evaluation only" in message and "no checkpoint had been committed yet" in message
+    assert "gradient_checkpointing" not in message  # already on
+    assert json.loads((tmp_path / "run" / "run.json").read_text())["status"] == "failed:oom"
+
+
+def test_out_of_memory_advice_follows_the_run_and_the_phase():
+    from finetune import oom
+
+    full = compose("demo", ["strategy=full", "trainer.per_device_train_batch_size=1", "trainer.gradient_checkpointing=true"])
+    assert oom.fixes(full, "load") == ["strategy=lora (adapters only: no optimizer state for the base weights; a new run)",
+                                       "distributed=zero3 across several GPUs (weights, gradients and optimizer state sharded)"]
+    training = oom.fixes(full, "train")  # batch 1 and checkpointing on: neither is offered again
+    assert not any("batch_size" in fix or "checkpointing" in fix for fix in training) and training[0].startswith("data.max_length=")
+    assert oom.is_out_of_memory(RuntimeError("[enforce fail at alloc_cpu.cpp:117] DefaultCPUAllocator: can't allocate memory"))
+    assert oom.is_out_of_memory(torch.OutOfMemoryError("CUDA out of memory")) and oom.is_out_of_memory(MemoryError())
+    assert not oom.is_out_of_memory(RuntimeError("expected scalar type Float but found BFloat16"))
 
 
 def test_a_diverging_run_stops_at_the_first_non_finite_step(tiny_models, tmp_path):
