@@ -35,8 +35,6 @@ def explained(cfg, checkpoints_dir: Path, step: Callable[[], int] | None = None,
     loop); `loading`: the weights are being read."""
     try:
         yield
-    except OutOfMemory:
-        raise
     except BaseException as err:
         if not is_out_of_memory(err):
             raise
