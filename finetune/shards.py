@@ -11,7 +11,10 @@ through transformers, which checks it.
 Rules for a folder we are given (the threats in ARCHITECTURE.md):
 - only safetensors, unless the user allows pickles explicitly; then `torch.load(weights_only=True)`;
 - every file a shard index names must lie inside the folder (no `../`, no absolute path, no symlink out);
-- a header whose offsets run outside the file, overlap or leave gaps is refused (IntegrityError, exit 3).
+- a header whose offsets run outside the file, overlap or leave gaps, whose span for a tensor is not its shape x
+  dtype size, or that leaves bytes after the last tensor is refused (IntegrityError, exit 3);
+- symlinks are allowed only as the Hugging Face cache makes them: from `snapshots/<rev>/` into the same repository's
+  `blobs/` (training reads that layout too).
 """
 
 from __future__ import annotations
@@ -33,6 +36,8 @@ DTYPE_NAMES = {  # safetensors name -> torch dtype name
     "F64": "float64", "F32": "float32", "F16": "float16", "BF16": "bfloat16", "I64": "int64", "I32": "int32",
     "I16": "int16", "I8": "int8", "U8": "uint8", "BOOL": "bool", "F8_E4M3": "float8_e4m3fn", "F8_E5M2": "float8_e5m2",
 }
+DTYPE_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1, "BOOL": 1,
+               "F8_E4M3": 1, "F8_E5M2": 1}
 
 
 @dataclass(frozen=True)
@@ -61,18 +66,37 @@ class ShardReader:
             raise IntegrityError(f"{path}: not a valid safetensors file ({err})") from None
         self.data_start = 8 + header_len
         self.metadata = header.pop("__metadata__", None) or {}
-        self.tensors = {name: TensorInfo(name, e["dtype"], tuple(e["shape"]), *e["data_offsets"]) for name, e in header.items()}
-        self._check(size - self.data_start)
+        try:
+            self.tensors = {name: TensorInfo(name, e["dtype"], tuple(e["shape"]), *e["data_offsets"]) for name, e in header.items()}
+        except (KeyError, TypeError, ValueError) as err:
+            self.file.close()
+            raise IntegrityError(f"{path}: not a valid safetensors header ({type(err).__name__}: {err})") from None
+        try:
+            self._check(size - self.data_start)
+        except IntegrityError:
+            self.file.close()
+            raise
 
     def _check(self, data_size: int) -> None:
+        """Every tensor's span is exactly its shape x dtype size, spans tile the data with no gap or overlap, and
+        nothing follows the last one: a loader that trusts any of these reads garbage or past the file."""
         position = 0
         for info in sorted(self.tensors.values(), key=lambda t: t.begin):
             if info.dtype not in DTYPE_NAMES:
                 raise IntegrityError(f"{self.path}: tensor {info.name} has unknown dtype {info.dtype}")
+            if not all(isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in info.shape):
+                raise IntegrityError(f"{self.path}: tensor {info.name} has shape {list(info.shape)}; the file is corrupt")
             if info.begin != position or info.end < info.begin or info.end > data_size:
                 raise IntegrityError(f"{self.path}: tensor {info.name} has offsets {info.begin}..{info.end} that overlap, "
                                      f"leave a gap or run past the data ({data_size} bytes); the file is corrupt")
+            expected = _numel(info.shape) * DTYPE_BYTES[info.dtype]
+            if info.end - info.begin != expected:
+                raise IntegrityError(f"{self.path}: tensor {info.name} is {info.dtype} {list(info.shape)} ({expected} bytes) "
+                                     f"but spans {info.end - info.begin} bytes; the file is corrupt")
             position = info.end
+        if position != data_size:
+            raise IntegrityError(f"{self.path}: {data_size - position} bytes after the last tensor; the file is corrupt "
+                                 "or was appended to")
 
     def read(self, name: str):
         import torch
@@ -155,9 +179,14 @@ def weight_files(folder: Path, allow_pickle: bool = False) -> list[Path]:
 
 
 def inside(folder: Path, name: str) -> Path:
-    """folder/name, refused when name leads outside folder (absolute, `..`, or a symlink pointing out)."""
+    """folder/name, refused when name leads outside folder (absolute, `..`, or a symlink pointing out); a snapshot of
+    the Hugging Face cache may link into its own repository's blobs/."""
     candidate = folder / name
-    if Path(name).is_absolute() or ".." in Path(name).parts or not candidate.resolve().is_relative_to(folder.resolve()):
+    allowed = [folder.resolve()]
+    if folder.parent.name == "snapshots":  # <cache>/models--org--name/snapshots/<rev>/file -> ../../blobs/<sha>
+        allowed.append((folder.parent.parent / "blobs").resolve())
+    resolved = candidate.resolve()
+    if Path(name).is_absolute() or ".." in Path(name).parts or not any(resolved.is_relative_to(a) for a in allowed):
         raise IntegrityError(f"{folder}: refers to '{name}', which lies outside the model folder; refusing to read it "
                              "(a crafted index can make a loader read weights from anywhere)")
     return candidate

@@ -1,0 +1,100 @@
+"""Weights files we read or stage are validated in full, and the Hub cache layout is accepted
+(issue 20 items 4, 7; RELIABILITY_PLAN SE-04, 7.x "a header whose shape disagrees with its byte span")."""
+
+from __future__ import annotations
+
+import json
+import os
+import struct
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from finetune import shards
+from finetune.errors import IntegrityError
+
+
+def _write(path: Path, header: dict, data: bytes) -> Path:
+    encoded = json.dumps(header).encode()
+    encoded += b" " * (-len(encoded) % 8)
+    path.write_bytes(struct.pack("<Q", len(encoded)) + encoded + data)
+    return path
+
+
+def test_a_shape_that_disagrees_with_its_byte_span_is_refused(tmp_path):
+    # offsets contiguous and inside the file, but 2x3 float32 needs 24 bytes, not 16
+    path = _write(tmp_path / "w.safetensors", {"w": {"dtype": "F32", "shape": [2, 3], "data_offsets": [0, 16]}}, bytes(16))
+    with pytest.raises(IntegrityError, match=r"w.safetensors: tensor w is F32 \[2, 3\] \(24 bytes\) but spans 16 bytes"):
+        shards.ShardReader(path)
+
+
+def test_trailing_bytes_after_the_last_tensor_are_refused(tmp_path):
+    path = tmp_path / "w.safetensors"
+    save_file({"w": torch.ones(2, 2)}, str(path))
+    with path.open("ab") as f:
+        f.write(b"\0" * 8)
+    with pytest.raises(IntegrityError, match=r"w.safetensors: 8 bytes after the last tensor"):
+        shards.ShardReader(path)
+
+
+def test_negative_or_non_integer_shapes_are_refused(tmp_path):
+    path = _write(tmp_path / "w.safetensors", {"w": {"dtype": "F32", "shape": [-1, 4], "data_offsets": [0, 16]}}, bytes(16))
+    with pytest.raises(IntegrityError, match=r"tensor w has shape \[-1, 4\]"):
+        shards.ShardReader(path)
+
+
+def test_a_valid_file_still_reads(tmp_path):
+    path = tmp_path / "w.safetensors"
+    save_file({"a": torch.arange(6.0).reshape(2, 3), "b": torch.zeros(0), "c": torch.ones(3, dtype=torch.bfloat16)}, str(path))
+    with shards.ShardReader(path) as reader:
+        assert torch.equal(reader.read("a"), torch.arange(6.0).reshape(2, 3))
+
+
+def _hub_cache_snapshot(root: Path) -> Path:
+    """The layout huggingface_hub writes: snapshots/<rev>/<file> -> ../../blobs/<hash>."""
+    repo = root / "models--org--model"
+    blobs, snapshot = repo / "blobs", repo / "snapshots" / "abc123"
+    blobs.mkdir(parents=True)
+    snapshot.mkdir(parents=True)
+    for name, tensors in (("model-00001-of-00002.safetensors", {"a": torch.ones(2)}),
+                          ("model-00002-of-00002.safetensors", {"b": torch.zeros(2)})):
+        save_file(tensors, str(blobs / f"blob-{name[6:11]}"))
+        os.symlink(f"../../blobs/blob-{name[6:11]}", snapshot / name)
+    index = {"weight_map": {"a": "model-00001-of-00002.safetensors", "b": "model-00002-of-00002.safetensors"}}
+    (blobs / "blob-index").write_text(json.dumps(index))
+    os.symlink("../../blobs/blob-index", snapshot / shards.SAFETENSORS_INDEX)
+    return snapshot
+
+
+def test_a_sharded_base_in_the_hub_cache_is_accepted(tmp_path):
+    snapshot = _hub_cache_snapshot(tmp_path)
+    assert [p.name for p in shards.weight_files(snapshot)] == ["model-00001-of-00002.safetensors", "model-00002-of-00002.safetensors"]
+
+
+def test_a_hub_cache_link_that_leaves_the_repository_is_refused(tmp_path):
+    snapshot = _hub_cache_snapshot(tmp_path)
+    outside = tmp_path / "elsewhere.safetensors"
+    save_file({"b": torch.zeros(2)}, str(outside))
+    (snapshot / "model-00002-of-00002.safetensors").unlink()
+    os.symlink(outside, snapshot / "model-00002-of-00002.safetensors")
+    with pytest.raises(IntegrityError, match="lies outside the model folder"):
+        shards.weight_files(snapshot)
+
+
+def test_a_link_into_another_repositorys_blobs_is_refused(tmp_path):
+    snapshot = _hub_cache_snapshot(tmp_path)
+    other = _hub_cache_snapshot(tmp_path / "other")
+    (snapshot / "model-00002-of-00002.safetensors").unlink()
+    os.symlink(other.parents[1] / "blobs" / "blob-00002", snapshot / "model-00002-of-00002.safetensors")
+    with pytest.raises(IntegrityError, match="lies outside the model folder"):
+        shards.weight_files(snapshot)
+
+
+def test_an_index_entry_that_climbs_out_is_still_refused(tmp_path):
+    snapshot = _hub_cache_snapshot(tmp_path)
+    (snapshot / shards.SAFETENSORS_INDEX).unlink()
+    (snapshot / shards.SAFETENSORS_INDEX).write_text(json.dumps({"weight_map": {"a": "../../blobs/blob-00001"}}))
+    with pytest.raises(IntegrityError, match="lies outside the model folder"):
+        shards.weight_files(snapshot)
