@@ -63,10 +63,11 @@ class GuardedSFTTrainer(SFTTrainer):
         try:
             super()._save_checkpoint(model, trial)
         except Exception as err:
+            free = shutil.disk_usage(final_parent).free  # before the half-written save is removed and frees its space
             if self.args.should_save:
                 shutil.rmtree(staging / name, ignore_errors=True)
-            if _is_disk_full(err):
-                raise DiskFullError(_disk_full_message(final_parent, name)) from err
+            if _is_disk_full(err, free, estimate_checkpoint_bytes(self.model)):
+                raise DiskFullError(_disk_full_message(final_parent, name, free, err)) from err
             raise
         finally:
             del self._get_output_dir
@@ -124,7 +125,11 @@ class GuardedSFTTrainer(SFTTrainer):
         return norm
 
 
-def _is_disk_full(err: BaseException) -> bool:
+def _is_disk_full(err: BaseException, free: int, need: int) -> bool:
+    """ENOSPC, or any save error while less than one checkpoint's size is free: a full disk inside torch.save
+    surfaces as RuntimeError("basic_ios::clear: iostream error"), with no errno."""
+    if free < need:
+        return True
     while err is not None:
         if getattr(err, "errno", None) == errno.ENOSPC or "No space left on device" in str(err):
             return True
@@ -132,14 +137,13 @@ def _is_disk_full(err: BaseException) -> bool:
     return False
 
 
-def _disk_full_message(final_parent: Path, name: str) -> str:
-    free = shutil.disk_usage(final_parent).free
+def _disk_full_message(final_parent: Path, name: str, free: int, err: BaseException) -> str:
     previous = checkpoints.candidates(final_parent)
     need = sum(p.stat().st_size for p in previous[0].rglob("*") if p.is_file()) if previous else None
     keep = f"{previous[0]} is intact" if previous else "no earlier checkpoint exists"
     size = f"; a checkpoint needs about {need / 2**20:.1f} MiB" if need else ""
     return (f"no space left on the device of {final_parent} while saving {name} ({free / 2**20:.1f} MiB free{size}); {keep}. "
-            "Free space and run again with resume=true")
+            f"Free space and run again with resume=true (the save failed with: {type(err).__name__}: {str(err)[:200]})")
 
 
 def estimate_checkpoint_bytes(model) -> int:

@@ -98,3 +98,56 @@ def test_an_index_entry_that_climbs_out_is_still_refused(tmp_path):
     (snapshot / shards.SAFETENSORS_INDEX).write_text(json.dumps({"weight_map": {"a": "../../blobs/blob-00001"}}))
     with pytest.raises(IntegrityError, match="lies outside the model folder"):
         shards.weight_files(snapshot)
+
+
+def test_disk_full_without_an_errno_is_recognised_by_the_free_space(tiny_models, tmp_path, monkeypatch):
+    """A real full disk inside torch.save raises RuntimeError('basic_ios::clear: iostream error'), no errno, no
+    'No space left' (item 8): the free space at the failure decides."""
+    import shutil
+    from collections import namedtuple
+
+    from finetune import checkpoints
+    from finetune.config import compose
+    from finetune.errors import EXIT_FAILURE, DiskFullError
+    from finetune.train import run
+
+    from harness import overrides
+
+    run_dir, real_save, real_usage, full = tmp_path / "run", torch.save, shutil.disk_usage, []
+    usage = namedtuple("usage", "total used free")
+
+    def full_disk_save(obj, path, *args, **kwargs):
+        if str(path).endswith("checkpoint-6/optimizer.pt"):
+            full.append(path)
+            raise RuntimeError("[enforce fail at inline_container.cc:626] . unexpected pos 64 vs 0; basic_ios::clear: iostream error")
+        return real_save(obj, path, *args, **kwargs)
+
+    monkeypatch.setattr(torch, "save", full_disk_save)
+    monkeypatch.setattr(shutil, "disk_usage", lambda p: usage(10**9, 10**9 - 4096, 4096) if full else real_usage(p))
+    with pytest.raises(DiskFullError) as caught:
+        run(compose("demo", overrides(tiny_models["neox"], run_dir)))
+    message = str(caught.value)
+    assert f"no space left on the device of {run_dir / 'checkpoints'} while saving checkpoint-6 (0.0 MiB free" in message
+    assert "a checkpoint needs about" in message and "checkpoint-3 is intact" in message
+    assert "basic_ios::clear" in message  # what torch said, for the record
+    assert [c.name for c in checkpoints.candidates(run_dir / "checkpoints")] == ["checkpoint-3"]
+    record = json.loads((run_dir / "run.json").read_text())
+    assert record["status"] == "failed:disk_full" and record["exit_code"] == EXIT_FAILURE
+
+
+def test_a_save_error_with_room_to_spare_is_not_called_disk_full(tiny_models, tmp_path, monkeypatch):
+    from finetune.config import compose
+    from finetune.train import run
+
+    from harness import overrides
+
+    real_save = torch.save
+
+    def failing_save(obj, path, *args, **kwargs):
+        if str(path).endswith("checkpoint-3/optimizer.pt"):
+            raise RuntimeError("basic_ios::clear: iostream error")
+        return real_save(obj, path, *args, **kwargs)
+
+    monkeypatch.setattr(torch, "save", failing_save)
+    with pytest.raises(RuntimeError, match="basic_ios::clear"):
+        run(compose("demo", overrides(tiny_models["neox"], tmp_path / "run", "trainer.max_steps=3")))
