@@ -19,6 +19,8 @@ generation_config.json, the tokenizer with the chat template used in training, m
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import json
 import math
 import os
@@ -31,7 +33,7 @@ from pathlib import Path
 
 from finetune import artifacts, cli, rundir, shards
 from finetune.cli import Option
-from finetune.errors import ConfigError, IntegrityError
+from finetune.errors import ConfigError, DiskFullError, IntegrityError
 
 OPTIONS = [
     Option("out", str, None, "output folder (default: RUN/merged)"),
@@ -132,8 +134,9 @@ def run(opts: dict) -> Path:
     staging.mkdir(parents=True)
     report = {"adapter": target.weights.name, "base": target.base or {"name_or_path": base_dir.name}, "dtype": dtype,
               "lora": {k: adapter.config.get(k) for k in ("r", "lora_alpha", "use_rslora", "use_dora", "target_modules")}}
-    report.update(merge_weights(base_dir, adapter, staging, dtype, opts["allow_pickle"]))
-    write_model_files(base_dir, target.weights, staging, dtype)
+    with _disk_full_explained(staging, out, lambda: _output_bytes(base_dir, dtype, opts["allow_pickle"])):
+        report.update(merge_weights(base_dir, adapter, staging, dtype, opts["allow_pickle"]))
+        write_model_files(base_dir, target.weights, staging, dtype)
     report.update(merge_seconds=round(time.perf_counter() - started, 2), merge_peak_rss_bytes=peak_rss_bytes())
     result = gate.check(base_dir, adapter, staging, dtype, opts["gate"], opts["tolerance"], opts["allow_pickle"], quantization)
     report.update(gate=result, valid=result["passed"], peak_rss_bytes=peak_rss_bytes(), seconds=round(time.perf_counter() - started, 2))
@@ -168,6 +171,39 @@ def _conclude(out: Path, invalid: Path, result: dict, report: dict, staged: bool
         cli.say(f"merged model: {out} ({report['merged_modules']} adapted tensors in {len(report['shards'])} shard(s), "
              f"peak RSS {report['peak_rss_bytes'] / 2**20:.0f} MiB, {report['seconds']:.1f} s)")
     return out
+
+
+@contextlib.contextmanager
+def _disk_full_explained(staging: Path, out: Path, need):
+    """A write that fails with ENOSPC, or with any OSError/RuntimeError while less than the merged model's size is
+    free (torch and tokenizers report a full disk without an errno), becomes failed:disk_full naming path, free and
+    needed bytes; the half-written <out>.partial is removed, since nothing can use it."""
+    try:
+        yield
+    except (OSError, RuntimeError) as err:
+        free = shutil.disk_usage(staging.parent).free  # before removing the partial output frees its space
+        shutil.rmtree(staging, ignore_errors=True)
+        needed = need()
+        if getattr(err, "errno", None) != errno.ENOSPC and free >= needed:
+            raise
+        raise DiskFullError(f"no space left on the device of {staging.parent} while merging into {out} "
+                            f"({free / 2**20:.1f} MiB free; the merged model needs about {needed / 2**20:.1f} MiB); "
+                            f"{staging.name} was removed. Free space or choose another out=, then merge again "
+                            f"(the write failed with: {type(err).__name__}: {str(err)[:200]})") from err
+
+
+def _output_bytes(base_dir: Path, dtype: str, allow_pickle: bool) -> int:
+    """The merged weights' size: each base tensor at the output dtype (integer buffers keep theirs)."""
+    import torch
+
+    target, total = getattr(torch, dtype), 0
+    for path in shards.weight_files(base_dir, allow_pickle):
+        if path.suffix != ".safetensors":
+            total += path.stat().st_size
+            continue
+        with shards.ShardReader(path) as reader:
+            total += sum(shards._numel(t.shape) * shards.DTYPE_BYTES[_out_dtype(t, target)] for t in reader.tensors.values())
+    return total
 
 
 def _write_report(folder: Path, report: dict) -> None:

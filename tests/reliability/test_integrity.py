@@ -151,3 +151,44 @@ def test_a_save_error_with_room_to_spare_is_not_called_disk_full(tiny_models, tm
     monkeypatch.setattr(torch, "save", failing_save)
     with pytest.raises(RuntimeError, match="basic_ios::clear"):
         run(compose("demo", overrides(tiny_models["neox"], tmp_path / "run", "trainer.max_steps=3")))
+
+
+def _adapter_on(base: Path, out: Path) -> Path:
+    """A peft LoRA adapter saved over a tiny base (random B, so merging changes weights)."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    torch.manual_seed(0)
+    model = get_peft_model(AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32),
+                           LoraConfig(r=4, lora_alpha=8, target_modules=["query_key_value"], task_type="CAUSAL_LM"))
+    model.save_pretrained(out)
+    AutoTokenizer.from_pretrained(base).save_pretrained(out)
+    return out
+
+
+@pytest.mark.parametrize("error", ["enospc", "iostream"])
+def test_merge_onto_a_full_disk_is_disk_full_and_leaves_no_partial(tiny_models, tmp_path, monkeypatch, error):
+    import errno
+    import shutil
+    from collections import namedtuple
+
+    from finetune import cli, merge
+    from finetune.errors import DiskFullError
+
+    adapter = _adapter_on(tiny_models["neox"], tmp_path / "adapter")
+    out, real_write, real_usage, full = tmp_path / "merged", shards.ShardWriter.write, shutil.disk_usage, []
+    usage = namedtuple("usage", "total used free")
+
+    def full_disk_write(self, name, tensor):
+        full.append(name)
+        if error == "enospc":
+            raise OSError(errno.ENOSPC, "No space left on device", str(self.path))
+        raise RuntimeError("basic_ios::clear: iostream error")
+
+    monkeypatch.setattr(shards.ShardWriter, "write", full_disk_write)
+    monkeypatch.setattr(shutil, "disk_usage", lambda p: usage(10**9, 10**9 - 4096, 4096) if full else real_usage(p))
+    with pytest.raises(DiskFullError) as caught:
+        merge.run(cli.parse([str(adapter), f"base={tiny_models['neox']}", f"out={out}", "dtype=float32"], merge.OPTIONS, "target"))
+    assert f"no space left on the device of {tmp_path} while merging into {out} (0.0 MiB free; the merged model needs about" in str(caught.value)
+    assert caught.value.reason == "disk_full"
+    assert not out.exists() and not out.with_name("merged.partial").exists()
