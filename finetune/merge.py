@@ -49,6 +49,7 @@ DTYPES = ("bfloat16", "float32", "float16")
 ADAPTER_PREFIX = "base_model.model."
 LORA_KEY = re.compile(r"^(?P<module>.+)\.(?P<part>lora_A\.weight|lora_B\.weight|lora_B\.bias|lora_magnitude_vector)$")
 # adapter_config.json fields that change what merging means; this merge handles none of them
+ABSURD_WEIGHT = 1e4  # |weight| above this in an adapter is corruption, not training
 UNSUPPORTED = ("modules_to_save", "trainable_token_indices", "layer_replication", "target_parameters", "use_qalora",
                "alora_invocation_tokens", "use_bdlora")
 
@@ -222,6 +223,7 @@ def load_adapter(folder: Path, allow_pickle: bool) -> Adapter:
         raise IntegrityError(f"{folder}: adapter_config.json sets {', '.join(found)}, which this streaming merge does not "
                              "merge; use peft's merge_and_unload on a machine that holds the whole model")
     tensors = _adapter_tensors(folder, allow_pickle)
+    _check_values(folder, tensors)
     adapter = Adapter(folder, config)
     for key, tensor in tensors.items():
         match = LORA_KEY.match(key.removeprefix(ADAPTER_PREFIX))
@@ -240,6 +242,22 @@ def load_adapter(folder: Path, allow_pickle: bool) -> Adapter:
         alpha = _pattern(config.get("alpha_pattern") or {}, name, config["lora_alpha"])
         module.scale = alpha / math.sqrt(r) if config.get("use_rslora") else alpha / r
     return adapter
+
+
+def _check_values(folder: Path, tensors: dict) -> None:
+    """Refuse NaN/inf and absurd magnitudes: one flipped exponent bit turns a weight into 1e37, and the numerical gate,
+    comparing against the same adapter, cannot see it. Trained LoRA factors and DoRA magnitudes stay far below
+    ABSURD_WEIGHT."""
+    for name, tensor in tensors.items():
+        if not tensor.is_floating_point() or tensor.numel() == 0:
+            continue
+        values = tensor.float()
+        bad = ~values.isfinite() | (values.abs() > ABSURD_WEIGHT)
+        if bad.any():
+            first = values[bad][0].item()
+            raise IntegrityError(f"{folder / 'adapter_model.safetensors'}: tensor {name} holds {int(bad.sum())} value(s) "
+                                 f"that are not finite or above {ABSURD_WEIGHT:g} in magnitude (first: {first:g}); the "
+                                 "adapter is corrupt. Use the last good checkpoint's adapter or train again")
 
 
 def _pattern(patterns: dict, module: str, default):

@@ -192,3 +192,21 @@ def test_merge_onto_a_full_disk_is_disk_full_and_leaves_no_partial(tiny_models, 
     assert f"no space left on the device of {tmp_path} while merging into {out} (0.0 MiB free; the merged model needs about" in str(caught.value)
     assert caught.value.reason == "disk_full"
     assert not out.exists() and not out.with_name("merged.partial").exists()
+
+
+@pytest.mark.parametrize("value", [-1.8e37, float("nan")])
+def test_merge_refuses_a_non_finite_or_absurd_adapter_weight(tiny_models, tmp_path, value):
+    """One flipped exponent bit made a LoRA weight -1.8e37 (item 3): the gate compared against the same adapter and passed."""
+    from safetensors.torch import load_file
+
+    from finetune import cli, merge
+
+    adapter = _adapter_on(tiny_models["neox"], tmp_path / "adapter")
+    tensors = load_file(str(adapter / "adapter_model.safetensors"))
+    name = sorted(n for n in tensors if "lora_A" in n)[0]
+    tensors[name][0, 0] = value
+    save_file(tensors, str(adapter / "adapter_model.safetensors"))
+    with pytest.raises(IntegrityError, match=rf"adapter_model.safetensors: tensor {name} holds .*(nan|-1.8e\+37)"):
+        merge.run(cli.parse([str(adapter), f"base={tiny_models['neox']}", f"out={tmp_path / 'merged'}", "dtype=float32"],
+                            merge.OPTIONS, "target"))
+    assert not (tmp_path / "merged").exists() and not (tmp_path / "merged.partial").exists()
