@@ -1,5 +1,6 @@
 """trl's SFTTrainer plus the guarantees it leaves out; each override is small and says which defect it fixes.
 
+- `_run_epoch`: resuming from checkpoint-N of N trains no step N+1 (transformers steps before it checks max_steps).
 - `_save_checkpoint`: transformers writes checkpoint-N in place, so a crash mid-save leaves a torn folder that
   resume picks as "latest". We let it write into checkpoints/.staging/, then (rank 0) swap the pickled
   training_args.bin for JSON, scrub local paths, write the manifest and rename (finetune.checkpoints). Rotation
@@ -54,6 +55,14 @@ class GuardedSFTTrainer(SFTTrainer):
             return super().train(*args, **kwargs)
         finally:
             self.progress.close()  # stopped by an error: its message starts on a line of its own
+
+    def _run_epoch(self, *args, **kwargs):
+        """Resumed from the last checkpoint (killed during the final save): the Trainer would still run one optimizer
+        step before checking max_steps (`step 11/10`); there is nothing left to train, so the loop ends here."""
+        if self.state.global_step >= self.state.max_steps > 0:
+            self.control.should_training_stop = True
+            return None
+        return super()._run_epoch(*args, **kwargs)
 
     def _save_checkpoint(self, model, trial) -> None:
         final_parent = Path(self._get_output_dir(trial=trial))

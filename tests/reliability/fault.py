@@ -5,6 +5,7 @@ SIGKILL hits the process the way it does in production:
 - KILL STEP:    SIGKILL during the first micro-batch after optimizer step STEP (mid-epoch, between checkpoints)
 - TERM / USR1 STEP: send that signal to ourselves at the same point (a scheduler's preemption)
 - KILL_IN_SAVE STEP: SIGKILL while checkpoint-STEP is staged, after its files are written, before its manifest
+- KILL_AFTER_SAVE STEP: SIGKILL right after checkpoint-STEP is committed (the last one: before the final adapter)
 - OOM STEP:     the CUDA out-of-memory error torch raises, from the first micro-batch after optimizer step STEP
 """
 
@@ -26,6 +27,15 @@ if fault == "KILL_IN_SAVE":
         return write_manifest(directory, **facts)
 
     checkpoints.write_manifest = dying_write_manifest
+elif fault == "KILL_AFTER_SAVE":
+    commit = checkpoints.commit
+
+    def dying_commit(staged, final):
+        commit(staged, final)
+        if checkpoints.step_of(final) == at:
+            os.kill(os.getpid(), signal.SIGKILL)
+
+    checkpoints.commit = dying_commit
 elif fault == "OOM":
     import torch
 

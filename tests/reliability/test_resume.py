@@ -145,3 +145,17 @@ def test_resuming_a_completed_run_changes_nothing(reference, tiny_models, tmp_pa
     result = finetune(overrides(tiny_models["neox"], run_dir, "resume=true"))
     assert result.returncode == 0 and "run already complete" in result.stderr
     assert {p: p.stat().st_mtime_ns for p in run_dir.rglob("*") if p.is_file()} == before
+
+
+@pytest.mark.parametrize("fault", [("KILL_IN_SAVE", 10), ("KILL_AFTER_SAVE", 10)], ids=["during_last_save", "after_last_save"])
+def test_kill_at_the_last_save_then_resume_finishes_without_another_step(fault, tiny_models, reference, tmp_path):
+    """The ends of a run: resuming from checkpoint-10 of 10 writes the final adapter, trains no step 11 (issue 20)."""
+    run_dir = tmp_path / "run"
+    args = overrides(tiny_models["neox"], run_dir)
+    assert finetune(args, fault=fault).returncode == -9
+    result = finetune([*args, "resume=true"])
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "11/10" not in result.stderr + result.stdout
+    assert_same_run(run_dir, reference)
+    assert json.loads((run_dir / "run.json").read_text())["global_steps"] == 10
+    assert (run_dir / "adapter" / "README.md").is_file()
