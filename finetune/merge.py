@@ -308,7 +308,7 @@ def check_base(target: rundir.Target, base_dir: Path) -> None:
         cli.say(f"warning: {target.weights} records no base model (no {rundir.BASE_RECORD}); cannot prove the base matches, "
              "relying on shapes and the numerical gate")
         return
-    changes = fingerprint.base_mismatch(target.base, base_dir)
+    changes = fingerprint.base_mismatch(target.base, base_dir, warn=lambda line: cli.say(f"warning: {line}"))
     if changes:
         trained = f"{target.base.get('name_or_path')}@{target.base.get('revision')}"
         raise IntegrityError(f"{target.weights} was trained on {trained}, but {base_dir} is a different checkpoint: "
