@@ -134,7 +134,7 @@ def _train(cfg, resolved: dict, run_dir: Path, record, resume_from: Path | None,
                             f"resume from {resume_from.name if resume_from else 'step 0'}")
     facts = fingerprint.run_facts(cfg, resolved["strategy"], base_print, data_print, args.world_size)
     if resume_from is not None:
-        _check_drift(resume_from, facts, list(cfg.resume_allow_drift))
+        _check_drift(resume_from, facts, list(cfg.resume_allow_drift), base_folder)
     if ranks.is_main():
         artifacts.write_config(run_dir, resolved, template.path)
     with oom.explained(cfg, run_dir / "checkpoints", loading=True):
@@ -245,8 +245,12 @@ def _resume_checkpoint(cfg, run_dir: Path, checkpoints_dir: Path):
                          "or use resume=auto to start from step 0 when there is nothing to resume")
 
 
-def _check_drift(checkpoint: Path, facts: dict, allowed: list[str]) -> None:
+def _check_drift(checkpoint: Path, facts: dict, allowed: list[str], base_folder: Path | None) -> None:
     saved = checkpoints.manifest_of(checkpoint).get("run", {})
+    recorded = str(saved.get("base_model", ""))
+    if base_folder and recorded and recorded != facts["base_model"] and not recorded.startswith("unavailable:"):
+        # a checkpoint from before the full-file fingerprint: compare the base the way it was fingerprinted then
+        facts = {**facts, "base_model": fingerprint.in_format_of(recorded, base_folder) or facts["base_model"]}
     changes = fingerprint.drift(saved, facts, allowed)
     if changes:
         raise ConfigError([f"resume: {line}" for line in changes]
