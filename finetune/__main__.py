@@ -129,6 +129,9 @@ def preflight(config_name: str, overrides: list[str]) -> tuple[list[str], dict[s
 
     if config_name not in presets():
         return [_unknown("preset", f"conf={config_name}", config_name, presets(), "conf=NAME")], {}
+    syntax = syntax_problems(overrides)
+    if syntax:
+        return syntax, {}
     problems, remaining = [], list(overrides)
     for _ in range(len(overrides) + 1):
         try:
@@ -141,6 +144,23 @@ def preflight(config_name: str, overrides: list[str]) -> tuple[list[str], dict[s
             problems.append(_explain(bad, config_name))
             remaining.remove(bad)
     return problems, {}
+
+
+def syntax_problems(overrides: list[str]) -> list[str]:
+    """One message per override Hydra's grammar rejects (an unclosed bracket or quote), quoting it with the fix."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+    from hydra.errors import OverrideParseException
+
+    parser, problems = OverridesParser.create(), []
+    for override in overrides:
+        try:
+            parser.parse_overrides([override])
+        except OverrideParseException as err:
+            why = str(err).splitlines()[0]
+            problems.append(f"command-line override '{override}' is not valid override syntax ({why}); close brackets "
+                            "and quotes: a list is key=[a,b], a value with brackets, commas or spaces is quoted: "
+                            "'key=\"text\"'")
+    return problems
 
 
 def _blame(err: Exception, overrides: list[str]) -> str | None:

@@ -96,3 +96,13 @@ def test_help_lists_presets_and_exit_codes():
     for name in EXPECTED_PRESETS:
         assert name in out.stdout
     assert "exit codes" in out.stdout
+
+
+@pytest.mark.parametrize("module", ["finetune", "finetune.preview"])
+def test_bad_override_syntax_is_a_config_error(module, tmp_path):
+    """`strategy.r=[8` is a config problem (exit 2, the override quoted, the fix), not Hydra's parser traceback."""
+    result = subprocess.run([sys.executable, "-m", module, "strategy.r=[8", f"output_dir={tmp_path}/run"],
+                            cwd=PROJECT, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 2, result.stderr
+    assert "Traceback" not in result.stderr
+    assert "'strategy.r=[8'" in result.stderr and "key=[a,b]" in result.stderr
