@@ -144,8 +144,9 @@ def test_an_optimizer_step_without_trained_tokens_is_refused(tiny_models, tmp_pa
 def test_run_record_names_everything_a_rerun_needs(reference):
     record = json.loads((reference / "run.json").read_text())
     assert record["status"] == "completed" and record["exit_code"] == 0
-    for key in ("config_hash", "dataset_fingerprint", "base_model_fingerprint"):
+    for key in ("config_hash", "dataset_fingerprint"):
         assert re.fullmatch(r"[0-9a-f]{64}", record[key]), key
+    assert re.fullmatch(r"sha256-v2:[0-9a-f]{64}", record["base_model_fingerprint"])  # the full-file fingerprint
     assert record["seed"] == 42 and record["data"]["rows_read"] == 320
     assert {"torch", "transformers", "peft", "trl"} <= set(record["versions"])
     manifest = checkpoints.manifest_of(reference / "checkpoints" / "checkpoint-9")
