@@ -171,6 +171,9 @@ class RunConfig:
     """How much lower the eval loss must be to count as better."""
     sample_generations: int = 1
     max_new_tokens: int = 48
+    secret_env: list[str] = field(default_factory=list)
+    """Your own secret environment variables, never to be written (finetune.credentials lists the known ones:
+    HF_TOKEN, WANDB_API_KEY, AWS/Azure/GCP keys, ...): validation refuses them in the config, push in staged files."""
 
 
 def split_preset(args: list[str]) -> tuple[str, list[str]]:

@@ -17,10 +17,11 @@ import json
 import os
 import re
 import shutil
+import struct
 import sys
 from pathlib import Path
 
-from finetune import card, cli, rundir, shards
+from finetune import card, cli, credentials, rundir, shards
 from finetune.cli import Option
 from finetune.errors import ConfigError, FinetuneError, IntegrityError
 
@@ -94,6 +95,7 @@ def stage(target: rundir.Target, kind: str, staging: Path, repo_id: str | None =
     files = sorted(staging.iterdir())
     try:
         _check_safe(staging, files, kind)
+        _check_secrets(files, config.get("secret_env") or [])
     except IntegrityError:
         shutil.rmtree(staging)  # what must not be published must not stay staged either
         raise
@@ -130,6 +132,25 @@ def _check_safe(staging: Path, files: list[Path], kind: str) -> None:
         if leaked:
             raise IntegrityError(f"the Hub token appears in {', '.join(leaked)}; refusing to publish it. Remove it from "
                                  "those files and revoke the token")
+
+
+def _check_secrets(files: list[Path], extra: list[str]) -> None:
+    """No file holds the value of a secret variable set here (finetune.credentials, plus the run's secret_env) or a
+    token-shaped string: values of variables not set in this environment cannot be known, their shapes can."""
+    known = credentials.values(extra)
+    for path in files:
+        data = path.read_bytes() if path.suffix != ".safetensors" else _safetensors_header(path)
+        what = credentials.find(data, known=known)
+        if what:
+            raise IntegrityError(f"{path.name} holds {what}; refusing to publish it. Remove it from the run's config or "
+                                 "that file, and revoke it if it was shared")
+
+
+def _safetensors_header(path: Path) -> bytes:
+    """Text in a safetensors file lives in its JSON header; the rest is raw tensor bytes (checked by _check_safe)."""
+    with path.open("rb") as file:
+        (length,) = struct.unpack("<Q", file.read(8))
+        return file.read(min(length, shards.MAX_HEADER_BYTES))
 
 
 def upload(staging: Path, repo_id: str, private: bool, revision: str, message: str) -> str:

@@ -16,7 +16,7 @@ from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
 
-from finetune import ranks
+from finetune import credentials, ranks
 from finetune.config import FAMILIES, STRATEGIES, RunConfig
 from finetune.errors import ConfigError
 
@@ -46,12 +46,13 @@ OWNED_TRAINER_KEYS = {
 
 def validate(cfg: DictConfig) -> tuple[dict, list[str]]:
     """Return (resolved config as plain dicts, warnings); raise ConfigError naming every problem."""
+    interpolated = credentials.interpolations(OmegaConf.to_container(cfg, resolve=False))  # by name: set or not
     try:
         resolved = OmegaConf.to_container(cfg, resolve=True, throw_on_missing=False)
     except Exception as err:  # noqa: BLE001 - an interpolation error is a config problem, say so
-        raise ConfigError(f"config does not resolve: {err}") from err
+        raise ConfigError(interpolated or f"config does not resolve: {err}") from err
     schema_problems = check_schema(resolved, RunConfig, "")
-    problems = list(schema_problems)
+    problems = [*interpolated, *credentials.held(resolved, skip={p.split(":", 1)[0] for p in interpolated}), *schema_problems]
     warnings: list[str] = []
     # strategy and trainer belong to peft and trl: checked against their classes whatever else is wrong
     if isinstance(resolved.get("strategy"), dict):
