@@ -125,13 +125,9 @@ def say(message: str) -> None:
 def quiet_libraries() -> None:
     """Our own lines, not a wall of library deprecation notices and weight-loading bars (the training bar and log lines
     are ours: finetune.progress). Only notices that say nothing to the person running the job are dropped:
-    - DeepSpeed, imported by accelerate's model checks wherever it is installed, announces on stdout "Setting
-      accelerator to CPU" whenever it finds no GPU; the CPU accelerator is what it would use there anyway;
-    - accelerate warns of a "Gradient accumulation steps mismatch" under DeepSpeed at every accumulation > 1: transformers
-      hands it 1 on purpose (it accumulates itself) and the DeepSpeed value it then uses is trainer.gradient_accumulation_steps;
-    - torch.distributed's FutureWarnings about its own deprecated collectives, called by DeepSpeed, not by us.
-    Filters on the loggers, set before the libraries are imported (DeepSpeed resets its logger's level on import)."""
-    import logging
+    - the logged notices of `finetune.LIBRARY_NOTICES` (filters installed when `finetune` is imported, before the
+      libraries are: some log at import);
+    - torch.distributed's FutureWarnings about its own deprecated collectives, called by DeepSpeed, not by us."""
     import warnings
 
     import transformers
@@ -140,23 +136,3 @@ def quiet_libraries() -> None:
     warnings.filterwarnings("ignore", category=FutureWarning, module=r"torch\.distributed\.c10d_logger")
     transformers.logging.set_verbosity_error()
     transformers.logging.disable_progress_bar()
-    for name, notice in _LIBRARY_NOTICES.items():
-        logger = logging.getLogger(name)
-        if not any(isinstance(f, _DropNotice) and f.notice == notice for f in logger.filters):
-            logger.addFilter(_DropNotice(notice))
-
-
-_LIBRARY_NOTICES = {
-    "DeepSpeed": "Setting accelerator to CPU",
-    "accelerate.accelerator": "Gradient accumulation steps mismatch: GradientAccumulationPlugin has 1,",
-}
-
-
-class _DropNotice:
-    """A logging filter that drops the records containing one message."""
-
-    def __init__(self, notice: str):
-        self.notice = notice
-
-    def filter(self, record) -> bool:
-        return self.notice not in record.getMessage()
