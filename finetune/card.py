@@ -136,7 +136,10 @@ def _training(config: dict, record: dict) -> list[str]:
             ("revision", _line(model.get("revision"))), ("strategy", _line(strategy.get("name")))]
     if strategy.get("name") != "full":
         rows += [("rank / alpha", f"{strategy.get('r')} / {strategy.get('lora_alpha')}"),
-                 ("target modules", ", ".join(map(str, strategy.get("target_modules") or [])))]
+                 ("target modules", _modules(strategy.get("target_modules"))),
+                 ("LoRA initialization", None if strategy.get("init_lora_weights", True) is True else strategy["init_lora_weights"]),
+                 ("LoRA+ learning-rate ratio (B / A)", strategy.get("loraplus_lr_ratio"))]
+    rows += [("NEFTune noise alpha", trainer.get("neftune_noise_alpha"))]
     rows += [("template", _line(Path(str(data.get("template", ""))).stem)), ("max length", data.get("max_length")),
              ("packing", data.get("packing")), ("learning rate", trainer.get("learning_rate")),
              ("batch per device x accumulation", f"{trainer.get('per_device_train_batch_size')} x {trainer.get('gradient_accumulation_steps')}"),
@@ -151,6 +154,10 @@ def _training(config: dict, record: dict) -> list[str]:
         lines += ["", "Data accounting:", "", "| | |", "|---|---|"]
         lines += [f"| {_cell(k.replace('_', ' '))} | {_cell(v)} |" for k, v in accounting.items() if not isinstance(v, dict)]
     return lines + [""]
+
+
+def _modules(targets) -> str:
+    return targets if isinstance(targets, str) else ", ".join(map(str, targets or []))  # "all-linear" is peft's shorthand
 
 
 def _results(run_dir, record: dict, extra: dict) -> list[str]:

@@ -160,7 +160,10 @@ def _train(cfg, resolved: dict, run_dir: Path, record, resume_from: Path | None,
         run_facts=facts,
         step_log=step_log,
         after_save=lambda folder: artifacts.clean_weights_folder(folder, args, models.local_path(cfg.model), public_base),
+        loraplus_lr_ratio=resolved["strategy"].get("loraplus_lr_ratio"),  # LoRA+: B matrices at lr x ratio (trainer.py)
     )
+    loraplus = resolved["strategy"].get("loraplus_lr_ratio")
+    record.update(optimizer={"name": str(getattr(args.optim, "value", args.optim)), **({"loraplus_lr_ratio": loraplus} if loraplus else {})})
     trainable, total = _count_parameters(trainer.model)
     cli.say(f"model: {cfg.model.name_or_path} ({cfg.model.family}), {cfg.strategy.name}: {trainable:,} of {total:,} parameters train ({trainable / total:.2%})")
     record.update(trainable_parameters=trainable, total_parameters=total)

@@ -14,6 +14,9 @@
 - `create_accelerator_and_postprocess`: accelerate leaves FSDP out on CPU process groups (finetune.fsdp).
 - `__init__`: trl's fused LM head scores every position on devices without Triton (CPU); finetune.lm_head makes it
   score only the trained ones, as it does on GPUs.
+- `create_optimizer`: LoRA+ (`strategy.loraplus_lr_ratio`): peft's own create_loraplus_optimizer gives the B matrices
+  trainer.learning_rate x ratio, with trainer.optim's class and kwargs and trainer.weight_decay (peft's default would
+  be 0). The Trainer has no LoRA+ of its own; its scheduler then scales every group alike, so the ratio holds.
 """
 
 from __future__ import annotations
@@ -34,7 +37,9 @@ from finetune.guards import StepLog
 
 
 class GuardedSFTTrainer(SFTTrainer):
-    def __init__(self, *args, keep_checkpoints: int | None, run_facts: dict, step_log: StepLog, after_save, **kwargs):
+    def __init__(self, *args, keep_checkpoints: int | None, run_facts: dict, step_log: StepLog, after_save,
+                 loraplus_lr_ratio: float | None = None, **kwargs):
+        self.loraplus_lr_ratio = loraplus_lr_ratio  # before super().__init__: it may build the optimizer
         super().__init__(*args, **kwargs)
         lm_head.compact_everywhere(self.model)  # trl's fused head projects every position off CUDA; only trained ones
         self.keep_checkpoints = keep_checkpoints
@@ -45,6 +50,19 @@ class GuardedSFTTrainer(SFTTrainer):
         self.remove_callback(PrinterCallback)
         self.progress = progress.TrainingProgress()
         self.add_callback(self.progress)
+
+    def create_optimizer(self, model=None):
+        if self.loraplus_lr_ratio is None or self.optimizer is not None:
+            return super().create_optimizer(model)
+        from peft.optimizers import create_loraplus_optimizer
+
+        opt_model = self.model if model is None else model
+        optimizer_cls, kwargs = self.get_optimizer_cls_and_kwargs(self.args, opt_model)
+        kwargs = dict(kwargs)  # validation refused the optimizers that bring their own groups (GaLore, APOLLO, LOMO)
+        lr = kwargs.pop("lr", self.args.learning_rate)
+        self.optimizer = create_loraplus_optimizer(opt_model, optimizer_cls, lr=lr, loraplus_lr_ratio=self.loraplus_lr_ratio,
+                                                   loraplus_weight_decay=self.args.weight_decay, **kwargs)
+        return self.optimizer
 
     def create_accelerator_and_postprocess(self) -> None:
         super().create_accelerator_and_postprocess()

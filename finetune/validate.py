@@ -59,6 +59,8 @@ def validate(cfg: DictConfig) -> tuple[dict, list[str]]:
         problems += check_strategy(resolved["strategy"])
     if isinstance(resolved.get("trainer"), dict):
         problems += check_trainer(resolved, warnings)
+    if isinstance(resolved.get("strategy"), dict) and isinstance(resolved.get("trainer"), dict):
+        problems += check_loraplus(resolved)
     if not schema_problems:  # the checks below read typed values of our own keys
         problems += check_data(resolved["data"])
         problems += check_run(resolved)
@@ -118,25 +120,38 @@ def unknown_library_keys(keys: list[str]) -> list[str]:
     """`trainer.x` / `strategy.x` keys that trl.SFTConfig / peft.LoraConfig do not have (for early CLI errors)."""
     from trl import SFTConfig
 
-    from finetune.strategy import lora_fields
+    from finetune.strategy import OUR_KEYS, lora_fields
 
     known = {
         "trainer": {f.name for f in dataclasses.fields(SFTConfig) if f.init} | set(OWNED_TRAINER_KEYS),
-        "strategy": lora_fields() | {"name", "quantization"},
+        "strategy": lora_fields() | set(OUR_KEYS),
     }
     return [_unknown_key(key, key.split(".", 1)[1], known[key.split(".")[0]]) for key in keys if key.split(".", 1)[1] not in known[key.split(".")[0]]]
 
 
 def check_strategy(strategy: dict) -> list[str]:
-    from finetune.strategy import ADAPTER_STRATEGIES, lora_fields
+    from finetune.strategy import ADAPTER_STRATEGIES, OUR_KEYS, field_problems, init_problem, lora_fields
 
     name = strategy.get("name")
     if name not in STRATEGIES:
         return [f"strategy.name: '{name}' is not one of {', '.join(STRATEGIES)} (strategy=NAME)"]
     if name not in ADAPTER_STRATEGIES:
-        return [_unknown_key(f"strategy.{k}", k, ["name"]) + " (strategy=full has no options)" for k in strategy if k != "name"]
-    known = lora_fields() | {"name", "quantization"}
+        return [("strategy.loraplus_lr_ratio: LoRA+ raises the learning rate of LoRA's B matrices; strategy=full has none "
+                 "(remove it, or use strategy=lora)") if k == "loraplus_lr_ratio"
+                else _unknown_key(f"strategy.{k}", k, ["name"]) + " (strategy=full has no options)" for k in strategy if k != "name"]
+    known = lora_fields() | set(OUR_KEYS)
     problems = [_unknown_key(f"strategy.{k}", k, known) for k in strategy if k not in known]
+    # what would change the base under the adapter, or what merging means, is refused with its reason (finetune.strategy)
+    problems += field_problems(strategy)
+    init = init_problem(strategy.get("init_lora_weights", True), "dora" if name == "dora" or strategy.get("use_dora") else name)
+    problems += [init] if init else []
+    ratio = strategy.get("loraplus_lr_ratio")
+    if ratio is not None and (not isinstance(ratio, (int, float)) or isinstance(ratio, bool) or ratio <= 0):
+        problems.append(f"strategy.loraplus_lr_ratio: must be a positive number (B's learning rate is trainer.learning_rate "
+                        f"times it; the LoRA+ paper uses 2-16) or null, got {ratio!r}")
+    elif ratio is not None and strategy.get("init_lora_weights") == "mica":
+        problems.append("strategy.loraplus_lr_ratio: under init_lora_weights=mica the B matrices are frozen (only A trains), "
+                        "so LoRA+ has nothing to speed up; remove one of them")
     r, alpha, dropout = strategy.get("r", 8), strategy.get("lora_alpha", 8), strategy.get("lora_dropout", 0.0)
     if not isinstance(r, int) or isinstance(r, bool) or r <= 0:
         problems.append(f"strategy.r: must be a positive integer, got {r!r}")
@@ -193,6 +208,10 @@ def check_trainer(cfg: dict, warnings: list[str]) -> list[str]:
     if (number("num_train_epochs", 3) or 0) <= 0 and (number("max_steps", -1) or -1) <= 0:
         problems.append("trainer.num_train_epochs / trainer.max_steps: set a positive number of epochs or steps")
     problems += check_report_to(trainer.get("report_to", "none"))
+    alpha = trainer.get("neftune_noise_alpha")
+    if alpha is not None and (number("neftune_noise_alpha", None) is None or alpha <= 0):
+        problems.append(f"trainer.neftune_noise_alpha: must be a positive number (NEFTune's uniform noise on the input "
+                        f"embeddings in training, scaled by alpha / sqrt(length x hidden); the paper uses 5-15) or null, got {alpha!r}")
     fp16 = bool(trainer.get("fp16")) or (cfg.get("model") or {}).get("dtype") == "float16"
     if trainer.get("bf16") not in (True, False, "auto", None):
         problems.append(f"trainer.bf16: true, false or auto, got {trainer.get('bf16')!r}")
@@ -209,6 +228,28 @@ def check_trainer(cfg: dict, warnings: list[str]) -> list[str]:
     elif fp16:
         warnings.append("fp16 on GPT-Neo/NeoX: watch for overflow (inf/NaN loss) and the loss_scale in the logs "
                         "(a scale that keeps halving means overflowing gradients); bf16 is safer where the GPU has it")
+    return problems
+
+
+# trainer.optim values whose optimizer builds its own parameter groups or steps inside backward (LoRA+ cannot apply)
+OWN_GROUP_OPTIMIZERS = ("galore", "apollo", "lomo")
+
+
+def check_loraplus(cfg: dict) -> list[str]:
+    """LoRA+ builds the optimizer's parameter groups itself (finetune.trainer); what would build them instead."""
+    if cfg["strategy"].get("loraplus_lr_ratio") is None or cfg["strategy"].get("name") == "full":
+        return []
+    problems = []
+    optim = str(cfg["trainer"].get("optim", "adamw_torch"))
+    if any(kind in optim for kind in OWN_GROUP_OPTIMIZERS):
+        problems.append(f"strategy.loraplus_lr_ratio: trainer.optim={optim} builds its own parameter groups (GaLore, APOLLO "
+                        "and LOMO do), so LoRA+'s B-matrix learning rate cannot apply; use trainer.optim=adamw_torch (or "
+                        "another plain optimizer) or remove strategy.loraplus_lr_ratio")
+    deepspeed = (cfg.get("distributed") or {}).get("deepspeed")
+    if isinstance(deepspeed, dict) and deepspeed.get("optimizer"):
+        problems.append("strategy.loraplus_lr_ratio: distributed.deepspeed.optimizer makes DeepSpeed build its own optimizer "
+                        "over one parameter group, dropping LoRA+'s; remove distributed.deepspeed.optimizer (the "
+                        "Trainer's optimizer, with LoRA+'s groups, is then handed to DeepSpeed)")
     return problems
 
 
@@ -373,7 +414,30 @@ def check_model(cfg: dict, warnings: list[str]) -> list[str]:
         problems.append(f"data.max_length: {cfg['data']['max_length']} exceeds the model's {positions} positions")
     if cfg["strategy"].get("name") in ("lora", "dora", "qlora"):
         problems += _check_targets(cfg["strategy"].get("target_modules"), models.linear_module_names(config), family)
+        if cfg["strategy"].get("lora_bias") and not problems:
+            problems += _check_lora_bias(cfg["strategy"], config, family)
     return problems
+
+
+def _check_lora_bias(strategy: dict, config, family: str) -> list[str]:
+    """lora_bias adds the adapter's bias to the base layer's bias when merging: every adapted layer needs one."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from finetune.models import OUTPUT_EMBEDDINGS
+
+    targets, excluded = strategy.get("target_modules"), strategy.get("exclude_modules") or []
+    excluded = [excluded] if isinstance(excluded, str) else excluded
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config)
+    biasless = sorted({name.rsplit(".", 1)[-1] for name, module in model.named_modules()
+                       if isinstance(module, torch.nn.Linear) and module.bias is None
+                       and (leaf := name.rsplit(".", 1)[-1]) not in OUTPUT_EMBEDDINGS and leaf not in excluded
+                       and (targets == "all-linear" or leaf in (targets or []))})
+    if not biasless:
+        return []
+    return [f"strategy.lora_bias: {', '.join(biasless)} of {family} have no bias, so the merge has nowhere to put the "
+            "adapter's bias; set strategy.target_modules (or strategy.exclude_modules) to layers with a bias, or remove lora_bias"]
 
 
 def _check_targets(targets, linear_names: set[str], family: str) -> list[str]:
