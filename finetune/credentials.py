@@ -16,7 +16,11 @@ import re
 KNOWN = ("HF_TOKEN", "HUGGING_FACE_HUB_TOKEN", "HUGGINGFACE_TOKEN", "WANDB_API_KEY", "MLFLOW_TRACKING_PASSWORD",
          "MLFLOW_TRACKING_TOKEN", "AWS_SECRET_ACCESS_KEY", "AWS_ACCESS_KEY_ID", "AWS_SESSION_TOKEN", "AZURE_CLIENT_SECRET",
          "AZURE_STORAGE_KEY", "AZURE_STORAGE_CONNECTION_STRING", "AZURE_OPENAI_API_KEY", "GOOGLE_API_KEY",
-         "GOOGLE_APPLICATION_CREDENTIALS", "OPENAI_API_KEY", "GITHUB_TOKEN", "COMET_API_KEY", "NEPTUNE_API_TOKEN")
+         "GOOGLE_APPLICATION_CREDENTIALS", "OPENAI_API_KEY", "GITHUB_TOKEN", "COMET_API_KEY", "NEPTUNE_API_TOKEN",
+         "HUGGINGFACEHUB_API_TOKEN", "HF_API_TOKEN", "AZURE_CLIENT_CERTIFICATE_PASSWORD", "GCP_SERVICE_ACCOUNT_KEY")
+# Any other variable named like a credential (MY_SERVICE_TOKEN, DB_PASSWORD, STRIPE_API_KEY, ...) counts too;
+# HF_HUB_DISABLE_*, TOKENIZERS_PARALLELISM, MAX_TOKENS do not match.
+SECRET_NAME = re.compile(r"(?:^|_)(?:TOKEN|SECRET|SECRET_KEY|PASSWORD|PASSWD|API_?KEY|ACCESS_KEY|PRIVATE_KEY|CREDENTIALS?)(?:$|_)")
 SHAPES = {
     "a Hugging Face token": re.compile(rb"hf_[A-Za-z0-9]{30,}"),
     "an AWS access key id": re.compile(rb"\b(?:AKIA|ASIA)[0-9A-Z]{16}\b"),
@@ -29,13 +33,32 @@ MIN_VALUE = 8  # shorter values ("1", "true") are not credentials and would matc
 
 
 def names(extra=()) -> list[str]:
-    """The secret variable names: the known ones and the user's `secret_env`."""
+    """The secret variable names: the known ones and the user's `secret_env` (see also is_secret)."""
     return [*KNOWN, *(n for n in extra or () if n not in KNOWN)]
+
+
+def is_secret(name: str, extra=()) -> bool:
+    """A known secret variable, one of the user's `secret_env`, or one named like a credential."""
+    return name in names(extra) or bool(SECRET_NAME.search(name.upper()))
 
 
 def values(extra=()) -> dict[str, str]:
     """name -> value of each secret variable set in this environment (long enough to be a credential)."""
-    return {n: os.environ[n] for n in names(extra) if len(os.environ.get(n, "")) >= MIN_VALUE}
+    return {n: v for n, v in os.environ.items() if len(v) >= MIN_VALUE and is_secret(n, extra)}
+
+
+def redact(messages: list[str], extra=()) -> list[str]:
+    """Messages with every set secret's value and every token shape replaced by a placeholder: a problem that
+    quotes a value ("must be a positive number, got '...'") must not print the secret it is about."""
+    known = values(extra)
+    cleaned = []
+    for message in messages:
+        for name, value in sorted(known.items(), key=lambda item: -len(item[1])):
+            message = message.replace(value, f"<the value of ${name}>")
+        for what, shape in SHAPES.items():
+            message = re.sub(shape.pattern.decode(), f"<{what}>", message)
+        cleaned.append(message)
+    return cleaned
 
 
 def find(data: bytes | str, extra=(), known: dict[str, str] | None = None) -> str | None:
@@ -49,11 +72,17 @@ def find(data: bytes | str, extra=(), known: dict[str, str] | None = None) -> st
 
 def interpolations(raw: dict) -> list[str]:
     """Keys of the unresolved config that interpolate a secret variable (set or not: the name is enough)."""
-    extra = raw.get("secret_env") if isinstance(raw.get("secret_env"), list) else []
-    secret = set(names(str(n) for n in extra))
+    extra = [str(n) for n in raw.get("secret_env")] if isinstance(raw.get("secret_env"), list) else []
     return [f"{key}: interpolates ${{oc.env:{name}}}, a secret; it would be written to config.yaml, run.json, the model "
             "card and the logs. Remove it (credentials are read from the environment by the libraries that need them)"
-            for key, value in _leaves(raw) for name in ENV_REFERENCE.findall(value) if name in secret]
+            for key, value in _leaves(raw) for name in ENV_REFERENCE.findall(value) if is_secret(name, extra)]
+
+
+def recorded_interpolations(record: dict, extra=()) -> list[str]:
+    """Secret variables a run's recorded command-line overrides (run.json `overrides`) interpolate: a run trained
+    before validation refused them holds their values, which push cannot recognise once the variable is unset."""
+    overrides = record.get("overrides") if isinstance(record.get("overrides"), list) else []
+    return sorted({name for override in overrides for name in ENV_REFERENCE.findall(str(override)) if is_secret(name, extra)})
 
 
 def held(resolved: dict, skip=()) -> list[str]:

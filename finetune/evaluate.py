@@ -26,7 +26,7 @@ import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from finetune import cli, rundir
+from finetune import checkpoints, cli, rundir
 from finetune.cli import Option
 from finetune.errors import ConfigError, DataError
 
@@ -102,6 +102,8 @@ def run(opts: dict) -> Path:
 
     report = eval_report.build(target, evalset, results, answers, opts, loading.dtype)
     written = eval_report.write(out_dir, report)
+    if out_dir.resolve() == target.weights.resolve():  # written into a sealed folder: recorded in its manifest
+        checkpoints.update_manifest(out_dir, [Path(p).name for p in written])
     _refresh_cards(target)
     for line in eval_report.console_lines(report):
         cli.say(line)
@@ -281,6 +283,7 @@ def _refresh_cards(target: rundir.Target) -> None:
             extra = rundir.read_json(folder / "merge_report.json") if kind == "merged" else None
             with contextlib.suppress(OSError):
                 card.write(folder, target.run_dir, target.config, kind, extra=extra)
+                checkpoints.update_manifest(folder, ["README.md", "serving.json"])  # only these two changed
 
 
 def _reference(template, row: dict) -> str:

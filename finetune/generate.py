@@ -4,7 +4,8 @@ Try a trained model the way it was trained: the prompt is rendered with the chat
 tokenizer (the data template's), so the model sees exactly the text layout it learned; a completion-style run
 (plain text) is continued as is. A run's adapter is loaded over its base with peft, and several adapters over one
 base (`adapters=[runA,runB]`) can be switched in chat (`/adapter NAME`) to compare fine-tunes on the same input.
-A base whose weights are not the ones an adapter was trained on is refused (exit 3), as merge refuses it.
+A base whose weights are not the ones an adapter was trained on is refused (exit 3), as merge refuses it, and so
+is an adapter, model or merged folder whose files differ from its MANIFEST.json (finetune.checkpoints.check_final).
 
 Decoding: temperature=0 (the default) is greedy; temperature>0 samples (top_k, top_p, seed apply then).
 Generated text streams to stdout (beam search prints it when done); what was loaded goes to stderr.
@@ -20,7 +21,7 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from finetune import cli, rundir
+from finetune import checkpoints, cli, rundir
 from finetune.cli import Option
 from finetune.errors import ConfigError
 
@@ -235,8 +236,11 @@ def plan(target: str | Path, merged: bool = False, adapters: list | None = None,
         if adapters or base:
             raise ConfigError(f"{located.weights}: full weights; adapters= and base= are for an adapter target (give the "
                               "first adapter as the target and its base with base=)")
+        checkpoints.check_final(located.weights)  # what training (model/) or merge (merged/) wrote: its MANIFEST.json
         return _plan_model(located, dtype)
     targets = _unique([located, *(rundir.locate(a) for a in adapters or [])])
+    for each in targets:
+        checkpoints.check_final(each.weights)  # each adapter is what training wrote: its MANIFEST.json
     for other in targets[1:]:
         if other.kind != "adapter":
             raise ConfigError(f"adapters=: {other.weights} holds full weights, not an adapter")

@@ -31,7 +31,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from finetune import artifacts, cli, rundir, shards
+from finetune import artifacts, checkpoints, cli, rundir, shards
 from finetune.cli import Option
 from finetune.errors import ConfigError, DiskFullError, IntegrityError
 
@@ -110,23 +110,30 @@ def run(opts: dict) -> Path:
         raise ConfigError(f"dtype={dtype}: choose one of {', '.join(DTYPES)}")
     out = Path(opts["out"]).expanduser() if opts["out"] else target.weights.parent / rundir.MERGED_DIR
     invalid = out.with_name(out.name + rundir.INVALID_SUFFIX)
+    _check_out(out, target)
     if opts["verify"]:
         if not (out / "config.json").is_file():
             raise ConfigError(f"verify=true: no merged model in {out}; merge first (or name it with out=DIR)")
     elif (out.exists() or invalid.exists()) and not opts["overwrite"]:
         raise ConfigError(f"out={out}: already exists; choose another out= or pass overwrite=true")
+    else:
+        _check_replaceable(out, invalid)
+    checkpoints.check_final(target.weights)  # the adapter is what training wrote (its MANIFEST.json)
     adapter = load_adapter(target.weights, opts["allow_pickle"])
     base_dir = base_folder(rundir.base_source(target, opts["base"]), (target.config or {}).get("model", {}).get("revision"))
+    _check_out(out, target, base_dir)
     check_base(target, base_dir)
     quantization = (target.base or {}).get("quantization")  # QLoRA: merged into the real weights, compared with the 4-bit model
     from finetune import card, gate
 
     if opts["verify"]:
+        checkpoints.check_final(out)
         report = json.loads((out / "merge_report.json").read_text(encoding="utf-8")) if (out / "merge_report.json").is_file() else {}
         dtype = report.get("dtype") or dtype
         result = gate.check(base_dir, adapter, out, dtype, opts["gate"], opts["tolerance"], opts["allow_pickle"], quantization)
         report.update(verified=result, valid=result["passed"])
         _write_report(out, report)
+        checkpoints.update_manifest(out, ["merge_report.json"])
         return _conclude(out, invalid, result, report, staged=False)
 
     cli.say(f"merging {target.weights} into {base_dir} ({dtype}) -> {out}")
@@ -142,11 +149,39 @@ def run(opts: dict) -> Path:
     result = gate.check(base_dir, adapter, staging, dtype, opts["gate"], opts["tolerance"], opts["allow_pickle"], quantization)
     report.update(gate=result, valid=result["passed"], peak_rss_bytes=peak_rss_bytes(), seconds=round(time.perf_counter() - started, 2))
     card.write(staging, target.run_dir, target.config or {}, "merged", extra=report)
+    report["manifest"] = checkpoints.MANIFEST  # promised: a merged/ without it is refused (checkpoints.check_final)
     _write_report(staging, report)
+    checkpoints.seal(staging, "merged")  # last: generate, evaluate and push verify the merged model against it
     for stale in (out, invalid):
         shutil.rmtree(stale, ignore_errors=True)
     os.replace(staging, out)
     return _conclude(out, invalid, result, report, staged=True)
+
+
+def _check_out(out: Path, target: rundir.Target, base_dir: Path | None = None) -> None:
+    """out= never is, holds or lies inside what the merge reads or the run keeps: overwrite=true would replace the
+    adapter, its checkpoints and run.json (or the base) with the merged model. Inside a run directory only its
+    merged/ (the default) is the merge's."""
+    resolved = out.resolve()
+    kept = [(target.weights, "the adapter")] + ([(target.run_dir, "the run directory")] if target.run_dir else [])
+    kept += [(base_dir, "the base model")] if base_dir is not None and Path(base_dir).is_dir() else []
+    for folder, what in kept:
+        folder = Path(folder).resolve()
+        if resolved == folder or folder.is_relative_to(resolved) or (resolved.is_relative_to(folder) and what != "the run directory"):
+            raise ConfigError(f"out={out}: {'is' if resolved == folder else 'contains' if folder.is_relative_to(resolved) else 'is inside'} "
+                              f"{what} ({folder}); the merged model would replace or mix with it. Choose a new folder "
+                              f"outside it (default: {target.weights.parent / rundir.MERGED_DIR})")
+    if target.run_dir and resolved.is_relative_to(target.run_dir.resolve()) and resolved != (target.run_dir / rundir.MERGED_DIR).resolve():
+        raise ConfigError(f"out={out}: is inside the run directory {target.run_dir}, where only {target.run_dir / rundir.MERGED_DIR} "
+                          "(the default) belongs to merge; leave out= unset or choose a folder outside the run")
+
+
+def _check_replaceable(out: Path, invalid: Path) -> None:
+    """overwrite=true replaces only what merge wrote (a folder with merge_report.json, or an empty one)."""
+    for folder in (out, invalid):
+        if folder.exists() and not (folder / "merge_report.json").is_file() and (not folder.is_dir() or any(folder.iterdir())):
+            raise ConfigError(f"out={out}: overwrite=true replaces only a merged model written by merge, and {folder} is not "
+                              "one (no merge_report.json); choose another out=")
 
 
 def _conclude(out: Path, invalid: Path, result: dict, report: dict, staged: bool) -> Path:

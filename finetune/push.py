@@ -6,6 +6,11 @@ training chat template, the model card and serving.json): never optimizer state,
 pickles. The card is rebuilt at staging time, so it carries the latest evaluation. `dry_run=true` stages exactly
 the folder that would be uploaded and prints its files; nothing touches the network.
 
+The folder pushed is verified against its MANIFEST.json first (finetune.checkpoints.check_final; exit 3 naming the
+file that differs). The staging folder (staging=, default RUN/push_staging) is marked as push's (STAGING_MARKER):
+push empties and reuses only a folder it marked, a new or empty one; an existing folder with other files is refused
+(exit 2), never deleted.
+
 The token comes only from the HF_TOKEN environment variable or the stored `hf auth login`, read by
 huggingface_hub itself: it is never an argument (process lists and shell history show those), and a staged file
 that contains it stops the push.
@@ -21,7 +26,7 @@ import struct
 import sys
 from pathlib import Path
 
-from finetune import card, cli, credentials, rundir, shards
+from finetune import card, checkpoints, cli, credentials, rundir, shards
 from finetune.cli import Option
 from finetune.errors import ConfigError, FinetuneError, IntegrityError
 
@@ -42,6 +47,7 @@ MODEL_FILES = ("config.json", "generation_config.json", "model.safetensors", sha
 SHARD_NAME = re.compile(r"^model-\d{5}-of-\d{5}\.safetensors$")
 REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]{0,95}/[A-Za-z0-9][\w.-]{0,95}$")
 TOKEN_ARGS = ("token=", "hub_token=", "hf_token=", "--token")
+STAGING_MARKER = ".neo-finetune-push-staging"  # in a staging folder push made: the only kind it ever empties
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -61,8 +67,9 @@ def run(opts: dict) -> Path:
         raise ConfigError(f"repo_id={repo_id}: expected NAME/REPO (letters, digits, '-', '_', '.')")
     target = rundir.locate(opts["target"], merged=opts["merged"])
     kind = "adapter" if target.kind == "adapter" else ("merged" if opts["merged"] else "model")
-    staging = Path(opts["staging"]).expanduser() if opts["staging"] else (target.run_dir or target.weights.parent) / "push_staging"
-    files = stage(target, kind, staging, repo_id)
+    default = (target.run_dir or target.weights.parent) / "push_staging"
+    staging = Path(opts["staging"]).expanduser() if opts["staging"] else default
+    files = stage(target, kind, staging, repo_id, legacy_default=staging == default)
     total = sum(p.stat().st_size for p in files)
     where = f"{repo_id} ({'private' if opts['private'] else 'public'}, branch {opts['revision']})" if repo_id else "(no repo_id)"
     print(f"{'would upload' if opts['dry_run'] else 'uploading'} {len(files)} files, {total / 2**20:.1f} MiB, in one commit to {where}:")
@@ -77,29 +84,61 @@ def run(opts: dict) -> Path:
     return staging
 
 
-def stage(target: rundir.Target, kind: str, staging: Path, repo_id: str | None = None) -> list[Path]:
+def stage(target: rundir.Target, kind: str, staging: Path, repo_id: str | None = None,
+          legacy_default: bool = False) -> list[Path]:
     """A fresh `staging` folder with exactly the allowlisted files (hard links where possible), checked."""
     source = target.weights
     allowed = ADAPTER_FILES if kind == "adapter" else MODEL_FILES
+    checkpoints.check_final(source)  # what training or merge wrote: its MANIFEST.json, before anything is staged
     names = [n for n in allowed if (source / n).is_file()]
     if kind != "adapter":
         names += sorted(p.name for p in source.iterdir() if SHARD_NAME.match(p.name))
     _check_complete(source, kind, names)
-    shutil.rmtree(staging, ignore_errors=True)
-    staging.mkdir(parents=True)
+    created = _prepare_staging(staging, source, legacy_default)
     for name in names:
         _link_or_copy(source / name, staging / name)
     config = target.config or {}
     extra = _read_json(source / "merge_report.json") if kind == "merged" else None
     (staging / "README.md").write_text(card.render(target.run_dir, config, kind, extra, repo_id), encoding="utf-8")
-    files = sorted(staging.iterdir())
+    files = sorted(p for p in staging.iterdir() if p.name != STAGING_MARKER)
     try:
         _check_safe(staging, files, kind)
-        _check_secrets(files, config.get("secret_env") or [])
-    except IntegrityError:
-        shutil.rmtree(staging)  # what must not be published must not stay staged either
+        _check_secrets(files, config.get("secret_env") or [], rundir.read_json(target.run_dir / "run.json") if target.run_dir else {})
+    except IntegrityError:  # what must not be published must not stay staged either: what push put there goes
+        if created:
+            shutil.rmtree(staging)
+        else:  # a folder that was empty before this push: emptied again, kept
+            for path in staging.iterdir():
+                path.unlink()
         raise
     return files
+
+
+def _prepare_staging(staging: Path, source: Path, legacy_default: bool) -> bool:
+    """An empty staging folder marked as push's; True when push made the folder (now or by an earlier push). Emptied
+    first only when push made it (its marker, or the default RUN/push_staging of an older push holding nothing but
+    files push stages); a folder with anything else is refused: push never deletes files it did not write."""
+    resolved = staging.resolve()
+    if resolved == source.resolve() or source.resolve().is_relative_to(resolved) or resolved.is_relative_to(source.resolve()):
+        raise ConfigError(f"staging={staging}: is, holds or lies inside {source}, the folder being pushed; choose another folder")
+    if staging.exists() and not staging.is_dir():
+        raise ConfigError(f"staging={staging}: exists and is not a folder; choose a new or empty folder")
+    if staging.is_dir() and any(staging.iterdir()):
+        ours = (staging / STAGING_MARKER).is_file() or (legacy_default and _only_staged_files(staging))
+        if not ours:
+            raise ConfigError(f"staging={staging}: exists and holds files push did not stage (no {STAGING_MARKER}); push "
+                              "empties only a staging folder it made. Choose a new or empty folder")
+        shutil.rmtree(staging)
+    created = not staging.is_dir()
+    staging.mkdir(parents=True, exist_ok=True)
+    (staging / STAGING_MARKER).write_text("staged by python -m finetune.push; emptied by the next push\n", encoding="utf-8")
+    return created
+
+
+def _only_staged_files(folder: Path) -> bool:
+    """A staging folder of a push from before the marker: plain files, each one push stages."""
+    names = {*ADAPTER_FILES, *MODEL_FILES, "README.md"}
+    return all(p.is_file() and not p.is_symlink() and (p.name in names or SHARD_NAME.match(p.name)) for p in folder.iterdir())
 
 
 def _check_complete(source: Path, kind: str, names: list[str]) -> None:
@@ -134,9 +173,16 @@ def _check_safe(staging: Path, files: list[Path], kind: str) -> None:
                                  "those files and revoke the token")
 
 
-def _check_secrets(files: list[Path], extra: list[str]) -> None:
+def _check_secrets(files: list[Path], extra: list[str], record: dict) -> None:
     """No file holds the value of a secret variable set here (finetune.credentials, plus the run's secret_env) or a
-    token-shaped string: values of variables not set in this environment cannot be known, their shapes can."""
+    token-shaped string, and the run was not given one through `${oc.env:SECRET}` (run.json's overrides; validation
+    refuses that now, older runs hold the value wherever the key is written): the value of a variable that is not set
+    here cannot be known, its name in the recorded overrides and its shape can."""
+    interpolated = credentials.recorded_interpolations(record, extra)
+    if interpolated:
+        raise IntegrityError(f"the run's overrides (run.json) interpolate {', '.join('${oc.env:' + n + '}' for n in interpolated)}: "
+                             "its value is written into config.yaml and the model card; refusing to publish it. Train "
+                             "again without it (and revoke the secret if this run directory was shared)")
     known = credentials.values(extra)
     for path in files:
         data = path.read_bytes() if path.suffix != ".safetensors" else _safetensors_header(path)
@@ -164,7 +210,7 @@ def upload(staging: Path, repo_id: str, private: bool, revision: str, message: s
     try:
         api.create_repo(repo_id, private=private, exist_ok=True, repo_type="model")
         commit = api.upload_folder(folder_path=str(staging), repo_id=repo_id, revision=revision, commit_message=message,
-                                   repo_type="model")
+                                   repo_type="model", ignore_patterns=[STAGING_MARKER])
     except OfflineModeIsEnabled:
         raise ConfigError("HF_HUB_OFFLINE is set: unset it to push, or use dry_run=true") from None
     except (HfHubHTTPError, OSError) as err:

@@ -50,7 +50,7 @@ def validate(cfg: DictConfig) -> tuple[dict, list[str]]:
     try:
         resolved = OmegaConf.to_container(cfg, resolve=True, throw_on_missing=False)
     except Exception as err:  # noqa: BLE001 - an interpolation error is a config problem, say so
-        raise ConfigError(interpolated or f"config does not resolve: {err}") from err
+        raise ConfigError(interpolated or credentials.redact([f"config does not resolve: {err}"])) from err
     schema_problems = check_schema(resolved, RunConfig, "")
     problems = [*interpolated, *credentials.held(resolved, skip={p.split(":", 1)[0] for p in interpolated}), *schema_problems]
     warnings: list[str] = []
@@ -66,9 +66,10 @@ def validate(cfg: DictConfig) -> tuple[dict, list[str]]:
         problems += check_run(resolved)
         problems += check_distributed(resolved, warnings)
         problems += check_model(resolved, warnings)
-    if problems:
-        raise ConfigError(problems)
-    return resolved, warnings
+    extra = resolved.get("secret_env") if isinstance(resolved.get("secret_env"), list) else []
+    if problems:  # a problem quoting a value must not print the secret it holds
+        raise ConfigError(credentials.redact(problems, [str(n) for n in extra]))
+    return resolved, credentials.redact(warnings, [str(n) for n in extra])
 
 
 def check_schema(value: dict, schema: type, path: str) -> list[str]:

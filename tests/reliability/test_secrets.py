@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import shutil
 
 import pytest
@@ -101,3 +102,38 @@ def test_push_scans_for_the_runs_own_secret_env(run_copy, monkeypatch):
 def test_token_shapes_leave_ordinary_run_files_alone():
     assert credentials.find("revision: 0123456789abcdef0123456789abcdef01234567") is None  # a commit id
     assert credentials.find(f"WANDB_API_KEY={WANDB_KEY}") == "a W&B API key"
+
+
+def test_a_refused_value_is_never_quoted_back(tmp_path, monkeypatch):
+    """A secret interpolated into a typed key also fails the type check, whose message quoted the value."""
+    monkeypatch.setenv("WANDB_API_KEY", WANDB_KEY)
+    monkeypatch.setenv("HF_TOKEN", HF_SHAPED)
+    problems = problems_of(["seed=${oc.env:WANDB_API_KEY}", "trainer.learning_rate=${oc.env:HF_TOKEN}",
+                            "data.path=${oc.env:WANDB_API_KEY}"], tmp_path)
+    text = "\n".join(problems)
+    assert "seed: interpolates ${oc.env:WANDB_API_KEY}" in text and "trainer.learning_rate: interpolates" in text
+    assert WANDB_KEY not in text and HF_SHAPED not in text, text
+    assert "<the value of $WANDB_API_KEY>" in text  # the type problem is still reported, without the value
+
+
+def test_a_variable_named_like_a_credential_is_a_secret(tmp_path, monkeypatch):
+    monkeypatch.delenv("ACME_SERVICE_TOKEN", raising=False)
+    problems = problems_of(["card.description=${oc.env:ACME_SERVICE_TOKEN,none}", "card.license=${oc.env:DB_PASSWORD,x}",
+                            "card.model_name=${oc.env:TOKENIZERS_PARALLELISM,n}"], tmp_path)
+    assert sorted(p.split(":")[0] for p in problems) == ["card.description", "card.license"], problems
+    assert credentials.is_secret("STRIPE_API_KEY") and not credentials.is_secret("HF_HUB_DISABLE_TELEMETRY")
+
+
+def test_push_refuses_a_run_whose_overrides_interpolated_a_secret_unset_now(run_copy, monkeypatch):
+    """A run trained before validation refused it holds the W&B key in config.yaml and its card; at push time the
+    variable is unset and a 40-hex run name has no token shape: the recorded override names it."""
+    monkeypatch.delenv("WANDB_API_KEY", raising=False)
+    record_path = run_copy / "run.json"
+    record = json.loads(record_path.read_text())
+    record_path.write_text(json.dumps({**record, "overrides": ["tracking.run_name=${oc.env:WANDB_API_KEY}"]}))
+    config = run_copy / "config.yaml"
+    config.write_text(config.read_text().replace("description: null", f"description: {WANDB_KEY}"))
+    with pytest.raises(IntegrityError, match=r"run's overrides \(run.json\) interpolate \$\{oc.env:WANDB_API_KEY\}") as caught:
+        _stage(run_copy)
+    assert WANDB_KEY not in str(caught.value)
+    assert not (run_copy / "push_staging").exists()
