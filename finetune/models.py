@@ -7,7 +7,8 @@ Family rules that the libraries leave to the user:
 - NeoX and Pythia ship `<|padding|>` (id 1): use it.
 - GPT-Neo's flash-attention-2 path ignores the local window of the local layers (transformers 5.23, code read):
   beyond 256 tokens it computes a different model, so it is refused. transformers gives GPT-Neo no SDPA path;
-  `attn_implementation=sdpa` (the default) loads the eager model and swaps in finetune.neo_attention.
+  finetune.neo_attention registers one in transformers' GPT-Neo dispatch table, and `attn_implementation=sdpa`
+  (the default) loads the model with it.
   GPT-J has no SDPA path.
 """
 
@@ -95,20 +96,18 @@ def load_model(model_cfg, tokenizer, quantization: dict | None = None):
 
         compute = quantization.get("bnb_4bit_compute_dtype", "bfloat16")
         kwargs["quantization_config"] = BitsAndBytesConfig(**{**quantization, "bnb_4bit_compute_dtype": getattr(torch, compute)})
-    ours = model_cfg.family == "gpt_neo" and model_cfg.attn_implementation == "sdpa"  # finetune.neo_attention
+    if model_cfg.family == "gpt_neo":
+        from finetune import neo_attention  # noqa: F401 - registers GPT-Neo's "sdpa" with transformers
+
     model = AutoModelForCausalLM.from_pretrained(
         _source(model_cfg),
         revision=model_cfg.revision,
         dtype=getattr(torch, model_cfg.dtype),
-        attn_implementation="eager" if ours else model_cfg.attn_implementation,
+        attn_implementation=model_cfg.attn_implementation,
         trust_remote_code=model_cfg.trust_remote_code,
         use_safetensors=True,  # never unpickle weights
         **kwargs,
     )
-    if ours:
-        from finetune import neo_attention
-
-        neo_attention.enable(model)
     model.config.pad_token_id = tokenizer.pad_token_id
     model.generation_config.pad_token_id = tokenizer.pad_token_id
     model.generation_config.eos_token_id = tokenizer.eos_token_id

@@ -21,7 +21,7 @@ ATOL = 1e-5
 @pytest.fixture(scope="module")
 def pair(tiny_models):
     """(eager model, SDPA model) with the same fp32 weights."""
-    eager = AutoModelForCausalLM.from_pretrained(tiny_models["neo"], dtype=torch.float32).eval()
+    eager = AutoModelForCausalLM.from_pretrained(tiny_models["neo"], dtype=torch.float32, attn_implementation="eager").eval()
     assert eager.config.window_size < 100 and "local" in eager.config.attention_layers
     fast = copy.deepcopy(eager)
     assert neo_attention.enable(fast) == eager.config.num_layers
@@ -145,3 +145,129 @@ def test_layers_of_one_type_share_one_additive_mask_kept_for_backward(pair, padd
     local_layers = sum(t == "local" for t in fast.config.attention_layers)
     assert local_layers >= 2 and fast.config.num_layers > 2
     assert len(square) == (1 if padding == "none" else 2)  # the local band (global layers are is_causal); global + local
+
+
+def _neo(window: int, seed: int = 0):
+    """(eager, SDPA) GPT-Neo pair built from a config with this local window: 2 global + 2 local layers."""
+    from transformers import GPTNeoConfig, GPTNeoForCausalLM
+
+    config = GPTNeoConfig(vocab_size=97, hidden_size=32, num_layers=4, num_heads=4, attention_types=[[["global", "local"], 2]],
+                          window_size=window, max_position_embeddings=64, attn_implementation="eager")
+    torch.manual_seed(seed)
+    eager = GPTNeoForCausalLM(config).eval()
+    fast = copy.deepcopy(eager)
+    assert neo_attention.enable(fast) == 4
+    return eager, fast
+
+
+def _sdpa_layers(model) -> int:
+    return sum(type(m) is neo_attention.NeoSdpaAttention for m in model.modules())
+
+
+def test_transformers_builds_the_enabled_model_again_from_its_config(pair, tmp_path):
+    """Registration, not relabelling: every public way of building a GPT-Neo from an enabled model's config works and
+    builds the SDPA layer (transformers refused all of these while "sdpa" was only a label on the config)."""
+    eager, fast = pair
+    from transformers import GPTNeoForCausalLM
+
+    fast.save_pretrained(tmp_path / "saved")
+    built = {
+        "constructor": GPTNeoForCausalLM(fast.config),
+        "from_config": AutoModelForCausalLM.from_config(copy.deepcopy(fast.config)),
+        "from_pretrained with the config": AutoModelForCausalLM.from_pretrained(tmp_path / "saved", config=fast.config),
+        "from_pretrained sdpa": AutoModelForCausalLM.from_pretrained(tmp_path / "saved", attn_implementation="sdpa"),
+        "deepcopy": copy.deepcopy(fast),
+    }
+    ids = _ids(eager, batch=2)
+    with torch.no_grad():
+        expected = eager(ids).logits
+        for how, model in built.items():
+            assert _sdpa_layers(model) == eager.config.num_layers, how
+            model.load_state_dict(fast.state_dict())
+            assert torch.allclose(model.eval()(ids).logits, expected, atol=ATOL), how
+
+
+@pytest.mark.parametrize("mode", ["greedy", "sample", "beam", "assisted"])
+def test_every_decoding_mode_equals_eager(pair, mode):
+    eager, fast = pair
+    prompt = _ids(eager, batch=2, length=30)
+    mask = torch.ones_like(prompt)
+    mask[1, :5] = 0
+    settings = {"greedy": dict(do_sample=False), "sample": dict(do_sample=True, top_k=20),
+                "beam": dict(do_sample=False, num_beams=3), "assisted": dict(do_sample=False)}[mode]
+    if mode == "assisted":
+        prompt, mask = prompt[:1, 5:], mask[:1, 5:]  # assisted generation takes one sequence
+    outputs = []
+    for model in (eager, fast):
+        extra = {"assistant_model": copy.deepcopy(model)} if mode == "assisted" else {}
+        torch.manual_seed(0)
+        with torch.no_grad():
+            outputs.append(model.generate(prompt, attention_mask=mask, max_new_tokens=40, pad_token_id=0, **settings, **extra))
+    assert torch.equal(*outputs)
+
+
+def test_config_labelled_eager_gives_the_exact_eager_weights(pair):
+    """What transformers asks before `config.output_attentions = True` on an SDPA model (set the label to eager)."""
+    eager, fast = pair
+    model = copy.deepcopy(fast)
+    model.config._attn_implementation = "eager"
+    model.config.output_attentions = True
+    ids = _ids(eager, batch=2)
+    with torch.no_grad():
+        expected = eager(ids, output_attentions=True).attentions
+        got = model(ids).attentions
+    assert got is not None and len(got) == len(expected)
+    assert all(torch.allclose(a, b, atol=ATOL) for a, b in zip(expected, got))
+
+
+def test_gradient_checkpointing_equals_eager(pair):
+    eager, fast = pair
+    ids = _ids(eager, batch=2)
+    grads = []
+    for model in (eager, copy.deepcopy(fast)):
+        model = copy.deepcopy(model)
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.train()
+        model(ids, labels=ids, use_cache=False).loss.backward()
+        grads.append({n: p.grad for n, p in model.named_parameters()})
+    for name, grad in grads[0].items():
+        assert torch.allclose(grad, grads[1][name], atol=ATOL), name
+
+
+def test_two_models_with_different_windows_alive_at_once_each_equal_eager():
+    """The shared band is keyed by the window: model B (window 8) must not reuse model A's band (window 3) while A's
+    graph is alive. 16 tokens, longer than both windows; with gradients on, plain, left-padded, packed, KV cache."""
+    (eager_a, fast_a), (eager_b, fast_b) = _neo(3, seed=1), _neo(8, seed=2)
+    ids = torch.randint(3, 97, (2, 16), generator=torch.Generator().manual_seed(0))
+    left = torch.ones_like(ids)
+    left[1, :4] = 0
+    packed = torch.cat([torch.arange(9), torch.arange(7)]).expand(2, -1)
+    cases = {"plain": {}, "left padding": {"attention_mask": left}, "packed": {"position_ids": packed}}
+    for case, inputs in cases.items():
+        alive = fast_a(ids, use_cache=False, **inputs).logits  # A's graph (and its masks) stay alive below
+        for eager, fast in ((eager_b, fast_b), (eager_a, fast_a)):
+            got, want = fast(ids, use_cache=False, **inputs).logits, eager(ids, use_cache=False, **inputs).logits
+            keep = inputs.get("attention_mask", torch.ones_like(ids)).bool()
+            assert (got - want)[keep].abs().max() < ATOL, case
+        assert alive.requires_grad
+    for eager, fast in ((eager_b, fast_b), (eager_a, fast_a)):  # KV cache: one token at a time past both windows
+        with torch.no_grad():
+            settings = dict(attention_mask=left, max_new_tokens=12, do_sample=False, pad_token_id=0,
+                            output_scores=True, return_dict_in_generate=True)
+            by_eager, by_fast = eager.generate(ids, **settings), fast.generate(ids, **settings)
+        assert torch.equal(by_eager.sequences, by_fast.sequences)
+        assert torch.allclose(torch.stack(by_eager.scores), torch.stack(by_fast.scores), atol=ATOL)
+
+
+def test_set_attn_implementation_swaps_the_layers_both_ways(pair):
+    """transformers' public switch (a logged no-op for GPT-Neo on its own): its eager-vs-SDPA test relies on it."""
+    eager, fast = pair
+    model = copy.deepcopy(fast)
+    model.set_attn_implementation("eager")
+    assert _sdpa_layers(model) == 0 and model.config._attn_implementation == "eager"
+    ids = _ids(eager, batch=2)
+    with torch.no_grad():
+        assert torch.equal(model(ids).logits, eager(ids).logits)  # the very eager layer, not SDPA labelled eager
+        model.set_attn_implementation("sdpa")
+        assert _sdpa_layers(model) == eager.config.num_layers and model.config._attn_implementation == "sdpa"
+        assert torch.allclose(model(ids).logits, eager(ids).logits, atol=ATOL)
