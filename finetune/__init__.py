@@ -14,9 +14,11 @@ LIBRARY_NOTICES = {
     # transformers hands accelerate 1 on purpose under DeepSpeed (it accumulates itself); ours is the value used.
     "accelerate.accelerator": "Gradient accumulation steps mismatch: GradientAccumulationPlugin has 1,",
     # bitsandbytes >= 0.50 on a CPU with AVX512-BF16 tries to fetch an optional 4-bit GEMM kernel from the Hub at
-    # import (the `kernels` package says the Hub is offline) and, when it cannot, uses its own built-in CPU kernel.
+    # import and, when it cannot, uses its own built-in CPU kernel.
     "bitsandbytes.backends.cpu.ops": "Failed to load CPU gemm_4bit_forward from kernels-community",
-    "kernels._internals.hf_hub": "Skipping publisher trust check for 'kernels-community/quantization-bitsandbytes'",
+    # transformers >= 5.24 probes the Hub's flash-attention kernels (for any model that declares flash attention) and
+    # bitsandbytes its GEMM kernel through the `kernels` package, which notes each skipped trust check when offline.
+    "kernels._internals.hf_hub": "Skipping publisher trust check for 'kernels-community/",
 }
 
 

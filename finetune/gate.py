@@ -1,8 +1,11 @@
 """The merge's numerical gate: do the merged weights compute what base + adapter computed?
 
-Two ways, chosen by `gate=` (auto picks full when both models fit in half the free memory):
-- full: fixed probe prompts through base + adapter (peft, unmerged, fp32) and through the merged model as written
-  to disk (loaded by transformers in the merged dtype); the measure is the max abs logit difference.
+Two ways, chosen by `gate=` (auto picks full up to FULL_GATE_MAX_BYTES of base weights, layers above):
+- full: fixed probe prompts through base + adapter (unmerged, fp32: peft's own LoRA/DoRA layer on each adapted
+  module) and through the merged model as written to disk (in the merged dtype); the measure is the max abs logit
+  difference. Both models run streamed (`_streamed`): transformers' disk offload over the safetensors files as they
+  are, one module's weights in memory at a time, so the gate's peak stays within the streaming merge's bound (one
+  tensor plus the adapter) instead of holding a whole model, let alone two (tests/test_gate_memory.py).
 - layers: for models too big to load twice, a sample of adapted layers (first, middle and last block): a fixed
   random input through peft's own unmerged LoRA/DoRA layer (fp32) and through the merged weight read back from the
   output shard; the measure is the max abs output difference relative to the output's scale.
@@ -21,7 +24,6 @@ that runs here (CUDA, or >= 0.50 on CPU); otherwise the report says why it was n
 from __future__ import annotations
 
 import gc
-import os
 import re
 from pathlib import Path
 
@@ -29,7 +31,7 @@ from finetune import shards
 
 FP32_TOLERANCE = 1e-4
 GAP_FACTOR = 2.0
-FULL_GATE_MEMORY_SHARE = 0.5
+FULL_GATE_MAX_BYTES = 8 * 2**30  # streamed, the full gate reads every weight three times: above this, sample layers
 LAYER_SAMPLE_MAX = 16
 PROBES = (
     "The tenant shall keep the premises in good repair.",
@@ -46,9 +48,9 @@ def check(base_dir: Path, adapter, merged_dir: Path, dtype: str, mode: str = "au
     merged into `merged_dir`; allow_pickle as the merge was given it; `quantization`: the QLoRA base's
     BitsAndBytesConfig kwargs (base_model.json), which adds "trained_model" (passed is then both checks)."""
     if mode == "auto":
-        mode = "full" if _fits_twice(base_dir, merged_dir, allow_pickle) else "layers"
+        mode = "full" if _weight_bytes(base_dir, allow_pickle) <= FULL_GATE_MAX_BYTES else "layers"
     if mode == "full":
-        result = _full(base_dir, adapter.folder, merged_dir, dtype, allow_pickle)
+        result = _full(base_dir, adapter, merged_dir, dtype, allow_pickle)
     else:
         result = _layers(base_dir, adapter, merged_dir, dtype, allow_pickle)
     if tolerance is None:
@@ -111,35 +113,88 @@ def _probabilities(model, probes, device: str) -> list:
         return [model(input_ids=ids.to(device)).logits.float().softmax(-1).cpu() for ids in probes]
 
 
-def _full(base_dir: Path, adapter_dir: Path, merged_dir: Path, dtype: str, allow_pickle: bool) -> dict:
+def _full(base_dir: Path, adapter, merged_dir: Path, dtype: str, allow_pickle: bool) -> dict:
+    import tempfile
+
     import torch
-    from peft import PeftModel
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(merged_dir)
     probes = [tokenizer(p, return_tensors="pt").input_ids[:, :PROBE_TOKENS] for p in PROBES]
-    # a pickled base (allow_pickle=true) goes through transformers' torch.load(weights_only=True)
-    base = AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32, use_safetensors=None if allow_pickle else True)
-    model = PeftModel.from_pretrained(base, adapter_dir).eval()
-    reference = _logits(model, probes)
-    gap = 0.0
-    if dtype != "float32":
-        with model.disable_adapter():
-            base_fp32 = _logits(model, probes)
-            model.to(getattr(torch, dtype))
-            gap = _max_diff(_logits(model, probes), base_fp32)
-    del model, base
-    gc.collect()
-    merged = AutoModelForCausalLM.from_pretrained(merged_dir, dtype=getattr(torch, dtype), use_safetensors=True).eval()
-    diff = _max_diff(_logits(merged, probes), reference)
+    with tempfile.TemporaryDirectory(prefix="finetune-gate-") as offload:  # stays empty for safetensors weights
+        base = _streamed(base_dir, torch.float32, offload, allow_pickle)
+        finder = _TensorFinder(base_dir, allow_pickle)
+        try:
+            modules = dict(base.named_modules())
+            hooks = [modules[name].register_forward_hook(_unmerged(finder, name, lora, adapter))
+                     for name, lora in adapter.modules.items()]
+            reference = _logits(base, probes)
+            for hook in hooks:
+                hook.remove()
+            gap = 0.0
+            if dtype != "float32":  # the base's own gap: fp32 vs the merged dtype
+                base_fp32 = _logits(base, probes)
+                del base
+                gap = _max_diff(_logits(_streamed(base_dir, getattr(torch, dtype), offload, allow_pickle), probes), base_fp32)
+        finally:
+            finder.close()
+        merged = _streamed(merged_dir, getattr(torch, dtype), offload, False)
+        diff = _max_diff(_logits(merged, probes), reference)
     return {"max_abs_diff": diff, "reference_gap": gap, "measure": "logits", "probes": len(probes)}
 
 
+def _streamed(folder: Path, dtype, offload: str, allow_pickle: bool = False):
+    """The model in `folder` for inference with every module offloaded to disk: transformers' own disk offload, which
+    reads safetensors weights in place (nothing is copied to `offload`) and loads each module's weights only while it
+    runs, so memory holds one module's weights (in `dtype`) at a time, never the model. A pickled base (allow_pickle)
+    is loaded whole: torch.load reads a whole file, and the offload would copy it."""
+    from accelerate import init_empty_weights
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    if any(path.suffix != ".safetensors" for path in shards.weight_files(folder, allow_pickle)):
+        return AutoModelForCausalLM.from_pretrained(folder, dtype=dtype, use_safetensors=None).eval()
+    config = AutoConfig.from_pretrained(folder)
+    with init_empty_weights():
+        skeleton = AutoModelForCausalLM.from_config(config)
+    device_map = {name: "disk" for name, module in skeleton.named_modules()
+                  if name and any(True for _ in module.parameters(recurse=False))}
+    model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype, device_map=device_map, offload_folder=offload,
+                                                 use_safetensors=True)
+    del skeleton
+    return model.eval()
+
+
+def _unmerged(finder, name: str, lora, adapter):
+    """A forward hook that adds an adapted module's unmerged LoRA/DoRA contribution (peft's own layer around the base
+    weight, read from its shard for this call) to the module's output."""
+    import torch.nn.functional as F
+
+    weight_name = finder.name_for(name)
+
+    def hook(module, args, output):
+        weight = finder.read(weight_name).float()
+        x = args[0].float()
+        delta = _peft_layer(weight, lora, adapter)(x) - F.linear(x, weight.T if adapter.fan_in_fan_out else weight)
+        if lora.bias is not None:
+            delta = delta + lora.scale * lora.bias.float()  # peft scales B's bias with B: (B·A·x + b) * scale
+        return output + delta.to(output.dtype)
+
+    return hook
+
+
 def _logits(model, probes) -> list:
+    """Each probe's logits, from one right-padded batch: one pass over a streamed model's weights, not one per probe
+    (padding after a causal sequence cannot change its logits)."""
     import torch
 
+    longest = max(ids.shape[1] for ids in probes)
+    batch = torch.zeros(len(probes), longest, dtype=torch.long)
+    mask = torch.zeros_like(batch)
+    for row, ids in enumerate(probes):
+        batch[row, : ids.shape[1]], mask[row, : ids.shape[1]] = ids[0], 1
     with torch.no_grad():
-        return [model(input_ids=ids).logits.float() for ids in probes]
+        logits = model(input_ids=batch, attention_mask=mask).logits.float()
+    return [logits[row : row + 1, : ids.shape[1]] for row, ids in enumerate(probes)]
 
 
 def _max_diff(a: list, b: list) -> float:
@@ -181,8 +236,8 @@ def _peft_layer(weight, lora, adapter):
     from peft.tuners.lora.layer import Linear as LoraLinear
 
     out_features, in_features = weight.T.shape if adapter.fan_in_fan_out else weight.shape
-    base_layer = torch.nn.Linear(in_features, out_features, bias=False)
-    base_layer.weight.data = weight
+    base_layer = torch.nn.Linear(in_features, out_features, bias=False, device="meta")  # no random init to throw away
+    base_layer.weight = torch.nn.Parameter(weight, requires_grad=False)
     r = lora.A.shape[0]
     rslora = bool(adapter.config.get("use_rslora"))
     alpha = lora.scale * (math.sqrt(r) if rslora else r)
@@ -237,16 +292,5 @@ class _TensorFinder:
             reader.close()
 
 
-def _fits_twice(base_dir: Path, merged_dir: Path, allow_pickle: bool) -> bool:
-    """An fp32 copy of the base plus the merged model fit in FULL_GATE_MEMORY_SHARE of the available memory."""
-    need = 0
-    for folder, to_fp32 in ((base_dir, True), (merged_dir, False)):
-        for path in shards.weight_files(folder, allow_pickle):
-            size = path.stat().st_size
-            if to_fp32 and path.suffix == ".safetensors":
-                with shards.ShardReader(path) as reader:
-                    if any(t.dtype in ("BF16", "F16") for t in reader.tensors.values()):
-                        size *= 2
-            need += size
-    available = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
-    return need <= FULL_GATE_MEMORY_SHARE * available
+def _weight_bytes(folder: Path, allow_pickle: bool) -> int:
+    return sum(path.stat().st_size for path in shards.weight_files(folder, allow_pickle))

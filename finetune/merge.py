@@ -39,7 +39,7 @@ OPTIONS = [
     Option("out", str, None, "output folder (default: RUN/merged)"),
     Option("dtype", str, None, "bfloat16 | float32 | float16 (default: the dtype the run trained in)"),
     Option("base", str, None, "base model folder or Hub id (default: the run's model.name_or_path)"),
-    Option("gate", str, "auto", "auto | full (whole model twice) | layers (a sample of merged layers; for models too big)"),
+    Option("gate", str, "auto", "auto | full (every probe through both models, streamed) | layers (a sample of merged layers; auto above 8 GiB)"),
     Option("tolerance", float, None, "max abs logit difference allowed (default fp32 1e-4; bf16/fp16: 2x the base's own gap)"),
     Option("allow_pickle", bool, False, "read pickled .bin weights with torch.load(weights_only=True)"),
     Option("overwrite", bool, False, "replace an existing output folder"),
