@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from collections.abc import Callable
 from typing import Any
 
-from finetune.errors import ConfigError, FinetuneError
+from finetune.errors import ConfigError, FinetuneError, hub_unreachable
 
 TRUE, FALSE = ("true", "1", "yes", "on"), ("false", "0", "no", "off")
 
@@ -109,6 +109,12 @@ def main(run: Callable[[dict], Any], doc: str, options: list[Option], positional
     except FinetuneError as err:
         print(f"error: {err}", file=sys.stderr)
         sys.exit(err.exit_code)
+    except OSError as err:  # the Hub out of reach, deep inside transformers: a config problem, not a traceback
+        problem = hub_unreachable(err)
+        if problem is None:
+            raise
+        print(f"error: {problem}", file=sys.stderr)
+        sys.exit(problem.exit_code)
 
 
 def say(message: str) -> None:

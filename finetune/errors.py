@@ -77,3 +77,19 @@ class Preempted(FinetuneError):
 
     exit_code = EXIT_PREEMPTED
     reason = "preempted"
+
+
+HUB_UNREACHABLE = ("huggingface.co", "offline mode", "HF_HUB_OFFLINE", "LocalEntryNotFound", "cannot find the requested files")
+
+
+def hub_unreachable(err: BaseException) -> ConfigError | None:
+    """The config problem behind a library error that only says the Hub could not be reached (offline, no network, a
+    model never downloaded): transformers raises it as a plain OSError from deep inside from_pretrained. None for any
+    other error, which keeps its traceback."""
+    text = f"{type(err).__name__}: {err}"
+    if not isinstance(err, OSError) or not any(marker in text for marker in HUB_UNREACHABLE):
+        return None
+    first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+    return ConfigError(f"the model files could not be read ({type(err).__name__}: {first}); give a local checkpoint folder "
+                       "(model.name_or_path=DIR for training and preview, base=DIR for merge/generate/evaluate), or make "
+                       "the Hub reachable (network, and HF_HUB_OFFLINE unset)")

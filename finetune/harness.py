@@ -38,6 +38,7 @@ import functools
 import logging
 import math
 import os
+import re
 import sys
 from pathlib import Path
 
@@ -87,7 +88,7 @@ def run_tasks(model, tokenizer, tasks: list[str], *, include_path: list[str | Pa
     from lm_eval.models.huggingface import HFLM
 
     built = build_tasks(manager, tasks)
-    with _quiet_expected_warnings(), contextlib.redirect_stdout(sys.stderr):  # lm_eval prints progress to stdout
+    with _quiet_expected_warnings(), _no_bars_or_git_probe(), contextlib.redirect_stdout(sys.stderr):  # lm_eval prints progress to stdout
         lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size)  # an instance: nothing is reloaded
         results = lm_eval.simple_evaluate(
             model=lm, tasks=built, task_manager=manager, limit=limit, num_fewshot=num_fewshot,
@@ -312,6 +313,38 @@ def _number(value: float, sign: str = "") -> str:
 class _ExpectedWarningFilter(logging.Filter):
     def filter(self, record: logging.LogRecord) -> bool:
         return not any(expected in record.getMessage() for expected in EXPECTED_WARNINGS)
+
+
+@contextlib.contextmanager
+def _no_bars_or_git_probe():
+    """Our progress style in a log, not lm_eval's: its tqdm bars (per task, per request kind, per bootstrap) are written
+    to a buffer and only their non-bar lines passed on; and its `git describe` of the current directory (recorded in
+    results we do not keep; not this project's or the model's commit) runs with git's stderr silenced, so a directory
+    that is not a repository no longer prints "fatal: not a git repository"."""
+    import io
+    import subprocess
+
+    from lm_eval import evaluator
+
+    def quiet_git_hash():
+        try:
+            return subprocess.check_output(["git", "describe", "--always"], stderr=subprocess.DEVNULL).strip().decode()
+        except (subprocess.CalledProcessError, FileNotFoundError):
+            return None
+
+    probe, evaluator.get_git_commit_hash = evaluator.get_git_commit_hash, quiet_git_hash
+    captured = io.StringIO()
+    try:
+        with contextlib.redirect_stderr(captured):
+            yield
+    finally:
+        evaluator.get_git_commit_hash = probe
+        for line in captured.getvalue().replace("\r", "\n").splitlines():
+            if line.strip() and not _BAR.search(line):
+                print(line, file=sys.stderr)
+
+
+_BAR = re.compile(r"\d+%\||\d+/\d+ \[|it/s\]|s/it\]|^bootstrapping for stddev")
 
 
 @contextlib.contextmanager
