@@ -177,7 +177,7 @@ def _results(run_dir, record: dict, extra: dict) -> list[str]:
 
         data = report.get("data", {})
         lines += [f"Evaluation (`python -m finetune.evaluate`) on {_cell(data.get('rows'))} rows ({_cell(data.get('source'))}):", "",
-                  *eval_report.metric_table(report), ""]
+                  *eval_report.warning_lines(report), *eval_report.metric_table(report), ""]
         harness_rows = eval_report.harness_table(report)
         if harness_rows:
             lines += ["lm-evaluation-harness:", "", *harness_rows, ""]

@@ -43,6 +43,10 @@ def build(target, evalset, results: dict, answers: dict, opts: dict, dtype: str)
         "settings": {"dtype": dtype, "decoding": "greedy", "max_new_tokens": opts["max_new_tokens"], "batch_size": opts["batch_size"]},
         "versions": artifacts.versions(),
     }
+    if evalset.heldout_check is not None:  # the run's held-out split, reproduced: does it match what training held out?
+        report["data"]["heldout_check"] = evalset.heldout_check
+    if evalset.warnings:
+        report["data"]["warnings"] = list(evalset.warnings)
     if evalset.labelled:
         report["data"]["options"] = sorted({o for row in evalset.options for o in row})[:20]
     if "harness" in results["base"]:
@@ -57,6 +61,13 @@ def write(out_dir: Path, report: dict) -> list[Path]:
     _replace(paths[1], lambda p: p.write_text(markdown(report), encoding="utf-8"))
     _replace(paths[2], lambda p: chart(report, p))
     return paths
+
+
+def warning_lines(report: dict) -> list[str]:
+    """What makes these numbers doubtful (the held-out data changed since training), as Markdown lines (also used by
+    the model card); empty when there is nothing to say."""
+    warnings = report.get("data", {}).get("warnings") or []
+    return [f"**Warning:** {warning.rstrip('.')}." for warning in warnings] + ([""] if warnings else [])
 
 
 def metric_table(report: dict) -> list[str]:
@@ -82,7 +93,7 @@ def markdown(report: dict) -> str:
     model, data = report["model"], report["data"]
     lines = [f"# Evaluation: {model['run']}", "",
              f"Base `{model['base']}` against the fine-tuned model ({model['kind']}) on {data['rows']} rows "
-             f"({data['source']}), {report['created']}.", "", *metric_table(report), ""]
+             f"({data['source']}), {report['created']}.", "", *warning_lines(report), *metric_table(report), ""]
     if data["task"] == "generation" and data["generated_rows"]:
         lines += [f"Exact match, token F1 (SQuAD normalisation), ROUGE-L and BLEU score greedy answers (at most "
                   f"{report['settings']['max_new_tokens']} new tokens) to the first {data['generated_rows']} prompts "

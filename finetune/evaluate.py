@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -64,7 +65,8 @@ class EvalSet:
     options: list[list[str]] = field(default_factory=list)  # per row, when labelled
     gold: list[int] = field(default_factory=list)  # index of the reference among the options
     option_sequences: list[list[tuple[list[int], list[int]]]] = field(default_factory=list)  # per row, per option
-    warnings: list[str] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)  # said on stderr, in eval_report.json/.md and the model card
+    heldout_check: dict | None = None  # the reproduced held-out split against the dataset fingerprint training recorded
 
     @property
     def labelled(self) -> bool:
@@ -143,14 +145,21 @@ def _evalset(target, tokenizer, template, data_cfg, source: str, opts: dict, rep
     from finetune.data import prepare, prompt_text
 
     seed = (target.config or {}).get("seed", 42)
-    prepared = prepare(data_cfg, tokenizer, template, seed)
-    warnings = []
+    try:
+        prepared = prepare(data_cfg, tokenizer, template, seed)
+    except DataError:
+        _refuse_bad_rows(data_cfg, template, reproduced, target)  # each bad row once, with a fix evaluate takes
+        raise
+    warnings, heldout_check = [], None
     if reproduced and target.run_dir:
         recorded = rundir.read_json(target.run_dir / "run.json").get("dataset_fingerprint")
         now = fingerprint.dataset(prepared.train + prepared.eval, prepared.packed is not None)
+        heldout_check = {"dataset_fingerprint_at_training": recorded, "dataset_fingerprint_now": now,
+                         "matches": None if not recorded else recorded == now}
         if recorded and recorded != now:
-            warnings.append(f"the data named in {target.run_dir / 'config.yaml'} changed since training: the held-out rows "
-                            "may not be the ones the run held out (and some may have been trained on)")
+            warnings.append("the data named in the run's config.yaml changed since training (dataset fingerprint "
+                            f"{recorded[:12]}... at training, {now[:12]}... now): these held-out rows may not be the ones "
+                            "the run held out, and some may have been trained on")
     rows = prepared.eval_rows[: opts["limit"]] if opts["limit"] else prepared.eval_rows
     wheres = {row["_where"] for row in rows}
     samples = [s for s in prepared.eval if s.where in wheres]
@@ -158,13 +167,51 @@ def _evalset(target, tokenizer, template, data_cfg, source: str, opts: dict, rep
         raise DataError(f"{source}: no rows left to evaluate (after the template's checks and data.max_length)")
     references = [_reference(template, row) for row in rows]
     evalset = EvalSet(source, rows, [(s.input_ids, s.labels) for s in samples],
-                      [prompt_text(tokenizer, template, row) for row in rows], references, warnings=warnings)
+                      [prompt_text(tokenizer, template, row) for row in rows], references, warnings=warnings,
+                      heldout_check=heldout_check)
     options = [str(o) for o in opts["options"]] or list(template.options)
     options_field = opts["options_field"] or template.options_field
     if options or options_field:
         evalset.options, evalset.gold = _labelled(rows, references, options, options_field, source)
         evalset.option_sequences = _option_sequences(tokenizer, template, rows, evalset.options)
     return evalset
+
+
+COLUMNS_HINT = re.compile(r"data\.columns\.(\w+)=COLUMN")  # the training key; evaluate's is columns=[field=column]
+
+
+def _refuse_bad_rows(data_cfg, template, reproduced: bool, target) -> None:
+    """prepare() refused rows: list each bad row once (data= is read as both the train and the eval side there) with
+    the fix in evaluate's own options; returns when the problem is not a bad row (the caller re-raises it)."""
+    from finetune.data import sources
+
+    specs = [data_cfg.path] if not reproduced else [data_cfg.path, data_cfg.eval_path]
+    columns = dict(data_cfg.columns or {})
+    bad, seen = [], set()
+    for spec in dict.fromkeys(s for s in specs if s):
+        read = sources.read_rows(spec, columns=columns, hub_config=data_cfg.hub_config, split=data_cfg.split,
+                                 revision=data_cfg.revision, key="data",
+                                 max_row_bytes=data_cfg.get("max_row_bytes") or sources.MAX_ROW_BYTES)
+        found = [(r.where, r.reason) for r in read.rejected]
+        for row in read.rows:
+            problems = template.check_row(row, columns)
+            if problems:
+                found.append((row["_where"], "; ".join(p.text for p in problems)))
+        for where, detail in found:
+            if where not in seen:
+                seen.add(where)
+                bad.append(f"{where}: " + COLUMNS_HINT.sub(r"columns=[\1=COLUMN]", detail))
+    if not bad:
+        return
+    shown = bad[: sources.MAX_REPORTED] + ([f"... and {len(bad) - sources.MAX_REPORTED} more"] if len(bad) > sources.MAX_REPORTED else [])
+    if reproduced:
+        fix = (f"these rows are in the data named in {target.run_dir / 'config.yaml'} now, and training would have refused "
+               "them: the data changed since training, so the run's held-out split cannot be reproduced. Evaluate on "
+               "data=FILE (with template= and columns=[field=column] to fit it)")
+    else:
+        fix = ("evaluate measures every row it is given: fix or remove these rows, or fit the template to your columns "
+               "with columns=[field=column] (or another template=)")
+    raise DataError(f"{len(bad)} bad row(s):\n" + "\n".join(f"  {line}" for line in shown) + f"\n  fix: {fix}")
 
 
 def _labelled(rows, references, options, options_field, source) -> tuple[list[list[str]], list[int]]:

@@ -23,7 +23,7 @@ from pathlib import Path
 
 from finetune import checkpoints, cli, rundir
 from finetune.cli import Option
-from finetune.errors import ConfigError
+from finetune.errors import ConfigError, IntegrityError
 
 OPTIONS = [
     Option("prompt", str, None, "the text to complete (rendered with the run's chat template unless raw=true)"),
@@ -237,15 +237,37 @@ def plan(target: str | Path, merged: bool = False, adapters: list | None = None,
             raise ConfigError(f"{located.weights}: full weights; adapters= and base= are for an adapter target (give the "
                               "first adapter as the target and its base with base=)")
         checkpoints.check_final(located.weights)  # what training (model/) or merge (merged/) wrote: its MANIFEST.json
+        check_weights(located)
         return _plan_model(located, dtype)
     targets = _unique([located, *(rundir.locate(a) for a in adapters or [])])
     for each in targets:
         checkpoints.check_final(each.weights)  # each adapter is what training wrote: its MANIFEST.json
+        check_weights(each)
     for other in targets[1:]:
         if other.kind != "adapter":
             raise ConfigError(f"adapters=: {other.weights} holds full weights, not an adapter")
         _check_same_base(targets[0], other)
     return _plan_adapters(targets, base, dtype)
+
+
+def check_weights(target: rundir.Target) -> None:
+    """The weights files are there and whole (each safetensors header, and its tensors' offsets covering the file):
+    what a folder without a manifest (from before manifests, or given directly) cannot prove otherwise. A missing or
+    truncated file is an IntegrityError naming it, instead of peft's or safetensors' error from deep in the load."""
+    from finetune import shards
+
+    folder = target.weights
+    if target.kind == "adapter":
+        if not (folder / "adapter_model.safetensors").is_file():
+            pickled = " (only a pickled adapter_model.bin, which generate does not load)" if (folder / "adapter_model.bin").is_file() else ""
+            raise IntegrityError(f"{folder}: no adapter_model.safetensors{pickled}: the adapter was not completely written "
+                                 "or copied; copy it again, or use the run's newest checkpoint (RUN/checkpoints/checkpoint-N)")
+        files = [folder / "adapter_model.safetensors"]
+    else:
+        files = [f for f in shards.weight_files(folder) if f.suffix == ".safetensors"]
+    for path in files:
+        with shards.ShardReader(path):  # IntegrityError: "<file>: not a valid safetensors file / the file is corrupt"
+            pass
 
 
 def load(target: str | Path, merged: bool = False, adapters: list | None = None, base: str | None = None,

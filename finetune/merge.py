@@ -46,6 +46,8 @@ OPTIONS = [
     Option("verify", bool, False, "only re-run the numerical gate on an existing merged folder (out=) against the adapter"),
 ]
 DTYPES = ("bfloat16", "float32", "float16")
+PARTIAL_SUFFIX = ".partial"  # the merge is written into <out>.partial, then renamed to <out>
+PARTIAL_MARKER = ".neo-finetune-merge"  # in <out>.partial while merge writes it: merge removes only such a folder
 ADAPTER_PREFIX = "base_model.model."
 LORA_KEY = re.compile(r"^(?P<module>.+)\.(?P<part>lora_A\.weight|lora_B\.weight|lora_B\.bias|lora_magnitude_vector)$")
 # adapter_config.json fields that change what merging means; this merge handles none of them
@@ -108,9 +110,14 @@ def run(opts: dict) -> Path:
     dtype = opts["dtype"] or _training_dtype(target)
     if dtype not in DTYPES:
         raise ConfigError(f"dtype={dtype}: choose one of {', '.join(DTYPES)}")
+    if target.checkpoint and not opts["out"]:
+        raise ConfigError(f"{target.weights} is a training checkpoint, not the run's final adapter: name a folder outside "
+                          f"the run for its merged model with out=DIR ({target.run_dir / rundir.MERGED_DIR} is the final adapter's)")
     out = Path(opts["out"]).expanduser() if opts["out"] else target.weights.parent / rundir.MERGED_DIR
     invalid = out.with_name(out.name + rundir.INVALID_SUFFIX)
+    staging = out.with_name(out.name + PARTIAL_SUFFIX)
     _check_out(out, target)
+    _check_partial(staging)
     if opts["verify"]:
         if not (out / "config.json").is_file():
             raise ConfigError(f"verify=true: no merged model in {out}; merge first (or name it with out=DIR)")
@@ -137,25 +144,44 @@ def run(opts: dict) -> Path:
         return _conclude(out, invalid, result, report, staged=False)
 
     cli.say(f"merging {target.weights} into {base_dir} ({dtype}) -> {out}")
-    staging = out.with_name(out.name + ".partial")
-    shutil.rmtree(staging, ignore_errors=True)
+    shutil.rmtree(staging, ignore_errors=True)  # only one _check_partial found to be merge's own
     staging.mkdir(parents=True)
+    (staging / PARTIAL_MARKER).write_text("a merge in progress; removed when it fails\n", encoding="utf-8")
     report = {"adapter": target.weights.name, "base": target.base or {"name_or_path": base_dir.name}, "dtype": dtype,
               "lora": {k: adapter.config.get(k) for k in ("r", "lora_alpha", "use_rslora", "use_dora", "target_modules")}}
-    with _disk_full_explained(staging, out, lambda: _output_bytes(base_dir, dtype, opts["allow_pickle"])):
-        report.update(merge_weights(base_dir, adapter, staging, dtype, opts["allow_pickle"]))
-        write_model_files(base_dir, target.weights, staging, dtype)
-    report.update(merge_seconds=round(time.perf_counter() - started, 2), merge_peak_rss_bytes=peak_rss_bytes())
-    result = gate.check(base_dir, adapter, staging, dtype, opts["gate"], opts["tolerance"], opts["allow_pickle"], quantization)
-    report.update(gate=result, valid=result["passed"], peak_rss_bytes=peak_rss_bytes(), seconds=round(time.perf_counter() - started, 2))
-    card.write(staging, target.run_dir, target.config or {}, "merged", extra=report)
-    report["manifest"] = checkpoints.MANIFEST  # promised: a merged/ without it is refused (checkpoints.check_final)
-    _write_report(staging, report)
-    checkpoints.seal(staging, "merged")  # last: generate, evaluate and push verify the merged model against it
+    if target.checkpoint:
+        report["checkpoint"] = target.weights.name  # not the run's final adapter: said in the card too
+    try:
+        with _disk_full_explained(staging, out, lambda: _output_bytes(base_dir, dtype, opts["allow_pickle"])):
+            report.update(merge_weights(base_dir, adapter, staging, dtype, opts["allow_pickle"]))
+            write_model_files(base_dir, target.weights, staging, dtype)
+        report.update(merge_seconds=round(time.perf_counter() - started, 2), merge_peak_rss_bytes=peak_rss_bytes())
+        result = gate.check(base_dir, adapter, staging, dtype, opts["gate"], opts["tolerance"], opts["allow_pickle"], quantization)
+        report.update(gate=result, valid=result["passed"], peak_rss_bytes=peak_rss_bytes(), seconds=round(time.perf_counter() - started, 2))
+        card.write(staging, target.run_dir, target.config or {}, "merged", extra=report)
+        report["manifest"] = checkpoints.MANIFEST  # promised: a merged/ without it is refused (checkpoints.check_final)
+        _write_report(staging, report)
+        (staging / PARTIAL_MARKER).unlink()  # from here merge_report.json marks the folder as merge's
+        checkpoints.seal(staging, "merged")  # last: generate, evaluate and push verify the merged model against it
+    except BaseException:  # any failure (a bad file, Ctrl-C): the half-written output is merge's own, and useless
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
     for stale in (out, invalid):
         shutil.rmtree(stale, ignore_errors=True)
     os.replace(staging, out)
     return _conclude(out, invalid, result, report, staged=True)
+
+
+def _check_partial(staging: Path) -> None:
+    """`<out>.partial` is merge's working folder: one left by an earlier merge (its marker or merge_report.json) or
+    an empty one is replaced; any other folder of that name is someone's files, and is never removed."""
+    if not staging.exists():
+        return
+    own = staging.is_dir() and ((staging / PARTIAL_MARKER).is_file() or (staging / "merge_report.json").is_file()
+                                or not any(staging.iterdir()))
+    if not own:
+        raise ConfigError(f"{staging}: exists and was not written by merge (no {PARTIAL_MARKER} or merge_report.json), "
+                          f"and merge writes its output there first; move it away or choose another out=")
 
 
 def _check_out(out: Path, target: rundir.Target, base_dir: Path | None = None) -> None:

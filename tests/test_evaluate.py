@@ -47,7 +47,9 @@ def test_report_files_metrics_and_card(report, run_copy):
     assert report["metrics"]["perplexity"]["finetuned"] == pytest.approx(math.exp(loss["finetuned"]))
     for name in ("exact_match", "token_f1", "rougeL"):
         assert 0 <= report["metrics"][name]["base"] <= 1 and 0 <= report["metrics"][name]["finetuned"] <= 1
-    assert report["data"] == {"source": "held-out split of the run", "rows": 32, "loss_samples": 32, "task": "generation",
+    check = report["data"]["heldout_check"]  # the reproduced split is the one training held out
+    assert check["matches"] is True and check["dataset_fingerprint_now"] == check["dataset_fingerprint_at_training"]
+    assert {k: v for k, v in report["data"].items() if k != "heldout_check"} == {"source": "held-out split of the run", "rows": 32, "loss_samples": 32, "task": "generation",
                               "generated_rows": 6}
     assert len(report["samples"]) == 3 and all(s["reference"] for s in report["samples"])
     # the loss is the run's own held-out loss of the trained adapter (Trainer: mean of batch means; here: per token)
