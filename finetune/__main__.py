@@ -38,6 +38,15 @@ def main(argv: list[str] | None = None) -> None:
         sys.exit(EXIT_CONFIG)
     if multirun:
         _validate_first_job(config_name, [accepted.get(o, o) for o in composable.values()])
+    else:  # before Hydra opens train.log in output_dir: a run refused for its output_dir writes nothing there
+        from finetune.runlock import before_start
+
+        refused = before_start(config_name, [accepted.get(o, o) for o in composable.values()])
+        if refused:
+            from finetune.errors import EXIT_CONFIG, ConfigError
+
+            print(f"error: {ConfigError(refused)}", file=sys.stderr)
+            sys.exit(EXIT_CONFIG)
     args = [_as_taken(a, accepted.get(composable.get(a, a), a)) for a in args]
     if multirun:
         args = _sweep_directories(args)
@@ -255,10 +264,11 @@ def _record_refused_job(cfg, err) -> None:
     from pathlib import Path
 
     from finetune import artifacts
+    from finetune.runlock import safe_to_record_in
     from finetune.train import given_overrides
 
     run_dir = Path(str(cfg.output_dir))
-    if not (run_dir / "run.json").exists():
+    if not (run_dir / "run.json").exists() and safe_to_record_in(run_dir):  # never among files no run wrote
         run_dir.mkdir(parents=True, exist_ok=True)
         artifacts.write_json(run_dir / "run.json", {"status": f"failed:{err.reason}", "exit_code": err.exit_code, "error": str(err),
                                                     "overrides": given_overrides()})

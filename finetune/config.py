@@ -158,6 +158,8 @@ class RunConfig:
     card: CardConfig = field(default_factory=CardConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
     overwrite: bool = False
+    allow_foreign_files: bool = False
+    """true: train in an output_dir that also holds files no run wrote (left untouched; never under a name a run writes)."""
     resume: bool | str = False
     """true: continue from the newest complete checkpoint in output_dir; auto: the same, or start fresh if none."""
     resume_allow_drift: list[str] = field(default_factory=list)

@@ -21,7 +21,7 @@ from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
 
-from finetune import artifacts, card, checkpoints, cli, fingerprint, models, oom, precision, ranks, rundir, strategy, tracking
+from finetune import artifacts, card, checkpoints, cli, fingerprint, models, oom, precision, ranks, rundir, runlock, strategy, tracking
 from finetune.data import describe, packing, prepare, prompt_text
 from finetune.data import templates as data_templates
 from finetune.errors import EXIT_FAILURE, EXIT_OK, ConfigError, FinetuneError, IntegrityError, Preempted
@@ -31,6 +31,10 @@ from finetune.validate import validate
 
 def run(cfg: DictConfig) -> Path:
     """Train as configured (or resume); return the run directory. Raises FinetuneError subclasses (exit codes)."""
+    if ranks.is_main():  # before validation logs a line: a run refused for the lock writes nothing (finetune.runlock)
+        problem = _held(cfg)
+        if problem:
+            raise ConfigError(problem)
     resolved, warnings = validate(cfg)
     for warning in warnings:
         cli.say(f"warning: {warning}")
@@ -40,15 +44,32 @@ def run(cfg: DictConfig) -> Path:
     cli.say(f"precision: {precision_used}")
     cfg = OmegaConf.create(resolved)
     run_dir = Path(cfg.output_dir).expanduser()
+    if cfg.resume and _already_complete(run_dir):  # nothing to do: nothing is written, not even the lock
+        return run_dir
     run_dir.mkdir(parents=True, exist_ok=True)
+    with runlock.RunLock(run_dir, enabled=ranks.is_main(), say=cli.say):  # one run per output_dir, for its lifetime
+        return _run(cfg, resolved, run_dir, precision_used)
+
+
+def _held(cfg) -> str | None:
+    """Whether another run holds output_dir's lock, read-only (None for an output_dir that validate() refuses)."""
+    try:
+        value = cfg.output_dir
+    except Exception:  # noqa: BLE001 - does not resolve: validate() says why
+        return None
+    return None if runlock.unsafe_output_dir(value) else runlock.held_problem(Path(str(value)).expanduser())
+
+
+def _run(cfg, resolved: dict, run_dir: Path, precision_used: str) -> Path:
+    """The run, once rank 0 holds output_dir's lock."""
     cli.quiet_libraries()
     checkpoints_dir = run_dir / "checkpoints"
     resume_from = _resume_checkpoint(cfg, run_dir, checkpoints_dir) if cfg.resume else None
     if resume_from == "completed":
         return run_dir
     main = ranks.is_main()  # the other ranks of a distributed launch share this run directory and write nothing here
-    if main and resume_from is None and checkpoints_dir.exists():  # a fresh run (overwrite=true): old checkpoints would resume or rotate wrongly
-        shutil.rmtree(checkpoints_dir)
+    if main and resume_from is None:  # a fresh run (overwrite=true): old checkpoints would resume or rotate wrongly
+        runlock.clear_for_fresh_run(checkpoints_dir, cfg.allow_foreign_files, cli.say)  # ours only, by their manifests
     if main:
         checkpoints.clear_staging(checkpoints_dir)
     previous = _previous_attempts(run_dir) if cfg.resume else []
@@ -234,9 +255,7 @@ def _train(cfg, resolved: dict, run_dir: Path, record, resume_from: Path | None,
 
 def _resume_checkpoint(cfg, run_dir: Path, checkpoints_dir: Path):
     """The newest complete checkpoint (torn ones set aside), "completed" for a finished run, or None (auto: fresh)."""
-    state = artifacts.read_run_record(run_dir)
-    if state.get("status") == "completed":
-        cli.say(f"run already complete ({run_dir / 'run.json'}): nothing to resume; use overwrite=true to train again")
+    if _already_complete(run_dir):
         return "completed"
     found, set_aside = checkpoints.latest_complete(checkpoints_dir, lambda message: cli.say(f"warning: {message}"))
     if found is not None:
@@ -248,6 +267,13 @@ def _resume_checkpoint(cfg, run_dir: Path, checkpoints_dir: Path):
     torn = f"; set aside as torn or corrupt: {'; '.join(set_aside)}" if set_aside else ""
     raise IntegrityError(f"resume=true: no complete checkpoint in {checkpoints_dir}{torn}. Start again with overwrite=true, "
                          "or use resume=auto to start from step 0 when there is nothing to resume")
+
+
+def _already_complete(run_dir: Path) -> bool:
+    if artifacts.read_run_record(run_dir).get("status") != "completed":
+        return False
+    cli.say(f"run already complete ({run_dir / 'run.json'}): nothing to resume; use overwrite=true to train again")
+    return True
 
 
 def _check_drift(checkpoint: Path, facts: dict, allowed: list[str], base_folder: Path | None) -> None:

@@ -16,7 +16,7 @@ from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
 
-from finetune import credentials, ranks
+from finetune import credentials, ranks, runlock
 from finetune.config import FAMILIES, STRATEGIES, RunConfig
 from finetune.errors import ConfigError
 
@@ -311,6 +311,7 @@ def check_run(cfg: dict) -> list[str]:
     if cfg["card"]["domain"] not in CARD_DOMAINS:
         problems.append(f"card.domain: '{cfg['card']['domain']}' is not one of {', '.join(CARD_DOMAINS)}")
     out = Path(cfg["output_dir"]).expanduser()
+    problems += runlock.output_dir_problems(cfg)  # '' / . / home / /, and (rank 0) files no run of ours wrote
     # Rank 0 alone judges the run directory: the other ranks of a distributed launch share it and may validate after
     # rank 0 has already written this very run's run.json (they would refuse their own run and leave rank 0 waiting).
     if (out / "run.json").exists() and not cfg["overwrite"] and not cfg["resume"] and ranks.is_main():
