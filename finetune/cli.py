@@ -126,6 +126,59 @@ def say(message: str) -> None:
 
     if ranks.is_main():
         print(f"[finetune] {message}", file=sys.stderr, flush=True)
+        transcript(f"[finetune] {message}")
+
+
+class _Transcript:
+    """The run's own lines, also written to its log file (train.log) for post-mortems: what `say`, the step lines and
+    the final error printed, each with a timestamp. Lines said before the file is known (validation, precision) wait
+    in memory and are written when `log_to` opens it; a run that writes nothing (a completed run resumed) never
+    opens it, so its log stays untouched."""
+
+    def __init__(self):
+        self.pending: list[str] = []
+        self.file = None
+
+    def add(self, line: str) -> None:
+        import time
+
+        stamped = f"[{time.strftime('%Y-%m-%d %H:%M:%S')}] {line}"
+        if self.file is None:
+            self.pending.append(stamped)
+        else:
+            self.file.write(stamped + "\n")
+            self.file.flush()
+
+
+_TRANSCRIPT = _Transcript()
+
+
+def transcript(text: str) -> None:
+    """Add lines to the run's log file (see _Transcript); printing them is the caller's business."""
+    for line in text.splitlines() or [""]:
+        _TRANSCRIPT.add(line)
+
+
+def new_transcript() -> None:
+    """Forget lines said by an earlier run in this process (a sweep's jobs, tests) that never opened a log."""
+    close_log()
+    _TRANSCRIPT.pending.clear()
+
+
+def log_to(path) -> None:
+    """From now on, this process's lines also go to `path` (appended), starting with those said so far."""
+    close_log()
+    _TRANSCRIPT.file = open(path, "a", encoding="utf-8")  # noqa: SIM115 - held for the run, closed by close_log
+    for line in _TRANSCRIPT.pending:
+        _TRANSCRIPT.file.write(line + "\n")
+    _TRANSCRIPT.pending.clear()
+    _TRANSCRIPT.file.flush()
+
+
+def close_log() -> None:
+    if _TRANSCRIPT.file is not None:
+        _TRANSCRIPT.file.close()
+        _TRANSCRIPT.file = None
 
 
 def quiet_libraries() -> None:

@@ -50,8 +50,33 @@ class PreemptionSignals:
     def _handle(self, signum, frame):
         if self.received is None:
             self.received = signal.Signals(signum).name
-            print(f"[finetune] {self.received} received: stopping after this optimizer step and saving a checkpoint",
-                  file=sys.stderr, flush=True)
+            line = (f"[finetune] {self.received} received: stopping at the next safe point (in training: after this "
+                    "optimizer step, saving a checkpoint)")
+            print(line, file=sys.stderr, flush=True)
+            from finetune import cli
+
+            cli.transcript(line)
+
+
+def before_training(signal_name: str, phase: str) -> str:
+    """The Preempted message for a signal that arrived before the first optimizer step."""
+    return (f"{signal_name}: stopped during {phase}, before this attempt's first optimizer step: nothing new was "
+            "trained and no checkpoint was written or changed; run the same command again (with resume=auto it "
+            "continues from the newest complete checkpoint when there is one)")
+
+
+class StopBeforeTraining(TrainerCallback):
+    """The evaluation before training (loss of the untouched base) is the longest phase before the first step: a
+    preemption signal ends it at the next evaluation batch instead of after it, a sample generation and a step."""
+
+    def __init__(self, signals: PreemptionSignals):
+        self.signals = signals
+
+    def on_prediction_step(self, args, state, control, **kwargs):
+        if state.global_step == 0 and self.signals.received:
+            from finetune.errors import Preempted
+
+            raise Preempted(before_training(self.signals.received, "the evaluation before training"))
 
 
 class StopOnPreemption(TrainerCallback):

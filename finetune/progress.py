@@ -234,6 +234,9 @@ class TrainingProgress(TrainerCallback):
         return ", ".join(parts)
 
     def _say(self, message: str) -> None:
+        from finetune import cli
+
+        cli.transcript(PREFIX + message)
         if self.bar is not None or self.eval_bar is not None:
             from tqdm import tqdm
 

@@ -25,12 +25,15 @@ from finetune import artifacts, card, checkpoints, cli, fingerprint, models, oom
 from finetune.data import describe, packing, prepare, prompt_text
 from finetune.data import templates as data_templates
 from finetune.errors import EXIT_FAILURE, EXIT_OK, ConfigError, FinetuneError, IntegrityError, Preempted
-from finetune.guards import FlushStepLog, OnTrainBegin, PreemptionSignals, StepLog, StopOnPreemption
+from finetune.guards import FlushStepLog, OnTrainBegin, PreemptionSignals, StepLog, StopBeforeTraining, StopOnPreemption, before_training
 from finetune.validate import validate
+
+LOG_FILE = "train.log"  # the run's log: our lines (cli.transcript) and, through Hydra's job logging, library warnings
 
 
 def run(cfg: DictConfig) -> Path:
     """Train as configured (or resume); return the run directory. Raises FinetuneError subclasses (exit codes)."""
+    cli.new_transcript()
     if ranks.is_main():  # before validation logs a line: a run refused for the lock writes nothing (finetune.runlock)
         problem = _held(cfg)
         if problem:
@@ -48,7 +51,20 @@ def run(cfg: DictConfig) -> Path:
         return run_dir
     run_dir.mkdir(parents=True, exist_ok=True)
     with runlock.RunLock(run_dir, enabled=ranks.is_main(), say=cli.say):  # one run per output_dir, for its lifetime
-        return _run(cfg, resolved, run_dir, precision_used)
+        if ranks.is_main():
+            cli.log_to(run_dir / LOG_FILE)  # our lines, also those said above, for post-mortems
+        try:
+            return _run(cfg, resolved, run_dir, precision_used)
+        except FinetuneError as err:
+            cli.transcript(f"error: {err}")
+            raise
+        except BaseException:
+            import traceback
+
+            cli.transcript(traceback.format_exc().rstrip())
+            raise
+        finally:
+            cli.close_log()
 
 
 def _held(cfg) -> str | None:
@@ -132,6 +148,7 @@ def _train(cfg, resolved: dict, run_dir: Path, record, resume_from: Path | None,
     template = data_templates.load(cfg.data.template)
     tokenizer.chat_template = template.chat_template  # saved with the tokenizer: inference renders as training did
     data = prepare(cfg.data, tokenizer, template, cfg.seed, progress=rows_bar, batch_size=cfg.trainer.get("per_device_train_batch_size", 8))
+    _stop_if_signalled(signals, "data preparation")  # tokenizing runs to its end (seconds), then nothing else starts
     train_set, eval_set = data.as_datasets()
     for line in describe(data):
         cli.say(line)
@@ -158,8 +175,10 @@ def _train(cfg, resolved: dict, run_dir: Path, record, resume_from: Path | None,
         _check_drift(resume_from, facts, list(cfg.resume_allow_drift), base_folder)
     if ranks.is_main():
         artifacts.write_config(run_dir, resolved, template.path)
+    _stop_if_signalled(signals, "fingerprinting the base and the data")
     with oom.explained(cfg, run_dir / "checkpoints", loading=True):
         model = models.load_model(cfg.model, tokenizer, strategy.quantization(resolved["strategy"]))
+    _stop_if_signalled(signals, "loading the model")
     collator = None
     if data.packed is not None:
         model.config.use_cache = False  # a KV cache turns off transformers' packed-sequence masks
@@ -176,7 +195,7 @@ def _train(cfg, resolved: dict, run_dir: Path, record, resume_from: Path | None,
         processing_class=tokenizer,
         data_collator=collator,
         peft_config=strategy.peft_config(resolved["strategy"]),
-        callbacks=[StopOnPreemption(signals), FlushStepLog(step_log), *_early_stopping(cfg, eval_set), *tracking.callbacks(args.report_to)],
+        callbacks=[StopOnPreemption(signals), StopBeforeTraining(signals), FlushStepLog(step_log), *_early_stopping(cfg, eval_set), *tracking.callbacks(args.report_to)],
         keep_checkpoints=keep_checkpoints,
         run_facts=facts,
         step_log=step_log,
@@ -196,11 +215,14 @@ def _train(cfg, resolved: dict, run_dir: Path, record, resume_from: Path | None,
     def measure_base() -> None:
         """The "before" numbers: held-out loss and sample generations of the untouched base."""
         if eval_set is not None and cfg.eval_before_training:
-            eval_before.update(trainer.evaluate(metric_key_prefix="eval"))
-        before[:] = [_generate(trainer.model, tokenizer, p, cfg.max_new_tokens) for p in prompts]
+            eval_before.update(trainer.evaluate(metric_key_prefix="eval"))  # StopBeforeTraining ends it at a signal
+        for prompt in prompts:
+            _stop_if_signalled(signals, "the sample generations before training")
+            before.append(_generate(trainer.model, tokenizer, prompt, cfg.max_new_tokens))
 
     if not distributed:
         measure_base()
+        _stop_if_signalled(signals, "the measurements before training")
     else:
         # trainer.evaluate() before trainer.train() breaks distributed training in transformers 5.23 + accelerate
         # 1.15. DDP: evaluate() marks the bare model as prepared, train() then skips the DDP wrapper, gradients are
@@ -251,6 +273,13 @@ def _train(cfg, resolved: dict, run_dir: Path, record, resume_from: Path | None,
         card.write(weights_dir, run_dir, resolved, "adapter" if weights_dir.name == rundir.ADAPTER_DIR else "model")
         checkpoints.seal(weights_dir, weights_dir.name)  # last: merge, generate, evaluate and push verify it
         _summary(run_dir, eval_before, eval_after, samples, train_seconds)
+
+
+def _stop_if_signalled(signals: PreemptionSignals, phase: str) -> None:
+    """Before the first optimizer step there is nothing to commit: a preemption signal stops the run at the next safe
+    point of whatever it is doing (data, loading, the measurements before training), not after a step."""
+    if signals.received:
+        raise Preempted(before_training(signals.received, phase))
 
 
 def _resume_checkpoint(cfg, run_dir: Path, checkpoints_dir: Path):

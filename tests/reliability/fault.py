@@ -7,6 +7,8 @@ SIGKILL hits the process the way it does in production:
 - KILL_IN_SAVE STEP: SIGKILL while checkpoint-STEP is staged, after its files are written, before its manifest
 - KILL_AFTER_SAVE STEP: SIGKILL right after checkpoint-STEP is committed (the last one: before the final adapter)
 - OOM STEP:     the CUDA out-of-memory error torch raises, from the first micro-batch after optimizer step STEP
+- TERM_IN_DATA 0: SIGTERM as data preparation starts (before the model loads)
+- TERM_IN_EVAL 0: SIGTERM as the evaluation before training starts
 """
 
 import os
@@ -36,6 +38,25 @@ elif fault == "KILL_AFTER_SAVE":
             os.kill(os.getpid(), signal.SIGKILL)
 
     checkpoints.commit = dying_commit
+elif fault == "TERM_IN_DATA":
+    import finetune.train as training
+
+    prepare = training.prepare
+
+    def signalled_prepare(*args, **kwargs):
+        os.kill(os.getpid(), signal.SIGTERM)
+        return prepare(*args, **kwargs)
+
+    training.prepare = signalled_prepare
+elif fault == "TERM_IN_EVAL":
+    evaluate = guarded.GuardedSFTTrainer.evaluate
+
+    def signalled_evaluate(self, *args, **kwargs):
+        if self.state.global_step == 0:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return evaluate(self, *args, **kwargs)
+
+    guarded.GuardedSFTTrainer.evaluate = signalled_evaluate
 elif fault == "OOM":
     import torch
 
