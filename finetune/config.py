@@ -97,6 +97,9 @@ class DataConfig:
     computes at least 10% less padding than batches of padded samples (finetune.data.packing.choose)."""
     skip_invalid: bool = False
     """true: unreadable or invalid rows are dropped, counted and written to rejected_rows.jsonl instead of stopping."""
+    max_row_bytes: int = 8 * 2**20
+    """Largest JSONL line or CSV/TSV record read, in bytes (default 8 MiB, about 2M tokens); a larger one is a bad row
+    (`file:line: line of N MiB exceeds data.max_row_bytes`), never read whole into memory (JSONL)."""
 
 
 @dataclass

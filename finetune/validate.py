@@ -209,6 +209,11 @@ def check_trainer(cfg: dict, warnings: list[str]) -> list[str]:
     if (number("num_train_epochs", 3) or 0) <= 0 and (number("max_steps", -1) or -1) <= 0:
         problems.append("trainer.num_train_epochs / trainer.max_steps: set a positive number of epochs or steps")
     problems += check_report_to(trainer.get("report_to", "none"))
+    if trainer.get("push_to_hub"):
+        repo = trainer.get("hub_model_id") or "NAME/REPO"
+        problems.append(f"trainer.push_to_hub: training never uploads (the Trainer would push checkpoints and its pickled "
+                        f"arguments, and fail at the end of the run when the Hub is out of reach); remove it and publish the "
+                        f"verified adapter after training: python -m finetune.push {cfg.get('output_dir') or 'RUN'} repo_id={repo}")
     alpha = trainer.get("neftune_noise_alpha")
     if alpha is not None and (number("neftune_noise_alpha", None) is None or alpha <= 0):
         problems.append(f"trainer.neftune_noise_alpha: must be a positive number (NEFTune's uniform noise on the input "
@@ -303,6 +308,8 @@ def check_data(data: dict) -> list[str]:
         problems.append(f"data.packing: '{data['packing']}' is not one of true, false, auto")
     if not 0 <= data["max_dropped_fraction"] <= 1:
         problems.append(f"data.max_dropped_fraction: must be in [0, 1], got {data['max_dropped_fraction']}")
+    if data["max_row_bytes"] <= 0:
+        problems.append(f"data.max_row_bytes: must be a positive number of bytes (default {8 * 2**20}), got {data['max_row_bytes']}")
     return problems
 
 
@@ -399,6 +406,7 @@ def check_model(cfg: dict, warnings: list[str]) -> list[str]:
         problems.append(f"model.tiny: '{model['tiny']}' is not one of {', '.join(models.TINY_ARCH)} (or null)")
     if model["trust_remote_code"]:
         warnings.append("model.trust_remote_code=true runs Python code shipped with the checkpoint; this family never needs it")
+    problems += _check_weights(model)
     if problems:
         return problems
     try:
@@ -419,6 +427,29 @@ def check_model(cfg: dict, warnings: list[str]) -> list[str]:
         if cfg["strategy"].get("lora_bias") and not problems:
             problems += _check_lora_bias(cfg["strategy"], config, family)
     return problems
+
+
+def _check_weights(model: dict) -> list[str]:
+    """A local base must hold safetensors weights the loader may read: training loads safetensors only (never
+    unpickles), and a shard index naming a file outside the folder is refused (finetune.shards: the rules merge
+    applies), before the data is prepared or any weights load. A tiny base not built yet and Hub ids are skipped."""
+    from finetune import shards
+    from finetune.errors import IntegrityError
+
+    folder = Path(model["name_or_path"]).expanduser()
+    if not (folder / "config.json").is_file():
+        return []
+    try:
+        shards.weight_files(folder)
+    except IntegrityError as err:
+        pickles = [p.name for p in folder.iterdir() if p.suffix in shards.PICKLE_SUFFIXES]
+        if not (folder / shards.SAFETENSORS_INDEX).is_file() and pickles:
+            return [f"model.name_or_path: {folder} holds only pickled weights ({', '.join(sorted(pickles))}); training loads "
+                    "safetensors only (unpickling can run code). Convert them once in a trusted environment: python -c \"from "
+                    f"transformers import AutoModelForCausalLM as M; M.from_pretrained('{folder}', use_safetensors=False)"
+                    f".save_pretrained('{folder}-safetensors')\" and set model.name_or_path={folder}-safetensors"]
+        return [f"model.name_or_path: {err}"]
+    return []
 
 
 def _check_lora_bias(strategy: dict, config, family: str) -> list[str]:

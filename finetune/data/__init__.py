@@ -6,8 +6,8 @@ sequence lengths, never by comparing token ids, so padding with EOS (GPT-Neo and
 erase the EOS label the model needs to learn to stop.
 
 Accounting invariant, stored in run.json: rows_read = train_rows + eval_rows + rejected (by reason) + dropped (by
-reason). Rejected rows could not be read (not_utf8, invalid_json, not_an_object, bad_record) or do not fit the
-template (missing_field, empty_field, wrong_type, bad_conversation); dropped rows were read but cannot be trained
+reason). Rejected rows could not be read (not_utf8, invalid_json, not_an_object, bad_record, row_too_large,
+nul_character, duplicate_key: finetune.data.sources) or do not fit the template (missing_field, empty_field, wrong_type, bad_conversation); dropped rows were read but cannot be trained
 under the length policy (overlength, response_too_long, no_trainable_tokens).
 """
 
@@ -68,6 +68,8 @@ class PreparedData:
     accounting: dict = field(default_factory=dict)
     not_kept: list[NotKept] = field(default_factory=list)
     packed: list[packing.PackedRow] | None = None
+    notes: list[str] = field(default_factory=list)
+    """How sources were read, when that is worth a log line (a UTF-16 file read as UTF-16)."""
 
     def as_datasets(self):
         """Hugging Face datasets with exactly the columns the trainer consumes (packed rows carry position_ids)."""
@@ -368,7 +370,7 @@ def prepare(data_cfg, tokenizer, template: Template, seed: int, progress=None, b
     accounting = _accounting(rows_read, not_kept, train, evals, kept_train, kept_eval, truncated + truncated_eval, packed, data_cfg)
     accounting["batching"] = batching
     kept_eval_rows = [row for row, kept in zip(eval_rows, kept_eval) if kept]
-    return PreparedData(train, evals, kept_eval_rows, accounting, not_kept, packed)
+    return PreparedData(train, evals, kept_eval_rows, accounting, not_kept, packed, read.notes + eval_read.notes)
 
 
 def describe(data: PreparedData) -> list[str]:
@@ -383,6 +385,7 @@ def describe(data: PreparedData) -> list[str]:
         f"length p50 {a['token_length']['p50']}, p90 {a['token_length']['p90']}, p99 {a['token_length']['p99']}, max {a['token_length']['max']}",
     ]
     lines.append(_batching_line(a))
+    lines += [f"data: {note}" for note in data.notes]
     if a["duplicate_train_samples"] or a["eval_samples_in_train"]:
         lines.append(f"warning: {a['duplicate_train_samples']} duplicate train samples, {a['eval_samples_in_train']} held-out samples also in train")
     return lines
@@ -399,7 +402,9 @@ def _batching_line(a: dict) -> str:
 
 
 def _read(data_cfg, spec, split, key, columns) -> sources.ReadResult:
-    return sources.read_rows(spec, columns=columns, hub_config=data_cfg.hub_config, split=split, revision=data_cfg.revision, key=key)
+    max_row_bytes = data_cfg.get("max_row_bytes") or sources.MAX_ROW_BYTES  # a run recorded before the key existed has none
+    return sources.read_rows(spec, columns=columns, hub_config=data_cfg.hub_config, split=split, revision=data_cfg.revision, key=key,
+                             max_row_bytes=max_row_bytes)
 
 
 def _checked(rows: list[dict], template: Template, columns: dict, not_kept: list[NotKept]) -> list[dict]:

@@ -4,6 +4,14 @@
 row is reported as `file:line: reason` and the user can fix the file in one pass. Dataset folders (Hub layout) and
 Hub ids go through `datasets.load_dataset`, the same call for both. `datasets` and `pyarrow` are imported inside the
 functions that need them so importing the CLI stays fast.
+
+Every source, whatever its format, is held to the same row rules: a row holding a NUL character (raw, or JSON's
+`\u0000`) is a bad row (`nul_character`): text with NULs is binary or mis-encoded, and trains garbage silently; a
+JSON object with the same key twice is a bad row naming the key (`duplicate_key`), since JSON keeps only the last
+value. A JSONL line or CSV/TSV record larger than `data.max_row_bytes` is a bad row (`row_too_large`); JSONL is read
+line by line in chunks, so a line over the cap is never held whole (only its first max_row_bytes). A file that
+starts with a UTF-16/UTF-32 byte-order mark (Excel's "Unicode text") is read in that encoding, with a note; UTF-16
+without a mark (every other byte NUL) is refused with the `iconv` command that converts it.
 """
 
 from __future__ import annotations
@@ -16,7 +24,8 @@ import io
 import json
 import os
 import re
-from dataclasses import dataclass
+from collections.abc import Iterator
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from finetune.errors import DataError
@@ -28,6 +37,9 @@ SUFFIXES = (".jsonl", ".json", ".csv", ".tsv", ".parquet", ".txt")
 FILE_SUFFIXES = (*SUFFIXES, ".gz", ".zip", ".arrow", ".xlsx")
 HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 GLOB_CHARS = re.compile(r"[*?\[]")
+MAX_ROW_BYTES = 8 * 2**20  # data.max_row_bytes' default: about 2M tokens, far above any max_length short of chunking
+CHUNK_BYTES = 2**20  # JSONL is read in pieces of this size, so one huge line never sits in memory whole
+BOMS = ((codecs.BOM_UTF32_LE, "utf-32"), (codecs.BOM_UTF32_BE, "utf-32"), (codecs.BOM_UTF16_LE, "utf-16"), (codecs.BOM_UTF16_BE, "utf-16"))
 
 
 @dataclass
@@ -37,7 +49,8 @@ class Rejected:
     where: str  # "path/to/file.jsonl:7", "path/to/file.csv:12" or "owner/name[train]#5"
     reason: str  # e.g. "invalid JSON: Expecting ',' delimiter (column 17)"
     raw: str  # the raw text of the line/record, truncated to MAX_RAW characters
-    kind: str = "unreadable"  # not_utf8 | invalid_json | not_an_object | bad_record: the count key in the accounting
+    kind: str = "unreadable"  # not_utf8 | invalid_json | not_an_object | bad_record | row_too_large | nul_character |
+    # duplicate_key: the count key in the accounting
 
 
 @dataclass
@@ -47,6 +60,7 @@ class ReadResult:
     rows: list[dict]
     rejected: list[Rejected]
     sources: list[str]
+    notes: list[str] = field(default_factory=list)  # how a source was read when that is worth saying (UTF-16)
 
 
 def read_rows(
@@ -57,13 +71,15 @@ def read_rows(
     split: str = "train",
     revision: str | None = None,
     key: str = "data.path",
+    max_row_bytes: int = MAX_ROW_BYTES,
 ) -> ReadResult:
     """Rows of every entry in `spec` (file, glob, dataset folder or Hub id), in order.
 
     `columns` maps a template field to the user's column ({"instruction": "question"}): the column is renamed to the
     field in every row. If a row has both the field and the mapped column, the mapped column wins (the field's own
     value is dropped), so a mapping always means what it says. Raises DataError for anything that stops a whole
-    source from being read; single bad records come back in `rejected`.
+    source from being read; single bad records come back in `rejected`. `max_row_bytes`: the largest JSONL line or
+    CSV/TSV record read (data.max_row_bytes); a larger one is a rejected record.
     """
     entries = [spec] if isinstance(spec, str) else list(spec)
     if not entries:
@@ -71,7 +87,7 @@ def read_rows(
     result = ReadResult(rows=[], rejected=[], sources=[])
     for entry in entries:
         for source in _expand(entry, key):
-            rows, rejected = _read_source(source, columns or {}, hub_config, split, revision, key)
+            rows, rejected = _read_source(source, columns or {}, hub_config, split, revision, key, max_row_bytes, result.notes)
             if not rows and not rejected:
                 raise DataError(f"{source}: no rows ({key})")
             result.rows.extend(rows)
@@ -123,30 +139,88 @@ def _is_hub_id(entry: str) -> bool:
 
 
 def _read_source(
-    source: str, columns: dict[str, str], hub_config: str | None, split: str, revision: str | None, key: str
+    source: str, columns: dict[str, str], hub_config: str | None, split: str, revision: str | None, key: str,
+    max_row_bytes: int = MAX_ROW_BYTES, notes: list[str] | None = None,
 ) -> tuple[list[dict], list[Rejected]]:
-    """Dispatch one source to its reader and apply the column mapping."""
+    """Dispatch one source to its reader, hold its rows to the row rules (NUL, duplicate keys) and apply the column
+    mapping."""
+    notes = [] if notes is None else notes
     suffix = Path(source).suffix.lower()
     if os.path.isdir(source) or (not os.path.exists(source) and _is_hub_id(source)):
         rows, rejected = _read_dataset(source, columns, hub_config, split, revision, key), []
     elif not os.path.isfile(source):
         raise DataError(f"{source}: no such file{_cwd_hint(source)} ({key})")
     elif suffix == ".jsonl":
-        rows, rejected = _read_jsonl(source)
+        rows, rejected = _read_jsonl(source, max_row_bytes, key, notes)
     elif suffix == ".json":
-        rows, rejected = _read_json(source, columns, key)
+        rows, rejected = _read_json(source, columns, key, notes)
     elif suffix in (".csv", ".tsv"):
-        rows, rejected = _read_csv(source, "\t" if suffix == ".tsv" else ",", columns, key)
+        rows, rejected = _read_csv(source, "\t" if suffix == ".tsv" else ",", columns, key, max_row_bytes, notes)
     elif suffix == ".parquet":
         rows, rejected = _read_parquet(source, columns, key), []
     elif suffix == ".txt":
-        rows, rejected = _read_text(source, key)
+        rows, rejected = _read_text(source, key, notes)
     else:
         raise DataError(
             f"{source}: unsupported file type '{suffix}'; use one of {', '.join(SUFFIXES)}, "
             f"a dataset folder or a Hub id ({key})"
         )
-    return [_rename(row, columns) for row in rows], rejected
+    kept = []
+    for row in rows:
+        problem = _row_problem(row)
+        if problem:
+            raw = json.dumps({k: v for k, v in row.items() if k != "_where"}, ensure_ascii=False, default=str)[:MAX_RAW]
+            rejected.append(Rejected(row["_where"], problem[1], raw, problem[0]))
+        else:
+            kept.append(_rename(row, columns))
+    return kept, rejected
+
+
+class _Duplicated(dict):
+    """A JSON object that named a key more than once (json keeps the last value): `duplicate` is the first such key."""
+
+    duplicate = ""
+
+
+def _object(pairs: list[tuple]) -> dict:
+    """json's object_pairs_hook: the object, marked when a key repeats, so the row can be refused naming the key."""
+    obj = dict(pairs)
+    if len(obj) == len(pairs):
+        return obj
+    seen: set = set()
+    marked = _Duplicated(obj)
+    marked.duplicate = next(k for k, _ in pairs if k in seen or seen.add(k))
+    return marked
+
+
+_DECODER = json.JSONDecoder(object_pairs_hook=_object)  # one decoder: json.loads(..., hook) builds one per call
+
+
+def _row_problem(value, at: str = "") -> tuple[str, str] | None:
+    """(kind, reason) for the first thing in a row that must not train silently: a NUL character in any string, or a
+    JSON object that repeated a key; None for a clean row. (A loop over plain values: it runs for every row.)"""
+    if isinstance(value, str):
+        if "\x00" in value:
+            return "nul_character", (f"NUL character (U+0000) in '{at}' at character {value.index(chr(0)) + 1}: the text is "
+                                     "binary or mis-encoded (UTF-16 read as UTF-8?); remove the NULs or fix the encoding")
+        return None
+    if isinstance(value, dict):
+        if isinstance(value, _Duplicated):
+            inside = f" in '{at}'" if at else ""
+            return "duplicate_key", (f"duplicate key '{value.duplicate}'{inside}: JSON keeps only the last value; "
+                                     "remove or rename one of them")
+        for k, v in value.items():
+            if (type(v) is str and "\x00" not in v) or v is None or type(v) in (int, float, bool) or (k == "_where" and not at):
+                continue
+            problem = _row_problem(v, f"{at}.{k}" if at else str(k))
+            if problem:
+                return problem
+    elif isinstance(value, (list, tuple)):
+        for i, v in enumerate(value):
+            problem = _row_problem(v, f"{at}[{i}]")
+            if problem:
+                return problem
+    return None
 
 
 def _rename(row: dict, columns: dict[str, str]) -> dict:
@@ -168,8 +242,44 @@ def _check_columns(source: str, header: list[str], columns: dict[str, str], key:
         raise DataError(f"{source} ({key}): " + "; ".join(problems))
 
 
-def _decode(source: str, data: bytes, key: str) -> str:
-    """The whole file as text; a non-UTF-8 byte is a DataError naming its line and column."""
+def _mib(size: int) -> str:
+    return f"{size / 2**20:.1f} MiB"
+
+
+def _bom_encoding(source: str, head: bytes, key: str) -> str | None:
+    """utf-16 / utf-32 when the file starts with that byte-order mark (Excel's "Unicode text" is UTF-16 with one),
+    None for UTF-8; UTF-16 without a mark (every other byte NUL: ASCII text in UTF-16) is a DataError with the fix."""
+    for bom, encoding in BOMS:
+        if head.startswith(bom):
+            return encoding
+    sample = head[: len(head) & ~1]
+    half = len(sample) // 2
+    if half >= 2:
+        even, odd = sample[0::2].count(0), sample[1::2].count(0)
+        order = "UTF-16LE" if odd >= 0.3 * half and even <= 0.02 * half else "UTF-16BE" if even >= 0.3 * half and odd <= 0.02 * half else None
+        if order:
+            fixed = Path(source).with_suffix(".utf8" + Path(source).suffix)
+            raise DataError(
+                f"{source}: looks like {order} text without a byte-order mark ({max(even, odd)} of its first {half} "
+                f"characters have a NUL byte); convert it to UTF-8: `iconv -f {order} -t UTF-8 {source} > {fixed}` "
+                f"and use {fixed.name} ({key})"
+            )
+    return None
+
+
+def _decode(source: str, data: bytes, key: str, notes: list[str] | None = None) -> str:
+    """The whole file as text; a non-UTF-8 byte is a DataError naming its line and column. A file with a UTF-16 or
+    UTF-32 byte-order mark is decoded in that encoding (and a note says so)."""
+    encoding = _bom_encoding(source, data[:4096], key)
+    if encoding:
+        try:
+            text = data.decode(encoding)  # the codec reads the mark and drops it
+        except UnicodeDecodeError as err:
+            raise DataError(f"{source}: starts with a {encoding.upper()} byte-order mark but is not valid {encoding.upper()} "
+                            f"({err.reason} at byte {err.start}); re-save it as UTF-8 ({key})") from None
+        if notes is not None:
+            notes.append(f"{source}: read as {encoding.upper()} (it starts with that byte-order mark)")
+        return text
     data = data.removeprefix(codecs.BOM_UTF8)
     try:
         return data.decode("utf-8")
@@ -182,51 +292,106 @@ def _decode(source: str, data: bytes, key: str) -> str:
         ) from None
 
 
-def _read_text(source: str, key: str) -> tuple[list[dict], list[Rejected]]:
+def _read_text(source: str, key: str, notes: list[str]) -> tuple[list[dict], list[Rejected]]:
     """A plain-text file is one document, {"text": its content}: a corpus folder (`data.path='corpus/*.txt'`) for
     continued pretraining with the completion template. An empty file is listed as a row that does not train."""
-    text = _decode(source, Path(source).read_bytes(), key)
+    text = _decode(source, Path(source).read_bytes(), key, notes)
     if not text.strip():
         return [], [Rejected(f"{source}:1", "empty text file", "", "empty")]
     return [{"_where": f"{source}:1", "text": text}], []
 
 
-def _read_jsonl(source: str) -> tuple[list[dict], list[Rejected]]:
+def _lines(source: str, max_bytes: int, key: str, notes: list[str]) -> Iterator[tuple[int, bytes | None, int, bytes]]:
+    """(number, line as UTF-8 bytes or None when longer than max_bytes, its size in bytes, its start (at least
+    MAX_RAW bytes of it)) for each line of a file, read CHUNK_BYTES at a time: a line over the cap is never held
+    whole, only its first max_bytes until the cap is passed. A file with a UTF-16/UTF-32 byte-order mark is read in
+    its encoding."""
+    with open(source, "rb") as file:
+        encoding = _bom_encoding(source, file.read(4096), key)
+        file.seek(0)
+        if encoding:
+            notes.append(f"{source}: read as {encoding.upper()} (it starts with that byte-order mark)")
+            text = io.TextIOWrapper(file, encoding=encoding, newline="")
+
+            def read() -> bytes:
+                try:
+                    return text.readline(CHUNK_BYTES // 4).encode("utf-8", errors="surrogatepass")
+                except UnicodeDecodeError as err:
+                    raise DataError(f"{source}: not valid {encoding.upper()} after line {number} ({err.reason}); re-save "
+                                    f"it as UTF-8 ({key})") from None
+        else:
+            if file.read(3) != codecs.BOM_UTF8:
+                file.seek(0)
+
+            def read() -> bytes:
+                return file.readline(CHUNK_BYTES)
+
+        number = 0
+        while chunk := read():
+            number += 1
+            if chunk.endswith(b"\n") and len(chunk) <= max_bytes:  # the usual line: one piece
+                yield number, chunk, len(chunk), chunk
+                continue
+            line: bytearray | None = bytearray(chunk) if len(chunk) <= max_bytes else None
+            head, size = bytes(chunk[:MAX_RAW]), len(chunk)
+            while not chunk.endswith(b"\n") and (chunk := read()):
+                size += len(chunk)
+                if line is not None and size > max_bytes:
+                    line = None  # over the cap: the rest of the line is only counted
+                elif line is not None:
+                    line += chunk
+            yield number, (bytes(line) if line is not None else None), size, head
+
+
+def _read_jsonl(source: str, max_bytes: int = MAX_ROW_BYTES, key: str = "data.path",
+                notes: list[str] | None = None) -> tuple[list[dict], list[Rejected]]:
     """One JSON object per line, decoded line by line so one bad line does not hide the rest."""
     rows, rejected = [], []
-    with open(source, "rb") as lines:
-        for number, line in enumerate(lines, start=1):
-            if number == 1:
-                line = line.removeprefix(codecs.BOM_UTF8)
-            where = f"{source}:{number}"
-            try:
-                text = line.decode("utf-8")
-            except UnicodeDecodeError as err:
-                raw = line.decode("utf-8", errors="replace").rstrip("\r\n")[:MAX_RAW]
-                reason = f"not valid UTF-8 (byte 0x{line[err.start]:02x} at column {err.start + 1})"
-                rejected.append(Rejected(where, reason, raw, "not_utf8"))
-                continue
-            if not text.strip():
-                continue
-            raw = text.rstrip("\r\n")[:MAX_RAW]
-            try:
-                row = json.loads(text)
-            except json.JSONDecodeError as err:
-                rejected.append(Rejected(where, f"invalid JSON: {err.msg} (column {err.colno})", raw, "invalid_json"))
-                continue
-            if not isinstance(row, dict):
-                rejected.append(Rejected(where, f"expected a JSON object, got {type(row).__name__}", raw, "not_an_object"))
-                continue
-            rows.append({**row, "_where": where})
+    for number, line, size, head in _lines(source, max_bytes, key, [] if notes is None else notes):
+        where = f"{source}:{number}"
+        if line is None:
+            raw = head[:MAX_RAW].decode("utf-8", errors="replace")
+            reason = (f"line of {_mib(size)} exceeds data.max_row_bytes={max_bytes} ({_mib(max_bytes)}); raise "
+                      f"data.max_row_bytes to read it, or remove the line")
+            rejected.append(Rejected(where, reason, raw, "row_too_large"))
+            continue
+        try:
+            text = line.decode("utf-8")
+        except UnicodeDecodeError as err:
+            raw = line.decode("utf-8", errors="replace").rstrip("\r\n")[:MAX_RAW]
+            reason = f"not valid UTF-8 (byte 0x{line[err.start]:02x} at column {err.start + 1})"
+            rejected.append(Rejected(where, reason, raw, "not_utf8"))
+            continue
+        if not text.strip():
+            continue
+        raw = text.rstrip("\r\n")[:MAX_RAW]
+        try:
+            row = _DECODER.decode(text)
+        except json.JSONDecodeError as err:
+            rejected.append(Rejected(where, f"invalid JSON: {err.msg} (column {err.colno})", raw, "invalid_json"))
+            continue
+        if not isinstance(row, dict):
+            rejected.append(Rejected(where, f"expected a JSON object, got {type(row).__name__}", raw, "not_an_object"))
+            continue
+        rows.append(_with_where(row, where))
     return rows, rejected
 
 
-def _read_json(source: str, columns: dict[str, str], key: str) -> tuple[list[dict], list[Rejected]]:
+def _with_where(row: dict, where: str) -> dict:
+    """The row plus its `_where`, keeping the duplicate-key mark for the row rules."""
+    if isinstance(row, _Duplicated):
+        marked = _Duplicated(row, _where=where)
+        marked.duplicate = row.duplicate
+        return marked
+    return {**row, "_where": where}
+
+
+def _read_json(source: str, columns: dict[str, str], key: str, notes: list[str] | None = None) -> tuple[list[dict], list[Rejected]]:
     """An array of objects, or an object of equal-length column lists; anything else cannot be read at all."""
     with open(source, "rb") as file:
-        text = _decode(source, file.read(), key)
+        text = _decode(source, file.read(), key, notes)
     try:
-        data = json.loads(text)
+        data = _DECODER.decode(text)
     except json.JSONDecodeError as err:
         raise DataError(f"{source}:{err.lineno}: invalid JSON: {err.msg} (column {err.colno}) ({key})") from None
     if isinstance(data, list):
@@ -234,7 +399,7 @@ def _read_json(source: str, columns: dict[str, str], key: str) -> tuple[list[dic
         for index, row in enumerate(data):
             where = f"{source}:[{index}]"
             if isinstance(row, dict):
-                rows.append({**row, "_where": where})
+                rows.append(_with_where(row, where))
             else:
                 raw = json.dumps(row, ensure_ascii=False)[:MAX_RAW]
                 rejected.append(Rejected(where, f"expected a JSON object, got {type(row).__name__}", raw, "not_an_object"))
@@ -244,6 +409,9 @@ def _read_json(source: str, columns: dict[str, str], key: str) -> tuple[list[dic
             f"{source}: expected a JSON array of objects or an object of equal-length column lists "
             f'({{"column": [values, ...]}}), got {type(data).__name__} ({key}); for one object per line use .jsonl'
         )
+    if isinstance(data, _Duplicated):
+        raise DataError(f"{source}: column '{data.duplicate}' is given twice (JSON keeps only the last list); remove or "
+                        f"rename one ({key})")
     lengths = {name: len(values) for name, values in data.items()}
     if len(set(lengths.values())) > 1:
         listed = ", ".join(f"'{name}' has {n}" for name, n in lengths.items())
@@ -253,13 +421,19 @@ def _read_json(source: str, columns: dict[str, str], key: str) -> tuple[list[dic
     return [{**{name: data[name][i] for name in data}, "_where": f"{source}:[{i}]"} for i in range(count)], []
 
 
-def _read_csv(source: str, delimiter: str, columns: dict[str, str], key: str) -> tuple[list[dict], list[Rejected]]:
-    """A header row, then one record per row; `_where` is the line a (possibly multi-line) record starts on."""
+def _read_csv(source: str, delimiter: str, columns: dict[str, str], key: str, max_bytes: int = MAX_ROW_BYTES,
+              notes: list[str] | None = None) -> tuple[list[dict], list[Rejected]]:
+    """A header row, then one record per row; `_where` is the line a (possibly multi-line) record starts on. A record
+    over `max_bytes` is a rejected record (the csv module's own 128 KiB field limit, which stops the whole file, is
+    lifted while reading)."""
     with open(source, "rb") as file:
-        lines = io.StringIO(_decode(source, file.read(), key), newline="").readlines()
+        text = _decode(source, file.read(), key, notes)
+    lines = io.StringIO(text, newline="").readlines()
     reader = csv.reader(lines, delimiter=delimiter)
     header, rows, rejected = None, [], []
     start = 1
+    limit = csv.field_size_limit()
+    csv.field_size_limit(max(limit, len(text) + 1))  # no field can be longer than the file
     try:
         for record in reader:
             first, start = start, reader.line_num + 1
@@ -270,14 +444,24 @@ def _read_csv(source: str, delimiter: str, columns: dict[str, str], key: str) ->
                 _check_columns(source, header, columns, key)
                 continue
             where = f"{source}:{first}"
+            record_lines = lines[first - 1 : reader.line_num]
+            if sum(map(len, record_lines)) * 4 > max_bytes:  # a UTF-8 character is at most 4 bytes: count only then
+                size = sum(len(line.encode("utf-8", errors="surrogatepass")) for line in record_lines)
+                if size > max_bytes:
+                    reason = (f"record of {_mib(size)} exceeds data.max_row_bytes={max_bytes} ({_mib(max_bytes)}); raise "
+                              f"data.max_row_bytes to read it, or remove it")
+                    rejected.append(Rejected(where, reason, record_lines[0][:MAX_RAW].rstrip("\r\n"), "row_too_large"))
+                    continue
             if len(record) != len(header):
-                raw = "".join(lines[first - 1 : reader.line_num]).rstrip("\r\n")[:MAX_RAW]
+                raw = "".join(record_lines).rstrip("\r\n")[:MAX_RAW]
                 reason = f"expected {len(header)} fields (as in the header), got {len(record)}"
                 rejected.append(Rejected(where, reason, raw, "bad_record"))
                 continue
             rows.append({**dict(zip(header, record)), "_where": where})
     except csv.Error as err:
         raise DataError(f"{source}:{start}: {err} ({key})") from None
+    finally:
+        csv.field_size_limit(limit)
     return rows, rejected
 
 
