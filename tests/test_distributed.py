@@ -6,8 +6,9 @@ One LoRA configuration on tiny NeoX in fp32, trained five ways with the same glo
   DDP / ZeRO-2 / ZeRO-3 / FSDP2, 2 processes  per_device_train_batch_size=2, gradient_accumulation_steps=2
 Each is launched as a user launches it: `accelerate launch --config_file conf/accelerate/ddp.yaml --num_processes 2
 -m finetune ...`. The adapters agree within ADAPTER_TOLERANCE (max abs difference, fp32). They are not bitwise equal:
-batches of 2 instead of 4 pad to other lengths and reduce in another order (measured here: 4.7e-6 DDP, 5.0e-6 ZeRO-2
-and ZeRO-3, against weights up to 0.095). The before-training eval runs in all of them: calling it the transformers
+batches of 2 instead of 4 pad to other lengths and reduce in another order (measured on an Intel Xeon: 4.7e-6 DDP,
+5.0e-6 ZeRO-2 and ZeRO-3; on an AMD EPYC with AVX512-BF16, transformers 5.25: 1.56e-5 DDP and FSDP, 1.47e-5 ZeRO-2
+and ZeRO-3, the landed code of 2026-11-21 included; against weights up to 0.095). The before-training eval runs in all of them: calling it the transformers
 way (evaluate() before train()) once made DDP ranks train apart without a word, 0.039 off.
 
 Every launch costs ~20 s of startup (two interpreters, torch, DeepSpeed), so each run is made once (module fixtures)
@@ -31,7 +32,8 @@ from helpers import PROJECT, tiny_overrides
 
 from finetune import checkpoints
 
-ADAPTER_TOLERANCE = 1e-5  # max abs difference of any adapter weight vs the single-process run (fp32)
+ADAPTER_TOLERANCE = 5e-5  # max abs difference of any adapter weight vs the single-process run (fp32); a rank that
+# trains apart (gradients not averaged) is 0.039 off: three orders of magnitude above
 LAUNCH = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(PROJECT / "conf/accelerate/ddp.yaml"),
           "--num_processes", "2", "--main_process_port", "0", "-m", "finetune"]
 CPU_ENV = {
@@ -198,10 +200,11 @@ def test_zero3_resume_continues_exactly(zero3, tiny_models, tmp_path):
 
 @pytest.mark.slow
 def test_only_rank_zero_writes_the_run_directory(ddp, single):
-    # the same files as a single-process run (that one ran in-process, without Hydra's train.log), each written once:
-    # no per-rank copies, no torn temporary files
+    # the same files as a single-process run, each written once: no per-rank copies, no torn temporary files; the log
+    # holds rank 0's lines alone
     written = sorted(p.name for p in ddp.iterdir() if p.name != "launch_stderr.txt")
-    assert written == sorted([p.name for p in single.iterdir()] + ["train.log"])
+    assert written == sorted(p.name for p in single.iterdir()) and "train.log" in written
+    assert (ddp / "train.log").read_text(encoding="utf-8").count("[finetune] run directory: ") == 1
     assert not [p for p in ddp.rglob(".*.tmp")]
     record = _run_json(ddp)
     assert record["status"] == "completed" and record["exit_code"] == 0
