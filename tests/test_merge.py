@@ -10,7 +10,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from finetune import cli, fingerprint, merge, rundir
+from finetune import checkpoints, cli, fingerprint, merge, rundir
 from finetune.errors import ConfigError, IntegrityError
 
 TARGETS = {
@@ -163,7 +163,8 @@ def test_gate_fails_on_tampered_merged_shard(tiny_models, tmp_path):
     key = "transformer.h.2.mlp.c_fc.weight"
     tensors[key] = tensors[key] + 1e-2 * torch.randn_like(tensors[key])  # (a constant shift is invisible after LayerNorm)
     save_file(tensors, out / "model.safetensors", metadata={"format": "pt"})
-    with pytest.raises(IntegrityError):
+    checkpoints.seal(out, "merged")  # wrong weights written consistently: the gate, not the manifest, must catch it
+    with pytest.raises(IntegrityError, match="do not compute what base \\+ adapter computed"):
         run_merge(adapter, base, out, "verify=true")
 
 

@@ -12,7 +12,7 @@ import torch
 from helpers import tiny_overrides
 from safetensors.torch import load_file, save_file
 
-from finetune import cli, merge
+from finetune import checkpoints, cli, merge
 from finetune.errors import IntegrityError
 
 QUANTIZATION = {"load_in_4bit": True, "bnb_4bit_quant_type": "nf4", "bnb_4bit_use_double_quant": True,
@@ -63,6 +63,7 @@ def test_qlora_merge_far_from_the_trained_model_is_refused(qlora_run, tmp_path):
     name = next(n for n in tensors if "query_key_value.weight" in n)
     tensors[name] = tensors[name] * 1.5
     save_file(tensors, shard, metadata={"format": "pt"})
+    checkpoints.seal(good, "merged")  # a merge that wrote wrong weights consistently: the gate, not the manifest, must catch it
     with pytest.raises(IntegrityError, match="do not compute what base \\+ adapter computed"):
         merge.run(cli.parse([str(qlora_run), f"out={good}", "dtype=float32", "gate=full", "verify=true"], merge.OPTIONS, "target"))
     report = json.loads((good.with_name("merged.invalid") / "merge_report.json").read_text())
