@@ -38,8 +38,8 @@ def main(argv: list[str] | None = None) -> None:
         sys.exit(EXIT_CONFIG)
     if multirun:
         _validate_first_job(config_name, [accepted.get(o, o) for o in composable.values()])
-    else:  # before Hydra opens train.log in output_dir: a run refused for its output_dir writes nothing there
-        from finetune.runlock import before_start
+    elif not any(a.split("=")[0] in HYDRA_PRINT_ONLY for a in args):  # before Hydra opens train.log in output_dir: a
+        from finetune.runlock import before_start  # run refused for its output_dir writes nothing there
 
         refused = before_start(config_name, [accepted.get(o, o) for o in composable.values()])
         if refused:
@@ -53,6 +53,9 @@ def main(argv: list[str] | None = None) -> None:
     _run_hydra(config_name, args)
     if multirun and _SWEEP_EXIT_CODES:
         sys.exit(max(_SWEEP_EXIT_CODES))
+
+
+HYDRA_PRINT_ONLY = ("--cfg", "-c", "--info", "-i", "--hydra-help", "--shell-completion", "-sc")  # no run, no train.log
 
 
 def _first_values(overrides: list[str]) -> dict[str, str]:
