@@ -266,12 +266,14 @@ def _train(cfg, resolved: dict, run_dir: Path, record, resume_from: Path | None,
         artifacts.plot_loss(run_dir, history, eval_before.get("eval_loss"))
         samples = [{"prompt": p, "before": b, "after": a} for p, b, a in zip(prompts, before, after)]
         artifacts.write_json(run_dir / "samples.json", {"samples": samples})
-        record.finish("completed", EXIT_OK, train_seconds=round(train_seconds, 2), global_steps=result.global_step,
+        record.update(train_seconds=round(train_seconds, 2), global_steps=result.global_step,
                       train_loss=result.training_loss, eval_loss_before=eval_before.get("eval_loss"),
                       eval_loss_after=eval_after.get("eval_loss"), **_best(trainer.state),
                       weights_manifest=f"{weights_dir.name}/{checkpoints.MANIFEST}")  # a folder missing it is refused
         card.write(weights_dir, run_dir, resolved, "adapter" if weights_dir.name == rundir.ADAPTER_DIR else "model")
-        checkpoints.seal(weights_dir, weights_dir.name)  # last: merge, generate, evaluate and push verify it
+        checkpoints.seal(weights_dir, weights_dir.name)  # merge, generate, evaluate and push verify it
+        # completed only now: a run killed while writing its card or manifest is still "running", and resume finishes it
+        record.finish("completed", EXIT_OK)
         _summary(run_dir, eval_before, eval_after, samples, train_seconds)
 
 

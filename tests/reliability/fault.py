@@ -7,6 +7,9 @@ SIGKILL hits the process the way it does in production:
 - KILL_IN_SAVE STEP: SIGKILL while checkpoint-STEP is staged, after its files are written, before its manifest
 - KILL_AFTER_SAVE STEP: SIGKILL right after checkpoint-STEP is committed (the last one: before the final adapter)
 - OOM STEP:     the CUDA out-of-memory error torch raises, from the first micro-batch after optimizer step STEP
+- KILL_IN_DATA 0 / KILL_IN_EVAL 0: SIGKILL as data preparation / the evaluation before training starts
+- KILL_IN_FINAL_SAVE 0: SIGKILL once the final adapter's weights are written, before its card and manifest
+- KILL_IN_CARD 0: SIGKILL while the final adapter's model card is written
 - TERM_IN_DATA 0: SIGTERM as data preparation starts (before the model loads)
 - TERM_IN_EVAL 0: SIGTERM as the evaluation before training starts
 """
@@ -38,6 +41,26 @@ elif fault == "KILL_AFTER_SAVE":
             os.kill(os.getpid(), signal.SIGKILL)
 
     checkpoints.commit = dying_commit
+elif fault in ("KILL_IN_DATA", "KILL_IN_EVAL", "KILL_IN_FINAL_SAVE", "KILL_IN_CARD"):
+    import finetune.train as training
+
+    def dying(function, when=lambda *args, **kwargs: True):
+        def wrapper(*args, **kwargs):
+            if when(*args, **kwargs):
+                os.kill(os.getpid(), signal.SIGKILL)
+            return function(*args, **kwargs)
+
+        return wrapper
+
+    if fault == "KILL_IN_DATA":
+        training.prepare = dying(training.prepare)
+    elif fault == "KILL_IN_EVAL":
+        guarded.GuardedSFTTrainer.evaluate = dying(guarded.GuardedSFTTrainer.evaluate, lambda self, *a, **k: self.state.global_step == 0)
+    elif fault == "KILL_IN_FINAL_SAVE":  # the final folder is cleaned right after trainer.save_model wrote it
+        training.artifacts.clean_weights_folder = dying(training.artifacts.clean_weights_folder,
+                                                        lambda folder, *a, **k: "checkpoint" not in str(folder))
+    else:
+        training.card.write = dying(training.card.write)
 elif fault == "TERM_IN_DATA":
     import finetune.train as training
 

@@ -159,3 +159,23 @@ def test_kill_at_the_last_save_then_resume_finishes_without_another_step(fault, 
     assert_same_run(run_dir, reference)
     assert json.loads((run_dir / "run.json").read_text())["global_steps"] == 10
     assert (run_dir / "adapter" / "README.md").is_file()
+
+
+@pytest.mark.parametrize("fault", ["KILL_IN_DATA", "KILL_IN_EVAL", "KILL_IN_FINAL_SAVE", "KILL_IN_CARD"])
+def test_kill_9_in_every_other_phase_then_resume_gives_the_uninterrupted_run(fault, tiny_models, reference, tmp_path):
+    """kill -9 before any checkpoint (data, the evaluation before training), or after the last one (the final adapter's
+    weights, its card): resume=auto gives the uninterrupted run's adapter bit for bit and no extra step (issue 20)."""
+    run_dir = tmp_path / "run"
+    args = overrides(tiny_models["neox"], run_dir, *(["eval_before_training=true"] if fault == "KILL_IN_EVAL" else []))
+    if fault == "KILL_IN_EVAL":  # the uninterrupted run with the same settings (the evaluation changes the trajectory)
+        reference = tmp_path / "uninterrupted"
+        assert finetune(overrides(tiny_models["neox"], reference, "eval_before_training=true")).returncode == 0
+    assert finetune(args, fault=(fault, 0)).returncode == -9
+    assert json.loads((run_dir / "run.json").read_text())["status"] == "running"
+    if fault in ("KILL_IN_FINAL_SAVE", "KILL_IN_CARD"):  # a half-written final folder is never taken as the result
+        assert not (run_dir / "adapter" / checkpoints.MANIFEST).exists()
+    result = finetune([*args, "resume=auto"])
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "11/10" not in result.stderr
+    assert_same_run(run_dir, reference)
+    assert checkpoints.verify(run_dir / "adapter") is None
