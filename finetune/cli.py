@@ -104,12 +104,18 @@ def main(run: Callable[[dict], Any], doc: str, options: list[Option], positional
     if any(a in ("-h", "--help", "help") for a in args):
         print(usage(doc, options))
         return None
+    return exiting_on_errors(lambda: run(parse(args, options, positional)))
+
+
+def exiting_on_errors(work: Callable[[], Any]):
+    """work(), or exit with the error's code and its message: our errors, and the Hub out of reach deep inside
+    transformers (a config problem with the fix, not a traceback); any other error keeps its traceback."""
     try:
-        return run(parse(args, options, positional))
+        return work()
     except FinetuneError as err:
         print(f"error: {err}", file=sys.stderr)
         sys.exit(err.exit_code)
-    except OSError as err:  # the Hub out of reach, deep inside transformers: a config problem, not a traceback
+    except OSError as err:
         problem = hub_unreachable(err)
         if problem is None:
             raise

@@ -32,20 +32,9 @@ def main(argv: list[str] | None = None) -> None:
         else:
             overrides.append(arg)
     from finetune import cli
-    from finetune.errors import FinetuneError, hub_unreachable
 
     cli.quiet_libraries()  # building a tiny checkpoint on first use would otherwise print library notices and bars
-    try:
-        print(preview(config_name, overrides, n, color))
-    except FinetuneError as err:
-        print(f"error: {err}", file=sys.stderr)
-        sys.exit(err.exit_code)
-    except OSError as err:  # the preset's Hub model out of reach (offline): what training says, not a traceback
-        problem = hub_unreachable(err)
-        if problem is None:
-            raise
-        print(f"error: {problem}", file=sys.stderr)
-        sys.exit(problem.exit_code)
+    cli.exiting_on_errors(lambda: print(preview(config_name, overrides, n, color)))
 
 
 def preview(config_name: str, overrides: list[str], n: int = 5, color: bool = False) -> str:
