@@ -102,7 +102,8 @@ def time_read(rows: list[dict], template, work: Path) -> float:
 
 
 def run_ours(tokenizer, template, rows: list[dict], max_length: int) -> dict:
-    from finetune.data import fit_length, packing, tokenize_many
+    from finetune.data.tokenize import fit_length, tokenize_many
+    from finetune.data import packing
 
     times = {}
     started = time.perf_counter()
@@ -126,7 +127,7 @@ def run_ours(tokenizer, template, rows: list[dict], max_length: int) -> dict:
 def time_floor(tokenizer, template, rows: list[dict]) -> tuple[float, int]:
     """Seconds of the tokenizer alone on each row's whole rendered text (one batched call), and its token count: no
     template, no mask, no packing; what any pipeline on this tokenizer must spend."""
-    from finetune.data import render
+    from finetune.data.tokenize import render
 
     texts = [render(tokenizer, template, template.conversation(row)) for row in rows]
     started = time.perf_counter()
@@ -138,7 +139,7 @@ def time_floor(tokenizer, template, rows: list[dict]) -> tuple[float, int]:
 def trl_dataset(template_name: str, rows: list[dict], tokenizer, template) -> list[dict]:
     """The same rows as a plain TRL script would hand them to SFTTrainer."""
     if template_name == "alpaca":
-        from finetune.data import prompt_text
+        from finetune.data.tokenize import prompt_text
 
         return [{"prompt": prompt_text(tokenizer, template, row), "completion": row["output"]} for row in rows]
     return [{"messages": row["messages"]} for row in rows]

@@ -46,7 +46,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="fingerprint-bench-") as work:
         work = Path(work)
         os.environ["FINETUNE_FINGERPRINT_CACHE"] = str(work / "cache.json")
-        from finetune import fingerprint
+        from finetune.models import fingerprint
 
         size = build(work / "model", args.gib, args.shard_gib)
         started = time.perf_counter()

@@ -56,7 +56,7 @@ def build_checkpoint(folder: Path, shape: str, shard_bytes: int) -> dict:
     from safetensors.torch import save_file
     from transformers import AutoModelForCausalLM, AutoTokenizer, GPTNeoConfig
 
-    from finetune import tiny
+    from finetune.models import tiny
 
     hidden, layers, heads = SHAPES[shape]
     config = GPTNeoConfig(vocab_size=VOCAB, max_position_embeddings=POSITIONS, hidden_size=hidden, num_layers=layers,

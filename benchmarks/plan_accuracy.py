@@ -116,7 +116,7 @@ def case_overrides(model: str, strategy: str, batch: int, length: int, checkpoin
     """The config of a case, as command-line overrides of the demo preset."""
     overrides = []
     if model.startswith("tiny:"):
-        from finetune import tiny
+        from finetune.models import tiny
 
         arch = model.split(":", 1)[1]
         folder = workdir / f"tiny-{arch}"
@@ -134,7 +134,7 @@ def case_overrides(model: str, strategy: str, batch: int, length: int, checkpoin
 
 def planner_estimate(overrides: list[str], args) -> dict:
     """The planner's per-process total, without the fixed CUDA context (which neither measurement includes)."""
-    from finetune import plan as planner
+    from finetune.plan import planner
 
     result = planner.plan_preset("demo", overrides, gpu="cpu" if args.device == "cpu" else args.gpu)
     lines = {line.name: line.bytes for line in result.memory}
@@ -151,9 +151,10 @@ def worker(spec: dict) -> dict:
     import torch
     from omegaconf import OmegaConf
 
-    from finetune import cli, strategy
-    from finetune.config import compose, to_container
-    from finetune.plan import architecture_config
+    from finetune import console as cli
+    from finetune.models import strategy
+    from finetune.config.compose import compose, to_container
+    from finetune.plan.planner import architecture_config
 
     cli.quiet_libraries()
     cfg = OmegaConf.create(to_container(compose("demo", spec["overrides"])))
@@ -238,7 +239,7 @@ def build_model(cfg, config, device: str, warm_up: bool = False):
     from transformers import AutoModelForCausalLM
     from trl.trainer.utils import add_fused_lm_head
 
-    from finetune import lm_head, neo_attention, strategy
+    from finetune.models import lm_head, neo_attention, strategy
 
     dtype = getattr(torch, cfg.model.dtype)
     attention = _loadable(cfg.model.attn_implementation, cfg.model.family)
@@ -309,8 +310,8 @@ def print_layer_table(device: str) -> None:
 
 def layer_row(arch: str, strategy: str, device: str, batch: int = 4, length: int = 256) -> tuple:
     """The planner's bytes for one layer and the saved-tensor bytes of one real layer (4-layer model minus 2-layer)."""
-    from finetune import plan as planner
-    from finetune.config import compose
+    from finetune.plan import planner
+    from finetune.config.compose import compose
 
     precision = ["model.dtype=float32", "trainer.bf16=false"] if device == "cpu" else ["model.dtype=bfloat16", "trainer.bf16=true"]
     overrides = [f"model={TINY_CONFIG[arch]}", f"strategy={strategy}", *precision, f"data.max_length={length}",
@@ -333,7 +334,7 @@ def saved_tensor_bytes(resolved: dict, arch: str, layers: int, batch: int, lengt
     from peft import get_peft_model
     from transformers import AutoModelForCausalLM
 
-    from finetune import neo_attention, strategy, tiny
+    from finetune.models import neo_attention, strategy, tiny
 
     config = tiny.model_config(arch, layers=layers)
     dtype = getattr(torch, resolved["model"]["dtype"])

@@ -258,7 +258,8 @@ def check_prompt(model_dir: Path, train: Path) -> None:
     """The trl side's prompt text must be what our alpaca template renders (else the two sides train different text)."""
     from transformers import AutoTokenizer
 
-    from finetune.data import prompt_text, templates
+    from finetune.data.tokenize import prompt_text
+    from finetune.data import templates
 
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     template = templates.load("alpaca")

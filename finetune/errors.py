@@ -12,6 +12,8 @@
 Each error also names the `failed:<reason>` status recorded in run.json.
 """
 
+import difflib
+
 EXIT_OK = 0
 EXIT_FAILURE = 1
 EXIT_CONFIG = 2
@@ -93,3 +95,14 @@ def hub_unreachable(err: BaseException) -> ConfigError | None:
     return ConfigError(f"the model files could not be read ({type(err).__name__}: {first}); give a local checkpoint folder "
                        "(model.name_or_path=DIR for training and preview, base=DIR for merge/generate/evaluate), or make "
                        "the Hub reachable (network, and HF_HUB_OFFLINE unset)")
+
+
+def closest(word: str, known, cutoff: float = 0.6, n: int = 1) -> list[str]:
+    """The known names closest to a misspelled one (difflib's ratio), best first: every "did you mean" uses this."""
+    return difflib.get_close_matches(str(word), [str(k) for k in known], n=n, cutoff=cutoff)
+
+
+def did_you_mean(word: str, known, cutoff: float = 0.6) -> str:
+    """` (did you mean 'x'?)` for the closest known name, or "" when none is close."""
+    close = closest(word, known, cutoff)
+    return f" (did you mean '{close[0]}'?)" if close else ""

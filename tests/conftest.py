@@ -14,7 +14,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 @pytest.fixture(scope="session")
 def tiny_models(tmp_path_factory) -> dict[str, Path]:
     """Unpretrained tiny neo / neox / gptj checkpoints on disk (loaded through from_pretrained by the code)."""
-    from finetune import tiny
+    from finetune.models import tiny
 
     root = tmp_path_factory.mktemp("tiny")
     return {arch: tiny.build(arch, root / arch) for arch in ("neo", "neox", "gptj")}
@@ -26,8 +26,8 @@ def tiny_run(tiny_models, tmp_path_factory) -> Path:
     run directory: evaluate, embed, the harness bridge. Tests must not modify it; copy it first."""
     from helpers import tiny_overrides
 
-    from finetune.config import compose
-    from finetune.train import run
+    from finetune.config.compose import compose
+    from finetune.train.run import run
 
     cfg = compose("demo", tiny_overrides("neox", tiny_models["neox"], tmp_path_factory.mktemp("tiny_run") / "run",
                                          "trainer.max_steps=4", "sample_generations=0"))

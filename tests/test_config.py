@@ -8,7 +8,7 @@ import sys
 import pytest
 from omegaconf import OmegaConf
 
-from finetune.config import CONF_DIR, compose, group_options, presets
+from finetune.config.compose import CONF_DIR, compose, group_options, presets
 
 from helpers import PROJECT
 

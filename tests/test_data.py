@@ -9,21 +9,11 @@ from pathlib import Path
 import pytest
 from omegaconf import OmegaConf
 
-from finetune.config import DataConfig
-from finetune.data import (
-    IGNORE_INDEX,
-    _plain_backend,
-    describe,
-    fit_length,
-    prepare,
-    prompt_text,
-    segments,
-    tokenize,
-    tokenize_many,
-)
+from finetune.config.schema import DataConfig
+from finetune.data.tokenize import IGNORE_INDEX, _plain_backend, describe, fit_length, prepare, prompt_text, segments, tokenize, tokenize_many
 from finetune.data import templates as data_templates
 from finetune.errors import ConfigError, DataError
-from finetune.preview import show
+from finetune.data.preview import show
 
 ROW = {"instruction": "Define consideration.", "input": "", "output": "Something of value exchanged.", "_where": "rows.jsonl:1"}
 README = Path(data_templates.TEMPLATES_DIR / "README.md").read_text()
@@ -44,7 +34,7 @@ def family_tokenizer(request, tiny_models):
     """Each architecture's tokenizer with the family pad policy (NeoX: <|padding|>; Neo and GPT-J: EOS)."""
     from omegaconf import OmegaConf as conf
 
-    from finetune import models
+    from finetune.models import load as models
 
     family = {"neo": "gpt_neo", "neox": "gpt_neox", "gptj": "gptj"}[request.param]
     pad = "<|padding|>" if request.param == "neox" else None
@@ -365,9 +355,9 @@ def test_fast_path_gives_the_ids_and_labels_of_apply_chat_template_prefix_render
 
 def test_chunks_tokenized_in_a_worker_thread_give_the_same_samples(neo_tokenizer, monkeypatch, tmp_path):
     """Large inputs are rendered chunk by chunk while a worker thread tokenizes: same samples, same errors."""
-    import finetune.data
+    import finetune.data.tokenize
 
-    monkeypatch.setattr(finetune.data, "_CHUNK_ROWS", 2)
+    monkeypatch.setattr(finetune.data.tokenize, "_CHUNK_ROWS", 2)
     template = data_templates.load("sharegpt")
     rows = [{**row, "_where": f"chunked:{i}"} for i, row in enumerate(_variants(template) * 3)]
     _assert_matches_reference(neo_tokenizer, template, rows)
@@ -423,7 +413,8 @@ def test_templates_that_are_not_a_concatenation_or_omit_eos_are_refused(neo_toke
 def test_pack_matches_the_reference_best_fit():
     import bisect
 
-    from finetune.data import Sample, packing
+    from finetune.data.tokenize import Sample
+    from finetune.data import packing
 
     lengths = [7, 3, 7, 1, 5, 3, 8, 2, 7, 4, 6, 1, 3]  # ties: equal lengths must keep their sample order
     samples = [Sample(list(range(100 * i, 100 * i + n)), [IGNORE_INDEX] + list(range(1, n)), f"s:{i}") for i, n in enumerate(lengths)]

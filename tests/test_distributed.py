@@ -30,7 +30,7 @@ from pathlib import Path
 import pytest
 from helpers import PROJECT, tiny_overrides
 
-from finetune import checkpoints
+from finetune.runs import checkpoints
 
 ADAPTER_TOLERANCE = 5e-5  # max abs difference of any adapter weight vs the single-process run (fp32); a rank that
 # trains apart (gradients not averaged) is 0.039 off: three orders of magnitude above
@@ -91,8 +91,8 @@ def _history(run_dir: Path) -> list[dict]:
 @pytest.fixture(scope="module")
 def single(tiny_models, tmp_path_factory) -> Path:
     """The reference: one process, in this interpreter, batch 4 x accumulation 2."""
-    from finetune.config import compose
-    from finetune.train import run
+    from finetune.config.compose import compose
+    from finetune.train.run import run
 
     return run(compose("demo", _overrides(tiny_models["neox"], tmp_path_factory.mktemp("single") / "run", 4)))
 
@@ -230,9 +230,9 @@ def test_a_config_error_on_one_rank_stops_the_launch(tiny_models, tmp_path):
 
 def test_distributed_options_compose_and_validate(tmp_path):
     """Every conf/distributed option composes and validates (FSDP too: finetune.fsdp enables it on CPU)."""
-    from finetune.config import compose, group_options
+    from finetune.config.compose import compose, group_options
     from finetune.errors import ConfigError
-    from finetune.validate import validate
+    from finetune.config.validate import validate
 
     assert set(group_options("distributed")) >= {"none", "ddp", "zero2", "zero3", "zero3_offload", "fsdp"}
     for option in group_options("distributed"):

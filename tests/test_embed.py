@@ -15,7 +15,8 @@ import numpy as np
 import pytest
 from helpers import PROJECT
 
-from finetune import embed, generate, rundir
+from finetune.inference import embed, generate
+from finetune.runs import rundir
 
 TEXTS = [
     "A tort is a civil wrong.",

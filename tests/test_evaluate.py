@@ -11,10 +11,11 @@ import shutil
 import pytest
 from helpers import tiny_overrides
 
-from finetune import evaluate, generate, metrics, scoring
-from finetune.config import compose
+from finetune.evaluate import run as evaluate, metrics, scoring
+from finetune.inference import generate
+from finetune.config.compose import compose
 from finetune.errors import ConfigError, DataError
-from finetune.train import run
+from finetune.train.run import run
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
@@ -74,7 +75,8 @@ def test_loss_equals_the_models_own_cross_entropy(session, tiny_run):
     """label_logprobs on a padded batch = transformers' loss on each sequence alone (padding and shift are right)."""
     import torch
 
-    from finetune.data import prepare, templates
+    from finetune.data.tokenize import prepare
+    from finetune.data import templates
     from omegaconf import OmegaConf
 
     config = generate.rundir.locate(tiny_run).config
@@ -182,7 +184,7 @@ def test_early_stopping_keeps_the_best_checkpoint_as_the_result(tiny_models, tmp
 
 
 def test_early_stopping_without_matching_checkpoints_is_a_config_error(tiny_models, tmp_path):
-    from finetune.validate import validate
+    from finetune.config.validate import validate
 
     cfg = compose("demo", tiny_overrides("neox", tiny_models["neox"], tmp_path / "x", "early_stopping_patience=2",
                                          "trainer.eval_strategy=steps", "trainer.eval_steps=5", "trainer.save_strategy=epoch"))
@@ -191,7 +193,7 @@ def test_early_stopping_without_matching_checkpoints_is_a_config_error(tiny_mode
 
 
 def _opts(target, **overrides) -> dict:
-    from finetune import cli
+    from finetune import console as cli
 
     opts = cli.parse([str(target)], evaluate.OPTIONS, positional="target")
     opts.update(overrides)

@@ -14,7 +14,8 @@ import torch
 from safetensors.torch import load_file, save_file
 from test_merge import random_adapter, run_merge
 
-from finetune import fingerprint, generate
+from finetune.models import fingerprint
+from finetune.inference import generate
 from finetune.errors import IntegrityError
 
 MIDDLE_ATTENTION = [f"gpt_neox.layers.{n}.attention.{m}.weight" for n, m in ((1, "query_key_value"), (1, "dense"),

@@ -25,7 +25,7 @@ pytestmark = pytest.mark.slow
 def sharded(tmp_path_factory):
     from transformers import AutoModelForCausalLM
 
-    from finetune import tiny
+    from finetune.models import tiny
 
     root = tmp_path_factory.mktemp("sharded")
     source = tiny.build("neox", root / "source", hidden_size=768, layers=12, heads=8)

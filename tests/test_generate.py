@@ -11,9 +11,9 @@ import sys
 import pytest
 from helpers import PROJECT, tiny_overrides
 
-from finetune import generate
-from finetune.config import compose
-from finetune.train import run
+from finetune.inference import generate
+from finetune.config.compose import compose
+from finetune.train.run import run
 
 PROMPT = "What is a tort?"
 N = 8  # max_new_tokens
@@ -82,7 +82,7 @@ def test_session_greedy_equals_peft(session, runs, tiny_models):
 def test_merged_model_equals_transformers(runs, tiny_models):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from finetune import merge
+    from finetune.adapters import merge
 
     merged = merge.main([str(runs["alpha"])])  # our streaming merge -> RUN/merged
     result = cli(runs["alpha"], "merged=true", f"prompt={PROMPT}", f"max_new_tokens={N}")

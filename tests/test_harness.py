@@ -12,7 +12,7 @@ from importlib.metadata import version
 
 import pytest
 
-from finetune import harness
+from finetune.evaluate import harness
 from finetune.errors import EXIT_CONFIG, ConfigError
 
 LIMIT = 6  # documents per local task
@@ -23,7 +23,7 @@ BOOTSTRAP_ITERS = 100  # perplexity's stderr is bootstrapped; lm_eval's default 
 def session(tiny_run):
     from peft import PeftModel
 
-    from finetune import generate
+    from finetune.inference import generate
 
     loaded = generate.load(tiny_run, dtype="float32")
     assert isinstance(loaded.model, PeftModel)  # base + adapter, so disable_adapter() is the base

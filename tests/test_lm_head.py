@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from finetune import lm_head
+from finetune.models import lm_head
 
 IGNORE = -100
 

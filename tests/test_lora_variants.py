@@ -14,11 +14,13 @@ from helpers import run_cli, tiny_overrides
 from omegaconf import OmegaConf
 from transformers import TrainerCallback
 
-from finetune import cli, evaluate, merge
-from finetune.config import compose
+from finetune import console as cli
+from finetune.evaluate import run as evaluate
+from finetune.adapters import merge
+from finetune.config.compose import compose
 from finetune.errors import EXIT_CONFIG, ConfigError
-from finetune.train import run
-from finetune.validate import validate
+from finetune.train.run import run
+from finetune.config.validate import validate
 
 
 def problems_of(*overrides: str) -> list[str]:
@@ -76,7 +78,7 @@ def test_accepted_inits_start_as_a_no_op_on_the_untouched_base(init, tiny_models
     from peft import get_peft_model
     from transformers import AutoModelForCausalLM
 
-    from finetune import strategy
+    from finetune.models import strategy
 
     resolved, _ = validate(compose("demo", [f"strategy.init_lora_weights={init}"]))
     base = AutoModelForCausalLM.from_pretrained(tiny_models["neox"], dtype=torch.float32)
@@ -184,10 +186,13 @@ def _trainer(tiny_models, tmp_path, *overrides: str, callbacks=()):
     """The trainer train.run builds (same config, data, arguments and model), to look inside it."""
     from trl import SFTConfig
 
-    from finetune import models, precision, strategy, train
-    from finetune.data import prepare, templates
-    from finetune.guards import StepLog
-    from finetune.trainer import GuardedSFTTrainer
+    from finetune.models import load as models, strategy
+    from finetune.config import precision
+    from finetune.train import run as train
+    from finetune.data.tokenize import prepare
+    from finetune.data import templates
+    from finetune.train.guards import StepLog
+    from finetune.train.trainer import GuardedSFTTrainer
 
     resolved, _ = validate(compose("demo", tiny_overrides("neox", tiny_models["neox"], tmp_path / "run", *overrides)))
     precision.resolve(resolved, False)

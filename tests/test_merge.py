@@ -10,7 +10,10 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from finetune import checkpoints, cli, fingerprint, merge, rundir
+from finetune.runs import checkpoints, rundir
+from finetune import console as cli
+from finetune.models import fingerprint
+from finetune.adapters import merge
 from finetune.errors import ConfigError, IntegrityError
 
 TARGETS = {

@@ -13,7 +13,7 @@ import torch
 from transformers import AutoModelForCausalLM
 from transformers.models.gpt_neo import modeling_gpt_neo
 
-from finetune import neo_attention
+from finetune.models import neo_attention
 
 ATOL = 1e-5
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from finetune.data import IGNORE_INDEX, Sample
+from finetune.data.tokenize import IGNORE_INDEX, Sample
 from finetune.data import packing
 
 

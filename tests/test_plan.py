@@ -10,8 +10,8 @@ import sys
 import pytest
 from helpers import PROJECT, tiny_overrides
 
-from finetune import plan as planner
-from finetune.config import compose, to_container
+from finetune.plan import planner
+from finetune.config.compose import compose, to_container
 
 # Published totals (model cards, the GPT-NeoX-20B paper, the GPT-J README) and Pythia's non-embedding counts
 PUBLISHED_TOTALS = {
@@ -67,7 +67,7 @@ def test_shipped_configs_match_published_parameter_counts(hub_id):
 def test_every_hub_model_in_conf_has_a_shipped_config():
     from omegaconf import OmegaConf
 
-    from finetune.config import CONF_DIR
+    from finetune.config.compose import CONF_DIR
 
     for path in (CONF_DIR / "model").glob("*.yaml"):
         hub_id = OmegaConf.load(path).get("hub_id")
@@ -89,7 +89,7 @@ def test_adapter_trainable_count_is_what_peft_reports_on_the_real_model(tiny_mod
     from peft import get_peft_model
     from transformers import AutoModelForCausalLM
 
-    from finetune import strategy as strategies
+    from finetune.models import strategy as strategies
 
     cfg = to_container(compose("demo", tiny_overrides(arch, tiny_models[arch], tmp_path / "run", f"strategy={strategy}")))
     real = get_peft_model(AutoModelForCausalLM.from_pretrained(tiny_models[arch]), strategies.peft_config(cfg["strategy"]))
@@ -104,7 +104,7 @@ def saved_tensor_bytes(arch: str, layers: int, strategy_section: dict, batch: in
     from peft import get_peft_model
     from transformers import AutoModelForCausalLM
 
-    from finetune import neo_attention, strategy, tiny
+    from finetune.models import neo_attention, strategy, tiny
 
     torch.manual_seed(0)
     model = AutoModelForCausalLM.from_config(tiny.model_config(arch, layers=layers),

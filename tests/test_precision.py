@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import pytest
 
-from finetune import plan, precision
-from finetune.config import compose
+from finetune.plan import planner as plan
+from finetune.config import precision
+from finetune.config.compose import compose
 from omegaconf import OmegaConf
 
 XEON_NO_BF16 = "processor\t: 0\nflags\t\t: fpu sse avx2 avx512f avx512bw avx512_vnni\n"

@@ -10,8 +10,9 @@ import time
 import pytest
 import torch
 
-from finetune.data import IGNORE_INDEX, Sample, packing
-from finetune.progress import TrainingProgress, input_tokens
+from finetune.data.tokenize import IGNORE_INDEX, Sample
+from finetune.data import packing
+from finetune.train.progress import TrainingProgress, input_tokens
 
 from helpers import PROJECT, run_cli, tiny_overrides
 

@@ -11,8 +11,9 @@ from pathlib import Path
 import pytest
 from huggingface_hub import ModelCard
 
-from finetune import card, cli, push, serving
-from finetune.config import compose, to_container
+from finetune.adapters import card, push, serving
+from finetune import console as cli
+from finetune.config.compose import compose, to_container
 from finetune.errors import IntegrityError
 
 from helpers import PROJECT, run_cli, tiny_overrides

@@ -12,7 +12,9 @@ import torch
 from helpers import tiny_overrides
 from safetensors.torch import load_file, save_file
 
-from finetune import checkpoints, cli, merge
+from finetune.runs import checkpoints
+from finetune import console as cli
+from finetune.adapters import merge
 from finetune.errors import IntegrityError
 
 QUANTIZATION = {"load_in_4bit": True, "bnb_4bit_quant_type": "nf4", "bnb_4bit_use_double_quant": True,
@@ -21,8 +23,8 @@ QUANTIZATION = {"load_in_4bit": True, "bnb_4bit_quant_type": "nf4", "bnb_4bit_us
 
 @pytest.fixture(scope="module")
 def qlora_run(tiny_models, tmp_path_factory):
-    from finetune.config import compose
-    from finetune.train import run
+    from finetune.config.compose import compose
+    from finetune.train.run import run
 
     out = tmp_path_factory.mktemp("qlora") / "run"
     cfg = compose("demo", tiny_overrides("neox", tiny_models["neox"], out, "strategy=qlora", "trainer.max_steps=4",

@@ -14,11 +14,11 @@ from pathlib import Path
 
 import pytest
 
-from finetune.config import split_preset
+from finetune.config.compose import split_preset
 
 from helpers import PROJECT
 
-from finetune import cli
+from finetune import console as cli
 from finetune.errors import ConfigError
 
 JOURNEYS = ["legal_assistant", "medical_assistant", "domain_pretraining", "many_adapters"]
@@ -46,7 +46,7 @@ def documented_commands() -> list[tuple[str, list[str]]]:
 def _commands(where: Path, text: str) -> list[tuple[str, list[str]]]:
     commands = []
     for line in text.splitlines():
-        if not re.search(r"python -m finetune|accelerate launch|^\s*(bash|sbatch) recipes/", line):
+        if not re.search(r"python -m finetune|(^\s*|&&\s*|\|\s*|;\s*)finetune\s|accelerate launch|^\s*(bash|sbatch) recipes/", line):
             continue  # prose, pip, lm_eval, ...
         words = shlex.split(line, comments=True)
         while words:  # `a && b`, `a | b`
@@ -58,41 +58,51 @@ def _commands(where: Path, text: str) -> list[tuple[str, list[str]]]:
 
 
 def _ours(argv: list[str]) -> bool:
-    return argv[:2] == ["python", "-m"] and argv[2].startswith("finetune") or argv[:2] == ["accelerate", "launch"] \
+    return argv[:1] == ["finetune"] or argv[:2] == ["python", "-m"] and argv[2].startswith("finetune") \
+        or argv[:2] == ["accelerate", "launch"] \
         or argv[:1] in (["bash"], ["sbatch"]) and argv[1:2] and argv[1].startswith("recipes/")
 
 
 def check(argv: list[str]) -> list[str]:
-    """Problems with one command (empty: it parses)."""
-    from finetune import __main__ as entry
-    from finetune import plan
+    """Problems with one command (empty: it parses). `finetune CMD ...`, `python -m finetune CMD ...` and the older
+    `python -m finetune.CMD ...` are the same command."""
+    from finetune.cli import COMMANDS
+    from finetune.config.compose import preflight
+    from finetune.plan import planner as plan
+    from finetune.train import command as entry
 
     if argv[0] in ("bash", "sbatch"):
         return [] if (PROJECT / argv[1]).is_file() else [f"{argv[1]}: no such file"]
     if argv[0] == "accelerate":
         argv = ["python", *argv[argv.index("-m") :]]
+    if argv[0] == "finetune":
+        argv = ["python", "-m", *argv]
     module, args = argv[2], argv[3:]
+    if module == "finetune" and args and args[0] in COMMANDS:
+        module, args = ("finetune" if args[0] == "train" else f"finetune.{args[0]}"), args[1:]
+        if module == "finetune.chat":
+            module, args = "finetune.generate", [*args, "chat=true"]
     if module == "finetune":
         preset, rest = split_preset(args)
         overrides = entry._overrides(rest)
         composable = entry._first_values(overrides) if "-m" in rest else {o: o for o in overrides}
-        return entry.preflight(preset, list(composable.values()))[0]
+        return preflight(preset, list(composable.values()))[0]
     if module == "finetune.plan":
         try:
             preset, _, overrides = plan.parse_args(args)
         except ConfigError as err:
             return [str(err)]
-        return entry.preflight(preset or "demo", overrides)[0]
+        return preflight(preset or "demo", overrides)[0]
     if module == "finetune.preview":
         preset, rest = split_preset(args)
-        return entry.preflight(preset, [a for a in rest if not a.startswith(("n=", "--"))])[0]
+        return preflight(preset, [a for a in rest if not a.startswith(("n=", "--"))])[0]
     if module == "finetune.sweep":
         return [] if len(args) == 1 else ["finetune.sweep takes one sweep directory"]
     tool = module.removeprefix("finetune.")
     if tool not in TOOLS:
         return [f"unknown module {module}"]
     try:
-        cli.parse(args, importlib.import_module(module).OPTIONS, positional="target")
+        cli.parse(args, importlib.import_module(COMMANDS[tool].module).OPTIONS, positional="target")
     except ConfigError as err:
         return [str(err)]
     return []

@@ -8,7 +8,7 @@ import math
 
 from helpers import run_cli, tiny_overrides
 
-from finetune import sweep
+from finetune.train import sweep
 
 
 def test_sweep_runs_each_job_in_its_own_directory_and_summarises(tiny_models, tmp_path):
@@ -48,7 +48,7 @@ def test_objective_prefers_the_best_eval_loss_and_is_nan_for_failed_jobs():
 def test_sweep_jobs_get_a_tracking_run_name_that_names_the_sweep():
     from pathlib import Path
 
-    from finetune.tracking import default_run_name
+    from finetune.train.tracking import default_run_name
 
     assert default_run_name(Path("runs/sweeps/demo/2026-11-22_00-10-00/3")) == "2026-11-22_00-10-00-3"
     assert default_run_name(Path("runs/legal")) == "legal"

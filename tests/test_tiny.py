@@ -4,7 +4,7 @@ import json
 
 import pytest
 
-from finetune import tiny
+from finetune.models import tiny
 
 
 def test_padded_vocabulary_gives_the_head_more_rows_than_the_tokenizer(tmp_path):

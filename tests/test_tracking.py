@@ -10,11 +10,11 @@ from pathlib import Path
 
 import pytest
 
-from finetune import tracking
-from finetune.config import compose
+from finetune.train import tracking
+from finetune.config.compose import compose
 from finetune.errors import ConfigError
-from finetune.train import run
-from finetune.validate import validate
+from finetune.train.run import run
+from finetune.config.validate import validate
 
 from helpers import tiny_overrides
 

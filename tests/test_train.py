@@ -10,9 +10,9 @@ import torch
 import yaml
 from safetensors.torch import load_file
 
-from finetune import precision
-from finetune.config import compose
-from finetune.train import run
+from finetune.config import precision
+from finetune.config.compose import compose
+from finetune.train.run import run
 
 from helpers import run_cli, tiny_overrides
 
@@ -78,7 +78,7 @@ def test_lora_adapter_a_matrices_moved_from_their_seeded_init(tiny_models, tmp_p
     from peft import get_peft_model
     from transformers import AutoModelForCausalLM, set_seed
 
-    from finetune.strategy import peft_config
+    from finetune.models.strategy import peft_config
 
     run_dir = train("neo", tiny_models, tmp_path)
     trained = load_file(str(run_dir / "adapter" / "adapter_model.safetensors"))
@@ -180,8 +180,8 @@ def test_gradient_checkpointing_reaches_transformers_under_its_current_name(tmp_
     from omegaconf import OmegaConf
     from trl import SFTConfig
 
-    from finetune.train import _training_arguments
-    from finetune.validate import validate
+    from finetune.train.run import _training_arguments
+    from finetune.config.validate import validate
 
     resolved, _ = validate(compose("demo", [f"output_dir={tmp_path}", "trainer.gradient_checkpointing=true"]))
     precision.resolve(resolved, False)

@@ -7,9 +7,9 @@ import json
 import pytest
 import torch
 
-from finetune.config import compose
+from finetune.config.compose import compose
 from finetune.errors import EXIT_CONFIG, ConfigError
-from finetune.validate import validate
+from finetune.config.validate import validate
 
 from helpers import run_cli, tiny_overrides
 
@@ -98,7 +98,7 @@ def test_keys_owned_elsewhere_point_to_the_right_knob():
 
 def test_qlora_is_accepted_on_cpu_when_bitsandbytes_has_cpu_kernels():
     """bitsandbytes >= 0.50 (a dev dependency) runs NF4 on CPU, so QLoRA validates here; tests/test_qlora.py trains it."""
-    from finetune.strategy import bitsandbytes_problem
+    from finetune.models.strategy import bitsandbytes_problem
 
     assert bitsandbytes_problem(cuda=False) is None
     validate(compose("demo", ["strategy=qlora"]))  # no ConfigError

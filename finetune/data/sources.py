@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import codecs
 import csv
-import difflib
 import glob
 import io
 import json
@@ -28,7 +27,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from finetune.errors import DataError
+from finetune.errors import DataError, closest
 
 MAX_REPORTED = 20
 MAX_RAW = 2000
@@ -235,7 +234,7 @@ def _check_columns(source: str, header: list[str], columns: dict[str, str], key:
     problems = []
     for field, column in columns.items():
         if column not in header:
-            close = difflib.get_close_matches(column, header, n=1, cutoff=0.6)
+            close = closest(column, header)
             hint = f"did you mean '{close[0]}'? " if close else ""
             problems.append(f"data.columns.{field}: column '{column}' not found ({hint}columns: {', '.join(header)})")
     if problems:

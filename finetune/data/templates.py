@@ -13,7 +13,6 @@ is trained; everything else is prompt.
 
 from __future__ import annotations
 
-import difflib
 import re
 from dataclasses import dataclass, field
 from functools import cached_property
@@ -24,8 +23,8 @@ import yaml
 from jinja2 import StrictUndefined, TemplateError
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 
-from finetune.config import TEMPLATES_DIR
-from finetune.errors import ConfigError
+from finetune.config.compose import TEMPLATES_DIR
+from finetune.errors import ConfigError, closest
 
 _JINJA = ImmutableSandboxedEnvironment(undefined=StrictUndefined, keep_trailing_newline=True)
 ROLES = ("system", "user", "assistant")
@@ -175,7 +174,7 @@ class _Field:
 def _missing_hint(name: str, present: list[str], columns: dict) -> str:
     if name in columns:
         return f" (data.columns.{name}={columns[name]}, but the row has: {', '.join(present)})"
-    close = difflib.get_close_matches(name, present, n=1, cutoff=0.6)
+    close = closest(name, present)
     if close:
         return f" (did you mean '{close[0]}'? map it with data.columns.{name}={close[0]})"
     return f" (row has: {', '.join(present)}; map one with data.columns.{name}=COLUMN)"

@@ -18,8 +18,8 @@ import os
 import signal
 import sys
 
-from finetune import checkpoints
-from finetune import trainer as guarded
+from finetune.runs import checkpoints
+from finetune.train.run import trainer as guarded
 
 fault, at, overrides = sys.argv[1], int(sys.argv[2]), sys.argv[3:]
 
@@ -42,7 +42,7 @@ elif fault == "KILL_AFTER_SAVE":
 
     checkpoints.commit = dying_commit
 elif fault in ("KILL_IN_DATA", "KILL_IN_EVAL", "KILL_IN_FINAL_SAVE", "KILL_IN_CARD"):
-    import finetune.train as training
+    import finetune.train.run.run as training
 
     def dying(function, when=lambda *args, **kwargs: True):
         def wrapper(*args, **kwargs):
@@ -62,7 +62,7 @@ elif fault in ("KILL_IN_DATA", "KILL_IN_EVAL", "KILL_IN_FINAL_SAVE", "KILL_IN_CA
     else:
         training.card.write = dying(training.card.write)
 elif fault == "TERM_IN_DATA":
-    import finetune.train as training
+    import finetune.train.run.run as training
 
     prepare = training.prepare
 
@@ -101,6 +101,6 @@ else:
 
     guarded.GuardedSFTTrainer.training_step = faulty_training_step
 
-from finetune.__main__ import main  # noqa: E402 - after the fault is in place
+from finetune.cli import main  # noqa: E402 - after the fault is in place
 
 main(overrides)

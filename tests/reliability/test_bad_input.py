@@ -14,11 +14,13 @@ from pathlib import Path
 import pytest
 from omegaconf import OmegaConf
 
-from finetune.config import DataConfig, compose
-from finetune.data import prepare, templates
+from finetune.config.schema import DataConfig
+from finetune.config.compose import compose
+from finetune.data.tokenize import prepare
+from finetune.data import templates
 from finetune.data.sources import MAX_ROW_BYTES, read_rows
 from finetune.errors import EXIT_CONFIG, ConfigError, DataError
-from finetune.validate import validate
+from finetune.config.validate import validate
 
 from helpers import PROJECT, run_cli, tiny_overrides
 

@@ -12,10 +12,10 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from finetune import checkpoints
-from finetune.config import compose
+from finetune.runs import checkpoints
+from finetune.config.compose import compose
 from finetune.errors import EXIT_FAILURE, ConfigError, DiskFullError, OutOfMemory
-from finetune.train import run
+from finetune.train.run import run
 
 from harness import finetune, overrides
 
@@ -71,7 +71,7 @@ def test_out_of_memory_names_this_runs_fixes_and_keeps_its_checkpoints(tiny_mode
 
 
 def test_out_of_memory_in_evaluation_names_the_eval_batch(tiny_models, tmp_path, monkeypatch):
-    from finetune.trainer import GuardedSFTTrainer
+    from finetune.train.trainer import GuardedSFTTrainer
 
     prediction_step = GuardedSFTTrainer.prediction_step
 
@@ -92,7 +92,7 @@ def test_out_of_memory_in_evaluation_names_the_eval_batch(tiny_models, tmp_path,
 
 
 def test_out_of_memory_advice_follows_the_run_and_the_phase():
-    from finetune import oom
+    from finetune.train import oom
 
     full = compose("demo", ["strategy=full", "trainer.per_device_train_batch_size=1", "trainer.gradient_checkpointing=true"])
     assert oom.fixes(full, "load") == ["strategy=lora (adapters only: no optimizer state for the base weights; a new run)",
@@ -124,8 +124,8 @@ def test_an_optimizer_step_without_trained_tokens_is_refused(tiny_models, tmp_pa
     from trl import SFTConfig
 
     from finetune.errors import NonFiniteError
-    from finetune.guards import StepLog
-    from finetune.trainer import GuardedSFTTrainer
+    from finetune.train.guards import StepLog
+    from finetune.train.trainer import GuardedSFTTrainer
 
     tokenizer = AutoTokenizer.from_pretrained(tiny_models["neox"])
     ids = tokenizer("a prompt with nothing to learn", add_special_tokens=False)["input_ids"]

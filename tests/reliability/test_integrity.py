@@ -12,7 +12,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from finetune import shards
+from finetune.models import shards
 from finetune.errors import IntegrityError
 
 
@@ -106,10 +106,10 @@ def test_disk_full_without_an_errno_is_recognised_by_the_free_space(tiny_models,
     import shutil
     from collections import namedtuple
 
-    from finetune import checkpoints
-    from finetune.config import compose
+    from finetune.runs import checkpoints
+    from finetune.config.compose import compose
     from finetune.errors import EXIT_FAILURE, DiskFullError
-    from finetune.train import run
+    from finetune.train.run import run
 
     from harness import overrides
 
@@ -136,8 +136,8 @@ def test_disk_full_without_an_errno_is_recognised_by_the_free_space(tiny_models,
 
 
 def test_a_save_error_with_room_to_spare_is_not_called_disk_full(tiny_models, tmp_path, monkeypatch):
-    from finetune.config import compose
-    from finetune.train import run
+    from finetune.config.compose import compose
+    from finetune.train.run import run
 
     from harness import overrides
 
@@ -172,7 +172,8 @@ def test_merge_onto_a_full_disk_is_disk_full_and_leaves_no_partial(tiny_models, 
     import shutil
     from collections import namedtuple
 
-    from finetune import cli, merge
+    from finetune import console as cli
+    from finetune.adapters import merge
     from finetune.errors import DiskFullError
 
     adapter = _adapter_on(tiny_models["neox"], tmp_path / "adapter")
@@ -199,7 +200,8 @@ def test_merge_refuses_a_non_finite_or_absurd_adapter_weight(tiny_models, tmp_pa
     """One flipped exponent bit made a LoRA weight -1.8e37 (item 3): the gate compared against the same adapter and passed."""
     from safetensors.torch import load_file
 
-    from finetune import cli, merge
+    from finetune import console as cli
+    from finetune.adapters import merge
 
     adapter = _adapter_on(tiny_models["neox"], tmp_path / "adapter")
     tensors = load_file(str(adapter / "adapter_model.safetensors"))

@@ -12,7 +12,10 @@ from pathlib import Path
 
 import pytest
 
-from finetune import checkpoints, cli, generate, merge, push, rundir
+from finetune.runs import checkpoints, rundir
+from finetune import console as cli
+from finetune.inference import generate
+from finetune.adapters import merge, push
 from finetune.errors import EXIT_INTEGRITY, ConfigError, IntegrityError
 
 from harness import PROJECT
@@ -43,7 +46,7 @@ def _push_dry_run(target: Path, *args: str) -> Path:
 
 
 def test_final_adapter_is_sealed_and_a_flipped_bit_is_refused_by_merge_generate_evaluate_and_push(run_copy):
-    from finetune import evaluate
+    from finetune.evaluate import run as evaluate
 
     adapter = run_copy / "adapter"
     manifest = checkpoints.manifest_of(adapter)
@@ -67,7 +70,7 @@ def test_final_adapter_is_sealed_and_a_flipped_bit_is_refused_by_merge_generate_
 
 
 def test_merged_folder_is_sealed_verified_and_kept_valid_when_cards_are_refreshed(run_copy):
-    from finetune import evaluate
+    from finetune.evaluate import run as evaluate
 
     merged = _merge(str(run_copy))
     assert json.loads((merged / "merge_report.json").read_text())["manifest"] == checkpoints.MANIFEST
@@ -112,8 +115,8 @@ def test_a_run_from_before_manifests_warns_a_missing_promised_manifest_is_refuse
 
 
 def test_full_fine_tune_model_folder_is_sealed(tiny_models, tmp_path):
-    from finetune.config import compose
-    from finetune.train import run
+    from finetune.config.compose import compose
+    from finetune.train.run import run
 
     from helpers import tiny_overrides
 

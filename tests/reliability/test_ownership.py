@@ -18,8 +18,8 @@ import pytest
 
 from harness import PROJECT, finetune, overrides
 
-from finetune import checkpoints
-from finetune.runlock import LOCK
+from finetune.runs import checkpoints
+from finetune.runs.runlock import LOCK
 
 # The first run of the busy-directory test: stops in its first optimizer step, says so with a file, and goes on once
 # the test has made the second run (or after 10 minutes, so that a failing test never leaves it behind).
@@ -138,9 +138,9 @@ def test_an_output_dir_that_is_not_a_folder_of_its_own_is_refused(tmp_path, valu
 @pytest.mark.parametrize("value, says", [("''", "output_dir: empty, which would make the current directory"),
                                          ("/", "output_dir: '/' is the filesystem root")])
 def test_validation_refuses_them_from_python_too(value, says):
-    from finetune.config import compose
+    from finetune.config.compose import compose
     from finetune.errors import ConfigError
-    from finetune.validate import validate
+    from finetune.config.validate import validate
 
     with pytest.raises(ConfigError, match=says):
         validate(compose("demo", [f"output_dir={value}"]))
@@ -150,9 +150,9 @@ def test_a_new_run_removes_only_the_previous_runs_checkpoints(tiny_models, tmp_p
     """overwrite=true in a run directory: the previous run's committed checkpoints go, file by file as their manifests
     list them; a checkpoint folder without a manifest is set aside, not deleted; a file no run wrote in checkpoints/
     is refused, and kept with allow_foreign_files=true; a foreign folder trains with allow_foreign_files=true."""
-    from finetune.config import compose
+    from finetune.config.compose import compose
     from finetune.errors import ConfigError
-    from finetune.train import run
+    from finetune.train.run import run
 
     run_dir = tmp_path / "run"
     run_dir.mkdir()

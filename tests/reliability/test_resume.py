@@ -10,7 +10,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from finetune import checkpoints
+from finetune.runs import checkpoints
 from finetune.errors import EXIT_CONFIG, EXIT_INTEGRITY, EXIT_PREEMPTED
 
 from harness import finetune, overrides

@@ -7,10 +7,12 @@ import shutil
 
 import pytest
 
-from finetune import credentials, push, rundir
-from finetune.config import compose
+from finetune.config import credentials
+from finetune.adapters import push
+from finetune.runs import rundir
+from finetune.config.compose import compose
 from finetune.errors import EXIT_CONFIG, ConfigError, IntegrityError
-from finetune.validate import validate
+from finetune.config.validate import validate
 
 from helpers import run_cli
 

@@ -16,7 +16,11 @@ from pathlib import Path
 import pytest
 import yaml
 
-from finetune import checkpoints, cli, evaluate, generate, merge
+from finetune.runs import checkpoints
+from finetune import console as cli
+from finetune.evaluate import run as evaluate
+from finetune.inference import generate
+from finetune.adapters import merge
 from finetune.errors import EXIT_INTEGRITY, ConfigError, DataError, IntegrityError
 
 from harness import PROJECT

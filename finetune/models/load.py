@@ -16,7 +16,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from finetune import tiny
+from finetune.models import tiny
 
 DTYPES = ("auto", "bfloat16", "float32", "float16")  # auto: finetune.precision picks per machine
 MODEL_TYPES = {"gpt_neo": "gpt_neo", "gpt_neox": "gpt_neox", "gptj": "gptj"}  # family -> config.model_type
@@ -97,7 +97,7 @@ def load_model(model_cfg, tokenizer, quantization: dict | None = None):
         compute = quantization.get("bnb_4bit_compute_dtype", "bfloat16")
         kwargs["quantization_config"] = BitsAndBytesConfig(**{**quantization, "bnb_4bit_compute_dtype": getattr(torch, compute)})
     if model_cfg.family == "gpt_neo":
-        from finetune import neo_attention  # noqa: F401 - registers GPT-Neo's "sdpa" with transformers
+        from finetune.models import neo_attention  # noqa: F401 - registers GPT-Neo's "sdpa" with transformers
 
     model = AutoModelForCausalLM.from_pretrained(
         _source(model_cfg),

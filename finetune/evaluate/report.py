@@ -26,7 +26,7 @@ SIDES = ("base", "finetuned")
 
 def build(target, evalset, results: dict, answers: dict, opts: dict, dtype: str) -> dict:
     """The report as data: metrics per side, harness tables, sample answers, and what was measured how."""
-    from finetune import artifacts
+    from finetune.runs import artifacts
 
     metrics = {name: {side: results[side][name] for side in SIDES} for name in METRICS if name in results["base"]}
     report = {
@@ -84,7 +84,7 @@ def harness_table(report: dict) -> list[str]:
     """Markdown rows of the lm-evaluation-harness results (empty without them)."""
     if "harness" not in report:
         return []
-    from finetune import harness
+    from finetune.evaluate import harness
 
     return harness.table(report["harness"]["base"], report["harness"]["finetuned"])
 
@@ -182,7 +182,7 @@ def _change(name: str, base, tuned) -> str:
 
 
 def _base_name(target) -> str:
-    from finetune import rundir
+    from finetune.runs import rundir
 
     record = target.base or {}
     if record.get("hub_id"):

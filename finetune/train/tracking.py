@@ -130,7 +130,7 @@ def environment(cfg, run_dir: Path, preset: str | None, ids: dict[str, str] | No
 def session(cfg, run_dir: Path, preset: str | None, resuming: bool = False) -> Iterator[None]:
     """Set the integrations' environment for one run; at the end, close what they left open, record the run ids
     (rank 0) and restore the environment."""
-    from finetune import cli, ranks
+    from finetune import console as cli, ranks
 
     chosen = backends(cfg.trainer.get("report_to"))
     ids = run_ids(run_dir, chosen, resuming)

@@ -1,37 +1,16 @@
-"""Where configs live, the schema of our own keys, and Hydra composition outside the CLI.
+"""The schema of our own config keys: one dataclass per group, each key with a one-line docstring.
 
 Only `trainer:` (trl.SFTConfig's own fields) and most of `strategy:` (peft.LoraConfig's own fields) belong to
-other libraries; they are checked against those classes in validate.py, never re-typed here.
-This module must stay cheap to import: the CLI imports it before deciding whether torch is needed at all.
+other libraries; they are checked against those classes in finetune.config.validate, never re-typed here.
+`finetune train --help` prints these docstrings. Cheap to import: no torch, no Hydra.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from pathlib import Path
 
-from omegaconf import DictConfig, OmegaConf, open_dict
-
-PACKAGE_DIR = Path(__file__).resolve().parent
-PROJECT_DIR = PACKAGE_DIR.parent
-CONF_DIR = PROJECT_DIR / "conf"
-TEMPLATES_DIR = PROJECT_DIR / "data_templates"
-DEMO_DATA_DIR = PACKAGE_DIR / "demo_data"
-DEFAULT_PRESET = "demo"
 FAMILIES = ("gpt_neo", "gpt_neox", "gptj")
 STRATEGIES = ("lora", "dora", "qlora", "full")
-LIBRARY_SECTIONS = ("trainer.", "strategy.")  # keys owned by trl / peft, validated against their classes
-OPEN_SECTIONS = (*LIBRARY_SECTIONS, "data.columns.")  # keys a user may add without Hydra's `+`
-
-
-def _bundled_data(name: str) -> str:
-    return str(DEMO_DATA_DIR / name)
-
-
-def register_resolvers() -> None:
-    """`${finetune_data:NAME}` points at a file bundled with the package (the demo data)."""
-    if not OmegaConf.has_resolver("finetune_data"):
-        OmegaConf.register_new_resolver("finetune_data", _bundled_data)
 
 
 @dataclass
@@ -179,80 +158,3 @@ class RunConfig:
     secret_env: list[str] = field(default_factory=list)
     """Your own secret environment variables, never to be written (finetune.credentials lists the known ones:
     HF_TOKEN, WANDB_API_KEY, AWS/Azure/GCP keys, ...): validation refuses them in the config, push in staged files."""
-
-
-def split_preset(args: list[str]) -> tuple[str, list[str]]:
-    """The preset named by `conf=NAME` (DEFAULT_PRESET when none; the last one wins) and the other arguments: how
-    `python -m finetune`, finetune.plan and finetune.preview read a command line."""
-    name, rest = DEFAULT_PRESET, []
-    for arg in args:
-        if arg.startswith("conf="):
-            name = arg.split("=", 1)[1].removesuffix(".yaml")
-        else:
-            rest.append(arg)
-    return name, rest
-
-
-def compose(config_name: str = DEFAULT_PRESET, overrides: list[str] | None = None) -> DictConfig:
-    """Compose a preset the way the CLI does, for tests, notebooks and tools (no output dir is created).
-
-    `${hydra:...}` interpolations resolve as they would in a real run.
-    """
-    return compose_with_overrides(config_name, overrides)[0]
-
-
-def compose_with_overrides(config_name: str, overrides: list[str] | None = None) -> tuple[DictConfig, list[str]]:
-    """Compose; return the config and the overrides as Hydra finally took them.
-
-    `trainer.*` and `strategy.*` are trl's and peft's keys: any of their fields may be set without Hydra's `+`
-    (`trainer.max_steps=100`), and so may `data.columns.FIELD=COLUMN`. Such an override is retried as
-    `++key=value`; validate.py then checks the name against trl.SFTConfig / peft.LoraConfig / the template's fields,
-    with a suggestion when it is misspelled.
-    """
-    from hydra import compose as hydra_compose
-    from hydra import initialize_config_dir
-    from hydra.core.global_hydra import GlobalHydra
-    from hydra.core.hydra_config import HydraConfig
-    from hydra.errors import ConfigCompositionException
-
-    register_resolvers()
-    overrides = list(overrides or [])
-    for _ in range(len(overrides) + 1):
-        GlobalHydra.instance().clear()
-        try:
-            with initialize_config_dir(config_dir=str(CONF_DIR), version_base=None, job_name="train"):
-                cfg = hydra_compose(config_name=config_name, overrides=overrides, return_hydra_config=True)
-            break
-        except ConfigCompositionException as err:
-            index = _library_key_override(str(err), overrides)
-            if index is None:
-                raise
-            overrides[index] = "++" + overrides[index]
-    HydraConfig.instance().set_config(cfg)  # lets ${hydra:job.config_name} resolve as in a real run
-    with open_dict(cfg):
-        del cfg["hydra"]
-    return cfg, overrides
-
-
-def _library_key_override(message: str, overrides: list[str]) -> int | None:
-    """Index of the plain `trainer.x=` / `strategy.x=` override Hydra refused as not in struct, if that is the error."""
-    for index, override in enumerate(overrides):
-        key = override.split("=", 1)[0]
-        if key.startswith(OPEN_SECTIONS) and f"Could not override '{key}'" in message:
-            return index
-    return None
-
-
-def presets() -> list[str]:
-    """Names accepted by `conf=`: every top-level YAML in conf/ except the shared base."""
-    return sorted(p.stem for p in CONF_DIR.glob("*.yaml") if p.stem != "config")
-
-
-def group_options(group: str) -> list[str]:
-    """Selectable options of a config group (files starting with _ are shared bases, not options)."""
-    return sorted(p.stem for p in (CONF_DIR / group).glob("*.yaml") if not p.stem.startswith("_"))
-
-
-def to_container(cfg: DictConfig) -> dict:
-    """The resolved config as plain dicts and lists (what we save and validate)."""
-    return OmegaConf.to_container(cfg, resolve=True, throw_on_missing=False)

@@ -25,7 +25,7 @@ from pathlib import Path
 
 import yaml
 
-from finetune import rundir
+from finetune.runs import rundir
 
 TRAINING_ARGS_PICKLE = "training_args.bin"
 

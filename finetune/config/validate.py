@@ -8,7 +8,6 @@ silently ignored. Architecture checks (LoRA targets, sequence length) run on the
 from __future__ import annotations
 
 import dataclasses
-import difflib
 import importlib.util
 import types
 import typing
@@ -16,9 +15,11 @@ from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
 
-from finetune import credentials, ranks, runlock
-from finetune.config import FAMILIES, STRATEGIES, RunConfig
-from finetune.errors import ConfigError
+from finetune.config import credentials
+from finetune import ranks
+from finetune.runs import runlock
+from finetune.config.schema import FAMILIES, STRATEGIES, RunConfig
+from finetune.errors import ConfigError, did_you_mean
 
 CARD_DOMAINS = ("general", "legal", "medical")
 BACKENDS = ("none", "ddp", "deepspeed", "fsdp")  # conf/distributed/: how the launched processes share the work
@@ -113,15 +114,14 @@ def _check_type(value, hint, key: str) -> list[str]:
 
 
 def _unknown_key(key: str, leaf: str, known) -> str:
-    close = difflib.get_close_matches(leaf, list(known), n=1, cutoff=0.6)
-    return f"unknown key '{key}'" + (f" (did you mean '{close[0]}'?)" if close else "")
+    return f"unknown key '{key}'{did_you_mean(leaf, known)}"
 
 
 def unknown_library_keys(keys: list[str]) -> list[str]:
     """`trainer.x` / `strategy.x` keys that trl.SFTConfig / peft.LoraConfig do not have (for early CLI errors)."""
     from trl import SFTConfig
 
-    from finetune.strategy import OUR_KEYS, lora_fields
+    from finetune.models.strategy import OUR_KEYS, lora_fields
 
     known = {
         "trainer": {f.name for f in dataclasses.fields(SFTConfig) if f.init} | set(OWNED_TRAINER_KEYS),
@@ -131,7 +131,7 @@ def unknown_library_keys(keys: list[str]) -> list[str]:
 
 
 def check_strategy(strategy: dict) -> list[str]:
-    from finetune.strategy import ADAPTER_STRATEGIES, OUR_KEYS, field_problems, init_problem, lora_fields
+    from finetune.models.strategy import ADAPTER_STRATEGIES, OUR_KEYS, field_problems, init_problem, lora_fields
 
     name = strategy.get("name")
     if name not in STRATEGIES:
@@ -178,7 +178,7 @@ def _has_cuda() -> bool:
 def _qlora_environment() -> list[str]:
     import torch
 
-    from finetune.strategy import bitsandbytes_problem
+    from finetune.models.strategy import bitsandbytes_problem
 
     problem = bitsandbytes_problem(torch.cuda.is_available())
     return [f"strategy=qlora: {problem}; or use strategy=lora"] if problem else []
@@ -262,7 +262,7 @@ def check_loraplus(cfg: dict) -> list[str]:
 def check_report_to(report_to) -> list[str]:
     """trainer.report_to names installed backends of finetune.tracking (transformers would fail only once training
     starts, after the model has loaded, or with "all" silently turn on whatever happens to be installed)."""
-    from finetune.tracking import BACKENDS, PACKAGES, backends
+    from finetune.train.tracking import BACKENDS, PACKAGES, backends
 
     allowed = ", ".join(("none", *BACKENDS))
     items = [report_to] if isinstance(report_to, str) or report_to is None else report_to
@@ -284,7 +284,8 @@ def _type_name(hint) -> str:
 
 
 def check_data(data: dict) -> list[str]:
-    from finetune.data import LENGTH_POLICIES, sources, templates
+    from finetune.data.tokenize import LENGTH_POLICIES
+    from finetune.data import sources, templates
 
     problems = sources.missing_sources(data["path"], "data.path")
     if data["eval_path"]:
@@ -326,7 +327,7 @@ def check_run(cfg: dict) -> list[str]:
                         "or pass overwrite=true")
     if cfg["resume"] not in (False, True, "auto"):
         problems.append(f"resume: '{cfg['resume']}' is not one of false, true, auto")
-    from finetune.fingerprint import RESUME_FIELDS
+    from finetune.models.fingerprint import RESUME_FIELDS
 
     problems += [f"resume_allow_drift: {_unknown_key(name, name, RESUME_FIELDS)[len('unknown key '):]} is not a resume field; "
                  f"fields: {', '.join(RESUME_FIELDS)}" for name in cfg["resume_allow_drift"] if name not in RESUME_FIELDS]
@@ -389,7 +390,7 @@ def _writable(path: Path) -> bool:
 
 
 def check_model(cfg: dict, warnings: list[str]) -> list[str]:
-    from finetune import models
+    from finetune.models import load as models
 
     model = cfg["model"]
     family = model["family"]
@@ -433,7 +434,7 @@ def _check_weights(model: dict) -> list[str]:
     """A local base must hold safetensors weights the loader may read: training loads safetensors only (never
     unpickles), and a shard index naming a file outside the folder is refused (finetune.shards: the rules merge
     applies), before the data is prepared or any weights load. A tiny base not built yet and Hub ids are skipped."""
-    from finetune import shards
+    from finetune.models import shards
     from finetune.errors import IntegrityError
 
     folder = Path(model["name_or_path"]).expanduser()
@@ -457,7 +458,7 @@ def _check_lora_bias(strategy: dict, config, family: str) -> list[str]:
     import torch
     from transformers import AutoModelForCausalLM
 
-    from finetune.models import OUTPUT_EMBEDDINGS
+    from finetune.models.load import OUTPUT_EMBEDDINGS
 
     targets, excluded = strategy.get("target_modules"), strategy.get("exclude_modules") or []
     excluded = [excluded] if isinstance(excluded, str) else excluded
@@ -474,7 +475,7 @@ def _check_lora_bias(strategy: dict, config, family: str) -> list[str]:
 
 
 def _check_targets(targets, linear_names: set[str], family: str) -> list[str]:
-    from finetune.models import OUTPUT_EMBEDDINGS
+    from finetune.models.load import OUTPUT_EMBEDDINGS
 
     if targets == "all-linear":  # peft's own shorthand; it already leaves the output layer out
         return []
@@ -486,8 +487,7 @@ def _check_targets(targets, linear_names: set[str], family: str) -> list[str]:
         if name in OUTPUT_EMBEDDINGS:
             problems.append(f"strategy.target_modules: '{name}' is the output embedding; it is never wrapped (huge, and tied on GPT-Neo)")
         elif name not in linear_names:
-            close = difflib.get_close_matches(name, available, n=1)
-            hint = f" (did you mean '{close[0]}'?)" if close else ""
+            hint = did_you_mean(name, available)
             problems.append(f"strategy.target_modules: '{name}' is not a Linear layer of {family}{hint}; available: {', '.join(available)}")
     return problems
 

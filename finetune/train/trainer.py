@@ -31,9 +31,11 @@ import torch
 from transformers import PrinterCallback, ProgressCallback
 from trl import SFTTrainer
 
-from finetune import checkpoints, fsdp, lm_head, progress
+from finetune.runs import checkpoints
+from finetune.train import fsdp, progress
+from finetune.models import lm_head
 from finetune.errors import DiskFullError, NonFiniteError
-from finetune.guards import StepLog
+from finetune.train.guards import StepLog
 
 
 class GuardedSFTTrainer(SFTTrainer):

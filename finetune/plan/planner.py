@@ -39,12 +39,13 @@ import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from finetune import cli, precision
-from finetune.cli import Option
-from finetune.config import CONF_DIR, PACKAGE_DIR
+from finetune import console as cli
+from finetune.config import precision
+from finetune.console import Option
+from finetune.config.compose import CONF_DIR, PACKAGE_DIR
 from finetune.errors import ConfigError, FinetuneError
 
-MODEL_CONFIGS_DIR = PACKAGE_DIR / "model_configs"
+MODEL_CONFIGS_DIR = PACKAGE_DIR / "models" / "model_configs"
 GIB = 2**30
 CUDA_CONTEXT_BYTES = int(0.75 * GIB)  # CUDA context, cuBLAS/cuDNN workspaces and kernels of torch 2.x: a fixed charge
 NCCL_BYTES = int(0.5 * GIB)  # NCCL communicators and their buffers when more than one GPU takes part
@@ -297,7 +298,7 @@ def options_format(args: list[str], options: dict) -> str:
 def parse_args(args: list[str]) -> tuple[str | None, dict, list[str]]:
     """(preset, planner options, Hydra overrides). A key=value whose key is one of ours is an option; the rest go to
     Hydra, except a bare word close to one of our options, which is reported as the misspelled option it likely is."""
-    from finetune.config import split_preset
+    from finetune.config.compose import split_preset
 
     preset, rest = split_preset(args)
     ours, overrides, problems = [], [], []
@@ -325,7 +326,7 @@ def parse_args(args: list[str]) -> tuple[str | None, dict, list[str]]:
 @functools.cache
 def _config_root_keys() -> frozenset:
     names = {p.stem for p in CONF_DIR.iterdir() if p.is_dir()}
-    from finetune.config import RunConfig
+    from finetune.config.schema import RunConfig
 
     return frozenset(names | {f.name for f in dataclasses.fields(RunConfig)})
 
@@ -335,8 +336,8 @@ def plan_preset(preset: str, overrides: list[str], gpu: str = "h100-80gb", num_g
     """Compose `conf=preset` with overrides as training does, then plan it."""
     from hydra.errors import ConfigCompositionException, MissingConfigException
 
-    from finetune.__main__ import preflight
-    from finetune.config import compose_with_overrides, presets
+    from finetune.config.compose import preflight
+    from finetune.config.compose import compose_with_overrides, presets
 
     find_gpu(gpu)  # an unknown GPU fails before any composition
     check_options(num_gpus, mfu, headroom)
@@ -400,7 +401,7 @@ def checked_config(cfg) -> tuple[dict, list[str]]:
     (the planner never contacts the Hub); problems of this machine only (no CUDA, no DeepSpeed) become notes."""
     from omegaconf import OmegaConf
 
-    from finetune.validate import validate
+    from finetune.config.validate import validate
 
     container = cfg if isinstance(cfg, dict) else _resolved_or_none(cfg)
     if container is None:  # does not resolve: validate() says why
@@ -456,7 +457,7 @@ def architecture_config(model: dict):
     """(transformers config, where it came from): a local folder's config.json, the tiny recipe, or the shipped copy."""
     from transformers import AutoConfig
 
-    from finetune import tiny
+    from finetune.models import tiny
 
     path = Path(model["name_or_path"]).expanduser()
     if (path / "config.json").is_file():
@@ -544,7 +545,7 @@ def _layers(model):
 
 def adapter(model: dict, strategy: dict, arch: Architecture) -> Adapter | None:
     """peft's trainable parameters for an adapter strategy, applied to the meta model (None for full fine-tuning)."""
-    from finetune.strategy import ADAPTER_STRATEGIES, OUR_KEYS
+    from finetune.models.strategy import ADAPTER_STRATEGIES, OUR_KEYS
 
     if strategy["name"] not in ADAPTER_STRATEGIES:
         return None

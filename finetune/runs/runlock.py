@@ -32,12 +32,13 @@ import sys
 import time
 from pathlib import Path
 
-from finetune import checkpoints, ranks
+from finetune.runs import checkpoints
+from finetune import ranks
 from finetune.errors import ConfigError
 
 LOCK = ".finetune.lock"
 HYDRA_LOG = "train.log"  # Hydra opens it (append) in output_dir before the run starts; never removed
-PROJECT = Path(__file__).resolve().parents[1]
+PROJECT = Path(__file__).resolve().parents[2]  # the checkout (or the site-packages folder) holding finetune/
 # What training writes at the top level of output_dir (README "Outputs"); the tools run on a run directory afterwards
 # (merge, evaluate, push, embed) check their own out= themselves.
 TRAINING_WRITES = frozenset({
@@ -296,7 +297,7 @@ class RunLock:
 def before_start(config_name: str, overrides: list[str]) -> list[str]:
     """output_dir's problems before Hydra opens train.log there: a refused run writes nothing into it. Rank 0 also
     checks the lock and whose files the folder holds; validate and train.run check again (the Python entry)."""
-    from finetune.config import compose
+    from finetune.config.compose import compose
 
     try:
         cfg = compose(config_name, overrides)

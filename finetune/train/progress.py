@@ -234,7 +234,7 @@ class TrainingProgress(TrainerCallback):
         return ", ".join(parts)
 
     def _say(self, message: str) -> None:
-        from finetune import cli
+        from finetune import console as cli
 
         cli.transcript(PREFIX + message)
         if self.bar is not None or self.eval_bar is not None:

@@ -27,8 +27,9 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from finetune import checkpoints, cli, rundir
-from finetune.cli import Option
+from finetune.runs import checkpoints, rundir
+from finetune import console as cli
+from finetune.console import Option
 from finetune.errors import ConfigError, DataError
 
 OPTIONS = [
@@ -75,14 +76,14 @@ class EvalSet:
 
 def run(opts: dict) -> Path:
     """The CLI: check everything cheap (options, rows, harness task names), then load once and measure both sides."""
-    from finetune import generate
+    from finetune.inference import generate
 
     for key in ("generate_rows", "samples", "max_new_tokens", "batch_size"):
         if opts[key] < (1 if key in ("max_new_tokens", "batch_size") else 0):
             raise ConfigError(f"{key}={opts[key]}: must be {'positive' if key in ('max_new_tokens', 'batch_size') else '0 or more'}")
     target = rundir.locate(opts["target"], opts["merged"])
     if opts["harness"]:
-        from finetune import harness
+        from finetune.evaluate import harness
 
         harness.resolve_tasks(opts["harness"], opts["harness_include"])
     loading = generate.plan(opts["target"], opts["merged"], base=opts["base"], dtype=opts["dtype"])
@@ -100,7 +101,7 @@ def run(opts: dict) -> Path:
     for side, model in _sides(session, target, opts, loading.dtype):
         cli.say(f"measuring the {side} model")
         results[side], answers[side] = measure(model, session.tokenizer, evalset, opts)
-    from finetune import eval_report
+    from finetune.evaluate import report as eval_report
 
     report = eval_report.build(target, evalset, results, answers, opts, loading.dtype)
     written = eval_report.write(out_dir, report)
@@ -141,8 +142,8 @@ def build_evalset(target: rundir.Target, tokenizer, opts: dict) -> EvalSet:
 
 
 def _evalset(target, tokenizer, template, data_cfg, source: str, opts: dict, reproduced: bool) -> EvalSet:
-    from finetune import fingerprint
-    from finetune.data import prepare, prompt_text
+    from finetune.models import fingerprint
+    from finetune.data.tokenize import prepare, prompt_text
 
     seed = (target.config or {}).get("seed", 42)
     try:
@@ -236,7 +237,7 @@ def _labelled(rows, references, options, options_field, source) -> tuple[list[li
 
 def _option_sequences(tokenizer, template, rows, options) -> list[list[tuple[list[int], list[int]]]]:
     """Per row, per option: the prompt and the option as training renders and tokenizes them (each piece on its own)."""
-    from finetune.data import render
+    from finetune.data.tokenize import render
 
     sequences = []
     for row, choices in zip(rows, options):
@@ -255,7 +256,7 @@ def _option_sequences(tokenizer, template, rows, options) -> list[list[tuple[lis
 
 def measure(model, tokenizer, evalset: EvalSet, opts: dict) -> tuple[dict, dict]:
     """Every metric of one model on the set, and its answers (generated text or chosen option) per row."""
-    from finetune import metrics, scoring
+    from finetune.evaluate import metrics, scoring
 
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     scored = scoring.label_logprobs(model, evalset.sequences, opts["batch_size"], pad)
@@ -281,7 +282,7 @@ def measure(model, tokenizer, evalset: EvalSet, opts: dict) -> tuple[dict, dict]
         result.update(metrics.text_metrics(generated, [r.strip() for r in evalset.references[:count]]))
         answers = dict(enumerate(generated))
     if opts["harness"]:
-        from finetune import harness
+        from finetune.evaluate import harness
 
         result["harness"] = harness.run_tasks(model, tokenizer, opts["harness"], include_path=opts["harness_include"] or None,
                                               limit=opts["harness_limit"], num_fewshot=opts["num_fewshot"],
@@ -306,7 +307,7 @@ def _load_base(target: rundir.Target, override: str | None, dtype: str):
     import torch
     from transformers import AutoModelForCausalLM
 
-    from finetune import neo_attention
+    from finetune.models import neo_attention
 
     source = rundir.base_source(target, override)
     cli.say(f"loading the base {source} to compare with")
@@ -320,7 +321,7 @@ def _load_base(target: rundir.Target, override: str | None, dtype: str):
 
 def _refresh_cards(target: rundir.Target) -> None:
     """The cards of the run's weights (and merged model) carry the new report."""
-    from finetune import card
+    from finetune.adapters import card
 
     if not target.run_dir or not target.config:
         return
@@ -351,7 +352,7 @@ def _columns(pairs: list) -> dict:
 def _default_data_config() -> dict:
     from dataclasses import asdict
 
-    from finetune.config import DataConfig
+    from finetune.config.schema import DataConfig
 
     return asdict(DataConfig(path=""))
 

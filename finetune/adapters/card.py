@@ -18,7 +18,7 @@ from pathlib import Path
 
 import yaml
 
-from finetune import serving
+from finetune.adapters import serving
 
 CAUTIONS = {
     "legal": ("Not legal advice. Outputs can be wrong, out of date or wrong for your jurisdiction, and can cite law "
@@ -173,7 +173,7 @@ def _results(run_dir, record: dict, extra: dict) -> list[str]:
         lines += [f"Final training loss: {record['train_loss']:.4f}.", ""]
     report = _read_json(run_dir / "eval_report.json") if run_dir else {}
     if report.get("metrics"):
-        from finetune import eval_report
+        from finetune.evaluate import report as eval_report
 
         data = report.get("data", {})
         lines += [f"Evaluation (`python -m finetune.evaluate`) on {_cell(data.get('rows'))} rows ({_cell(data.get('source'))}):", "",

@@ -33,7 +33,6 @@ now generated and exact-matched) can move the last digit, which is why each resu
 from __future__ import annotations
 
 import contextlib
-import difflib
 import functools
 import logging
 import math
@@ -42,7 +41,7 @@ import re
 import sys
 from pathlib import Path
 
-from finetune.errors import ConfigError
+from finetune.errors import ConfigError, closest
 
 LM_EVAL_REQUIREMENT = "lm_eval>=0.4.13,<0.5"  # TaskManager.load and Task objects in simple_evaluate(tasks=)
 LM_EVAL_MINIMUM = "0.4.13"
@@ -187,7 +186,7 @@ def _check_names(manager, tasks: list[str]) -> None:
     for name in tasks:
         if name in known:
             continue
-        close = difflib.get_close_matches(name, manager.all_tasks, n=5, cutoff=0.6)
+        close = closest(name, manager.all_tasks, n=5)
         hint = f"close matches: {', '.join(close)}" if close else "no close match"
         problems.append(f"harness=: unknown task '{name}' ({hint}). `lm_eval ls tasks` lists the registered ones; "
                         f"a folder of your own task YAMLs is added with harness_include=DIR")

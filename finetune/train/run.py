@@ -21,12 +21,18 @@ from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
 
-from finetune import artifacts, card, checkpoints, cli, fingerprint, models, oom, precision, ranks, rundir, runlock, strategy, tracking
-from finetune.data import describe, packing, prepare, prompt_text
+from finetune.runs import artifacts, checkpoints, rundir, runlock
+from finetune.adapters import card
+from finetune import console as cli, ranks
+from finetune.models import fingerprint, load as models, strategy
+from finetune.train import oom, tracking
+from finetune.config import precision
+from finetune.data.tokenize import describe, prepare, prompt_text
+from finetune.data import packing
 from finetune.data import templates as data_templates
 from finetune.errors import EXIT_FAILURE, EXIT_OK, ConfigError, FinetuneError, IntegrityError, Preempted
-from finetune.guards import FlushStepLog, OnTrainBegin, PreemptionSignals, StepLog, StopBeforeTraining, StopOnPreemption, before_training
-from finetune.validate import validate
+from finetune.train.guards import FlushStepLog, OnTrainBegin, PreemptionSignals, StepLog, StopBeforeTraining, StopOnPreemption, before_training
+from finetune.config.validate import validate
 
 LOG_FILE = "train.log"  # the run's log: our lines (cli.transcript) and, through Hydra's job logging, library warnings
 
@@ -139,8 +145,8 @@ def _train(cfg, resolved: dict, run_dir: Path, record, resume_from: Path | None,
     from transformers import set_seed
     from trl import SFTConfig
 
-    from finetune.progress import rows_bar
-    from finetune.trainer import GuardedSFTTrainer, estimate_checkpoint_bytes
+    from finetune.train.progress import rows_bar
+    from finetune.train.trainer import GuardedSFTTrainer, estimate_checkpoint_bytes
 
     set_seed(cfg.seed)
     models.ensure_available(cfg.model)
@@ -246,7 +252,7 @@ def _train(cfg, resolved: dict, run_dir: Path, record, resume_from: Path | None,
         result = trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
     train_seconds = time.perf_counter() - started
     if cfg.distributed.backend == "fsdp":
-        from finetune import fsdp
+        from finetune.train import fsdp
 
         record.update(fsdp_sharded_parameters=fsdp.sharded_parameters(trainer.model_wrapped))
     if signals.received:

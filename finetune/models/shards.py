@@ -226,3 +226,24 @@ def _uint8():
     import torch
 
     return torch.uint8
+
+
+def open_weights(path: Path):
+    """A reader for one weights file: safetensors, or a pickled shard (allow_pickle=true only)."""
+    return ShardReader(path) if path.suffix == ".safetensors" else _PickledShard(path)
+
+
+class _PickledShard:
+    """A pickled shard (allow_pickle=true only), read with weights_only=True, behind ShardReader's interface."""
+
+    def __init__(self, path: Path):
+        self.state = load_pickled(path)
+        self.tensors = {name: TensorInfo(name, dtype_name(t.dtype), tuple(t.shape), 0, 0)
+                        for name, t in self.state.items()}
+
+    def read(self, name: str):
+        return self.state[name]
+
+    def close(self) -> None:
+        self.state = {}
+

@@ -92,7 +92,7 @@ def _refuse_unfinished(run_dir: Path, weights: Path | None) -> None:
     """A torn run: run.json says it did not complete (running, preempted, failed) and its final weights folder is
     absent or has no MANIFEST.json (written last, after run.json says completed): whatever is there is not the
     trained model. IntegrityError (exit 3) naming the status, the newest committed checkpoint and the fixes."""
-    from finetune import checkpoints
+    from finetune.runs import checkpoints
 
     status = read_json(run_dir / "run.json").get("status") if (run_dir / "run.json").is_file() else None
     if status in (None, "completed") or (weights is not None and (weights / checkpoints.MANIFEST).is_file()):
@@ -120,7 +120,7 @@ def _is_checkpoint(path: Path) -> bool:
 def _checkpoint(path: Path) -> Target:
     """RUN/checkpoints/checkpoint-N: the weights of a training checkpoint, with the run's config and template, and
     the base recorded in run.json (base_model.json is only written with the final weights)."""
-    from finetune import checkpoints
+    from finetune.runs import checkpoints
 
     if not (path / checkpoints.MANIFEST).is_file():
         raise IntegrityError(f"{path}: no {checkpoints.MANIFEST}: this checkpoint was never committed (a save that did "

@@ -53,7 +53,7 @@ class PreemptionSignals:
             line = (f"[finetune] {self.received} received: stopping at the next safe point (in training: after this "
                     "optimizer step, saving a checkpoint)")
             print(line, file=sys.stderr, flush=True)
-            from finetune import cli
+            from finetune import console as cli
 
             cli.transcript(line)
 

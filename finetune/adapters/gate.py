@@ -27,7 +27,8 @@ import gc
 import re
 from pathlib import Path
 
-from finetune import shards
+from finetune.adapters.adapter_files import module_of
+from finetune.models import shards
 
 FP32_TOLERANCE = 1e-4
 GAP_FACTOR = 2.0
@@ -44,7 +45,7 @@ PROBE_TOKENS = 48
 
 def check(base_dir: Path, adapter, merged_dir: Path, dtype: str, mode: str = "auto", tolerance: float | None = None,
           allow_pickle: bool = False, quantization: dict | None = None) -> dict:
-    """{"mode", "max_abs_diff", "reference_gap", "tolerance", "passed", ...} for a merge.Adapter (as the merge read it)
+    """{"mode", "max_abs_diff", "reference_gap", "tolerance", "passed", ...} for an adapter_files.Adapter (as the merge read it)
     merged into `merged_dir`; allow_pickle as the merge was given it; `quantization`: the QLoRA base's
     BitsAndBytesConfig kwargs (base_model.json), which adds "trained_model" (passed is then both checks)."""
     if mode == "auto":
@@ -74,7 +75,7 @@ def _against_4bit(base_dir: Path, adapter_dir: Path, merged_dir: Path, dtype: st
     from peft import PeftModel
     from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig
 
-    from finetune.strategy import bitsandbytes_problem
+    from finetune.models.strategy import bitsandbytes_problem
 
     cuda = torch.cuda.is_available()
     problem = bitsandbytes_problem(cuda)
@@ -273,14 +274,10 @@ class _TensorFinder:
     """Read named tensors from a model folder's weight files, opening each file once."""
 
     def __init__(self, folder: Path, allow_pickle: bool = False):
-        from finetune.merge import open_weights
-
-        self.readers = [open_weights(p) for p in shards.weight_files(folder, allow_pickle)]
+        self.readers = [shards.open_weights(p) for p in shards.weight_files(folder, allow_pickle)]
 
     def name_for(self, module: str) -> str:
-        """The checkpoint's name for an adapted module's weight (merge.module_of's matching)."""
-        from finetune.merge import module_of
-
+        """The checkpoint's name for an adapted module's weight (adapter_files.module_of's matching)."""
         return next(name for reader in self.readers for name in reader.tensors
                     if name.endswith(".weight") and module_of(name, {module: None}))
 

@@ -1,0 +1,1 @@
+"""Using a trained run: generation and chat with its training template, and embeddings."""
