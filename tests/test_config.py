@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 import subprocess
 import sys
 
 import pytest
 from omegaconf import OmegaConf
 
-from finetune.config.compose import CONF_DIR, compose, group_options, presets
+from finetune.config.compose import CONF_DIR, compose, group_options, presets, to_container
 
 from helpers import PROJECT
 
@@ -106,3 +107,16 @@ def test_bad_override_syntax_is_a_config_error(module, tmp_path):
     assert result.returncode == 2, result.stderr
     assert "Traceback" not in result.stderr
     assert "'strategy.r=[8'" in result.stderr and "key=[a,b]" in result.stderr
+
+
+@pytest.mark.parametrize("preset", EXPECTED_PRESETS)
+def test_own_data_path_is_held_out_from_itself_not_from_the_demo_rows(preset, tmp_path):
+    """Issue 21 item 5: `data.path=mine.jsonl` alone must not keep the demo's bundled held-out file (the run would be
+    evaluated on legal/medical rows it was never about); an explicit data.eval_path is kept."""
+    mine, theirs = tmp_path / "mine.jsonl", tmp_path / "held.jsonl"
+    default = to_container(compose(preset))["data"]
+    assert default["eval_path"] is None or Path(default["eval_path"]).name == "legal_medical_qa_heldout.jsonl"
+    own = to_container(compose(preset, [f"data.path={mine}"]))["data"]
+    assert own["path"] == str(mine) and own["eval_path"] is None and own["eval_fraction"] > 0
+    both = to_container(compose(preset, [f"data.path={mine}", f"data.eval_path={theirs}"]))["data"]
+    assert both["eval_path"] == str(theirs)

@@ -34,10 +34,21 @@ def _bundled_data(name: str) -> str:
     return str(DEMO_DATA_DIR / name)
 
 
+def _bundled_pair(path, train_name: str, heldout_name: str) -> str | None:
+    """The bundled held-out file, but only while `path` is still the bundled training file it belongs to: a user who
+    sets data.path to their own rows gets their own held-out split (data.eval_fraction), never the demo's rows."""
+    if isinstance(path, str) and Path(path).expanduser().resolve() == (DEMO_DATA_DIR / train_name).resolve():
+        return _bundled_data(heldout_name)
+    return None
+
+
 def register_resolvers() -> None:
-    """`${finetune_data:NAME}` points at a file bundled with the package (the demo data)."""
+    """`${finetune_data:NAME}` points at a file bundled with the package (the demo data);
+    `${finetune_heldout:${.path},TRAIN,HELDOUT}` at bundled HELDOUT while data.path is bundled TRAIN, else null."""
     if not OmegaConf.has_resolver("finetune_data"):
         OmegaConf.register_new_resolver("finetune_data", _bundled_data)
+    if not OmegaConf.has_resolver("finetune_heldout"):
+        OmegaConf.register_new_resolver("finetune_heldout", _bundled_pair)
 
 
 def split_preset(args: list[str]) -> tuple[str, list[str]]:
