@@ -29,10 +29,10 @@ class ModelConfig:
     revision: str = "main"
     """Hub branch, tag or commit; pin a commit for reproducible runs."""
     dtype: str = "auto"
-    """Weight dtype while loading: auto (bfloat16 where the hardware has native bf16, else float32: finetune.precision)
-    | bfloat16 | float32 | float16."""
+    """Weight dtype while loading: auto (bfloat16 where the hardware has native bf16, else float32:
+    finetune.config.precision) | bfloat16 | float32 | float16."""
     attn_implementation: str | None = None
-    """eager | sdpa | flash_attention_2 | flex_attention (NeoX); sdpa (finetune.neo_attention) | eager (GPT-Neo);
+    """eager | sdpa | flash_attention_2 | flex_attention (NeoX); sdpa (finetune.models.neo_attention) | eager (GPT-Neo);
     eager | flash_attention_2 (GPT-J)."""
     trust_remote_code: bool = False
     """Never needed for this family; true runs Python shipped with the checkpoint."""
@@ -63,6 +63,7 @@ class DataConfig:
     eval_split: str | None = None
     """Held-out split of a Hub dataset or dataset folder (e.g. test)."""
     eval_fraction: float = 0.1
+    """Share of path held out (seeded split) when there is no eval_path or eval_split; 0: no held-out rows."""
     max_length: int = 1024
     """Tokens per sample (prompt + response + EOS), and per packed row."""
     overlength: str = "drop"
@@ -96,7 +97,7 @@ class DistributedConfig:
 
 @dataclass
 class CardConfig:
-    """The model card (README.md) written with every adapter, full model and merged model (finetune.card)."""
+    """The model card (README.md) written with every adapter, full model and merged model (finetune.adapters.card)."""
 
     model_name: str | None = None
     """Title of the card; null: the run directory's name."""
@@ -107,6 +108,7 @@ class CardConfig:
     license: str = "apache-2.0"
     """License of the published weights (the GPT-Neo family is Apache-2.0; your data may restrict it further)."""
     language: list[str] = field(default_factory=lambda: ["en"])
+    """Language codes of the card's metadata (ISO 639-1, e.g. [en] or [en, de])."""
     tags: list[str] = field(default_factory=list)
     """Extra Hub tags (neo-finetune, the strategy and the architecture are always added)."""
     datasets: list[str] = field(default_factory=list)
@@ -115,8 +117,8 @@ class CardConfig:
 
 @dataclass
 class TrackingConfig:
-    """Where `trainer.report_to` sends the training curves (finetune.tracking): TensorBoard always logs inside the run
-    directory; W&B and MLflow log there too when offline."""
+    """Where `trainer.report_to` sends the training curves (finetune.train.tracking): TensorBoard always logs inside the
+    run directory; W&B and MLflow log there too when offline."""
 
     project: str | None = None
     """W&B project / MLflow experiment; null: the preset's name, or neo-finetune."""
@@ -128,18 +130,41 @@ class TrackingConfig:
 
 
 @dataclass
+class StrategyKeys:
+    """Our keys under `strategy:`, beside peft.LoraConfig's fields (finetune.models.strategy.OUR_KEYS). The
+    documentation of those keys, not a schema: validation checks strategy.* in finetune.models.strategy."""
+
+    name: str = "lora"
+    """lora | dora | qlora | full: the strategy (set by strategy=NAME; full trains every weight, without peft)."""
+    quantization: dict | None = None
+    """QLoRA's 4-bit base: a dict for transformers.BitsAndBytesConfig (load_in_4bit, bnb_4bit_quant_type, ...)."""
+    loraplus_lr_ratio: float | None = None
+    """LoRA+: the B matrices train at trainer.learning_rate x this (2-16 is usual); null: off."""
+
+
+@dataclass
 class RunConfig:
     """The root of a composed config: our run-level keys plus the groups."""
 
     output_dir: str
+    """The run directory (default runs/PRESET); refused if it holds a finished run, unless overwrite or resume."""
     model: ModelConfig
+    """The base checkpoint and the facts of its family (model=OPTION, conf/model/)."""
     data: DataConfig
+    """Training data and how it becomes token ids (data=OPTION, conf/data/)."""
     strategy: dict
+    """How the model trains (strategy=lora|dora|qlora|full, conf/strategy/): peft.LoraConfig's fields, plus ours
+    (StrategyKeys)."""
     trainer: dict
+    """trl.SFTConfig's fields (transformers TrainingArguments), passed on unchanged (trainer=OPTION, conf/trainer/)."""
     distributed: DistributedConfig = field(default_factory=DistributedConfig)
+    """How training is spread over processes (distributed=OPTION, conf/distributed/)."""
     card: CardConfig = field(default_factory=CardConfig)
+    """The model card (README.md) written with every adapter, full model and merged model."""
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
+    """Where trainer.report_to sends the training curves (TensorBoard, W&B, MLflow)."""
     overwrite: bool = False
+    """true: replace the results (and checkpoints) of a previous run in output_dir."""
     allow_foreign_files: bool = False
     """true: train in an output_dir that also holds files no run wrote (left untouched; never under a name a run writes)."""
     resume: bool | str = False
@@ -147,14 +172,19 @@ class RunConfig:
     resume_allow_drift: list[str] = field(default_factory=list)
     """Fields (fingerprint.RESUME_FIELDS) allowed to differ from the checkpoint when resuming, e.g. [max_steps]."""
     seed: int = 42
+    """One seed for the held-out split, shuffling, LoRA init and dropout (also trainer.seed and trainer.data_seed)."""
     allow_fp16: bool = False
+    """fp16 overflows on GPT-Neo/NeoX (bf16 or fp32 is the default); true accepts trainer.fp16=true anyway."""
     eval_before_training: bool = True
+    """Held-out loss of the untouched base before training, for the before/after numbers (one extra eval pass)."""
     early_stopping_patience: int | None = None
     """Stop after this many evaluations without a lower eval loss (then the best checkpoint is the result)."""
     early_stopping_threshold: float = 0.0
     """How much lower the eval loss must be to count as better."""
     sample_generations: int = 1
+    """Held-out prompts generated before and after training, shown and saved in samples.json (0: none)."""
     max_new_tokens: int = 48
+    """Length limit of those sample generations, in tokens."""
     secret_env: list[str] = field(default_factory=list)
     """Your own secret environment variables, never to be written (finetune.credentials lists the known ones:
     HF_TOKEN, WANDB_API_KEY, AWS/Azure/GCP keys, ...): validation refuses them in the config, push in staged files."""

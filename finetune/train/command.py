@@ -1,8 +1,8 @@
 """`python -m finetune [conf=PRESET] [key=value ...] [hydra flags]`: compose a config and train.
 
-The shim does three things Hydra does not: maps `conf=NAME` to Hydra's config name, prints a fast `--help`
-without importing Hydra or torch, and checks every command-line override before Hydra runs, so that all
-misspelled keys are reported at once with a suggestion and exit code 2 (Hydra stops at the first, with 1).
+The shim does three things Hydra does not: maps `conf=NAME` to Hydra's config name, prints a fast `--help` (every
+config key with its doc) without importing torch, and checks every command-line override before Hydra runs, so that
+all misspelled keys are reported at once with a suggestion and exit code 2 (Hydra stops at the first, with 1).
 Nothing heavy is imported until training really starts (finetune.train).
 """
 
@@ -17,7 +17,7 @@ _FLAGS_WITH_VALUE = {"--cfg", "-c", "--package", "-p", "--config-dir", "-cd", "-
 def main(argv: list[str] | None = None) -> None:
     args = list(sys.argv[1:] if argv is None else argv)
     if any(a in ("-h", "--help", "help") for a in args):
-        print(_help_text())
+        print(_help_text(args))
         return
     from finetune.config.compose import preflight, split_preset
 
@@ -197,14 +197,19 @@ def _record_refused_job(cfg, err) -> None:
                                                     "overrides": given_overrides()})
 
 
-def _help_text() -> str:
-    from finetune.config.compose import group_options, presets
+def _help_text(args: list[str] = ()) -> str:
+    """Usage, presets, groups, examples and exit codes, then every config key with its doc (finetune.config.keys):
+    `--help conf=NAME` shows that preset's values, `--help all` adds every field of trl.SFTConfig and peft.LoraConfig.
+    Reads files only (schema.py, conf/, trl's and peft's sources with ast): no torch, about a second."""
+    from finetune.config.compose import group_options, presets, split_preset
+    from finetune.config.keys import listing
 
+    preset, _ = split_preset(list(args))
     groups = "\n".join(f"  {g:<12} {', '.join(group_options(g))}" for g in ("model", "strategy", "data", "trainer", "distributed"))
-    return f"""usage: python -m finetune [conf=PRESET] [key=value ...] [--cfg job] [-m]
+    return f"""usage: finetune [train] [conf=PRESET] [key=value ...] [--cfg job] [-m]    (or python -m finetune ...)
 
-Fine-tune GPT-Neo, GPT-J, Pythia and GPT-NeoX with LoRA, DoRA, QLoRA or full SFT.
-With no arguments: the offline CPU demo (conf=demo).
+Fine-tune GPT-Neo, GPT-J, Pythia and GPT-NeoX with LoRA, DoRA, QLoRA or full SFT: compose a preset with your
+overrides and train. With no arguments: the offline CPU demo (conf=demo).
 
 presets (conf=NAME):
   {', '.join(presets())}
@@ -213,22 +218,26 @@ config groups (GROUP=OPTION):
 {groups}
 
 examples:
-  python -m finetune                                   offline demo on CPU
-  python -m finetune conf=lora_neox20b --cfg job       print the resolved config, load nothing
-  python -m finetune conf=lora_pythia1b data.path=my.jsonl strategy.r=32 trainer.learning_rate=1e-4
-  python -m finetune conf=lora_neox20b model.name_or_path=/models/neox20b output_dir=runs/legal
-  python -m finetune.preview data=chatml data.path=chats.jsonl n=3    samples as they will train (tokenizer only)
+  finetune                                        offline demo on CPU
+  finetune conf=lora_neox20b --cfg job            print the resolved config, load nothing
+  finetune conf=lora_pythia1b data.path=my.jsonl strategy.r=32 trainer.learning_rate=1e-4
+  finetune conf=lora_neox20b model.name_or_path=/models/neox20b output_dir=runs/legal
+  finetune preview data=chatml data.path=chats.jsonl n=3     samples as they will train (tokenizer only)
+  finetune plan conf=lora_neox20b gpu=h100-80gb              memory and time on a GPU, no weights loaded
 
 after training (each takes --help):
-  python -m finetune.merge RUN_DIR [dtype=bfloat16]            streaming merge + numerical gate -> RUN_DIR/merged
-  python -m finetune.generate RUN_DIR prompt="..." | chat=true  generate with the training chat template
-  python -m finetune.evaluate RUN_DIR [data=FILE] [harness=lambada_openai,sciq]   base vs fine-tuned -> eval_report.md/json/png
-  python -m finetune.embed RUN_DIR input=texts.txt [pooling=mean|last] [adapter=false]   vectors -> RUN_DIR/embeddings/
-  python -m finetune.push RUN_DIR repo_id=NAME/REPO [merged=true] [dry_run=true]
+  finetune merge RUN_DIR [dtype=bfloat16]              streaming merge + numerical gate -> RUN_DIR/merged
+  finetune generate RUN_DIR prompt="..."               generate with the training chat template
+  finetune chat RUN_DIR                                talk to it in the terminal (generate chat=true)
+  finetune evaluate RUN_DIR [data=FILE] [harness=lambada_openai,sciq]   base vs fine-tuned -> eval_report.md/json/png
+  finetune embed RUN_DIR input=texts.txt [pooling=mean|last] [adapter=false]   vectors -> RUN_DIR/embeddings/
+  finetune push RUN_DIR repo_id=NAME/REPO [merged=true] [dry_run=true]
 
 exit codes: 0 done, 1 failure, 2 config or data problem, 3 corrupt, unsafe or mismatched input (or a failed merge gate),
 75 preempted (resume=true).
-sweeps: python -m finetune conf=demo -m strategy.r=8,16,32 trainer.learning_rate=1e-4,3e-4
-  each job in runs/sweeps/PRESET/TIME/N/ (output_dir=DIR: DIR/N/), table in sweep_summary.md; exit code: the worst job's.
-Hydra's own flags: --cfg job|all, --resolve, -m (multirun), --hydra-help."""
+sweeps: finetune conf=demo -m strategy.r=8,16,32 trainer.learning_rate=1e-4,3e-4
+  each job in runs/sweeps/PRESET/TIME/N/ (output_dir=DIR: DIR/N/), table in sweep_summary.md (finetune sweep DIR);
+  exit code: the worst job's.
+Hydra's own flags: --cfg job|all, --resolve, -m (multirun), --hydra-help.
 
+{listing(preset, everything="all" in args)}"""
