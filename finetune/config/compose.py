@@ -94,7 +94,7 @@ def compose_with_overrides(config_name: str, overrides: list[str] | None = None)
                 cfg = hydra_compose(config_name=config_name, overrides=overrides, return_hydra_config=True)
             break
         except ConfigCompositionException as err:
-            index = _library_key_override(str(err), overrides)
+            index = _library_key_override(err, overrides)
             if index is None:
                 raise
             overrides[index] = "++" + overrides[index]
@@ -104,13 +104,24 @@ def compose_with_overrides(config_name: str, overrides: list[str] | None = None)
     return cfg, overrides
 
 
-def _library_key_override(message: str, overrides: list[str]) -> int | None:
+def _library_key_override(err: Exception, overrides: list[str]) -> int | None:
     """Index of the plain `trainer.x=` / `strategy.x=` override Hydra refused as not in struct, if that is the error."""
+    refused = _refused_key(err)
     for index, override in enumerate(overrides):
         key = override.split("=", 1)[0]
-        if key.startswith(OPEN_SECTIONS) and f"Could not override '{key}'" in message:
+        if key.startswith(OPEN_SECTIONS) and key == refused:
             return index
     return None
+
+
+def _refused_key(err: Exception) -> str | None:
+    """The key or group option a Hydra composition error is about, read from the error's fields, not its wording:
+    a missing group option's `missing_cfg_file` (model/gpt_neox_2b), an unknown key's OmegaConf `full_key`."""
+    from hydra.errors import MissingConfigException
+
+    if isinstance(err, MissingConfigException) and err.missing_cfg_file:
+        return err.missing_cfg_file
+    return getattr(err.__cause__, "full_key", None) or None
 
 
 def presets() -> list[str]:
@@ -172,19 +183,18 @@ def syntax_problems(overrides: list[str]) -> list[str]:
 
 
 def _blame(err: Exception, overrides: list[str]) -> str | None:
-    """The override an error is about (Hydra names the key or the group option in its message)."""
-    text = str(err)
+    """The override an error is about: from the error's fields (_refused_key); only errors that carry none (an
+    append `+key=` onto an existing key) are matched by the key Hydra quotes in its message."""
+    refused = _refused_key(err)
     for override in overrides:
         key, value = override.split("=", 1)
         key = key.lstrip("+~")
-        if f"'{key}'" in text or f"'{key}/{value}'" in text or f"{key}={value}" in text:
+        if refused in (key, f"{key}/{value}") or (refused is None and f"'{key}'" in str(err)):
             return override
     return None
 
 
 def _explain(override: str, config_name: str) -> str:
-    from finetune.config.compose import CONF_DIR, compose, group_options
-
     key, value = override.split("=", 1)
     key = key.lstrip("+~")
     if (CONF_DIR / key).is_dir():  # a group selection such as model=gpt_neox_2b
@@ -194,6 +204,8 @@ def _explain(override: str, config_name: str) -> str:
     for part in filter(None, parent.split(".")):
         node = node.get(part) if hasattr(node, "get") else None
     known = list(node.keys()) if hasattr(node, "keys") else []
+    if leaf in known and override.startswith("+") and not override.startswith("++"):
+        return f"'{override}': {key} is already set, and '+' only adds new keys; drop the '+' ({override[1:]})"
     return f"unknown key '{key}' in command-line override '{override}'{did_you_mean(leaf, known)}"
 
 

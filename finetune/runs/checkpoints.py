@@ -278,19 +278,30 @@ def _fsync_dir(path: Path) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
-    """`python -m finetune.checkpoints seal FOLDER`: record the current files of a final weights folder (one written
-    before manifests existed, or one whose missing manifest you have checked) in its MANIFEST.json."""
+    """`finetune checkpoints seal FOLDER`: record the current files of a final weights folder (one written before
+    manifests existed, or one whose missing manifest you have checked) in its MANIFEST.json.
+    `finetune checkpoints verify FOLDER`: check a folder against its MANIFEST.json (exit 3 naming the file that differs)."""
     import sys
 
     args = sys.argv[1:] if argv is None else argv
-    if len(args) != 2 or args[0] != "seal" or not Path(args[1]).is_dir():
-        print("usage: python -m finetune.checkpoints seal FOLDER   (an adapter/, model/ or merged/ folder)", file=sys.stderr)
+    usage = "usage: finetune checkpoints seal|verify FOLDER   (an adapter/, model/, merged/ or checkpoint-N folder)"
+    if args[:1] in (["-h"], ["--help"]):
+        print(f"{main.__doc__}\n\n{usage}")
+        return
+    if len(args) != 2 or args[0] not in ("seal", "verify") or not Path(args[1]).is_dir():
+        print(usage, file=sys.stderr)
         sys.exit(2)
     folder = Path(args[1])
+    if args[0] == "verify":
+        problem = verify(folder)
+        if problem:
+            print(f"error: {folder}: {problem}", file=sys.stderr)
+            sys.exit(3)
+        print(f"verified {folder}: {len(manifest_of(folder)['files'])} files match {folder / MANIFEST}")
+        return
     kind = "adapter" if (folder / "adapter_config.json").is_file() else "merged" if (folder / "merge_report.json").is_file() else "model"
     seal(folder, kind)
     print(f"sealed {folder}: {len(manifest_of(folder)['files'])} files recorded in {folder / MANIFEST}")
-
 
 if __name__ == "__main__":
     main()
