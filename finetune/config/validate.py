@@ -357,8 +357,11 @@ def check_distributed(cfg: dict, warnings: list[str]) -> list[str]:
     if backend == "fsdp" and not isinstance(dist.get("fsdp_config"), dict):
         problems.append("distributed.fsdp_config: backend fsdp needs its config (use distributed=fsdp)")
     if backend in ("ddp", "fsdp") and ranks.world_size() == 1:
+        from finetune.config.compose import CONF_DIR  # the checkout's conf/, or the installed package's finetune/conf
+
         warnings.append(f"distributed={backend} in a single process: start the processes with accelerate launch "
-                        "--config_file conf/accelerate/ddp.yaml --num_processes N -m finetune ... (README: Distributed training)")
+                        f"--config_file {CONF_DIR / 'accelerate' / 'ddp.yaml'} --num_processes N -m finetune ... "
+                        "(README: Distributed training)")
     return problems
 
 
