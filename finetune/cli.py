@@ -8,6 +8,7 @@ subcommand answer without importing torch or Hydra. The `python -m finetune.X` f
 from __future__ import annotations
 
 import importlib
+import os
 import sys
 from dataclasses import dataclass
 
@@ -38,7 +39,14 @@ COMMANDS = {
 
 
 def main(argv: list[str] | None = None):
-    args = list(sys.argv[1:] if argv is None else argv)
+    try:
+        return _dispatch(list(sys.argv[1:] if argv is None else argv))
+    except BrokenPipeError:  # `finetune --help | head`: the reader has gone; end quietly, not with a traceback
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        sys.exit(1)
+
+
+def _dispatch(args: list[str]):
     if not args or "=" in args[0] or (args[0].startswith("-") and args[0] not in ("-h", "--help")):
         return run("train", args)
     if args[0] in ("-h", "--help", "help"):
