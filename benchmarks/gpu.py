@@ -81,7 +81,7 @@ def table_peak(device_name: str) -> float | None:
     CUDA name holds, and whose memory is nearest the device's."""
     import torch
 
-    from finetune.plan.planner import GPUS
+    from finetune.plan.hardware import GPUS
 
     name, memory = device_name.lower().replace(" ", ""), torch.cuda.get_device_properties(0).total_memory / 2**30
     matches = [g for g in GPUS.values() if g.key != "cpu" and g.key.split("-")[0] in name and g.bf16_tflops]

@@ -134,7 +134,7 @@ def case_overrides(model: str, strategy: str, batch: int, length: int, checkpoin
 
 def planner_estimate(overrides: list[str], args) -> dict:
     """The planner's per-process total, without the fixed CUDA context (which neither measurement includes)."""
-    from finetune.plan import planner
+    from finetune.plan import planning as planner
 
     result = planner.plan_preset("demo", overrides, gpu="cpu" if args.device == "cpu" else args.gpu)
     lines = {line.name: line.bytes for line in result.memory}
@@ -154,7 +154,7 @@ def worker(spec: dict) -> dict:
     from finetune import console as cli
     from finetune.models import strategy
     from finetune.config.compose import compose, to_container
-    from finetune.plan.planner import architecture_config
+    from finetune.plan.architecture import architecture_config
 
     cli.quiet_libraries()
     cfg = OmegaConf.create(to_container(compose("demo", spec["overrides"])))
@@ -310,18 +310,23 @@ def print_layer_table(device: str) -> None:
 
 def layer_row(arch: str, strategy: str, device: str, batch: int = 4, length: int = 256) -> tuple:
     """The planner's bytes for one layer and the saved-tensor bytes of one real layer (4-layer model minus 2-layer)."""
-    from finetune.plan import planner
     from finetune.config.compose import compose
+    from finetune.plan.activations import layer_saved_bytes
+    from finetune.plan.architecture import adapter as planned_adapter
+    from finetune.plan.architecture import architecture
+    from finetune.plan.checks import checked_config
+    from finetune.plan.hardware import find_gpu
+    from finetune.plan.setup import setup_of
 
     precision = ["model.dtype=float32", "trainer.bf16=false"] if device == "cpu" else ["model.dtype=bfloat16", "trainer.bf16=true"]
     overrides = [f"model={TINY_CONFIG[arch]}", f"strategy={strategy}", *precision, f"data.max_length={length}",
                  f"trainer.per_device_train_batch_size={batch}"]
-    resolved, _ = planner.checked_config(compose("demo", overrides))
-    gpu = planner.find_gpu("cpu" if device == "cpu" else "h100-80gb")
-    arch_facts = planner.architecture(resolved["model"])
-    adapter = planner.adapter(resolved["model"], resolved["strategy"], arch_facts)
-    setup = planner.setup_of(resolved, gpu)
-    planned = planner.layer_saved_bytes(arch_facts, adapter, set(adapter.wrapped[0]) if adapter else set(), setup)
+    resolved, _ = checked_config(compose("demo", overrides))
+    gpu = find_gpu("cpu" if device == "cpu" else "h100-80gb")
+    arch_facts = architecture(resolved["model"])
+    adapter = planned_adapter(resolved["model"], resolved["strategy"], arch_facts)
+    setup = setup_of(resolved, gpu)
+    planned = layer_saved_bytes(arch_facts, adapter, set(adapter.wrapped[0]) if adapter else set(), setup)
     kept = {layers: saved_tensor_bytes(resolved, arch, layers, batch, length, device) for layers in (2, 4)}
     return arch, strategy, planned, (kept[4] - kept[2]) / 2
 

@@ -106,3 +106,28 @@ def did_you_mean(word: str, known, cutoff: float = 0.6) -> str:
     """` (did you mean 'x'?)` for the closest known name, or "" when none is close."""
     close = closest(word, known, cutoff)
     return f" (did you mean '{close[0]}'?)" if close else ""
+
+
+class Problem(str):
+    """A config problem's text with a kind, for code that sorts problems by what they are about rather than by their
+    wording; everywhere else it is the plain message (ConfigError takes a mix of Problems and strs).
+
+    kind "machine" (Problem.MACHINE): the problem concerns the machine the check runs on, not the config: a package
+    not installed, no CUDA, where this machine would write the run. The planner turns those into notes."""
+
+    MACHINE = "machine"
+
+    def __new__(cls, text: str, kind: str = ""):
+        problem = super().__new__(cls, text)
+        problem.kind = kind
+        return problem
+
+
+def kind_of(problem: str) -> str:
+    """A problem's kind ("" for a plain str)."""
+    return getattr(problem, "kind", "")
+
+
+def keeping_kinds(originals: list[str], rewritten: list[str]) -> list[str]:
+    """`rewritten` (the same problems reworded one for one, e.g. redacted) with the kinds of `originals`."""
+    return [Problem(new, kind_of(old)) if kind_of(old) else new for old, new in zip(originals, rewritten, strict=True)]

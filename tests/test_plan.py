@@ -4,14 +4,21 @@ the CLI's errors and the preset header lines. Real configs and models, nothing m
 from __future__ import annotations
 
 import functools
+import importlib.util
 import subprocess
 import sys
 
 import pytest
-from helpers import PROJECT, tiny_overrides
 
-from finetune.plan import planner
 from finetune.config.compose import compose, to_container
+from finetune.plan import planning, render
+from finetune.plan.activations import layer_saved_bytes
+from finetune.plan.architecture import adapter as planned_adapter
+from finetune.plan.architecture import architecture, shipped_config_path
+from finetune.plan.hardware import find_gpu
+from finetune.plan.setup import setup_of
+
+from helpers import PROJECT, tiny_overrides
 
 # Published totals (model cards, the GPT-NeoX-20B paper, the GPT-J README) and Pythia's non-embedding counts
 PUBLISHED_TOTALS = {
@@ -49,7 +56,7 @@ def hub_model(hub_id: str) -> dict:
 
 
 def plan_of(preset: str, *overrides: str, **options):
-    return planner.plan_preset(preset, list(overrides), **options)
+    return planning.plan_preset(preset, list(overrides), **options)
 
 
 def line(result, name: str) -> int:
@@ -58,7 +65,7 @@ def line(result, name: str) -> int:
 
 @pytest.mark.parametrize("hub_id", sorted(PUBLISHED_TOTALS))
 def test_shipped_configs_match_published_parameter_counts(hub_id):
-    arch = planner.architecture(hub_model(hub_id))
+    arch = architecture(hub_model(hub_id))
     assert abs(arch.total_params - PUBLISHED_TOTALS[hub_id]) / PUBLISHED_TOTALS[hub_id] < 0.01
     if hub_id in PYTHIA_NON_EMBEDDING:  # exact: two untied vocab x hidden embeddings apart
         assert arch.total_params - arch.embedding_params - arch.output_embedding_params == PYTHIA_NON_EMBEDDING[hub_id]
@@ -72,7 +79,7 @@ def test_every_hub_model_in_conf_has_a_shipped_config():
     for path in (CONF_DIR / "model").glob("*.yaml"):
         hub_id = OmegaConf.load(path).get("hub_id")
         if hub_id:
-            assert planner.shipped_config_path({"hub_id": hub_id}) is not None, f"{path.name}: no config for {hub_id}"
+            assert shipped_config_path({"hub_id": hub_id}) is not None, f"{path.name}: no config for {hub_id}"
 
 
 @pytest.mark.parametrize("arch", ["neo", "neox", "gptj"])
@@ -81,7 +88,7 @@ def test_local_folder_config_counts_like_the_real_model(tiny_models, arch):
 
     model = {"name_or_path": str(tiny_models[arch]), "family": TINY_FAMILY[arch], "tiny": None}
     real = AutoModelForCausalLM.from_pretrained(tiny_models[arch])
-    assert planner.architecture(model).total_params == sum(p.numel() for p in real.parameters())
+    assert architecture(model).total_params == sum(p.numel() for p in real.parameters())
 
 
 @pytest.mark.parametrize("arch,strategy", [("neo", "lora"), ("neox", "lora"), ("gptj", "dora")])
@@ -91,10 +98,14 @@ def test_adapter_trainable_count_is_what_peft_reports_on_the_real_model(tiny_mod
 
     from finetune.models import strategy as strategies
 
-    cfg = to_container(compose("demo", tiny_overrides(arch, tiny_models[arch], tmp_path / "run", f"strategy={strategy}")))
-    real = get_peft_model(AutoModelForCausalLM.from_pretrained(tiny_models[arch]), strategies.peft_config(cfg["strategy"]))
+    cfg = to_container(
+        compose("demo", tiny_overrides(arch, tiny_models[arch], tmp_path / "run", f"strategy={strategy}"))
+    )
+    real = get_peft_model(
+        AutoModelForCausalLM.from_pretrained(tiny_models[arch]), strategies.peft_config(cfg["strategy"])
+    )
     trainable, _ = real.get_nb_trainable_parameters()
-    planned = planner.adapter(cfg["model"], cfg["strategy"], planner.architecture(cfg["model"]))
+    planned = planned_adapter(cfg["model"], cfg["strategy"], architecture(cfg["model"]))
     assert planned.trainable == trainable
 
 
@@ -107,8 +118,9 @@ def saved_tensor_bytes(arch: str, layers: int, strategy_section: dict, batch: in
     from finetune.models import neo_attention, strategy, tiny
 
     torch.manual_seed(0)
-    model = AutoModelForCausalLM.from_config(tiny.model_config(arch, layers=layers),
-                                             attn_implementation="sdpa" if arch == "neox" else "eager")
+    model = AutoModelForCausalLM.from_config(
+        tiny.model_config(arch, layers=layers), attn_implementation="sdpa" if arch == "neox" else "eager"
+    )
     neo_attention.enable(model)  # what finetune.models.load_model does for GPT-Neo
     peft_config = strategy.peft_config(strategy_section)
     model = get_peft_model(model, peft_config).get_base_model() if peft_config else model
@@ -131,14 +143,23 @@ def saved_tensor_bytes(arch: str, layers: int, strategy_section: dict, batch: in
 
 @pytest.mark.parametrize("arch,strategy", [("neo", "lora"), ("neox", "lora"), ("neox", "full")])
 def test_layer_activation_term_is_what_a_real_layer_keeps_for_backward(arch, strategy):
-    overrides = [f"model={planner_model(arch)}", f"strategy={strategy}", "model.dtype=float32", "trainer.bf16=false",
-                 "data.max_length=64", "trainer.per_device_train_batch_size=2"]
+    overrides = [
+        f"model={planner_model(arch)}",
+        f"strategy={strategy}",
+        "model.dtype=float32",
+        "trainer.bf16=false",
+        "data.max_length=64",
+        "trainer.per_device_train_batch_size=2",
+    ]
     resolved = to_container(compose("demo", overrides))
-    arch_facts = planner.architecture(resolved["model"])
-    adapter = planner.adapter(resolved["model"], resolved["strategy"], arch_facts)
-    setup = planner.setup_of(resolved, planner.find_gpu("cpu"))
-    planned = planner.layer_saved_bytes(arch_facts, adapter, set(adapter.wrapped[0]) if adapter else set(), setup)
-    real = (saved_tensor_bytes(arch, 4, resolved["strategy"], 2, 64) - saved_tensor_bytes(arch, 2, resolved["strategy"], 2, 64)) / 2
+    arch_facts = architecture(resolved["model"])
+    adapter = planned_adapter(resolved["model"], resolved["strategy"], arch_facts)
+    setup = setup_of(resolved, find_gpu("cpu"))
+    planned = layer_saved_bytes(arch_facts, adapter, set(adapter.wrapped[0]) if adapter else set(), setup)
+    real = (
+        saved_tensor_bytes(arch, 4, resolved["strategy"], 2, 64)
+        - saved_tensor_bytes(arch, 2, resolved["strategy"], 2, 64)
+    ) / 2
     assert planned == real
 
 
@@ -159,8 +180,8 @@ def test_zero3_on_two_gpus_halves_the_training_state():
         return sum(line(result, name) for name in ("trainable weights", "gradients", "optimizer states"))
 
     cfg = compose("full_neox20b")  # the library entry point: a composed config, planned twice
-    one = planner.plan(cfg, "h100-80gb", num_gpus=1)
-    two = planner.plan(cfg, "h100-80gb", num_gpus=2)
+    one = planning.plan(cfg, "h100-80gb", num_gpus=1)
+    two = planning.plan(cfg, "h100-80gb", num_gpus=2)
     assert state(two) == pytest.approx(state(one) / 2, rel=0.01)
 
 
@@ -197,11 +218,14 @@ def without_checkpointing(preset: str) -> dict:
 def activations_at(preset: str, length: int, attention: str | None = None) -> int:
     cfg = without_checkpointing(preset)  # a resolved dict plans too
     model = {**cfg["model"], "attn_implementation": attention or cfg["model"]["attn_implementation"]}
-    return line(planner.plan({**cfg, "model": model, "data": {**cfg["data"], "max_length": length}}, "cpu"), "activations")
+    return line(
+        planning.plan({**cfg, "model": model, "data": {**cfg["data"], "max_length": length}}, "cpu"), "activations"
+    )
 
 
 def test_eager_attention_scores_grow_with_the_square_of_the_length():
-    # eager GPT-Neo keeps b x heads x s x s fp32 scores; SDPA (NeoX's, and ours for GPT-Neo) keeps no s x s tensor per head
+    # eager GPT-Neo keeps b x heads x s x s fp32 scores; SDPA (NeoX's, and ours for GPT-Neo) keeps no s x s tensor per
+    # head
     assert activations_at("lora_neo125m", 1024, "eager") / activations_at("lora_neo125m", 512, "eager") > 2.2
     assert activations_at("lora_neo125m", 1024) / activations_at("lora_neo125m", 512) < 2.1
     assert activations_at("lora_pythia1b", 1024) / activations_at("lora_pythia1b", 512) < 2.1
@@ -216,23 +240,57 @@ def test_time_uses_max_steps_when_set():
 def test_json_output_has_the_numbers():
     import json
 
-    data = json.loads(json.dumps(planner.as_json(plan_of("lora_pythia1b", gpu="l4-24gb"))))
+    data = json.loads(json.dumps(render.as_json(plan_of("lora_pythia1b", gpu="l4-24gb"))))
     assert data["gpu"]["key"] == "l4-24gb" and data["fits"] is True
     assert sum(m["bytes"] for m in data["memory"]) == data["total_bytes"]
 
 
 def test_unknown_gpu_exits_2_with_a_suggestion():
-    out = subprocess.run([sys.executable, "-m", "finetune.plan", "conf=demo", "gpu=H100-80G"], check=False, cwd=PROJECT,
-                         capture_output=True, text=True, timeout=120)
+    out = subprocess.run(
+        [sys.executable, "-m", "finetune.plan", "conf=demo", "gpu=H100-80G"],
+        check=False,
+        cwd=PROJECT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert out.returncode == 2
     assert "did you mean 'h100-80gb'" in out.stderr
 
 
 def test_gpu_names_are_case_insensitive():
-    assert planner.find_gpu("H100_80GB").key == "h100-80gb"
+    assert find_gpu("H100_80GB").key == "h100-80gb"
+
+
+def test_a_plan_that_does_not_fit_and_an_out_of_memory_share_one_list_of_fixes():
+    from finetune.train import oom
+
+    cfg = compose("lora_neox20b", ["data.max_length=2048"])
+    suggested = {s.overrides[0] for s in planning.plan(cfg, "a100-40gb").suggestions}
+    advised = {line.split()[0] for line in oom.fixes(cfg, "train")}
+    assert {"strategy=qlora", "distributed=zero3"} <= suggested & advised
+    assert "distributed=zero3_offload" in suggested - advised  # CPU offload: the planner's numbers only
+
+
+def test_problems_of_this_machine_become_notes():
+    result = plan_of("demo", "output_dir=.", gpu="cpu")
+    assert any(n.startswith("on this machine training would stop: output_dir: '.'") for n in result.notes)
+
+
+def test_the_header_flags_point_to_the_developer_script():
+    from finetune.errors import ConfigError
+    from finetune.plan import cli
+
+    with pytest.raises(ConfigError, match=r"--sync-headers: .*python benchmarks/sync_plan_headers.py"):
+        cli.parse_args(["--sync-headers"])
 
 
 def test_preset_headers_state_the_current_plan():
-    stale = planner.sync_headers(write=False)
-    assert not stale, ("preset header lines differ from the planner's result; regenerate them with "
-                       "`python -m finetune.plan --sync-headers`:\n" + "\n".join(stale))
+    spec = importlib.util.spec_from_file_location("sync_plan_headers", PROJECT / "benchmarks" / "sync_plan_headers.py")
+    headers = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(headers)
+    stale = headers.sync_headers(write=False)
+    assert not stale, (
+        "preset header lines differ from the planner's result; regenerate them with "
+        f"`{headers.COMMAND}`:\n" + "\n".join(stale)
+    )

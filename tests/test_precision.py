@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from finetune.plan import planner as plan
+from finetune.plan import planning as plan
 from finetune.config import precision
 from finetune.config.compose import compose
 from omegaconf import OmegaConf

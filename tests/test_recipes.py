@@ -68,7 +68,7 @@ def check(argv: list[str]) -> list[str]:
     `python -m finetune.CMD ...` are the same command."""
     from finetune.cli import COMMANDS
     from finetune.config.compose import preflight
-    from finetune.plan import planner as plan
+    from finetune.plan import cli as plan
     from finetune.train import command as entry
 
     if argv[0] in ("bash", "sbatch"):

@@ -19,7 +19,7 @@ from finetune.config import credentials
 from finetune import ranks
 from finetune.runs import runlock
 from finetune.config.schema import FAMILIES, STRATEGIES, RunConfig
-from finetune.errors import ConfigError, did_you_mean
+from finetune.errors import ConfigError, Problem, did_you_mean, keeping_kinds
 
 CARD_DOMAINS = ("general", "legal", "medical")
 BACKENDS = ("none", "ddp", "deepspeed", "fsdp")  # conf/distributed/: how the launched processes share the work
@@ -69,7 +69,7 @@ def validate(cfg: DictConfig) -> tuple[dict, list[str]]:
         problems += check_model(resolved, warnings)
     extra = resolved.get("secret_env") if isinstance(resolved.get("secret_env"), list) else []
     if problems:  # a problem quoting a value must not print the secret it holds
-        raise ConfigError(credentials.redact(problems, [str(n) for n in extra]))
+        raise ConfigError(keeping_kinds(problems, credentials.redact(problems, [str(n) for n in extra])))
     return resolved, credentials.redact(warnings, [str(n) for n in extra])
 
 
@@ -181,7 +181,7 @@ def _qlora_environment() -> list[str]:
     from finetune.models.strategy import bitsandbytes_problem
 
     problem = bitsandbytes_problem(torch.cuda.is_available())
-    return [f"strategy=qlora: {problem}; or use strategy=lora"] if problem else []
+    return [Problem(f"strategy=qlora: {problem}; or use strategy=lora", Problem.MACHINE)] if problem else []
 
 
 def check_trainer(cfg: dict, warnings: list[str]) -> list[str]:
@@ -229,8 +229,9 @@ def check_trainer(cfg: dict, warnings: list[str]) -> list[str]:
             "(the default), or accept the risk with allow_fp16=true"
         )
     elif fp16 and not _has_cuda():
-        problems.append("trainer.fp16 / model.dtype=float16 on CPU: CPUs have no fast fp16 (1-2 GFLOP/s measured) and "
-                        "this family overflows in it; use trainer.bf16=auto model.dtype=auto (bf16 where native, else fp32)")
+        problems.append(Problem("trainer.fp16 / model.dtype=float16 on CPU: CPUs have no fast fp16 (1-2 GFLOP/s measured) "
+                                "and this family overflows in it; use trainer.bf16=auto model.dtype=auto (bf16 where native, "
+                                "else fp32)", Problem.MACHINE))
     elif fp16:
         warnings.append("fp16 on GPT-Neo/NeoX: watch for overflow (inf/NaN loss) and the loss_scale in the logs "
                         "(a scale that keeps halving means overflowing gradients); bf16 is safer where the GPU has it")
@@ -319,12 +320,13 @@ def check_run(cfg: dict) -> list[str]:
     if cfg["card"]["domain"] not in CARD_DOMAINS:
         problems.append(f"card.domain: '{cfg['card']['domain']}' is not one of {', '.join(CARD_DOMAINS)}")
     out = Path(cfg["output_dir"]).expanduser()
-    problems += runlock.output_dir_problems(cfg)  # '' / . / home / /, and (rank 0) files no run of ours wrote
+    # '' / . / home / /, and (rank 0) files no run of ours wrote: where this machine would write the run
+    problems += [Problem(p, Problem.MACHINE) for p in runlock.output_dir_problems(cfg)]
     # Rank 0 alone judges the run directory: the other ranks of a distributed launch share it and may validate after
     # rank 0 has already written this very run's run.json (they would refuse their own run and leave rank 0 waiting).
     if (out / "run.json").exists() and not cfg["overwrite"] and not cfg["resume"] and ranks.is_main():
-        problems.append(f"output_dir: {out} already holds a run; continue it with resume=true, choose another output_dir=PATH "
-                        "or pass overwrite=true")
+        problems.append(Problem(f"output_dir: {out} already holds a run; continue it with resume=true, choose another "
+                                "output_dir=PATH or pass overwrite=true", Problem.MACHINE))
     if cfg["resume"] not in (False, True, "auto"):
         problems.append(f"resume: '{cfg['resume']}' is not one of false, true, auto")
     from finetune.models.fingerprint import RESUME_FIELDS
@@ -333,7 +335,7 @@ def check_run(cfg: dict) -> list[str]:
                  f"fields: {', '.join(RESUME_FIELDS)}" for name in cfg["resume_allow_drift"] if name not in RESUME_FIELDS]
     parent = next((p for p in [out, *out.parents] if p.exists()), None)
     if parent is not None and not _writable(parent):
-        problems.append(f"output_dir: {parent} is not writable")
+        problems.append(Problem(f"output_dir: {parent} is not writable", Problem.MACHINE))
     if cfg["sample_generations"] < 0 or cfg["max_new_tokens"] <= 0:
         problems.append("sample_generations must be >= 0 and max_new_tokens > 0")
     problems += _check_early_stopping(cfg)
@@ -353,7 +355,7 @@ def check_distributed(cfg: dict, warnings: list[str]) -> list[str]:
         if not isinstance(dist.get("deepspeed"), dict):
             problems.append("distributed.deepspeed: backend deepspeed needs the DeepSpeed config (use distributed=zero2|zero3|zero3_offload)")
         if importlib.util.find_spec("deepspeed") is None:
-            problems.append('distributed: DeepSpeed is not installed; pip install -e ".[deepspeed]"')
+            problems.append(Problem('distributed: DeepSpeed is not installed; pip install -e ".[deepspeed]"', Problem.MACHINE))
     if backend == "fsdp" and not isinstance(dist.get("fsdp_config"), dict):
         problems.append("distributed.fsdp_config: backend fsdp needs its config (use distributed=fsdp)")
     if backend in ("ddp", "fsdp") and ranks.world_size() == 1:
@@ -459,14 +461,12 @@ def _check_weights(model: dict) -> list[str]:
 def _check_lora_bias(strategy: dict, config, family: str) -> list[str]:
     """lora_bias adds the adapter's bias to the base layer's bias when merging: every adapted layer needs one."""
     import torch
-    from transformers import AutoModelForCausalLM
 
-    from finetune.models.load import OUTPUT_EMBEDDINGS
+    from finetune.models.load import OUTPUT_EMBEDDINGS, meta_model
 
     targets, excluded = strategy.get("target_modules"), strategy.get("exclude_modules") or []
     excluded = [excluded] if isinstance(excluded, str) else excluded
-    with torch.device("meta"):
-        model = AutoModelForCausalLM.from_config(config)
+    model = meta_model(config)
     biasless = sorted({name.rsplit(".", 1)[-1] for name, module in model.named_modules()
                        if isinstance(module, torch.nn.Linear) and module.bias is None
                        and (leaf := name.rsplit(".", 1)[-1]) not in OUTPUT_EMBEDDINGS and leaf not in excluded

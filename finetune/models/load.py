@@ -56,13 +56,21 @@ def architecture_config(model_cfg):
     )
 
 
-def linear_module_names(config) -> set[str]:
-    """Leaf names of every nn.Linear in the architecture, found on the meta device (no memory, no weights)."""
+def meta_model(config):
+    """The causal LM a transformers config describes, built on the meta device: every module and parameter shape, no
+    memory and no weights. Validation, the planner and anything else that reads an architecture build it here."""
     import torch
     from transformers import AutoModelForCausalLM
 
     with torch.device("meta"):
-        model = AutoModelForCausalLM.from_config(config)
+        return AutoModelForCausalLM.from_config(config)
+
+
+def linear_module_names(config) -> set[str]:
+    """Leaf names of every nn.Linear in the architecture, found on the meta device (no memory, no weights)."""
+    import torch
+
+    model = meta_model(config)
     return {name.rsplit(".", 1)[-1] for name, module in model.named_modules() if isinstance(module, torch.nn.Linear)}
 
 

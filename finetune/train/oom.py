@@ -2,8 +2,9 @@
 
 A CUDA out-of-memory error ends a run with a long traceback that names an allocation size, not the setting behind
 it. Here it becomes an `OutOfMemory` error (run.json `failed:oom`, exit 1) whose message lists this run's own
-fixes, cheapest first, with the values to use: half the micro-batch with twice the accumulation (the same effective
-batch), gradient checkpointing, a shorter max_length, a quantized base; during evaluation, the eval batch. Nothing is
+fixes, cheapest first, with the values to use (finetune.plan.fixes: the planner's list): a smaller micro-batch with more
+accumulation (the same effective batch), gradient checkpointing, a quantized base, a shorter max_length, adapters
+instead of full fine-tuning, ZeRO-3 over more GPUs; during evaluation, the eval batch first. Nothing is
 written or deleted on the way out, so committed checkpoints stay valid and `resume=true` continues once it fits.
 `python -m finetune.plan` with the same arguments estimates the memory of each fix before any weights load.
 """
@@ -30,7 +31,9 @@ def is_out_of_memory(err: BaseException) -> bool:
 
 
 @contextlib.contextmanager
-def explained(cfg, checkpoints_dir: Path, step: Callable[[], int] | None = None, loading: bool = False) -> Iterator[None]:
+def explained(
+    cfg, checkpoints_dir: Path, step: Callable[[], int] | None = None, loading: bool = False
+) -> Iterator[None]:
     """Turn an out-of-memory error raised inside into OutOfMemory. `step()`: optimizer steps done (inside the training
     loop); `loading`: the weights are being read."""
     try:
@@ -54,41 +57,42 @@ def message(cfg, where: str, err: BaseException, checkpoints_dir: Path, phase: s
     """What ran out and when, what became of the checkpoints, and this run's fixes (phase: load | train | eval)."""
     said = (str(err).strip().splitlines() or [type(err).__name__])[0][:300]
     saved = sorted(checkpoints_dir.glob("checkpoint-*")) if checkpoints_dir.is_dir() else []
-    kept = (f"the checkpoints committed in {checkpoints_dir} are intact; after the change, run the same command with "
-            "resume=true" if saved else "no checkpoint had been committed yet")
+    kept = (
+        f"the checkpoints committed in {checkpoints_dir} are intact; after the change, run the same command with "
+        "resume=true"
+        if saved
+        else "no checkpoint had been committed yet"
+    )
     lines = [f"out of memory {where}: {said}", f"Nothing was lost: {kept}.", "Ways to fit, cheapest first:"]
     lines += [f"  - {fix}" for fix in fixes(cfg, phase)]
-    lines.append("  - `python -m finetune.plan` with the same arguments (gpu=..., num_gpus=...) estimates the peak memory "
-                 "of each before any weights load")
+    lines.append(
+        "  - `python -m finetune.plan` with the same arguments (gpu=..., num_gpus=...) estimates the peak memory "
+        "of each before any weights load"
+    )
     return "\n".join(lines)
 
 
 def fixes(cfg, phase: str) -> list[str]:
-    """The overrides that lower this run's peak memory at `phase`, with their values, cheapest first."""
-    trainer, strategy = cfg.trainer, cfg.strategy.name
-    found = []
-    if phase == "eval":
-        batch = int(trainer.get("per_device_eval_batch_size") or 8)
-        if batch > 1:
-            found.append(f"trainer.per_device_eval_batch_size={batch // 2} (evaluation only; training is unchanged)")
-    if phase in ("train", "eval"):
-        batch, accumulation = int(trainer.get("per_device_train_batch_size") or 8), int(trainer.get("gradient_accumulation_steps") or 1)
-        if batch > 1:
-            found.append(f"trainer.per_device_train_batch_size={batch // 2} trainer.gradient_accumulation_steps={accumulation * 2} "
-                         "(the same effective batch; a resume also needs "
-                         "resume_allow_drift=[per_device_train_batch_size,gradient_accumulation_steps])")
-        if not (trainer.get("gradient_checkpointing") or trainer.get("activation_checkpointing")):
-            found.append("trainer.gradient_checkpointing=true (about 30% slower; keeps one layer's activations at a time; resumes as is)")
-        max_length = cfg.data.get("max_length")
-        if max_length and max_length > 256:
-            found.append(f"data.max_length={max_length // 2} (data.overlength says what happens to longer samples; other samples: a new run)")
-    if strategy in ("lora", "dora"):
-        found.append("strategy=qlora (a 4-bit base: about a quarter of the weight memory; a new run)")
-    elif strategy == "full":
-        found.append("strategy=lora (adapters only: no optimizer state for the base weights; a new run)")
-        if cfg.distributed.get("backend") != "deepspeed":
-            found.append("distributed=zero3 across several GPUs (weights, gradients and optimizer state sharded)")
-    return found
+    """The overrides that lower this run's peak memory at `phase` (load | train | eval), with their values, cheapest
+    first: the first of each kind from finetune.plan.fixes, the list the planner re-plans."""
+    from finetune import ranks
+    from finetune.plan.fixes import Facts, for_run
+    from finetune.plan.setup import sharding
+
+    trainer, distributed = cfg.trainer, cfg.get("distributed") or {}
+    sharded = sharding(distributed)[0] == 3
+    facts = Facts(
+        strategy=cfg.strategy.name,
+        micro_batch=int(trainer.get("per_device_train_batch_size") or 8),
+        grad_accum=int(trainer.get("gradient_accumulation_steps") or 1),
+        checkpointing=bool(trainer.get("gradient_checkpointing") or trainer.get("activation_checkpointing")),
+        max_length=cfg.data.get("max_length"),
+        cuda=True,  # advice for an accelerator's memory (a CPU run that runs out gets the same list)
+        num_gpus=ranks.world_size(),
+        sharded=("FSDP" if distributed.get("backend") == "fsdp" else "DeepSpeed ZeRO-3") if sharded else "",
+        eval_batch=int(trainer.get("per_device_eval_batch_size") or 8),
+    )
+    return [fix.advice for fix in for_run(facts, phase)]
 
 
 def _in_evaluation(err: BaseException) -> bool:
