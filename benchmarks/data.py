@@ -55,15 +55,26 @@ def demo_rows(n: int, template: str) -> list[dict]:
     for i in range(n):
         a = base[i % len(base)]
         if template == "alpaca":
-            rows.append({"instruction": f"{a['instruction']} (row {i})", "input": a.get("input") or "",
-                         "output": f"{a['output']} (row {i})"})
+            rows.append(
+                {
+                    "instruction": f"{a['instruction']} (row {i})",
+                    "input": a.get("input") or "",
+                    "output": f"{a['output']} (row {i})",
+                }
+            )
         else:
             question = a["instruction"] + (f"\n\n{a['input']}" if a.get("input") else "")
-            rows.append({"messages": [{"role": "system", "content": SYSTEM},
-                                      {"role": "user", "content": f"{question} (row {i})"},
-                                      {"role": "assistant", "content": f"{a['output']} (row {i})"},
-                                      {"role": "user", "content": f"Say that in one sentence. (row {i})"},
-                                      {"role": "assistant", "content": f"{first_sentence(a['output'])} (row {i})"}]})
+            rows.append(
+                {
+                    "messages": [
+                        {"role": "system", "content": SYSTEM},
+                        {"role": "user", "content": f"{question} (row {i})"},
+                        {"role": "assistant", "content": f"{a['output']} (row {i})"},
+                        {"role": "user", "content": f"Say that in one sentence. (row {i})"},
+                        {"role": "assistant", "content": f"{first_sentence(a['output'])} (row {i})"},
+                    ]
+                }
+            )
     return rows
 
 
@@ -74,8 +85,12 @@ def first_sentence(text: str) -> str:
 def build_tiny(work: Path) -> Path:
     out = work / "tiny-neo"
     if not (out / "tokenizer.json").is_file():
-        subprocess.run([sys.executable, "-m", "finetune.tiny", "--arch", "neo", "--out", str(out)], cwd=PROJECT, check=True,
-                       capture_output=True)
+        subprocess.run(
+            [sys.executable, "-m", "finetune.tiny", "--arch", "neo", "--out", str(out)],
+            cwd=PROJECT,
+            check=True,
+            capture_output=True,
+        )
     return out
 
 
@@ -102,8 +117,8 @@ def time_read(rows: list[dict], template, work: Path) -> float:
 
 
 def run_ours(tokenizer, template, rows: list[dict], max_length: int) -> dict:
-    from finetune.data.tokenize import fit_length, tokenize_many
     from finetune.data import packing
+    from finetune.data.tokenize import fit_length, tokenize_many
 
     times = {}
     started = time.perf_counter()
@@ -120,8 +135,13 @@ def run_ours(tokenizer, template, rows: list[dict], max_length: int) -> dict:
     packed = packing.pack(kept, max_length)
     times["pack"] = time.perf_counter() - t
     times["seconds"] = time.perf_counter() - started
-    return {**times, "tokens": sum(len(s.input_ids) for s in kept), "trained": sum(s.trained for s in kept),
-            "packed_rows": len(packed), "dropped": dropped}
+    return {
+        **times,
+        "tokens": sum(len(s.input_ids) for s in kept),
+        "trained": sum(s.trained for s in kept),
+        "packed_rows": len(packed),
+        "dropped": dropped,
+    }
 
 
 def time_floor(tokenizer, template, rows: list[dict]) -> tuple[float, int]:
@@ -147,8 +167,11 @@ def trl_dataset(template_name: str, rows: list[dict], tokenizer, template) -> li
 
 def generation_marked(chat_template: str) -> str:
     """Our chatml template with trl's `{% generation %}` markers around each assistant message (content + EOS)."""
-    marked = chat_template.replace("{{ message.content }}{{ eos_token }}",
-                                   "{% generation %}{{ message.content }}{{ eos_token }}{% endgeneration %}", 1)
+    marked = chat_template.replace(
+        "{{ message.content }}{{ eos_token }}",
+        "{% generation %}{{ message.content }}{{ eos_token }}{% endgeneration %}",
+        1,
+    )
     assert marked != chat_template
     return marked
 
@@ -162,10 +185,21 @@ def make_trainer(model_dir: Path, tokenizer, work: Path, template_name: str, max
 
     logging.getLogger("trl").setLevel(logging.ERROR)
     conversational = template_name != "alpaca"
-    args = SFTConfig(output_dir=str(work / f"trl-{template_name}"), max_length=max_length, packing=True, report_to=[],
-                     use_cpu=True, assistant_only_loss=conversational, save_strategy="no", logging_strategy="no")
-    first = ([{"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}]}] if conversational
-             else [{"prompt": "q", "completion": "a"}])
+    args = SFTConfig(
+        output_dir=str(work / f"trl-{template_name}"),
+        max_length=max_length,
+        packing=True,
+        report_to=[],
+        use_cpu=True,
+        assistant_only_loss=conversational,
+        save_strategy="no",
+        logging_strategy="no",
+    )
+    first = (
+        [{"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}]}]
+        if conversational
+        else [{"prompt": "q", "completion": "a"}]
+    )
     model = AutoModelForCausalLM.from_pretrained(model_dir)
     return SFTTrainer(model=model, args=args, train_dataset=Dataset.from_list(first), processing_class=tokenizer)
 
@@ -179,8 +213,12 @@ def run_trl(trainer, tokenizer, dataset_rows: list[dict]) -> dict:
     seconds = time.perf_counter() - started
     lengths = packed["seq_lengths"]
     labels = packed["labels"]
-    return {"seconds": seconds, "tokens": sum(sum(row) for row in lengths), "packed_rows": len(packed),
-            "trained": sum(sum(1 for t in row if t != -100) for row in labels)}
+    return {
+        "seconds": seconds,
+        "tokens": sum(sum(row) for row in lengths),
+        "packed_rows": len(packed),
+        "trained": sum(sum(1 for t in row if t != -100) for row in labels),
+    }
 
 
 def profile_ours(tokenizer, template, rows: list[dict], max_length: int, top: int = 18) -> None:
@@ -200,10 +238,14 @@ def main() -> None:
     parser.add_argument("--rows", type=int, default=50_000)
     parser.add_argument("--max-length", type=int, default=512)
     parser.add_argument("--templates", nargs="+", default=list(TEMPLATES), choices=TEMPLATES)
-    parser.add_argument("--repeat", type=int, default=3, help="our path: best of this many runs (trl: one run, it is slow)")
+    parser.add_argument(
+        "--repeat", type=int, default=3, help="our path: best of this many runs (trl: one run, it is slow)"
+    )
     parser.add_argument("--no-trl", action="store_true", help="skip the trl baseline (profiling our path)")
     parser.add_argument("--profile", action="store_true", help="print a cProfile of our path per template")
-    parser.add_argument("--workdir", default=None, help="where to build the tiny tokenizer/model (default: a temporary folder)")
+    parser.add_argument(
+        "--workdir", default=None, help="where to build the tiny tokenizer/model (default: a temporary folder)"
+    )
     args = parser.parse_args()
 
     import datasets
@@ -219,10 +261,12 @@ def main() -> None:
     work.mkdir(parents=True, exist_ok=True)
     try:
         model_dir = build_tiny(work)
-        print(f"{args.rows:,} rows per template, max_length {args.max_length}, tiny GPT-Neo byte-level BPE (vocab 1024); "
-              f"transformers {transformers.__version__}, trl {trl.__version__}, tokenizers {tokenizers.__version__}, "
-              f"datasets {datasets.__version__}, {os.cpu_count()} CPUs; load average at the start "
-              f"{', '.join(f'{x:.2f}' for x in os.getloadavg())}")
+        print(
+            f"{args.rows:,} rows per template, max_length {args.max_length}, tiny GPT-Neo byte-level BPE (vocab 1024); "
+            f"transformers {transformers.__version__}, trl {trl.__version__}, tokenizers {tokenizers.__version__}, "
+            f"datasets {datasets.__version__}, {os.cpu_count()} CPUs; load average at the start "
+            f"{', '.join(f'{x:.2f}' for x in os.getloadavg())}"
+        )
         lines, ratios, summary = [], [], []
         for name in args.templates:
             template = data_templates.load(name)
@@ -230,44 +274,71 @@ def main() -> None:
             read_seconds = time_read(rows, template, work)
             rows = [{**row, "_where": f"rows.jsonl:{i + 1}"} for i, row in enumerate(rows)]
             tokenizer = load_tokenizer(model_dir)
-            ours = min((run_ours(tokenizer, template, rows, args.max_length) for _ in range(max(1, args.repeat))),
-                       key=lambda r: r["seconds"])
+            ours = min(
+                (run_ours(tokenizer, template, rows, args.max_length) for _ in range(max(1, args.repeat))),
+                key=lambda r: r["seconds"],
+            )
             n = len(rows)
-            lines.append(f"| {name} | neo-finetune: tokenize_many + fit_length + pack (best of {args.repeat}) | "
-                         f"{n / ours['seconds']:,.0f} | {ours['tokens'] / ours['seconds']:,.0f} | {ours['seconds']:.2f} | "
-                         f"{ours['tokens']:,} / {ours['trained']:,} | {ours['packed_rows']:,} |")
-            lines.append(f"| {name} | (of which template + tokenize + mask {ours['tokenize']:.2f} s, fit_length {ours['fit']:.2f} s, "
-                         f"pack {ours['pack']:.2f} s; {ours['dropped']:,} rows over max_length dropped) | | | | | |")
-            floor, floor_tokens = min((time_floor(tokenizer, template, rows) for _ in range(max(1, args.repeat))), key=lambda r: r[0])
+            lines.append(
+                f"| {name} | neo-finetune: tokenize_many + fit_length + pack (best of {args.repeat}) | "
+                f"{n / ours['seconds']:,.0f} | {ours['tokens'] / ours['seconds']:,.0f} | {ours['seconds']:.2f} | "
+                f"{ours['tokens']:,} / {ours['trained']:,} | {ours['packed_rows']:,} |"
+            )
+            lines.append(
+                f"| {name} | (of which template + tokenize + mask {ours['tokenize']:.2f} s, fit_length "
+                f"{ours['fit']:.2f} s, "
+                f"pack {ours['pack']:.2f} s; {ours['dropped']:,} rows over max_length dropped) | | | | | |"
+            )
+            floor, floor_tokens = min(
+                (time_floor(tokenizer, template, rows) for _ in range(max(1, args.repeat))), key=lambda r: r[0]
+            )
             verdict = "met" if n / ours["seconds"] >= TARGET_ROWS_PER_SECOND else "NOT met"
-            summary.append(f"{name}: ours {n / ours['seconds']:,.0f} rows/s = {floor / ours['seconds']:.0%} of the tokenizer-alone floor "
-                           f"({n / floor:,.0f} rows/s); target >= {TARGET_ROWS_PER_SECOND:,} rows/s {verdict}")
-            lines.append(f"| {name} | (floor: the Rust tokenizer alone on each row's whole rendered text, one batched call) | "
-                         f"{n / floor:,.0f} | {floor_tokens / floor:,.0f} | {floor:.2f} | {floor_tokens:,} | |")
-            lines.append(f"| {name} | (reading + checking the JSONL, before the above: sources.read_rows + check_row) | "
-                         f"{n / read_seconds:,.0f} | | {read_seconds:.2f} | | |")
+            summary.append(
+                f"{name}: ours {n / ours['seconds']:,.0f} rows/s = {floor / ours['seconds']:.0%} of the "
+                "tokenizer-alone floor "
+                f"({n / floor:,.0f} rows/s); target >= {TARGET_ROWS_PER_SECOND:,} rows/s {verdict}"
+            )
+            lines.append(
+                f"| {name} | (floor: the Rust tokenizer alone on each row's whole rendered text, one batched call) | "
+                f"{n / floor:,.0f} | {floor_tokens / floor:,.0f} | {floor:.2f} | {floor_tokens:,} | |"
+            )
+            lines.append(
+                f"| {name} | (reading + checking the JSONL, before the above: sources.read_rows + check_row) | "
+                f"{n / read_seconds:,.0f} | | {read_seconds:.2f} | | |"
+            )
             if not args.no_trl:
                 trl_tokenizer = load_tokenizer(model_dir)
                 if name != "alpaca":
                     trl_tokenizer.chat_template = generation_marked(template.chat_template)
                     sample = rows[0]["messages"]
-                    assert (trl_tokenizer.apply_chat_template(sample, tokenize=False)
-                            == tokenizer.apply_chat_template(sample, chat_template=template.chat_template, tokenize=False))
+                    assert trl_tokenizer.apply_chat_template(sample, tokenize=False) == tokenizer.apply_chat_template(
+                        sample, chat_template=template.chat_template, tokenize=False
+                    )
                 dataset_rows = trl_dataset(name, rows, tokenizer, template)
                 trainer = make_trainer(model_dir, trl_tokenizer, work, name, args.max_length)
                 baseline = run_trl(trainer, trl_tokenizer, dataset_rows)
-                how = ("prompt/completion, completion_only_loss" if name == "alpaca"
-                       else "messages, assistant_only_loss with {% generation %}")
-                lines.append(f"| {name} | trl SFTTrainer._prepare_dataset ({how}, packing bfd) | {n / baseline['seconds']:,.0f} | "
-                             f"{baseline['tokens'] / baseline['seconds']:,.0f} | {baseline['seconds']:.2f} | "
-                             f"{baseline['tokens']:,} / {baseline['trained']:,} | {baseline['packed_rows']:,} |")
-                ratios.append(f"{name}: ours / trl rows/s = {baseline['seconds'] / ours['seconds']:.1f}x "
-                              f"(ours {n / ours['seconds']:,.0f} rows/s, trl {n / baseline['seconds']:,.0f} rows/s)")
+                how = (
+                    "prompt/completion, completion_only_loss"
+                    if name == "alpaca"
+                    else "messages, assistant_only_loss with {% generation %}"
+                )
+                lines.append(
+                    f"| {name} | trl SFTTrainer._prepare_dataset ({how}, packing bfd) | {n / baseline['seconds']:,.0f} "
+                    "| "
+                    f"{baseline['tokens'] / baseline['seconds']:,.0f} | {baseline['seconds']:.2f} | "
+                    f"{baseline['tokens']:,} / {baseline['trained']:,} | {baseline['packed_rows']:,} |"
+                )
+                ratios.append(
+                    f"{name}: ours / trl rows/s = {baseline['seconds'] / ours['seconds']:.1f}x "
+                    f"(ours {n / ours['seconds']:,.0f} rows/s, trl {n / baseline['seconds']:,.0f} rows/s)"
+                )
             if args.profile:
                 profile_ours(tokenizer, template, rows, args.max_length)
         print()
-        print(f"| template | pipeline ({args.rows:,} rows, max_length {args.max_length}) | rows/s | tokens/s | seconds | "
-              f"tokens / trained | packed rows |")
+        print(
+            f"| template | pipeline ({args.rows:,} rows, max_length {args.max_length}) | rows/s | tokens/s | seconds | "
+            f"tokens / trained | packed rows |"
+        )
         print("|---|---|---:|---:|---:|---:|---:|")
         print("\n".join(lines))
         print()

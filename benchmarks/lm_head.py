@@ -1,6 +1,7 @@
 """The fused LM head on CPU: trl's call (every position of the batch) vs finetune.lm_head's (trained positions only).
 
-    python benchmarks/lm_head.py                 # tiny (128 x 1,024 vocab, 8 x 512) and GPT-Neo-125M (768 x 50,257, 4 x 512)
+    python benchmarks/lm_head.py                 # tiny (128 x 1,024 vocab, 8 x 512) and GPT-Neo-125M
+                                                 # (768 x 50,257, 4 x 512)
     python benchmarks/lm_head.py --trained 0.5   # another share of trained positions
 
 Both sides run trl's own kernel (`trl.kernels.ChunkedLogProbFunction`, forward + backward, log-probs, entropy and
@@ -40,7 +41,10 @@ def main() -> None:
     metrics = ("log_probs", "entropy", "is_top1")
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; forward + backward of the head, best of 3")
     print()
-    print("| head | positions | trl: all positions (s) | ours: trained only (s) | ratio | ours without entropy/top-1 (s) |")
+    print(
+        "| head | positions | trl: all positions (s) | ours: trained only (s) | ratio | ours without entropy/top-1 (s) "
+        "|"
+    )
     print("|---|---|---:|---:|---:|---:|")
     for name, (batch, seq, hidden, vocab) in SHAPES.items():
         n = batch * (seq - 1)
@@ -50,14 +54,18 @@ def main() -> None:
         trained = torch.rand(n) < args.trained
 
         def run(rows, outputs=metrics, states=states, weight=weight, targets=targets):
-            log_probs, *_ = ChunkedLogProbFunction.apply(states[rows], weight, None, targets[rows], 1.0,
-                                                         _CHUNKED_LOGPROB_CHUNK_SIZE, None, 1.0, outputs)
+            log_probs, *_ = ChunkedLogProbFunction.apply(
+                states[rows], weight, None, targets[rows], 1.0, _CHUNKED_LOGPROB_CHUNK_SIZE, None, 1.0, outputs
+            )
             log_probs.sum().backward()
 
         everything = timed(lambda: run(slice(None)))
         ours = timed(lambda rows=trained: run(rows))
         bare = timed(lambda rows=trained: run(rows, ("log_probs",)))
-        print(f"| {name} | {n:,} ({int(trained.sum()):,} trained) | {everything:.3f} | {ours:.3f} | {everything / ours:.2f}x | {bare:.3f} |")
+        print(
+            f"| {name} | {n:,} ({int(trained.sum()):,} trained) | {everything:.3f} | {ours:.3f} | "
+            f"{everything / ours:.2f}x | {bare:.3f} |"
+        )
 
 
 if __name__ == "__main__":

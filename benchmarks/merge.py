@@ -59,9 +59,17 @@ def build_checkpoint(folder: Path, shape: str, shard_bytes: int) -> dict:
     from finetune.models import tiny
 
     hidden, layers, heads = SHAPES[shape]
-    config = GPTNeoConfig(vocab_size=VOCAB, max_position_embeddings=POSITIONS, hidden_size=hidden, num_layers=layers,
-                          num_heads=heads, attention_types=[[["global", "local"], layers // 2]], window_size=256,
-                          intermediate_size=4 * hidden, dtype="bfloat16")
+    config = GPTNeoConfig(
+        vocab_size=VOCAB,
+        max_position_embeddings=POSITIONS,
+        hidden_size=hidden,
+        num_layers=layers,
+        num_heads=heads,
+        attention_types=[[["global", "local"], layers // 2]],
+        window_size=256,
+        intermediate_size=4 * hidden,
+        dtype="bfloat16",
+    )
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(config)
     names = {n: tuple(t.shape) for n, t in model.state_dict().items() if n != "lm_head.weight"}  # tied to wte
@@ -84,14 +92,20 @@ def build_checkpoint(folder: Path, shape: str, shard_bytes: int) -> dict:
         weight_map.update({n: file for n in group})
         del tensors
     total = sum((folder / f).stat().st_size for f in set(weight_map.values()))
-    (folder / "model.safetensors.index.json").write_text(json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}))
+    (folder / "model.safetensors.index.json").write_text(
+        json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map})
+    )
     config.save_pretrained(folder)
     tiny_tokenizer = folder.parent / "tokenizer-source"
     tiny.build("neo", tiny_tokenizer)
     AutoTokenizer.from_pretrained(tiny_tokenizer).save_pretrained(folder)
     largest = max(math.prod(s) for s in names.values())
-    return {"parameters": sum(math.prod(s) for s in names.values()), "shards": len(groups), "bytes": total,
-            "largest_tensor_elements": largest}
+    return {
+        "parameters": sum(math.prod(s) for s in names.values()),
+        "shards": len(groups),
+        "bytes": total,
+        "largest_tensor_elements": largest,
+    }
 
 
 def _random(shape, generator):
@@ -108,38 +122,62 @@ def build_adapter(base: Path, folder: Path, r: int = 16) -> int:
 
     config = json.loads((base / "config.json").read_text())
     hidden, layers = config["hidden_size"], config["num_layers"]
-    shapes = {"q_proj": (hidden, hidden), "k_proj": (hidden, hidden), "v_proj": (hidden, hidden),
-              "out_proj": (hidden, hidden), "c_fc": (4 * hidden, hidden), "c_proj": (hidden, 4 * hidden)}
+    shapes = {
+        "q_proj": (hidden, hidden),
+        "k_proj": (hidden, hidden),
+        "v_proj": (hidden, hidden),
+        "out_proj": (hidden, hidden),
+        "c_fc": (4 * hidden, hidden),
+        "c_proj": (hidden, 4 * hidden),
+    }
     generator = torch.Generator().manual_seed(1)
     tensors = {}
     for layer in range(layers):
         for target, (out_features, in_features) in shapes.items():
             part = "attn.attention" if target.endswith("proj") and target != "c_proj" else "mlp"
             prefix = f"base_model.model.transformer.h.{layer}.{part}.{target}"
-            tensors[f"{prefix}.lora_A.weight"] = torch.randn(r, in_features, generator=generator) / math.sqrt(in_features)
+            tensors[f"{prefix}.lora_A.weight"] = torch.randn(r, in_features, generator=generator) / math.sqrt(
+                in_features
+            )
             tensors[f"{prefix}.lora_B.weight"] = torch.randn(out_features, r, generator=generator) * 0.01
     folder.mkdir(parents=True)
     save_file(tensors, folder / "adapter_model.safetensors", metadata={"format": "pt"})
-    LoraConfig(r=r, lora_alpha=2 * r, target_modules=TARGETS, task_type="CAUSAL_LM",
-               base_model_name_or_path=base.name).save_pretrained(folder)
+    LoraConfig(
+        r=r, lora_alpha=2 * r, target_modules=TARGETS, task_type="CAUSAL_LM", base_model_name_or_path=base.name
+    ).save_pretrained(folder)
     return sum(t.numel() for t in tensors.values())
 
 
 def run_ours(base: Path, adapter: Path, out: Path) -> dict:
     started = time.perf_counter()
-    result = subprocess.run([sys.executable, "-m", "finetune.merge", str(adapter), f"base={base}", f"out={out}",
-                             "dtype=bfloat16"], cwd=PROJECT, capture_output=True, text=True, check=False)
+    result = subprocess.run(
+        [sys.executable, "-m", "finetune.merge", str(adapter), f"base={base}", f"out={out}", "dtype=bfloat16"],
+        cwd=PROJECT,
+        capture_output=True,
+        text=True,
+        check=False,
+    )
     if result.returncode:
         sys.exit(f"our merge failed:\n{result.stderr[-3000:]}")
     report = json.loads((out / "merge_report.json").read_text())
-    return {"seconds": time.perf_counter() - started, "peak_rss": report["peak_rss_bytes"], "gate": report["gate"],
-            "merge_peak_rss": report["merge_peak_rss_bytes"], "merge_seconds": report["merge_seconds"]}
+    return {
+        "seconds": time.perf_counter() - started,
+        "peak_rss": report["peak_rss_bytes"],
+        "gate": report["gate"],
+        "merge_peak_rss": report["merge_peak_rss_bytes"],
+        "merge_seconds": report["merge_seconds"],
+    }
 
 
 def run_peft(base: Path, adapter: Path, out: Path, shard: str) -> dict:
     started = time.perf_counter()
-    result = subprocess.run([sys.executable, "-c", PEFT_SIDE, str(base), str(adapter), str(out), shard], cwd=PROJECT,
-                            capture_output=True, text=True, check=False)
+    result = subprocess.run(
+        [sys.executable, "-c", PEFT_SIDE, str(base), str(adapter), str(out), shard],
+        cwd=PROJECT,
+        capture_output=True,
+        text=True,
+        check=False,
+    )
     if result.returncode:
         sys.exit(f"peft merge failed:\n{result.stderr[-3000:]}")
     measured = json.loads(result.stdout.strip().splitlines()[-1])
@@ -148,9 +186,15 @@ def run_peft(base: Path, adapter: Path, out: Path, shard: str) -> dict:
 
 def idle_rss() -> int:
     """RSS of a process that has imported what a merge imports, before touching weights (the fixed overhead)."""
-    code = ("import torch, transformers, peft, safetensors\n"
-            "from finetune.merge import peak_rss_bytes\nprint(peak_rss_bytes())")
-    return int(subprocess.run([sys.executable, "-c", code], cwd=PROJECT, capture_output=True, text=True, check=True).stdout.strip())
+    code = (
+        "import torch, transformers, peft, safetensors\n"
+        "from finetune.merge import peak_rss_bytes\nprint(peak_rss_bytes())"
+    )
+    return int(
+        subprocess.run(
+            [sys.executable, "-c", code], cwd=PROJECT, capture_output=True, text=True, check=True
+        ).stdout.strip()
+    )
 
 
 def main() -> None:
@@ -170,8 +214,11 @@ def main() -> None:
             facts = build_checkpoint(base, args.shape, int(args.shard_gb * 1e9))
             lora = build_adapter(base, work / "adapter")
             saved.write_text(json.dumps({**facts, "adapter_parameters": lora}))
-        print(f"built {base.name}: {facts['parameters'] / 1e9:.2f} B parameters, {facts['shards']} shards, "
-              f"{facts['bytes'] / 1e9:.2f} GB bf16; adapter {lora / 1e6:.1f} M parameters ({time.perf_counter() - t:.0f} s)")
+        print(
+            f"built {base.name}: {facts['parameters'] / 1e9:.2f} B parameters, {facts['shards']} shards, "
+            f"{facts['bytes'] / 1e9:.2f} GB bf16; adapter {lora / 1e6:.1f} M parameters ({time.perf_counter() - t:.0f} "
+            "s)"
+        )
         overhead = idle_rss()
         ours = run_ours(base, work / "adapter", work / "merged-ours")
         shutil.rmtree(work / "merged-ours")
@@ -180,21 +227,36 @@ def main() -> None:
         print()
         print(f"| merge of GPT-Neo-{args.shape} (bf16, LoRA r=16) | peak RSS | wall time |")
         print("|---|---|---|")
-        print(f"| neo-finetune streaming merge + {ours['gate']['mode']} gate | {ours['peak_rss'] / 2**30:.2f} GiB | {ours['seconds']:.0f} s |")
-        print(f"| (its merge phase alone, before the gate) | {ours['merge_peak_rss'] / 2**30:.2f} GiB | {ours['merge_seconds']:.0f} s |")
-        print(f"| peft merge_and_unload + save_pretrained | {peft['peak_rss'] / 2**30:.2f} GiB | {peft['seconds']:.0f} s |")
+        print(
+            f"| neo-finetune streaming merge + {ours['gate']['mode']} gate | {ours['peak_rss'] / 2**30:.2f} GiB | "
+            f"{ours['seconds']:.0f} s |"
+        )
+        print(
+            f"| (its merge phase alone, before the gate) | {ours['merge_peak_rss'] / 2**30:.2f} GiB | "
+            f"{ours['merge_seconds']:.0f} s |"
+        )
+        print(
+            f"| peft merge_and_unload + save_pretrained | {peft['peak_rss'] / 2**30:.2f} GiB | {peft['seconds']:.0f} s "
+            "|"
+        )
         print(f"| process after imports, no weights | {overhead / 2**30:.2f} GiB | |")
-        print(f"\nratio ours / peft peak RSS: {ratio:.3f} (target <= 0.25); "
-              f"gate {ours['gate']['mode']}: max diff {ours['gate']['max_abs_diff']:.2e} <= {ours['gate']['tolerance']:.2e}")
+        print(
+            f"\nratio ours / peft peak RSS: {ratio:.3f} (target <= 0.25); "
+            f"gate {ours['gate']['mode']}: max diff {ours['gate']['max_abs_diff']:.2e} <= "
+            f"{ours['gate']['tolerance']:.2e}"
+        )
         # projection: ours = overhead + k x largest tensor (fp32 working copies), peft = overhead + whole model
         k = (ours["peak_rss"] - overhead) / (facts["largest_tensor_elements"] * 4)
         largest_20b = NEOX_20B["vocab"] * NEOX_20B["hidden"]
         mlp_20b = 4 * NEOX_20B["hidden"] * NEOX_20B["hidden"]
         ours_20b = overhead + k * max(largest_20b, mlp_20b) * 4
         peft_20b = overhead + (peft["peak_rss"] - overhead) / facts["bytes"] * NEOX_20B["bytes_bf16"]
-        print(f"\nGPT-NeoX-20B projection ({NEOX_20B['shards']} shards of ~{NEOX_20B['bytes_bf16'] / NEOX_20B['shards'] / 1e9:.2f} GB, "
-              f"largest tensor {largest_20b * 2 / 1e9:.2f} GB bf16): ours ~{ours_20b / 2**30:.1f} GiB "
-              f"(overhead + {k:.1f} x largest tensor in fp32), peft ~{peft_20b / 2**30:.1f} GiB")
+        print(
+            f"\nGPT-NeoX-20B projection ({NEOX_20B['shards']} shards of "
+            f"~{NEOX_20B['bytes_bf16'] / NEOX_20B['shards'] / 1e9:.2f} GB, "
+            f"largest tensor {largest_20b * 2 / 1e9:.2f} GB bf16): ours ~{ours_20b / 2**30:.1f} GiB "
+            f"(overhead + {k:.1f} x largest tensor in fp32), peft ~{peft_20b / 2**30:.1f} GiB"
+        )
     finally:
         if not args.workdir:
             shutil.rmtree(work, ignore_errors=True)

@@ -27,7 +27,11 @@ HEAVY = ("torch", "transformers", "trl", "peft", "hydra")
 COMMANDS = [  # (label, argv after the interpreter, target seconds or None)
     ("python -m finetune --help", ["-m", "finetune", "--help"], 0.5),
     ("python -m finetune conf=lora_neox20b --cfg job", ["-m", "finetune", "conf=lora_neox20b", "--cfg", "job"], 2.0),
-    ("python -m finetune.plan conf=lora_neox20b gpu=h100-80gb", ["-m", "finetune.plan", "conf=lora_neox20b", "gpu=h100-80gb"], None),
+    (
+        "python -m finetune.plan conf=lora_neox20b gpu=h100-80gb",
+        ["-m", "finetune.plan", "conf=lora_neox20b", "gpu=h100-80gb"],
+        None,
+    ),
     ('python -c "import torch"  (baseline)', ["-c", "import torch"], None),
     ('python -c "from trl import SFTTrainer"  (baseline)', ["-c", "from trl import SFTTrainer"], None),
 ]
@@ -35,8 +39,15 @@ COMMANDS = [  # (label, argv after the interpreter, target seconds or None)
 
 def timed(argv: list[str], env: dict) -> float:
     started = time.perf_counter()
-    result = subprocess.run([sys.executable, *argv], cwd=PROJECT, env=env, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.PIPE, text=True, check=False)
+    result = subprocess.run(
+        [sys.executable, *argv],
+        cwd=PROJECT,
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+        check=False,
+    )
     seconds = time.perf_counter() - started
     if result.returncode:
         sys.exit(f"{' '.join(argv)} failed ({result.returncode}):\n{result.stderr[-3000:]}")
@@ -45,8 +56,15 @@ def timed(argv: list[str], env: dict) -> float:
 
 def imports(argv: list[str], env: dict) -> tuple[list[str], str]:
     """The heavy top-level packages imported, and the slowest top-level import (cumulative microseconds)."""
-    result = subprocess.run([sys.executable, "-X", "importtime", *argv], cwd=PROJECT, env=env, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.PIPE, text=True, check=False)
+    result = subprocess.run(
+        [sys.executable, "-X", "importtime", *argv],
+        cwd=PROJECT,
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+        check=False,
+    )
     top, seen = {}, set()
     for line in result.stderr.splitlines():
         match = re.match(r"import time:\s+(\d+)\s+\|\s+(\d+)\s+\|( *)(\S+)$", line)
@@ -75,14 +93,24 @@ def main() -> None:
         print(f"{label}: median {statistics.median(times):.2f} s", file=sys.stderr, flush=True)
     torch_s = rows[3][1]
     print()
-    print(f"| command (median of {args.runs} fresh processes) | median | min-max | target | result | heavy imports | slowest top-level import |")
+    print(
+        f"| command (median of {args.runs} fresh processes) | median | min-max | target | result | heavy imports | "
+        "slowest top-level import |"
+    )
     print("|---|---|---|---|---|---|---|")
     for label, median, low, high, target, heavy, slowest in rows:
         verdict = "-" if target is None else ("pass" if median < target else "**FAIL**")
-        print(f"| `{label}` | {median:.2f} s | {low:.2f}-{high:.2f} s | {f'< {target:g} s' if target else '-'} | {verdict} | "
-              f"{', '.join(heavy) or 'none'} | {slowest} |")
-    print(f"\nratio to `import torch` ({torch_s:.2f} s): " + ", ".join(
-        f"{label.split('  ')[0].removeprefix('python ')} {median / torch_s:.2f}x" for label, median, *_ in rows[:3]))
+        print(
+            f"| `{label}` | {median:.2f} s | {low:.2f}-{high:.2f} s | {f'< {target:g} s' if target else '-'} | "
+            f"{verdict} | "
+            f"{', '.join(heavy) or 'none'} | {slowest} |"
+        )
+    print(
+        f"\nratio to `import torch` ({torch_s:.2f} s): "
+        + ", ".join(
+            f"{label.split('  ')[0].removeprefix('python ')} {median / torch_s:.2f}x" for label, median, *_ in rows[:3]
+        )
+    )
     failed = [label for label, median, _, _, target, *_ in rows if target is not None and median >= target]
     if failed:
         print(f"missed: {', '.join(failed)}; see `python -X importtime` of those commands")

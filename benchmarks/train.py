@@ -1,10 +1,13 @@
-"""LoRA SFT throughput, wall time and peak memory: `python -m finetune` vs the plain TRL recipe, measured in the same run.
+"""LoRA SFT throughput, wall time and peak memory: `python -m finetune` vs the plain TRL recipe, measured in the same
+run.
 
     python benchmarks/train.py                                  # neo and neox, fp32 and best, 400 rows
     python benchmarks/train.py --models neo --precision best --rows 48     # a quick check of the script itself
     python benchmarks/train.py --shape wide                     # 4 layers x 256 wide instead of tiny.py's 4 x 128
-    python benchmarks/train.py --shape wide --vocab family      # ... with the family's real 50k-row head (most of a small model's step)
-    python benchmarks/train.py --rows 96 --repeat 3             # median of 3 runs per side (sides alternate), for a busy machine
+    python benchmarks/train.py --shape wide --vocab family      # ... with the family's real 50k-row head
+                                                                # (most of a small model's step)
+    python benchmarks/train.py --rows 96 --repeat 3             # median of 3 runs per side (sides alternate),
+                                                                # for a busy machine
 
 Both sides train the same local checkpoints (random-weight GPT-Neo / GPT-NeoX built once by `python -m finetune.tiny`
 into a cache folder) on the same rows of instruction data, one epoch, global batch 8, max length 512, on CPU:
@@ -58,16 +61,20 @@ SHAPES = {"tiny": (128, 4), "wide": (256, 4)}  # (hidden size, layers); tiny = f
 FAMILY_VOCAB = {"neo": 50_257, "neox": 50_304}
 MAX_LENGTH, BATCH = 512, 8
 # The Alpaca prompt, word for word as data_templates/alpaca.yaml renders it (checked against it in main()).
-PROMPT_INPUT = ("Below is an instruction that describes a task, paired with an input that provides further context. "
-                "Write a response that appropriately completes the request.\n\n"
-                "### Instruction:\n{instruction}\n\n### Input:\n{input}\n\n### Response:\n")
-PROMPT_NO_INPUT = ("Below is an instruction that describes a task. Write a response that appropriately completes the "
-                   "request.\n\n### Instruction:\n{instruction}\n\n### Response:\n")
-
+PROMPT_INPUT = (
+    "Below is an instruction that describes a task, paired with an input that provides further context. "
+    "Write a response that appropriately completes the request.\n\n"
+    "### Instruction:\n{instruction}\n\n### Input:\n{input}\n\n### Response:\n"
+)
+PROMPT_NO_INPUT = (
+    "Below is an instruction that describes a task. Write a response that appropriately completes the "
+    "request.\n\n### Instruction:\n{instruction}\n\n### Response:\n"
+)
 
 
 def vmhwm() -> int:
-    """This process's peak resident memory (finetune.merge.peak_rss_bytes, inlined: the trl side imports nothing of ours)."""
+    """This process's peak resident memory (finetune.merge.peak_rss_bytes, inlined: the trl side imports nothing of
+    ours)."""
     for line in Path("/proc/self/status").read_text().splitlines():
         if line.startswith("VmHWM:"):
             return int(line.split()[1]) * 1024
@@ -92,6 +99,7 @@ def prompt(row: dict) -> str:
 
 # ---------------------------------------------------------------- the trl side (a subprocess of this script)
 
+
 def trl_worker(model: str, data: str, out: str, bf16: bool) -> None:
     """The plain TRL recipe; prints one JSON line of what it trained and measured."""
     import torch
@@ -103,8 +111,17 @@ def trl_worker(model: str, data: str, out: str, bf16: bool) -> None:
     eos = AutoTokenizer.from_pretrained(model).eos_token
     rows = [json.loads(line) for line in Path(data).read_text(encoding="utf-8").splitlines() if line.strip()]
     dataset = Dataset.from_list([{"prompt": prompt(r), "completion": r["output"] + eos} for r in rows])
-    args = SFTConfig(output_dir=out, per_device_train_batch_size=BATCH, max_length=MAX_LENGTH, num_train_epochs=1,
-                     report_to="none", logging_steps=10, save_strategy="no", bf16=bf16, use_cpu=True)
+    args = SFTConfig(
+        output_dir=out,
+        per_device_train_batch_size=BATCH,
+        max_length=MAX_LENGTH,
+        num_train_epochs=1,
+        report_to="none",
+        logging_steps=10,
+        save_strategy="no",
+        bf16=bf16,
+        use_cpu=True,
+    )
     peft_config = LoraConfig(r=8, lora_alpha=16, task_type="CAUSAL_LM")
     trainer = SFTTrainer(model=model, args=args, train_dataset=dataset, peft_config=peft_config)
     trained = trainer.train_dataset  # tokenized, labels built, truncated to max_length (no padding yet)
@@ -114,12 +131,25 @@ def trl_worker(model: str, data: str, out: str, bf16: bool) -> None:
     result = trainer.train()
     seconds = time.perf_counter() - started
     trainable = sum(p.numel() for p in trainer.model.parameters() if p.requires_grad)
-    print(json.dumps({"rows": len(trained), "tokens": tokens, "supervised": supervised, "train_seconds": seconds,
-                      "train_runtime": result.metrics["train_runtime"], "steps": result.global_step,
-                      "train_loss": result.training_loss, "trainable": trainable, "peak_rss": vmhwm(),
-                      "bf16": bool(args.bf16), "gradient_checkpointing": bool(args.gradient_checkpointing),
-                      "dtype": str(next(trainer.model.parameters()).dtype).removeprefix("torch."),
-                      "threads": torch.get_num_threads()}))
+    print(
+        json.dumps(
+            {
+                "rows": len(trained),
+                "tokens": tokens,
+                "supervised": supervised,
+                "train_seconds": seconds,
+                "train_runtime": result.metrics["train_runtime"],
+                "steps": result.global_step,
+                "train_loss": result.training_loss,
+                "trainable": trainable,
+                "peak_rss": vmhwm(),
+                "bf16": bool(args.bf16),
+                "gradient_checkpointing": bool(args.gradient_checkpointing),
+                "dtype": str(next(trainer.model.parameters()).dtype).removeprefix("torch."),
+                "threads": torch.get_num_threads(),
+            }
+        )
+    )
 
 
 def run_trl(model_dir: Path, data: Path, out: Path, bf16: bool) -> dict:
@@ -127,9 +157,28 @@ def run_trl(model_dir: Path, data: Path, out: Path, bf16: bool) -> dict:
     log = out / "worker.log"
     started = time.perf_counter()
     with log.open("w") as stderr:
-        result = subprocess.run([sys.executable, __file__, "--worker", "trl", "--model", str(model_dir), "--data", str(data),
-                                 "--out", str(out), "--bf16", str(int(bf16))], cwd=PROJECT, stdout=subprocess.PIPE,
-                                stderr=stderr, text=True, check=False, env=_env())
+        result = subprocess.run(
+            [
+                sys.executable,
+                __file__,
+                "--worker",
+                "trl",
+                "--model",
+                str(model_dir),
+                "--data",
+                str(data),
+                "--out",
+                str(out),
+                "--bf16",
+                str(int(bf16)),
+            ],
+            cwd=PROJECT,
+            stdout=subprocess.PIPE,
+            stderr=stderr,
+            text=True,
+            check=False,
+            env=_env(),
+        )
     wall = time.perf_counter() - started
     if result.returncode:
         return {"failed": _last_error(log.read_text(errors="replace")), "log": str(log)}
@@ -145,16 +194,33 @@ TRL_ADAPTER = {"neo": "[q_proj,v_proj]", "neox": "[query_key_value]"}
 OUR_VARIANTS = {
     "ours": lambda arch: [],
     "ours-no-packing": lambda arch: ["data.packing=false"],
-    "ours+trl-adapter": lambda arch: ["strategy.r=8", "strategy.lora_alpha=16", f"strategy.target_modules={TRL_ADAPTER[arch]}"],
+    "ours+trl-adapter": lambda arch: [
+        "strategy.r=8",
+        "strategy.lora_alpha=16",
+        f"strategy.target_modules={TRL_ADAPTER[arch]}",
+    ],
     "ours+checkpointing": lambda arch: ["trainer.gradient_checkpointing=true"],  # trl's recipe checkpoints by default
 }
 
 
-def run_ours(arch: str, model_dir: Path, train: Path, heldout: Path, out: Path, best: bool, extra: list[str] = ()) -> dict:
-    overrides = [f"model=tiny_{arch}", f"model.name_or_path={model_dir}", "model.tiny=null", "data=alpaca",
-                 f"data.path={train}", f"data.eval_path={heldout}", f"data.max_length={MAX_LENGTH}",
-                 f"trainer.per_device_train_batch_size={BATCH}", "trainer.gradient_accumulation_steps=1",
-                 "trainer.num_train_epochs=1", "trainer.save_strategy=no", f"output_dir={out}", "overwrite=true"]
+def run_ours(
+    arch: str, model_dir: Path, train: Path, heldout: Path, out: Path, best: bool, extra: list[str] = ()
+) -> dict:
+    overrides = [
+        f"model=tiny_{arch}",
+        f"model.name_or_path={model_dir}",
+        "model.tiny=null",
+        "data=alpaca",
+        f"data.path={train}",
+        f"data.eval_path={heldout}",
+        f"data.max_length={MAX_LENGTH}",
+        f"trainer.per_device_train_batch_size={BATCH}",
+        "trainer.gradient_accumulation_steps=1",
+        "trainer.num_train_epochs=1",
+        "trainer.save_strategy=no",
+        f"output_dir={out}",
+        "overwrite=true",
+    ]
     if not best:
         overrides += ["model.dtype=float32", "trainer.bf16=false"]
     overrides += list(extra)
@@ -164,8 +230,14 @@ def run_ours(arch: str, model_dir: Path, train: Path, heldout: Path, out: Path, 
     log = out.parent / f"{out.name}.log"
     started = time.perf_counter()
     with log.open("w") as output:
-        result = subprocess.run([sys.executable, "-c", LAUNCHER, *overrides], cwd=PROJECT, stdout=output,
-                                stderr=subprocess.STDOUT, check=False, env={**_env(), "BENCH_PEAK_FILE": str(peak_file)})
+        result = subprocess.run(
+            [sys.executable, "-c", LAUNCHER, *overrides],
+            cwd=PROJECT,
+            stdout=output,
+            stderr=subprocess.STDOUT,
+            check=False,
+            env={**_env(), "BENCH_PEAK_FILE": str(peak_file)},
+        )
     wall = time.perf_counter() - started
     if result.returncode:
         return {"failed": _last_error(log.read_text(errors="replace")), "log": str(log)}
@@ -175,21 +247,40 @@ def run_ours(arch: str, model_dir: Path, train: Path, heldout: Path, out: Path, 
     in_loop_eval = sum(h["eval_runtime"] for h in history[:end] if "eval_runtime" in h)
     data = record["data"]
     config = yaml.safe_load((out / "config.yaml").read_text())  # resolved: what ran, `auto` replaced by the choice
-    return {"rows": data["train_rows"], "tokens": data["train_tokens"], "supervised": data["train_trained_tokens"],
-            "train_seconds": record["train_seconds"] - in_loop_eval, "in_loop_eval": in_loop_eval,
-            "train_runtime": history[end]["train_runtime"], "steps": record["global_steps"], "train_loss": record["train_loss"],
-            "trainable": record["trainable_parameters"], "peak_rss": int(peak_file.read_text()), "wall": wall,
-            "bf16": bool(config["trainer"].get("bf16")), "dtype": config["model"]["dtype"],
-            "precision_record": record.get("precision"), "attention": config["model"].get("attn_implementation"),
-            "dropped": data["rows_dropped"]}
+    return {
+        "rows": data["train_rows"],
+        "tokens": data["train_tokens"],
+        "supervised": data["train_trained_tokens"],
+        "train_seconds": record["train_seconds"] - in_loop_eval,
+        "in_loop_eval": in_loop_eval,
+        "train_runtime": history[end]["train_runtime"],
+        "steps": record["global_steps"],
+        "train_loss": record["train_loss"],
+        "trainable": record["trainable_parameters"],
+        "peak_rss": int(peak_file.read_text()),
+        "wall": wall,
+        "bf16": bool(config["trainer"].get("bf16")),
+        "dtype": config["model"]["dtype"],
+        "precision_record": record.get("precision"),
+        "attention": config["model"].get("attn_implementation"),
+        "dropped": data["rows_dropped"],
+    }
 
 
 def source_state() -> str:
-    """The commit our side ran, and whether the working tree differed from it (results are only comparable per state)."""
+    """The commit our side ran, and whether the working tree differed from it (results are only comparable per
+    state)."""
     try:
-        head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=PROJECT, capture_output=True, text=True, check=True).stdout.strip()
-        changed = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=PROJECT, capture_output=True,
-                                 text=True, check=True).stdout.splitlines()
+        head = subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"], cwd=PROJECT, capture_output=True, text=True, check=True
+        ).stdout.strip()
+        changed = subprocess.run(
+            ["git", "status", "--porcelain", "--untracked-files=no"],
+            cwd=PROJECT,
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout.splitlines()
     except (OSError, subprocess.CalledProcessError):
         return "not a git checkout"
     return f"commit {head}" + (f" + uncommitted changes in {len(changed)} tracked files" if changed else "")
@@ -207,6 +298,7 @@ def _last_error(text: str) -> str:
 
 # ---------------------------------------------------------------- fixtures: checkpoints and data
 
+
 def build_models(archs: list[str], shape: str, vocab: str, cache: Path) -> dict[str, Path]:
     hidden, layers = SHAPES[shape]
     folders = {}
@@ -216,17 +308,40 @@ def build_models(archs: list[str], shape: str, vocab: str, cache: Path) -> dict[
         marker = folder / "tiny_build.json"
         built = json.loads(marker.read_text()) if marker.is_file() else {}
         if built.get("hidden_size") != hidden or built.get("layers") != layers or built.get("model_vocab_size") != rows:
-            print(f"building {folder} (random weights, {layers} layers x {hidden}, head of {rows or 'the tokenizer'} rows)",
-                  file=sys.stderr, flush=True)
+            print(
+                f"building {folder} (random weights, {layers} layers x {hidden}, head of {rows or 'the tokenizer'} "
+                "rows)",
+                file=sys.stderr,
+                flush=True,
+            )
             padded = ["--model-vocab-size", str(rows)] if rows else []
-            subprocess.run([sys.executable, "-m", "finetune.tiny", "--arch", arch, "--out", str(folder), "--hidden-size",
-                            str(hidden), "--layers", str(layers), *padded], cwd=PROJECT, check=True, capture_output=True, env=_env())
+            subprocess.run(
+                [
+                    sys.executable,
+                    "-m",
+                    "finetune.tiny",
+                    "--arch",
+                    arch,
+                    "--out",
+                    str(folder),
+                    "--hidden-size",
+                    str(hidden),
+                    "--layers",
+                    str(layers),
+                    *padded,
+                ],
+                cwd=PROJECT,
+                check=True,
+                capture_output=True,
+                env=_env(),
+            )
         folders[arch] = folder
     return folders
 
 
 def write_data(work: Path, n_rows: int, tokenizers: list[Path], seed: int = 0) -> dict:
-    """train.jsonl (n_rows) and heldout.jsonl (10% more), a seeded sample of rows that fit MAX_LENGTH in every tokenizer."""
+    """train.jsonl (n_rows) and heldout.jsonl (10% more), a seeded sample of rows that fit MAX_LENGTH in every
+    tokenizer."""
     from tokenizers import Tokenizer
 
     if CHATDOCTOR.is_file():
@@ -250,29 +365,45 @@ def write_data(work: Path, n_rows: int, tokenizers: list[Path], seed: int = 0) -
         sys.exit(f"{source}: only {len(kept)} rows fit {MAX_LENGTH} tokens, {wanted} wanted")
     for name, rows in (("train.jsonl", kept[:n_rows]), ("heldout.jsonl", kept[n_rows:])):
         (work / name).write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
-    return {"source": source, "train": work / "train.jsonl", "heldout": work / "heldout.jsonl", "skipped_too_long": too_long,
-            "heldout_rows": wanted - n_rows}
+    return {
+        "source": source,
+        "train": work / "train.jsonl",
+        "heldout": work / "heldout.jsonl",
+        "skipped_too_long": too_long,
+        "heldout_rows": wanted - n_rows,
+    }
 
 
 def check_prompt(model_dir: Path, train: Path) -> None:
     """The trl side's prompt text must be what our alpaca template renders (else the two sides train different text)."""
     from transformers import AutoTokenizer
 
-    from finetune.data.tokenize import prompt_text
     from finetune.data import templates
+    from finetune.data.tokenize import prompt_text
 
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     template = templates.load("alpaca")
     for line in train.read_text(encoding="utf-8").splitlines()[:3]:
         row = json.loads(line)
         if prompt_text(tokenizer, template, row) != prompt(row):
-            sys.exit("the trl side's Alpaca prompt differs from data_templates/alpaca.yaml; fix PROMPT_INPUT / PROMPT_NO_INPUT")
+            sys.exit(
+                "the trl side's Alpaca prompt differs from data_templates/alpaca.yaml; fix PROMPT_INPUT / "
+                "PROMPT_NO_INPUT"
+            )
 
 
 def run_side(side: str, precision: str, arch: str, model_dir: Path, data: dict, out: Path) -> tuple[dict, str]:
     """One training run of one side: (what it measured, how its precision was chosen)."""
     if side in OUR_VARIANTS:
-        measured = run_ours(arch, model_dir, data["train"], data["heldout"], out, best=precision == "best", extra=OUR_VARIANTS[side](arch))
+        measured = run_ours(
+            arch,
+            model_dir,
+            data["train"],
+            data["heldout"],
+            out,
+            best=precision == "best",
+            extra=OUR_VARIANTS[side](arch),
+        )
         return measured, "our default" if precision == "best" else "fp32"
     measured = run_trl(model_dir, data["train"], out, bf16=precision == "best")
     if precision == "best" and "failed" in measured:
@@ -297,8 +428,12 @@ def median_run(runs: list[dict]) -> dict:
 
 # ---------------------------------------------------------------- report
 
+
 def table(results: list[dict]) -> None:
-    print("| model | side | precision | rows | real tokens | supervised tokens | train-loop s | tokens/s | supervised tokens/s | wall s | peak RSS |")
+    print(
+        "| model | side | precision | rows | real tokens | supervised tokens | train-loop s | tokens/s | supervised "
+        "tokens/s | wall s | peak RSS |"
+    )
     print("|---|---|---|---|---|---|---|---|---|---|---|")
     for r in results:
         m = r["measured"]
@@ -306,9 +441,13 @@ def table(results: list[dict]) -> None:
             print(f"| {r['model']} | {r['side']} | {r['precision']} | failed: {m['failed']} | | | | | | | |")
             continue
         ran = f"{m['dtype']} weights, {'bf16 autocast' if m['bf16'] else 'no autocast'}"
-        print(f"| {r['model']} | {r['side']} | {r['precision_label']}: {ran} | {m['rows']} | {m['tokens']:,} | {m['supervised']:,} | "
-              f"{m['train_seconds']:.1f} | {m['tokens'] / m['train_seconds']:,.0f}{_spread(m)} | {m['supervised'] / m['train_seconds']:,.0f} | "
-              f"{m['wall']:.1f} | {m['peak_rss'] / 2**20:,.0f} MiB |")
+        print(
+            f"| {r['model']} | {r['side']} | {r['precision_label']}: {ran} | {m['rows']} | {m['tokens']:,} | "
+            f"{m['supervised']:,} | "
+            f"{m['train_seconds']:.1f} | {m['tokens'] / m['train_seconds']:,.0f}{_spread(m)} | "
+            f"{m['supervised'] / m['train_seconds']:,.0f} | "
+            f"{m['wall']:.1f} | {m['peak_rss'] / 2**20:,.0f} MiB |"
+        )
 
 
 def _spread(m: dict) -> str:
@@ -318,7 +457,10 @@ def _spread(m: dict) -> str:
 
 def ratios(results: list[dict]) -> None:
     targets = {"best": 2.5, "fp32": 1.5}
-    print("\n| model | precision | our side | ours/trl tokens/s | target | ours/trl wall | ours/trl peak RSS (target <= 1) |")
+    print(
+        "\n| model | precision | our side | ours/trl tokens/s | target | ours/trl wall | ours/trl peak RSS (target <= "
+        "1) |"
+    )
     print("|---|---|---|---|---|---|---|")
     for model in dict.fromkeys(r["model"] for r in results):
         for precision in dict.fromkeys(r["precision"] for r in results):
@@ -332,22 +474,48 @@ def ratios(results: list[dict]) -> None:
                 speed = (ours["tokens"] / ours["train_seconds"]) / (trl["tokens"] / trl["train_seconds"])
                 rss = ours["peak_rss"] / trl["peak_rss"]
                 verdict = "pass" if speed >= targets[precision] else "miss"
-                print(f"| {model} | {precision} | {side} | **{speed:.2f}x** | >= {targets[precision]}x ({verdict}) | "
-                      f"{ours['wall'] / trl['wall']:.2f}x | {rss:.2f}x ({'pass' if rss <= 1 else 'miss'}) |")
+                print(
+                    f"| {model} | {precision} | {side} | **{speed:.2f}x** | >= {targets[precision]}x ({verdict}) | "
+                    f"{ours['wall'] / trl['wall']:.2f}x | {rss:.2f}x ({'pass' if rss <= 1 else 'miss'}) |"
+                )
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--models", default="neo,neox", help="comma-separated: neo, neox")
     parser.add_argument("--precision", default="fp32,best", help="comma-separated: fp32, best")
-    parser.add_argument("--rows", type=int, default=400, help="training rows (10%% more are written as the held-out file)")
-    parser.add_argument("--ours", default=",".join(OUR_VARIANTS), help=f"comma-separated variants of our side: {', '.join(OUR_VARIANTS)}")
-    parser.add_argument("--repeat", type=int, default=1, help="runs of each (model, precision, side); the median is reported (a busy machine is noisy)")
-    parser.add_argument("--shape", choices=SHAPES, default="tiny", help="tiny: 4 layers x 128 (finetune.tiny's default); wide: 4 x 256")
-    parser.add_argument("--vocab", choices=["tokenizer", "family"], default="tokenizer",
-                        help="rows of the embedding / LM head: the tiny tokenizer's 1,024, or the family's real 50,257 (neo) / 50,304 (neox)")
-    parser.add_argument("--cache", default=None, help="where the checkpoints are built once (default: $NEO_FINETUNE_CACHE/bench or ~/.cache/neo-finetune/bench)")
-    parser.add_argument("--workdir", default=None, help="keep data and run folders here (default: a temporary folder, removed)")
+    parser.add_argument(
+        "--rows", type=int, default=400, help="training rows (10%% more are written as the held-out file)"
+    )
+    parser.add_argument(
+        "--ours",
+        default=",".join(OUR_VARIANTS),
+        help=f"comma-separated variants of our side: {', '.join(OUR_VARIANTS)}",
+    )
+    parser.add_argument(
+        "--repeat",
+        type=int,
+        default=1,
+        help="runs of each (model, precision, side); the median is reported (a busy machine is noisy)",
+    )
+    parser.add_argument(
+        "--shape", choices=SHAPES, default="tiny", help="tiny: 4 layers x 128 (finetune.tiny's default); wide: 4 x 256"
+    )
+    parser.add_argument(
+        "--vocab",
+        choices=["tokenizer", "family"],
+        default="tokenizer",
+        help="rows of the embedding / LM head: the tiny tokenizer's 1,024, or the family's real 50,257 (neo) / 50,304 "
+        "(neox)",
+    )
+    parser.add_argument(
+        "--cache",
+        default=None,
+        help="where the checkpoints are built once (default: $NEO_FINETUNE_CACHE/bench or ~/.cache/neo-finetune/bench)",
+    )
+    parser.add_argument(
+        "--workdir", default=None, help="keep data and run folders here (default: a temporary folder, removed)"
+    )
     parser.add_argument("--worker", choices=["trl"], help=argparse.SUPPRESS)
     parser.add_argument("--model", help=argparse.SUPPRESS)
     parser.add_argument("--data", help=argparse.SUPPRESS)
@@ -361,7 +529,9 @@ def main() -> None:
     precisions = [p for p in args.precision.split(",") if p]
     if set(archs) - {"neo", "neox"} or set(precisions) - {"fp32", "best"}:
         parser.error("--models takes neo,neox and --precision takes fp32,best")
-    cache = Path(args.cache or Path(os.environ.get("NEO_FINETUNE_CACHE", Path.home() / ".cache" / "neo-finetune")) / "bench")
+    cache = Path(
+        args.cache or Path(os.environ.get("NEO_FINETUNE_CACHE", Path.home() / ".cache" / "neo-finetune")) / "bench"
+    )
     work = Path(args.workdir or tempfile.mkdtemp(prefix="train-bench-"))
     work.mkdir(parents=True, exist_ok=True)
     began = time.perf_counter()
@@ -375,9 +545,14 @@ def main() -> None:
         check_prompt(models[archs[0]], data["train"])
         hidden, layers = SHAPES[args.shape]
         head = "/".join(f"{FAMILY_VOCAB[a]:,}" for a in archs) if args.vocab == "family" else "the tokenizer's"
-        print(f"data: {args.rows} train rows + {data['heldout_rows']} held out (ours only) from {data['source'].name}, seeded sample, "
-              f"{data['skipped_too_long']} longer than {MAX_LENGTH} tokens skipped; models: random {layers} x {hidden} "
-              f"{', '.join(archs)}, head of {head} rows, in {cache}", file=sys.stderr, flush=True)
+        print(
+            f"data: {args.rows} train rows + {data['heldout_rows']} held out (ours only) from {data['source'].name}, "
+            "seeded sample, "
+            f"{data['skipped_too_long']} longer than {MAX_LENGTH} tokens skipped; models: random {layers} x {hidden} "
+            f"{', '.join(archs)}, head of {head} rows, in {cache}",
+            file=sys.stderr,
+            flush=True,
+        )
         results = []
         for arch in archs:
             for precision in precisions:
@@ -389,33 +564,64 @@ def main() -> None:
                         t = time.perf_counter()
                         measured, labels[side] = run_side(side, precision, arch, models[arch], data, out)
                         side_runs.append(measured)
-                        state = measured.get("failed") or f"{measured['tokens'] / measured['train_seconds']:,.0f} tokens/s"
-                        print(f"{arch} {precision} {side} #{repeat + 1}: {state} ({time.perf_counter() - t:.0f} s)", file=sys.stderr, flush=True)
+                        state = (
+                            measured.get("failed") or f"{measured['tokens'] / measured['train_seconds']:,.0f} tokens/s"
+                        )
+                        print(
+                            f"{arch} {precision} {side} #{repeat + 1}: {state} ({time.perf_counter() - t:.0f} s)",
+                            file=sys.stderr,
+                            flush=True,
+                        )
                 for side, side_runs in runs.items():
-                    results.append({"model": f"{arch} {layers}x{hidden}" + (f" vocab {FAMILY_VOCAB[arch]:,}" if args.vocab == "family" else ""), "side": side, "precision": precision,
-                                    "precision_label": labels[side], "measured": median_run(side_runs), "runs": side_runs})
+                    results.append(
+                        {
+                            "model": f"{arch} {layers}x{hidden}"
+                            + (f" vocab {FAMILY_VOCAB[arch]:,}" if args.vocab == "family" else ""),
+                            "side": side,
+                            "precision": precision,
+                            "precision_label": labels[side],
+                            "measured": median_run(side_runs),
+                            "runs": side_runs,
+                        }
+                    )
         print()
-        print(f"LoRA SFT on CPU ({os.cpu_count()} cores), {args.rows} rows of {data['source'].name}, 1 epoch, batch 8, "
-              f"max length {MAX_LENGTH}; ours = {source_state()}")
+        print(
+            f"LoRA SFT on CPU ({os.cpu_count()} cores), {args.rows} rows of {data['source'].name}, 1 epoch, batch 8, "
+            f"max length {MAX_LENGTH}; ours = {source_state()}"
+        )
         print()
         table(results)
         ratios(results)
         notes = {(r["model"], r["side"]): r["measured"] for r in results if "failed" not in r["measured"]}
         print("\ntrainable LoRA parameters: " + ", ".join(f"{m} {s} {v['trainable']:,}" for (m, s), v in notes.items()))
-        ours_eval = [r["measured"]["in_loop_eval"] for r in results if r["side"] in OUR_VARIANTS and "failed" not in r["measured"]]
+        ours_eval = [
+            r["measured"]["in_loop_eval"]
+            for r in results
+            if r["side"] in OUR_VARIANTS and "failed" not in r["measured"]
+        ]
         if ours_eval:
-            print(f"ours' end-of-epoch evaluation inside trainer.train(), left out of its train-loop seconds: "
-                  f"{statistics.mean(ours_eval):.1f} s on average")
-        for record in dict.fromkeys(r["measured"].get("precision_record") for r in results if r["side"] in OUR_VARIANTS):
+            print(
+                f"ours' end-of-epoch evaluation inside trainer.train(), left out of its train-loop seconds: "
+                f"{statistics.mean(ours_eval):.1f} s on average"
+            )
+        for record in dict.fromkeys(
+            r["measured"].get("precision_record") for r in results if r["side"] in OUR_VARIANTS
+        ):
             if record:
                 print(f"ours, precision as run.json records it: {record}")
         for r in results:
             if "bf16_error" in r["measured"]:
                 print(f"{r['model']} trl bf16 error: {r['measured']['bf16_error']}")
             if "failed" in r["measured"]:
-                print(f"{r['model']} {r['side']} {r['precision']} failed (log: {r['measured']['log']}): {r['measured']['failed']}")
+                print(
+                    f"{r['model']} {r['side']} {r['precision']} failed (log: {r['measured']['log']}): "
+                    f"{r['measured']['failed']}"
+                )
         (work / "results.json").write_text(json.dumps(results, indent=2, default=str))
-        print(f"\ntotal {time.perf_counter() - began:.0f} s" + (f"; runs and results.json in {work}" if args.workdir else ""))
+        print(
+            f"\ntotal {time.perf_counter() - began:.0f} s"
+            + (f"; runs and results.json in {work}" if args.workdir else "")
+        )
     finally:
         if not args.workdir:
             shutil.rmtree(work, ignore_errors=True)

@@ -1,4 +1,5 @@
-"""`python -m finetune.checkpoints`, kept for scripts written before the one command: the same as `finetune checkpoints`."""
+"""`python -m finetune.checkpoints`, kept for scripts written before the one command: the same as
+`finetune checkpoints`."""
 
 from finetune.runs.checkpoints import main
 

@@ -28,7 +28,9 @@ COMMANDS = {
     "plan": Command("finetune.plan.cli", "memory and time of a preset on a GPU, without loading the model"),
     "merge": Command("finetune.adapters.merge", "fold an adapter into its base, checked by a numerical gate"),
     "generate": Command("finetune.inference.generate", "generate from a run with its training chat template"),
-    "chat": Command("finetune.inference.generate", "talk to a run in the terminal (generate chat=true)", ("chat=true",)),
+    "chat": Command(
+        "finetune.inference.generate", "talk to a run in the terminal (generate chat=true)", ("chat=true",)
+    ),
     "evaluate": Command("finetune.evaluate.run", "base vs fine-tuned on held-out data and harness tasks"),
     "embed": Command("finetune.inference.embed", "sentence vectors from a run or a base model"),
     "push": Command("finetune.adapters.push", "publish an adapter or merged model to the Hugging Face Hub"),
@@ -70,7 +72,9 @@ def run(name: str, args: list[str]):
 def help_text() -> str:
     from finetune.config.compose import group_options, presets
 
-    groups = "\n".join(f"  {g:<12} {', '.join(group_options(g))}" for g in ("model", "strategy", "data", "trainer", "distributed"))
+    groups = "\n".join(
+        f"  {g:<12} {', '.join(group_options(g))}" for g in ("model", "strategy", "data", "trainer", "distributed")
+    )
     width = max(map(len, COMMANDS))
     listing = "\n".join(f"  {name:<{width}}  {command.summary}" for name, command in COMMANDS.items())
     return f"""usage: finetune [COMMAND] [ARGS ...]     (python -m finetune works the same)
@@ -82,7 +86,7 @@ commands:
 {listing}
 
 presets (finetune conf=NAME):
-  {', '.join(presets())}
+  {", ".join(presets())}
 
 config groups (GROUP=OPTION):
 {groups}

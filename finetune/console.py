@@ -8,8 +8,8 @@ exit code 2, as training does for its config. Cheap to import: no torch, no Hydr
 from __future__ import annotations
 
 import sys
-from dataclasses import dataclass
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 from finetune.errors import ConfigError, FinetuneError, did_you_mean, hub_unreachable
@@ -96,7 +96,9 @@ def usage(doc: str, options: list[Option]) -> str:
     return "\n".join(lines)
 
 
-def main(run: Callable[[dict], Any], doc: str, options: list[Option], positional: str | None, argv: list[str] | None = None):
+def main(
+    run: Callable[[dict], Any], doc: str, options: list[Option], positional: str | None, argv: list[str] | None = None
+):
     """Parse argv (or sys.argv), print help on -h/--help, run, and exit with the error's code on failure."""
     args = list(sys.argv[1:] if argv is None else argv)
     if any(a in ("-h", "--help", "help") for a in args):

@@ -24,11 +24,19 @@ def tiny_models(tmp_path_factory) -> dict[str, Path]:
 def tiny_run(tiny_models, tmp_path_factory) -> Path:
     """One short LoRA run on tiny NeoX over the demo data (trained for real), shared by the read-only consumers of a
     run directory: evaluate, embed, the harness bridge. Tests must not modify it; copy it first."""
-    from helpers import tiny_overrides
-
     from finetune.config.compose import compose
     from finetune.train.run import run
 
-    cfg = compose("demo", tiny_overrides("neox", tiny_models["neox"], tmp_path_factory.mktemp("tiny_run") / "run",
-                                         "trainer.max_steps=4", "sample_generations=0"))
+    from helpers import tiny_overrides
+
+    cfg = compose(
+        "demo",
+        tiny_overrides(
+            "neox",
+            tiny_models["neox"],
+            tmp_path_factory.mktemp("tiny_run") / "run",
+            "trainer.max_steps=4",
+            "sample_generations=0",
+        ),
+    )
     return run(cfg)

@@ -12,8 +12,17 @@ from helpers import PROJECT
 
 PACKAGE = PROJECT / "finetune"
 TOP = {"finetune.__main__", "finetune.cli"}  # the command line: imports everything, imported by nothing below it
-SHIMS = {"finetune.merge", "finetune.generate", "finetune.embed", "finetune.push", "finetune.preview",
-         "finetune.checkpoints", "finetune.sweep", "finetune.tiny"}  # `python -m finetune.X` kept for old scripts
+# `python -m finetune.X` kept for old scripts
+SHIMS = {
+    "finetune.merge",
+    "finetune.generate",
+    "finetune.embed",
+    "finetune.push",
+    "finetune.preview",
+    "finetune.checkpoints",
+    "finetune.sweep",
+    "finetune.tiny",
+}
 MAX_LINES = 520  # STYLE.md: split a module past ~400 lines along a seam a reader would name; this is the hard stop
 
 
@@ -27,6 +36,7 @@ def modules() -> dict[str, Path]:
 
 def imports(path: Path, known: dict[str, Path]) -> set[str]:
     """The finetune modules a file imports anywhere in it (top level or inside a function)."""
+
     def resolve(name: str) -> str | None:
         while name and name not in known:
             name = name.rpartition(".")[0]
@@ -56,7 +66,7 @@ def find_cycle(edges: dict[str, set[str]]) -> list[str] | None:
         stack.append(node)
         for target in sorted(edges.get(node, ())):
             if state.get(target) == "open":
-                return stack[stack.index(target):] + [target]
+                return stack[stack.index(target) :] + [target]
             if target not in state and (cycle := visit(target)):
                 return cycle
         state[node] = "done"
@@ -81,8 +91,12 @@ def test_the_cycle_finder_finds_one():
 
 def test_nothing_below_the_command_line_imports_it():
     edges = graph()
-    wrong = {f"{source} imports {target}" for source, targets in edges.items() for target in targets
-             if target in TOP | SHIMS and source not in TOP and not (source in SHIMS and target in TOP)}
+    wrong = {
+        f"{source} imports {target}"
+        for source, targets in edges.items()
+        for target in targets
+        if target in TOP | SHIMS and source not in TOP and not (source in SHIMS and target in TOP)
+    }
     assert not wrong, "library modules must not import the command line or its shims:\n" + "\n".join(sorted(wrong))
 
 

@@ -141,8 +141,16 @@ def test_help_shows_the_named_presets_values(capsys):
 def test_help_keeps_usage_presets_groups_examples_and_exit_codes_first(capsys):
     out = help_output(capsys)
     head = out.split("\nconfig keys:", 1)[0]
-    for part in ("usage: finetune", "presets (conf=NAME)", "config groups", "examples:", "finetune preview",
-                 "finetune merge RUN_DIR", "exit codes: 0 done", "75 preempted"):
+    for part in (
+        "usage: finetune",
+        "presets (conf=NAME)",
+        "config groups",
+        "examples:",
+        "finetune preview",
+        "finetune merge RUN_DIR",
+        "exit codes: 0 done",
+        "75 preempted",
+    ):
         assert part in head
     assert "python -m finetune." not in head  # the subcommand forms, not the old module forms
 
@@ -163,8 +171,10 @@ def test_help_all_lists_every_field_of_trl_and_peft_with_its_doc(capsys):
 
 
 def test_train_help_imports_nothing_heavy():
-    code = ("import sys\nfrom finetune.cli import main\nmain(['train', '--help'])\n"
-            "print('HEAVY:', [m for m in ('torch', 'transformers', 'peft', 'trl') if m in sys.modules])\n")
+    code = (
+        "import sys\nfrom finetune.cli import main\nmain(['train', '--help'])\n"
+        "print('HEAVY:', [m for m in ('torch', 'transformers', 'peft', 'trl') if m in sys.modules])\n"
+    )
     out = subprocess.run([sys.executable, "-c", code], cwd=PROJECT, capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
     assert "HEAVY: []" in out.stdout and "trainer.learning_rate=" in out.stdout
@@ -221,8 +231,13 @@ def test_chat_is_generate_with_chat_true(monkeypatch):
 
 def test_default_subcommand_still_composes_with_cfg_job():
     """`python -m finetune conf=demo --cfg job`: no subcommand is train, and Hydra's --cfg prints the config."""
-    out = subprocess.run([sys.executable, "-m", "finetune", "conf=demo", "--cfg", "job"], cwd=PROJECT,
-                         capture_output=True, text=True, timeout=120)
+    out = subprocess.run(
+        [sys.executable, "-m", "finetune", "conf=demo", "--cfg", "job"],
+        cwd=PROJECT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert out.returncode == 0, out.stderr
     config = yaml.safe_load(out.stdout)
     assert config["output_dir"] == "runs/${hydra:job.config_name}"  # --cfg job prints it unresolved

@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-from pathlib import Path
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 from omegaconf import OmegaConf
@@ -14,8 +14,17 @@ from finetune.config.compose import CONF_DIR, compose, group_options, presets, t
 from helpers import PROJECT
 
 EXPECTED_PRESETS = {
-    "demo", "lora_neo125m", "lora_neo1.3b", "lora_neo2.7b", "lora_gptj6b", "lora_pythia1b",
-    "lora_neox20b", "dora_neox20b", "qlora_neox20b", "full_neo125m", "full_neox20b",
+    "demo",
+    "lora_neo125m",
+    "lora_neo1.3b",
+    "lora_neo2.7b",
+    "lora_gptj6b",
+    "lora_pythia1b",
+    "lora_neox20b",
+    "dora_neox20b",
+    "qlora_neox20b",
+    "full_neo125m",
+    "full_neox20b",
 }
 TARGETS = {
     "gpt_neo": ["q_proj", "k_proj", "v_proj", "out_proj", "c_fc", "c_proj"],
@@ -48,7 +57,8 @@ def test_every_group_option_composes():
             overrides = [f"{group}={option}"] + (["data.path=x.jsonl"] if option == "alpaca" else [])
             compose("demo", overrides)
             count += 1
-    assert count == 16 + 4 + 7 + 2 + 6  # models, strategies, data (demo + one per template), trainers, distributed backends
+    # models, strategies, data (demo + one per template), trainers, distributed backends
+    assert count == 16 + 4 + 7 + 2 + 6
 
 
 @pytest.mark.parametrize("option", [o for o in group_options("model")])
@@ -68,8 +78,14 @@ def test_model_configs_carry_family_facts(option):
 
 def test_presets_cover_every_family_model():
     models = {OmegaConf.to_container(compose(p).model, resolve=True)["name_or_path"] for p in presets()}
-    assert {"EleutherAI/gpt-neo-125m", "EleutherAI/gpt-neo-1.3B", "EleutherAI/gpt-neo-2.7B", "EleutherAI/gpt-j-6b",
-            "EleutherAI/pythia-1b", "EleutherAI/gpt-neox-20b"} <= models
+    assert {
+        "EleutherAI/gpt-neo-125m",
+        "EleutherAI/gpt-neo-1.3B",
+        "EleutherAI/gpt-neo-2.7B",
+        "EleutherAI/gpt-j-6b",
+        "EleutherAI/pythia-1b",
+        "EleutherAI/gpt-neox-20b",
+    } <= models
 
 
 def test_full_neox20b_uses_zero3():
@@ -92,7 +108,9 @@ def test_cfg_job_prints_resolved_preset_without_importing_torch():
 
 
 def test_help_lists_presets_and_exit_codes():
-    out = subprocess.run([sys.executable, "-m", "finetune", "--help"], cwd=PROJECT, capture_output=True, text=True, timeout=60)
+    out = subprocess.run(
+        [sys.executable, "-m", "finetune", "--help"], cwd=PROJECT, capture_output=True, text=True, timeout=60
+    )
     assert out.returncode == 0
     for name in EXPECTED_PRESETS:
         assert name in out.stdout
@@ -102,8 +120,13 @@ def test_help_lists_presets_and_exit_codes():
 @pytest.mark.parametrize("module", ["finetune", "finetune.preview"])
 def test_bad_override_syntax_is_a_config_error(module, tmp_path):
     """`strategy.r=[8` is a config problem (exit 2, the override quoted, the fix), not Hydra's parser traceback."""
-    result = subprocess.run([sys.executable, "-m", module, "strategy.r=[8", f"output_dir={tmp_path}/run"],
-                            cwd=PROJECT, capture_output=True, text=True, timeout=300)
+    result = subprocess.run(
+        [sys.executable, "-m", module, "strategy.r=[8", f"output_dir={tmp_path}/run"],
+        cwd=PROJECT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert result.returncode == 2, result.stderr
     assert "Traceback" not in result.stderr
     assert "'strategy.r=[8'" in result.stderr and "key=[a,b]" in result.stderr

@@ -10,12 +10,27 @@ import pytest
 from omegaconf import OmegaConf
 
 from finetune.config.schema import DataConfig
-from finetune.data.tokenize import IGNORE_INDEX, _plain_backend, describe, fit_length, prepare, prompt_text, segments, tokenize, tokenize_many
 from finetune.data import templates as data_templates
-from finetune.errors import ConfigError, DataError
 from finetune.data.preview import show
+from finetune.data.tokenize import (
+    IGNORE_INDEX,
+    _plain_backend,
+    describe,
+    fit_length,
+    prepare,
+    prompt_text,
+    segments,
+    tokenize,
+    tokenize_many,
+)
+from finetune.errors import ConfigError, DataError
 
-ROW = {"instruction": "Define consideration.", "input": "", "output": "Something of value exchanged.", "_where": "rows.jsonl:1"}
+ROW = {
+    "instruction": "Define consideration.",
+    "input": "",
+    "output": "Something of value exchanged.",
+    "_where": "rows.jsonl:1",
+}
 README = Path(data_templates.TEMPLATES_DIR / "README.md").read_text()
 
 
@@ -38,12 +53,23 @@ def family_tokenizer(request, tiny_models):
 
     family = {"neo": "gpt_neo", "neox": "gpt_neox", "gptj": "gptj"}[request.param]
     pad = "<|padding|>" if request.param == "neox" else None
-    return models.load_tokenizer(conf.create({"name_or_path": str(tiny_models[request.param]), "family": family, "pad_token": pad,
-                                              "revision": "main", "trust_remote_code": False}))
+    return models.load_tokenizer(
+        conf.create(
+            {
+                "name_or_path": str(tiny_models[request.param]),
+                "family": family,
+                "pad_token": pad,
+                "revision": "main",
+                "trust_remote_code": False,
+            }
+        )
+    )
 
 
 def data_config(path, **overrides) -> DataConfig:
-    return OmegaConf.create(dataclasses.asdict(DataConfig(path=str(path), template="alpaca", **{"max_length": 256, **overrides})))
+    return OmegaConf.create(
+        dataclasses.asdict(DataConfig(path=str(path), template="alpaca", **{"max_length": 256, **overrides}))
+    )
 
 
 def write_jsonl(path: Path, rows: list[dict]) -> Path:
@@ -144,11 +170,27 @@ def test_padding_keeps_the_real_eos_label(family_tokenizer):
     ("turns", "message"),
     [
         ([{"role": "assistant", "content": "hi"}], "expected a user message"),
-        ([{"role": "user", "content": "a"}, {"role": "user", "content": "b"}, {"role": "assistant", "content": "c"}], "messages[1]: expected an assistant message"),
-        ([{"role": "user", "content": "a"}, {"role": "system", "content": "b"}, {"role": "assistant", "content": "c"}], "messages[1]: a system message may only come first"),
-        ([{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}, {"role": "user", "content": "c"}], "the last message must be an assistant"),
+        (
+            [{"role": "user", "content": "a"}, {"role": "user", "content": "b"}, {"role": "assistant", "content": "c"}],
+            "messages[1]: expected an assistant message",
+        ),
+        (
+            [
+                {"role": "user", "content": "a"},
+                {"role": "system", "content": "b"},
+                {"role": "assistant", "content": "c"},
+            ],
+            "messages[1]: a system message may only come first",
+        ),
+        (
+            [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}, {"role": "user", "content": "c"}],
+            "the last message must be an assistant",
+        ),
         ([{"role": "user", "content": "a"}, {"role": "bot", "content": "b"}], "messages[1].role: unknown role 'bot'"),
-        ([{"role": "user", "content": "a"}, {"role": "assistant", "content": " "}], "messages[1].content: must be a non-empty string"),
+        (
+            [{"role": "user", "content": "a"}, {"role": "assistant", "content": " "}],
+            "messages[1].content: must be a non-empty string",
+        ),
     ],
 )
 def test_bad_conversations_are_named_by_message_index(turns, message):
@@ -170,7 +212,9 @@ def test_truncate_prompt_left_keeps_the_response_whole(neo_tokenizer):
 def test_chunk_splits_long_text_and_never_keeps_an_untrained_piece(neo_tokenizer):
     sample = tokenize(neo_tokenizer, data_templates.load("completion"), {"text": "clause " * 300, "_where": "c:1"})
     pieces, reason = fit_length(sample, 100, "chunk")
-    assert reason is None and [p.input_ids for p in pieces] == [sample.input_ids[i : i + 100] for i in range(0, len(sample.input_ids), 100)]
+    assert reason is None and [p.input_ids for p in pieces] == [
+        sample.input_ids[i : i + 100] for i in range(0, len(sample.input_ids), 100)
+    ]
     masked = sample.__class__(sample.input_ids, [IGNORE_INDEX] * len(sample.input_ids), "m:1")
     assert fit_length(masked, 100, "chunk") == ([], "no_trainable_tokens")
 
@@ -189,15 +233,26 @@ def test_row_accounting_adds_up_and_rejects_are_written(neo_tokenizer, tmp_path)
     message = str(caught.value)
     assert "3 bad row(s)" in message and "data.skip_invalid=true" in message
     assert f"{path}:4: field 'output' is empty" in message
-    assert f"{path}:8: missing field 'output' (did you mean 'ouptut'? map it with data.columns.output=ouptut)" in message
+    assert (
+        f"{path}:8: missing field 'output' (did you mean 'ouptut'? map it with data.columns.output=ouptut)" in message
+    )
     assert f"{path}:41: invalid JSON" in message
     assert message.index(f"{path}:4:") < message.index(f"{path}:8:") < message.index(f"{path}:41:")  # file order
 
-    data = prepare(data_config(path, skip_invalid=True, max_dropped_fraction=0.2, eval_fraction=0.1), neo_tokenizer, template, seed=1)
+    data = prepare(
+        data_config(path, skip_invalid=True, max_dropped_fraction=0.2, eval_fraction=0.1),
+        neo_tokenizer,
+        template,
+        seed=1,
+    )
     a = data.accounting
     assert a["rows_read"] == 41
-    assert a["rows_rejected"] == {"invalid_json": 1, "empty_field": 1, "missing_field": 1} and a["rows_dropped"] == {"overlength": 1}
-    assert a["rows_read"] == a["train_rows"] + a["eval_rows"] + sum(a["rows_rejected"].values()) + sum(a["rows_dropped"].values())
+    assert a["rows_rejected"] == {"invalid_json": 1, "empty_field": 1, "missing_field": 1} and a["rows_dropped"] == {
+        "overlength": 1
+    }
+    assert a["rows_read"] == a["train_rows"] + a["eval_rows"] + sum(a["rows_rejected"].values()) + sum(
+        a["rows_dropped"].values()
+    )
     assert {n.where for n in data.not_kept} == {f"{path}:4", f"{path}:8", f"{path}:10", f"{path}:41"}
     assert all(n.raw for n in data.not_kept)
 
@@ -205,15 +260,22 @@ def test_row_accounting_adds_up_and_rejects_are_written(neo_tokenizer, tmp_path)
 def test_too_many_dropped_rows_abort_naming_the_knobs(neo_tokenizer, tmp_path):
     rows = [{"instruction": "q " * (300 if i % 2 else 1), "output": "a"} for i in range(10)]
     path = write_jsonl(tmp_path / "rows.jsonl", rows)
-    with pytest.raises(DataError, match=r"5 of 10 rows \(50.0%\) would not train \(5 overlength\).*data.max_dropped_fraction"):
+    with pytest.raises(
+        DataError, match=r"5 of 10 rows \(50.0%\) would not train \(5 overlength\).*data.max_dropped_fraction"
+    ):
         prepare(data_config(path), neo_tokenizer, data_templates.load("alpaca"), seed=1)
     with pytest.raises(DataError, match=r"5 row\(s\) longer than data.max_length=256:\n  .*rows.jsonl:2: \d+ tokens"):
         prepare(data_config(path, overlength="error"), neo_tokenizer, data_templates.load("alpaca"), seed=1)
 
 
 def test_packing_is_reported_in_the_accounting(neo_tokenizer, tmp_path):
-    path = write_jsonl(tmp_path / "rows.jsonl", [{"instruction": "q" * (i % 7 + 1), "output": "an answer " * (i % 5 + 1)} for i in range(50)])
-    data = prepare(data_config(path, packing=True, eval_fraction=0.0), neo_tokenizer, data_templates.load("alpaca"), seed=1)
+    path = write_jsonl(
+        tmp_path / "rows.jsonl",
+        [{"instruction": "q" * (i % 7 + 1), "output": "an answer " * (i % 5 + 1)} for i in range(50)],
+    )
+    data = prepare(
+        data_config(path, packing=True, eval_fraction=0.0), neo_tokenizer, data_templates.load("alpaca"), seed=1
+    )
     packed = data.accounting["packing"]
     assert packed["rows"] == len(data.packed) < 50 and 0.5 < packed["efficiency"] <= 1
     train, _ = data.as_datasets()
@@ -224,22 +286,52 @@ def test_packing_auto_packs_only_when_it_saves_a_tenth_of_the_padding(neo_tokeni
     """Rows of mixed lengths pack well into rows of 512; rows of nearly one length, each over half of max_length,
     cannot share a row, so auto keeps them as padded samples. data.packing=true packs regardless."""
     alpaca = data_templates.load("alpaca")
-    mixed = write_jsonl(tmp_path / "mixed.jsonl", [{"instruction": "q" * (i % 7 + 1), "output": "word " * (1 + i * 37 % 90)} for i in range(50)])
-    data = prepare(data_config(mixed, packing="auto", eval_fraction=0.0, max_length=512), neo_tokenizer, alpaca, seed=1, batch_size=4)
+    mixed = write_jsonl(
+        tmp_path / "mixed.jsonl",
+        [{"instruction": "q" * (i % 7 + 1), "output": "word " * (1 + i * 37 % 90)} for i in range(50)],
+    )
+    data = prepare(
+        data_config(mixed, packing="auto", eval_fraction=0.0, max_length=512),
+        neo_tokenizer,
+        alpaca,
+        seed=1,
+        batch_size=4,
+    )
     choice = data.accounting["batching"]
-    assert choice["packed"] and data.packed is not None and choice["packed_efficiency"] >= 1.1 * choice["padded_efficiency"]
+    assert (
+        choice["packed"]
+        and data.packed is not None
+        and choice["packed_efficiency"] >= 1.1 * choice["padded_efficiency"]
+    )
     assert len(data.as_datasets()[0]) == choice["packed_rows"] < 50
     assert "data: packing (data.packing=auto" in "\n".join(describe(data))
 
-    even = write_jsonl(tmp_path / "even.jsonl", [{"instruction": "q", "output": "word " * (60 + i % 3)} for i in range(50)])
-    longest = max(len(s.input_ids) for s in prepare(data_config(even, packing=False, eval_fraction=0.0), neo_tokenizer, alpaca, seed=1).train)
-    data = prepare(data_config(even, packing="auto", eval_fraction=0.0, max_length=longest), neo_tokenizer, alpaca, seed=1, batch_size=4)
+    even = write_jsonl(
+        tmp_path / "even.jsonl", [{"instruction": "q", "output": "word " * (60 + i % 3)} for i in range(50)]
+    )
+    longest = max(
+        len(s.input_ids)
+        for s in prepare(data_config(even, packing=False, eval_fraction=0.0), neo_tokenizer, alpaca, seed=1).train
+    )
+    data = prepare(
+        data_config(even, packing="auto", eval_fraction=0.0, max_length=longest),
+        neo_tokenizer,
+        alpaca,
+        seed=1,
+        batch_size=4,
+    )
     choice = data.accounting["batching"]
     assert not choice["packed"] and data.packed is None and choice["packed_rows"] == 50
     assert len(data.as_datasets()[0]) == 50 and "position_ids" not in data.as_datasets()[0].column_names
     assert "data: no packing (data.packing=auto" in "\n".join(describe(data))
 
-    forced = prepare(data_config(even, packing=True, eval_fraction=0.0, max_length=longest), neo_tokenizer, alpaca, seed=1, batch_size=4)
+    forced = prepare(
+        data_config(even, packing=True, eval_fraction=0.0, max_length=longest),
+        neo_tokenizer,
+        alpaca,
+        seed=1,
+        batch_size=4,
+    )
     assert forced.packed is not None and forced.accounting["batching"]["setting"] is True
 
 
@@ -248,10 +340,13 @@ def test_custom_template_without_code(neo_tokenizer, tmp_path):
     custom.write_text(
         "fields: {question: required, answer: required}\n"
         "messages:\n  - {role: user, content: 'Q: {{ question }}'}\n  - {role: assistant, content: '{{ answer }}'}\n"
-        "chat_template: \"{% for m in messages %}{% if m.role == 'user' %}{{ m.content }}\\nA: {% else %}{{ m.content }}{{ eos_token }}{% endif %}{% endfor %}\"\n"
+        "chat_template: \"{% for m in messages %}{% if m.role == 'user' %}{{ m.content }}\\nA: {% else %}{{ m.content "
+        '}}{{ eos_token }}{% endif %}{% endfor %}"\n'
     )
     template = data_templates.load(str(custom))
-    sample = tokenize(neo_tokenizer, template, {"question": "What is bail?", "answer": "Release before trial.", "_where": "x:1"})
+    sample = tokenize(
+        neo_tokenizer, template, {"question": "What is bail?", "answer": "Release before trial.", "_where": "x:1"}
+    )
     assert neo_tokenizer.decode(sample.input_ids) == "Q: What is bail?\nA: Release before trial.<|endoftext|>"
     assert neo_tokenizer.decode([t for t in sample.labels if t != IGNORE_INDEX]) == "Release before trial.<|endoftext|>"
 
@@ -259,10 +354,25 @@ def test_custom_template_without_code(neo_tokenizer, tmp_path):
 @pytest.mark.parametrize(
     ("text", "message"),
     [
-        ("fields: {a: required}\nmessages: [{role: user, content: x}, {role: assistant, content: y}]\nchat_template: '{{ x }}'\n", "never emits"),
-        ("fields: {a: required}\nmessages: [{role: user, content: x}, {role: bot, content: y}]\nchat_template: '{{ eos_token }}'\n", "messages[1].role is 'bot'"),
-        ("fields: {a: required}\nmessages: [{role: user, content: x}]\nchat_template: '{{ eos_token }}'\n", "must have role assistant"),
-        ("conversation: {field: m, role_key: r, content_key: c, roles: {u: user}}\nchat_template: '{{ eos_token }}'\n", "some role to user and some to assistant"),
+        (
+            "fields: {a: required}\nmessages: [{role: user, content: x}, {role: assistant, content: "
+            "y}]\nchat_template: '{{ x }}'\n",
+            "never emits",
+        ),
+        (
+            "fields: {a: required}\nmessages: [{role: user, content: x}, {role: bot, content: y}]\nchat_template: '{{ "
+            "eos_token }}'\n",
+            "messages[1].role is 'bot'",
+        ),
+        (
+            "fields: {a: required}\nmessages: [{role: user, content: x}]\nchat_template: '{{ eos_token }}'\n",
+            "must have role assistant",
+        ),
+        (
+            "conversation: {field: m, role_key: r, content_key: c, roles: {u: user}}\nchat_template: '{{ eos_token "
+            "}}'\n",
+            "some role to user and some to assistant",
+        ),
         ("fields: {a: required}\nmesages: []\nchat_template: '{{ eos_token }}'\n", "unknown key 'mesages'"),
     ],
 )
@@ -283,14 +393,27 @@ def _reference_conversation(template, row: dict) -> list[dict]:
     if template.conversation_spec:
         return template.conversation(row)
     values = {name: row.get(name) or "" for name in template.optional} | {name: row[name] for name in template.required}
-    return [{key: data_templates._JINJA.from_string(text).render(values) if isinstance(text, str) else text for key, text in message.items()}
-            for message in template.messages]
+    return [
+        {
+            key: data_templates._JINJA.from_string(text).render(values) if isinstance(text, str) else text
+            for key, text in message.items()
+        }
+        for message in template.messages
+    ]
 
 
 def _reference_segments(tokenizer, template, conversation: list[dict]) -> list[tuple[str, bool]]:
     def render(messages, add_generation_prompt=False):
-        return tokenizer.apply_chat_template(messages, chat_template=template.chat_template, tokenize=False,
-                                             add_generation_prompt=add_generation_prompt) if messages else ""
+        return (
+            tokenizer.apply_chat_template(
+                messages,
+                chat_template=template.chat_template,
+                tokenize=False,
+                add_generation_prompt=add_generation_prompt,
+            )
+            if messages
+            else ""
+        )
 
     pieces, done = [], ""
     for i, message in enumerate(conversation):
@@ -321,11 +444,18 @@ def _variants(template) -> list[dict]:
     if template.conversation_spec:
         spec = template.conversation_spec
         turns = example[spec["field"]]
-        rows = [example, {spec["field"]: turns[-2:]},
-                {spec["field"]: [{**turn, spec["content_key"]: turn[spec["content_key"]] + TRICKY} for turn in turns]}]
+        rows = [
+            example,
+            {spec["field"]: turns[-2:]},
+            {spec["field"]: [{**turn, spec["content_key"]: turn[spec["content_key"]] + TRICKY} for turn in turns]},
+        ]
     else:
-        rows = [example, {k: v + TRICKY if isinstance(v, str) and v else v for k, v in example.items()},
-                {k: example[k] for k in template.required}, {**example, **{k: "" for k in template.optional}}]
+        rows = [
+            example,
+            {k: v + TRICKY if isinstance(v, str) and v else v for k, v in example.items()},
+            {k: example[k] for k in template.required},
+            {**example, **{k: "" for k in template.optional}},
+        ]
     rows = [{**row, "_where": f"variants:{i + 1}"} for i, row in enumerate(rows)]
     assert not any(template.check_row(row) for row in rows)
     return rows
@@ -361,9 +491,11 @@ def test_chunks_tokenized_in_a_worker_thread_give_the_same_samples(neo_tokenizer
     template = data_templates.load("sharegpt")
     rows = [{**row, "_where": f"chunked:{i}"} for i, row in enumerate(_variants(template) * 3)]
     _assert_matches_reference(neo_tokenizer, template, rows)
-    (tmp_path / "no_eos.yaml").write_text("fields: {q: required, a: required}\nmessages: [{role: user, content: '{{ q }}'}, "
-                                          "{role: assistant, content: '{{ a }}'}]\nchat_template: \"{% for m in messages %}"
-                                          "{{ m.content }}{% if m.content != 'x' %}{{ eos_token }}{% endif %}{% endfor %}\"\n")
+    (tmp_path / "no_eos.yaml").write_text(
+        "fields: {q: required, a: required}\nmessages: [{role: user, content: '{{ q }}'}, "
+        "{role: assistant, content: '{{ a }}'}]\nchat_template: \"{% for m in messages %}"
+        "{{ m.content }}{% if m.content != 'x' %}{{ eos_token }}{% endif %}{% endfor %}\"\n"
+    )
     rows = [{"q": "q", "a": "x" if i == 5 else "an answer", "_where": f"rows.jsonl:{i + 1}"} for i in range(7)]
     with pytest.raises(ConfigError, match=r"an assistant message of rows.jsonl:6 does not end with EOS"):
         tokenize_many(neo_tokenizer, data_templates.load(str(tmp_path / "no_eos.yaml")), rows)
@@ -377,12 +509,16 @@ def test_fast_path_matches_for_messages_transformers_converts(neo_tokenizer, tmp
         "messages:\n"
         "  - {role: user, content: 'Q: {{ question }}', priority: 2, tag: null}\n"
         "  - {role: assistant, content: '{{ answer }}', thinking: '{{ notes }}'}\n"
-        "chat_template: \"{% for m in messages %}{% if m.role == 'user' %}{% if m.tag is defined %}TAG {% endif %}[{{ m.priority }}] {{ m.content }}\\nA: "
-        "{% else %}{% if m.reasoning_content %}({{ m.reasoning_content }}) {% endif %}{{ m.content }}{{ eos_token }}{% endif %}{% endfor %}\"\n"
+        "chat_template: \"{% for m in messages %}{% if m.role == 'user' %}{% if m.tag is defined %}TAG {% endif %}[{{ "
+        "m.priority }}] {{ m.content }}\\nA: "
+        "{% else %}{% if m.reasoning_content %}({{ m.reasoning_content }}) {% endif %}{{ m.content }}{{ eos_token }}{% "
+        'endif %}{% endfor %}"\n'
     )
     template = data_templates.load(str(custom))
-    rows = [{"question": "What is bail?", "answer": "Release before trial.", "notes": "criminal law", "_where": "x:1"},
-            {"question": "What is a tort?" + TRICKY, "answer": "A civil wrong.", "_where": "x:2"}]
+    rows = [
+        {"question": "What is bail?", "answer": "Release before trial.", "notes": "criminal law", "_where": "x:1"},
+        {"question": "What is a tort?" + TRICKY, "answer": "A civil wrong.", "_where": "x:2"},
+    ]
     _assert_matches_reference(neo_tokenizer, template, rows)
     assert "(criminal law) Release" in neo_tokenizer.decode(tokenize(neo_tokenizer, template, rows[0]).input_ids)
 
@@ -399,12 +535,21 @@ def test_fast_path_matches_when_the_backend_cannot_be_called_directly(tiny_model
 
 
 def test_templates_that_are_not_a_concatenation_or_omit_eos_are_refused(neo_tokenizer, tmp_path):
-    fields = "fields: {q: required, a: required}\nmessages: [{role: user, content: '{{ q }}'}, {role: assistant, content: '{{ a }}'}]\n"
-    (tmp_path / "suffix.yaml").write_text(fields + "chat_template: \"{% for m in messages %}{{ m.content }}{{ eos_token if m.role == "
-                                          "'assistant' else '' }}{% endfor %}{% if add_generation_prompt %}A: {% endif %}\"\n")
-    (tmp_path / "no_eos.yaml").write_text(fields + "chat_template: \"{% for m in messages %}{{ m.content }}{% endfor %}{# eos_token #}\"\n")
+    fields = (
+        "fields: {q: required, a: required}\n"
+        "messages: [{role: user, content: '{{ q }}'}, {role: assistant, content: '{{ a }}'}]\n"
+    )
+    (tmp_path / "suffix.yaml").write_text(
+        fields + 'chat_template: "{% for m in messages %}{{ m.content }}{{ eos_token if m.role == '
+        "'assistant' else '' }}{% endfor %}{% if add_generation_prompt %}A: {% endif %}\"\n"
+    )
+    (tmp_path / "no_eos.yaml").write_text(
+        fields + 'chat_template: "{% for m in messages %}{{ m.content }}{% endfor %}{# eos_token #}"\n'
+    )
     row = {"q": "Q?", "a": "an answer", "_where": "rows.jsonl:3"}
-    with pytest.raises(ConfigError, match=r"rendering messages 0..1 does not extend the text of the messages before it"):
+    with pytest.raises(
+        ConfigError, match=r"rendering messages 0..1 does not extend the text of the messages before it"
+    ):
         tokenize(neo_tokenizer, data_templates.load(str(tmp_path / "suffix.yaml")), row)
     with pytest.raises(ConfigError, match=r"an assistant message of rows.jsonl:3 does not end with EOS"):
         tokenize(neo_tokenizer, data_templates.load(str(tmp_path / "no_eos.yaml")), row)
@@ -413,11 +558,14 @@ def test_templates_that_are_not_a_concatenation_or_omit_eos_are_refused(neo_toke
 def test_pack_matches_the_reference_best_fit():
     import bisect
 
-    from finetune.data.tokenize import Sample
     from finetune.data import packing
+    from finetune.data.tokenize import Sample
 
     lengths = [7, 3, 7, 1, 5, 3, 8, 2, 7, 4, 6, 1, 3]  # ties: equal lengths must keep their sample order
-    samples = [Sample(list(range(100 * i, 100 * i + n)), [IGNORE_INDEX] + list(range(1, n)), f"s:{i}") for i, n in enumerate(lengths)]
+    samples = [
+        Sample(list(range(100 * i, 100 * i + n)), [IGNORE_INDEX] + list(range(1, n)), f"s:{i}")
+        for i, n in enumerate(lengths)
+    ]
     order = sorted(range(len(samples)), key=lambda i: (-len(samples[i].input_ids), i))
     rows, free = [], []
     for i in order:
@@ -432,6 +580,13 @@ def test_pack_matches_the_reference_best_fit():
             rows.append([i])
             if 10 - need > 0:
                 bisect.insort(free, (10 - need, len(rows) - 1))
-    expected = [packing.PackedRow([t for i in m for t in samples[i].input_ids], [t for i in m for t in samples[i].labels],
-                                  [p for i in m for p in range(lengths[i])], [lengths[i] for i in m]) for m in rows]
+    expected = [
+        packing.PackedRow(
+            [t for i in m for t in samples[i].input_ids],
+            [t for i in m for t in samples[i].labels],
+            [p for i in m for p in range(lengths[i])],
+            [lengths[i] for i in m],
+        )
+        for m in rows
+    ]
     assert packing.pack(samples, 10) == expected

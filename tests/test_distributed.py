@@ -8,7 +8,8 @@ Each is launched as a user launches it: `accelerate launch --config_file conf/ac
 -m finetune ...`. The adapters agree within ADAPTER_TOLERANCE (max abs difference, fp32). They are not bitwise equal:
 batches of 2 instead of 4 pad to other lengths and reduce in another order (measured on an Intel Xeon: 4.7e-6 DDP,
 5.0e-6 ZeRO-2 and ZeRO-3; on an AMD EPYC with AVX512-BF16, transformers 5.25: 1.56e-5 DDP and FSDP, 1.47e-5 ZeRO-2
-and ZeRO-3, the landed code of 2026-11-21 included; against weights up to 0.095). The before-training eval runs in all of them: calling it the transformers
+and ZeRO-3, the landed code of 2026-11-21 included; against weights up to 0.095). The before-training eval runs in all
+of them: calling it the transformers
 way (evaluate() before train()) once made DDP ranks train apart without a word, 0.039 off.
 
 Every launch costs ~20 s of startup (two interpreters, torch, DeepSpeed), so each run is made once (module fixtures)
@@ -28,35 +29,66 @@ import time
 from pathlib import Path
 
 import pytest
-from helpers import PROJECT, tiny_overrides
 
 from finetune.runs import checkpoints
 
+from helpers import PROJECT, tiny_overrides
+
 ADAPTER_TOLERANCE = 5e-5  # max abs difference of any adapter weight vs the single-process run (fp32); a rank that
 # trains apart (gradients not averaged) is 0.039 off: three orders of magnitude above
-LAUNCH = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(PROJECT / "conf/accelerate/ddp.yaml"),
-          "--num_processes", "2", "--main_process_port", "0", "-m", "finetune"]
+LAUNCH = [
+    sys.executable,
+    "-m",
+    "accelerate.commands.launch",
+    "--config_file",
+    str(PROJECT / "conf/accelerate/ddp.yaml"),
+    "--num_processes",
+    "2",
+    "--main_process_port",
+    "0",
+    "-m",
+    "finetune",
+]
 CPU_ENV = {
     "CUDA_VISIBLE_DEVICES": "",  # CPU and gloo even where GPUs exist: the comparison is about the engines, not devices
-    "DS_ACCELERATOR": "cpu",     # DeepSpeed's CPU accelerator (it also picks it by itself when torch has no CUDA)
-    "OMP_NUM_THREADS": "1",      # two processes on two cores
+    "DS_ACCELERATOR": "cpu",  # DeepSpeed's CPU accelerator (it also picks it by itself when torch has no CUDA)
+    "OMP_NUM_THREADS": "1",  # two processes on two cores
     "HF_HUB_OFFLINE": "1",
     "TOKENIZERS_PARALLELISM": "false",
 }
 HAS_DEEPSPEED = importlib.util.find_spec("deepspeed") is not None
-needs_deepspeed = pytest.mark.skipif(not HAS_DEEPSPEED, reason='DeepSpeed is not installed (pip install -e ".[deepspeed]")')
+needs_deepspeed = pytest.mark.skipif(
+    not HAS_DEEPSPEED, reason='DeepSpeed is not installed (pip install -e ".[deepspeed]")'
+)
 
 
 def _overrides(model_dir: Path, output_dir: Path, per_device: int, *extra: str) -> list[str]:
-    return tiny_overrides("neox", model_dir, output_dir, "trainer.max_steps=4", "trainer.logging_steps=1", "trainer.bf16=false",
-                          "trainer.dataloader_num_workers=0", "strategy.lora_dropout=0.0",  # dropout draws differ per rank
-                          f"trainer.per_device_train_batch_size={per_device}", "trainer.gradient_accumulation_steps=2", *extra)
+    return tiny_overrides(
+        "neox",
+        model_dir,
+        output_dir,
+        "trainer.max_steps=4",
+        "trainer.logging_steps=1",
+        "trainer.bf16=false",
+        "trainer.dataloader_num_workers=0",
+        "strategy.lora_dropout=0.0",  # dropout draws differ per rank
+        f"trainer.per_device_train_batch_size={per_device}",
+        "trainer.gradient_accumulation_steps=2",
+        *extra,
+    )
 
 
 def _launch(model_dir: Path, output_dir: Path, *extra: str, timeout: int = 300) -> subprocess.CompletedProcess:
     started = time.perf_counter()
-    result = subprocess.run([*LAUNCH, *_overrides(model_dir, output_dir, 2, *extra)], cwd=PROJECT, capture_output=True,
-                            text=True, timeout=timeout, env={**os.environ, **CPU_ENV}, check=False)
+    result = subprocess.run(
+        [*LAUNCH, *_overrides(model_dir, output_dir, 2, *extra)],
+        cwd=PROJECT,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env={**os.environ, **CPU_ENV},
+        check=False,
+    )
     result.seconds = time.perf_counter() - started
     return result
 
@@ -123,7 +155,10 @@ def zero3(tiny_models, tmp_path_factory) -> Path:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("engine", ["ddp", pytest.param("zero2", marks=needs_deepspeed), pytest.param("zero3", marks=needs_deepspeed), "fsdp"])
+@pytest.mark.parametrize(
+    "engine",
+    ["ddp", pytest.param("zero2", marks=needs_deepspeed), pytest.param("zero3", marks=needs_deepspeed), "fsdp"],
+)
 def test_two_processes_train_the_same_adapter_as_one(engine, single, request):
     run_dir = request.getfixturevalue(engine)
     reference, adapter = _adapter(single), _adapter(run_dir)
@@ -140,9 +175,11 @@ def test_two_processes_train_the_same_adapter_as_one(engine, single, request):
         assert mine["grad_norm"] == pytest.approx(theirs["grad_norm"], rel=1e-4), mine["step"]
     record, reference_record = _run_json(run_dir), _run_json(single)
     assert record["status"] == "completed" and record["global_steps"] == 4
-    if engine == "fsdp":  # really sharded, not the DDP accelerate falls back to on CPU (adapters would match either way)
+    # really sharded, not the DDP accelerate falls back to on CPU (adapters would match either way)
+    if engine == "fsdp":
         assert record["fsdp_sharded_parameters"] > 0
-    assert record["eval_loss_before"] == pytest.approx(reference_record["eval_loss_before"], abs=1e-5)  # the untouched base
+    # the untouched base
+    assert record["eval_loss_before"] == pytest.approx(reference_record["eval_loss_before"], abs=1e-5)
     assert record["eval_loss_after"] == pytest.approx(reference_record["eval_loss_after"], abs=1e-4)
     samples = json.loads((run_dir / "samples.json").read_text(encoding="utf-8"))["samples"]
     reference_samples = json.loads((single / "samples.json").read_text(encoding="utf-8"))["samples"]
@@ -166,10 +203,13 @@ def test_zero3_saves_a_complete_adapter_that_peft_loads(zero3, single, tiny_mode
     assert (logits["single"] - logits["zero3"]).abs().max().item() < 1e-4
     config = json.loads((zero3 / "adapter" / "adapter_config.json").read_text(encoding="utf-8"))
     assert config["r"] == 16 and str(tiny_models["neox"]) not in json.dumps(config)  # local path scrubbed as ever
-    for checkpoint in checkpoints.candidates(zero3 / "checkpoints"):  # committed by rank 0 after every rank wrote its shard
+    # committed by rank 0 after every rank wrote its shard
+    for checkpoint in checkpoints.candidates(zero3 / "checkpoints"):
         assert checkpoints.verify(checkpoint) is None
         shards = sorted(p.name for p in (checkpoint / f"global_step{checkpoints.step_of(checkpoint)}").iterdir())
-        assert shards == [f"zero_pp_rank_{r}_mp_rank_00_{kind}_states.pt" for r in (0, 1) for kind in ("model", "optim")]
+        assert shards == [
+            f"zero_pp_rank_{r}_mp_rank_00_{kind}_states.pt" for r in (0, 1) for kind in ("model", "optim")
+        ]
 
 
 @pytest.mark.slow
@@ -179,7 +219,8 @@ def test_zero3_resume_continues_exactly(zero3, tiny_models, tmp_path):
     crashed = tmp_path / "run"
     shutil.copytree(zero3, crashed)
     shutil.rmtree(crashed / "adapter")
-    (crashed / "checkpoints" / "checkpoint-4" / checkpoints.MANIFEST).unlink()  # torn: rank 0 sets it aside, rank 1 skips it
+    # torn: rank 0 sets it aside, rank 1 skips it
+    (crashed / "checkpoints" / "checkpoint-4" / checkpoints.MANIFEST).unlink()
     record = _run_json(crashed)
     record.update(status="running", exit_code=None)
     (crashed / "run.json").write_text(json.dumps(record), encoding="utf-8")
@@ -192,6 +233,7 @@ def test_zero3_resume_continues_exactly(zero3, tiny_models, tmp_path):
     diff = _max_abs_diff(_adapter(zero3), _adapter(crashed))
     print(f"zero3 resumed from step 2 vs uninterrupted: max abs adapter difference {diff:.2e}")
     assert diff <= 1e-6
+
     def steps(run_dir: Path) -> list[dict]:
         return [json.loads(line) for line in (run_dir / "train_steps.jsonl").read_text(encoding="utf-8").splitlines()]
 
@@ -208,7 +250,8 @@ def test_only_rank_zero_writes_the_run_directory(ddp, single):
     assert not [p for p in ddp.rglob(".*.tmp")]
     record = _run_json(ddp)
     assert record["status"] == "completed" and record["exit_code"] == 0
-    assert len((ddp / "train_steps.jsonl").read_text(encoding="utf-8").splitlines()) == 4  # one line per step, not per rank
+    # one line per step, not per rank
+    assert len((ddp / "train_steps.jsonl").read_text(encoding="utf-8").splitlines()) == 4
     stderr = (ddp / "launch_stderr.txt").read_text(encoding="utf-8")
     assert stderr.count("[finetune] run directory:") == 1  # our messages come from rank 0 alone
     assert "error" not in (ddp / "train.log").read_text(encoding="utf-8").lower()
@@ -220,8 +263,13 @@ def test_a_config_error_on_one_rank_stops_the_launch(tiny_models, tmp_path):
     stops rank 0 at once (it keeps the default SIGTERM action until the group exists), instead of rank 0 ignoring the
     SIGTERM and being killed 30 s later (measured before: 45 s in all)."""
     shutil.copyfile(PROJECT / "finetune/demo_data/legal_medical_qa.jsonl", tmp_path / "rows_0.jsonl")
-    result = _launch(tiny_models["neox"], tmp_path / "run", "distributed=ddp", f"data.path={tmp_path}/rows_${{oc.env:RANK}}.jsonl",
-                     timeout=120)
+    result = _launch(
+        tiny_models["neox"],
+        tmp_path / "run",
+        "distributed=ddp",
+        f"data.path={tmp_path}/rows_${{oc.env:RANK}}.jsonl",
+        timeout=120,
+    )
     assert result.returncode != 0
     assert "rows_1.jsonl" in result.stderr and "data.path" in result.stderr
     assert "Unable to shutdown process" not in result.stderr  # torchrun's words before it escalates to SIGKILL
@@ -231,8 +279,8 @@ def test_a_config_error_on_one_rank_stops_the_launch(tiny_models, tmp_path):
 def test_distributed_options_compose_and_validate(tmp_path):
     """Every conf/distributed option composes and validates (FSDP too: finetune.fsdp enables it on CPU)."""
     from finetune.config.compose import compose, group_options
-    from finetune.errors import ConfigError
     from finetune.config.validate import validate
+    from finetune.errors import ConfigError
 
     assert set(group_options("distributed")) >= {"none", "ddp", "zero2", "zero3", "zero3_offload", "fsdp"}
     for option in group_options("distributed"):

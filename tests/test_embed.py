@@ -13,10 +13,11 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from helpers import PROJECT
 
 from finetune.inference import embed, generate
 from finetune.runs import rundir
+
+from helpers import PROJECT
 
 TEXTS = [
     "A tort is a civil wrong.",
@@ -40,8 +41,13 @@ def bases(tiny_models):
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    return {arch: (AutoModelForCausalLM.from_pretrained(tiny_models[arch], dtype=torch.float32).eval(),
-                   AutoTokenizer.from_pretrained(tiny_models[arch])) for arch in ("neox", "neo")}
+    return {
+        arch: (
+            AutoModelForCausalLM.from_pretrained(tiny_models[arch], dtype=torch.float32).eval(),
+            AutoTokenizer.from_pretrained(tiny_models[arch]),
+        )
+        for arch in ("neox", "neo")
+    }
 
 
 def vectors_of(model, tokenizer, texts, **options) -> np.ndarray:
@@ -61,7 +67,8 @@ def test_shape_dtype_and_determinism(session):
 def test_a_vector_does_not_depend_on_its_batch(session, bases, model, pooling):
     model, tokenizer = (session, None) if model == "run" else bases["neo"]
     alone = np.stack([vectors_of(model, tokenizer, [text], pooling=pooling)[0] for text in TEXTS])
-    padded = vectors_of(model, tokenizer, TEXTS, pooling=pooling, batch_size=len(TEXTS))  # short texts padded to the longest
+    # short texts padded to the longest
+    padded = vectors_of(model, tokenizer, TEXTS, pooling=pooling, batch_size=len(TEXTS))
     in_pairs = vectors_of(model, tokenizer, TEXTS, pooling=pooling, batch_size=2)
     np.testing.assert_allclose(padded, alone, atol=ATOL, rtol=0)
     np.testing.assert_allclose(in_pairs, alone, atol=ATOL, rtol=0)
@@ -92,7 +99,9 @@ def test_layer_0_is_the_token_embeddings(bases):
     with torch.no_grad():
         embedded = model.gpt_neox.embed_in(tokenizer(batch[0], return_tensors="pt")["input_ids"])[0]
     for layer in (0, -(model.config.num_hidden_layers + 1)):
-        np.testing.assert_allclose(vectors_of(model, tokenizer, batch, layer=layer)[0], embedded.mean(0).numpy(), atol=ATOL, rtol=0)
+        np.testing.assert_allclose(
+            vectors_of(model, tokenizer, batch, layer=layer)[0], embedded.mean(0).numpy(), atol=ATOL, rtol=0
+        )
 
 
 def test_adapter_false_is_the_base_alone(session, bases):
@@ -102,7 +111,8 @@ def test_adapter_false_is_the_base_alone(session, bases):
     assert not np.allclose(with_adapter, without, atol=1e-3)  # the trained adapter moves the vectors
     np.testing.assert_allclose(without, vectors_of(model, tokenizer, TEXTS), atol=ATOL, rtol=0)
     assert np.array_equal(vectors_of(session, None, TEXTS), with_adapter)  # the adapter is back on afterwards
-    assert np.array_equal(vectors_of(model, tokenizer, TEXTS, adapter=False), vectors_of(model, tokenizer, TEXTS))  # no-op
+    # no-op
+    assert np.array_equal(vectors_of(model, tokenizer, TEXTS, adapter=False), vectors_of(model, tokenizer, TEXTS))
 
 
 def test_normalize_gives_unit_vectors_in_the_same_direction(session):
@@ -116,34 +126,62 @@ def test_truncation_keeps_the_first_max_length_tokens(session):
     ids = session.tokenizer(TEXTS[4])["input_ids"]
     encoded = embed.encode(session.tokenizer, [TEXTS[4], TEXTS[2]], max_length=8)
     assert encoded.truncated == 1 and encoded.ids[0] == ids[:8]
-    np.testing.assert_allclose(vectors_of(session, None, [TEXTS[4]], max_length=8), embed.embed_ids(session.model, [ids[:8]]),
-                               atol=ATOL, rtol=0)
+    np.testing.assert_allclose(
+        vectors_of(session, None, [TEXTS[4]], max_length=8),
+        embed.embed_ids(session.model, [ids[:8]]),
+        atol=ATOL,
+        rtol=0,
+    )
 
 
 def test_cli_writes_parquet_and_manifest(session, tiny_run, tiny_models, tmp_path, capsys):
     import pyarrow.parquet as pq
 
     source = tmp_path / "notes.jsonl"
-    source.write_text("".join(json.dumps({"id": i, "body": text}) + "\n" for i, text in enumerate(TEXTS)), encoding="utf-8")
+    source.write_text(
+        "".join(json.dumps({"id": i, "body": text}) + "\n" for i, text in enumerate(TEXTS)), encoding="utf-8"
+    )
     out = tmp_path / "vectors" / "notes.parquet"
-    embed.main([str(tiny_run), f"input={source}", "field=body", f"out={out}", "dtype=float32", "pooling=last",
-                "max_length=16", "batch_size=2"])
+    embed.main(
+        [
+            str(tiny_run),
+            f"input={source}",
+            "field=body",
+            f"out={out}",
+            "dtype=float32",
+            "pooling=last",
+            "max_length=16",
+            "batch_size=2",
+        ]
+    )
     table = pq.read_table(out)
     assert table.column_names == ["row", "text", "embedding"]
     assert str(table.schema.field("embedding").type) == "list<element: float>"
     assert table.column("row").to_pylist() == list(range(len(TEXTS)))
     assert table.column("text").to_pylist() == TEXTS
     written = np.array(table.column("embedding").to_pylist(), dtype=np.float32)
-    np.testing.assert_allclose(written, vectors_of(session, None, TEXTS, pooling="last", max_length=16), atol=ATOL, rtol=0)
+    np.testing.assert_allclose(
+        written, vectors_of(session, None, TEXTS, pooling="last", max_length=16), atol=ATOL, rtol=0
+    )
 
     truncated = sum(len(ids) > 16 for ids in session.tokenizer(TEXTS)["input_ids"])
     assert truncated >= 2
     manifest = json.loads((tmp_path / "vectors" / "notes.parquet.json").read_text())
     assert manifest["adapter"] == session.active and Path(manifest["base"]).resolve() == tiny_models["neox"].resolve()
-    assert {k: manifest[k] for k in ("layer", "pooling", "normalize", "dim", "count", "max_length", "dtype", "truncated",
-                                     "field")} == {"layer": -1, "pooling": "last", "normalize": False, "dim": written.shape[1],
-                                                   "count": len(TEXTS), "max_length": 16, "dtype": "float32",
-                                                   "truncated": truncated, "field": "body"}
+    assert {
+        k: manifest[k]
+        for k in ("layer", "pooling", "normalize", "dim", "count", "max_length", "dtype", "truncated", "field")
+    } == {
+        "layer": -1,
+        "pooling": "last",
+        "normalize": False,
+        "dim": written.shape[1],
+        "count": len(TEXTS),
+        "max_length": 16,
+        "dtype": "float32",
+        "truncated": truncated,
+        "field": "body",
+    }
     err = capsys.readouterr().err
     assert f"{truncated} of {len(TEXTS)} texts are longer than max_length=16 tokens: truncated" in err
     assert sorted(p.name for p in out.parent.iterdir()) == ["notes.parquet", "notes.parquet.json"]  # no temporary files
@@ -158,16 +196,34 @@ def test_cli_end_to_end_in_a_subprocess(session, tiny_run, tmp_path):
     source = tmp_path / "notes.txt"
     source.write_text("\n".join(TEXTS[:3]) + "\n\n  \n" + TEXTS[4] + "\n", encoding="utf-8")  # blank lines are skipped
     out = tmp_path / "notes.npy"
-    result = subprocess.run([sys.executable, "-m", "finetune.embed", str(tiny_run), f"input={source}", f"out={out}",
-                             "dtype=float32", "adapter=false", "normalize=true"], cwd=PROJECT, capture_output=True,
-                            text=True, timeout=300, check=False, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "finetune.embed",
+            str(tiny_run),
+            f"input={source}",
+            f"out={out}",
+            "dtype=float32",
+            "adapter=false",
+            "normalize=true",
+        ],
+        cwd=PROJECT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+        env={**os.environ, "HF_HUB_OFFLINE": "1"},
+    )
     assert result.returncode == 0, result.stderr
     assert result.stdout == ""
     assert "(adapter run switched off)" in result.stderr
     texts = [*TEXTS[:3], TEXTS[4]]
     vectors = np.load(out)
     assert vectors.dtype == np.float32 and vectors.shape == (4, session.model.config.hidden_size)
-    np.testing.assert_allclose(vectors, vectors_of(session, None, texts, adapter=False, normalize=True), atol=ATOL, rtol=0)
+    np.testing.assert_allclose(
+        vectors, vectors_of(session, None, texts, adapter=False, normalize=True), atol=ATOL, rtol=0
+    )
     manifest = json.loads(out.with_name("notes.npy.json").read_text())
     assert manifest["adapter"] is None and manifest["count"] == 4 and manifest["normalize"] is True
     assert manifest["field"] is None and manifest["format"] == "npy"
@@ -190,19 +246,24 @@ def test_default_out_is_in_the_run_directory(tiny_run, tiny_models, tmp_path):
     source = tmp_path / "notes.jsonl"
     target = rundir.locate(tiny_run)
     assert embed.default_out(target, source, adapter=True, merged=False) == tiny_run / "embeddings" / "notes.parquet"
-    assert embed.default_out(target, source, adapter=False, merged=False) == tiny_run / "embeddings" / "notes.base.parquet"
+    assert (
+        embed.default_out(target, source, adapter=False, merged=False) == tiny_run / "embeddings" / "notes.base.parquet"
+    )
     with pytest.raises(embed.ConfigError, match="out=FILE.parquet"):
         embed.default_out(rundir.locate(tiny_models["neox"]), source, adapter=True, merged=False)
 
 
-@pytest.mark.parametrize(("args", "message"), [
-    (["layer=5"], "layer=5: this model has 4 layers, so layer= is 0 (embeddings) .. 4"),
-    (["layer=-6"], "layer=-6"),
-    (["pooling=max"], "pooling=max: choose one of mean, last"),
-    (["max_length=100000"], "max_length=100000: the model's context is 512 tokens"),
-    (["out={tmp}/v.csv"], "write a .parquet or .npy file"),
-    (["lyer=2"], "did you mean 'layer'"),
-])
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["layer=5"], "layer=5: this model has 4 layers, so layer= is 0 (embeddings) .. 4"),
+        (["layer=-6"], "layer=-6"),
+        (["pooling=max"], "pooling=max: choose one of mean, last"),
+        (["max_length=100000"], "max_length=100000: the model's context is 512 tokens"),
+        (["out={tmp}/v.csv"], "write a .parquet or .npy file"),
+        (["lyer=2"], "did you mean 'layer'"),
+    ],
+)
 def test_bad_options_exit_2_before_loading(tiny_run, tmp_path, capsys, args, message):
     source = tmp_path / "notes.txt"
     source.write_text("a text\n", encoding="utf-8")
@@ -214,10 +275,21 @@ def test_bad_options_exit_2_before_loading(tiny_run, tmp_path, capsys, args, mes
     assert not (tmp_path / "v.npy").exists()
 
 
-@pytest.mark.parametrize(("name", "content", "where"), [
-    ("rows.jsonl", '{"text": "fine"}\n{"body": "no text field"}\n{"text": 7}\n', ["rows.jsonl:2: no 'text' field", "rows.jsonl:3: 'text' is 7 (int)"]),
-    ("rows.csv", "id,body\n1,first\n2,second\n", ["rows.csv:2: no 'text' field (columns: id, body)", "rows.csv:3:"]),
-])
+@pytest.mark.parametrize(
+    ("name", "content", "where"),
+    [
+        (
+            "rows.jsonl",
+            '{"text": "fine"}\n{"body": "no text field"}\n{"text": 7}\n',
+            ["rows.jsonl:2: no 'text' field", "rows.jsonl:3: 'text' is 7 (int)"],
+        ),
+        (
+            "rows.csv",
+            "id,body\n1,first\n2,second\n",
+            ["rows.csv:2: no 'text' field (columns: id, body)", "rows.csv:3:"],
+        ),
+    ],
+)
 def test_missing_or_bad_field_names_file_line_and_option(tiny_run, tmp_path, capsys, name, content, where):
     source = tmp_path / name
     source.write_text(content, encoding="utf-8")
@@ -238,9 +310,21 @@ def test_empty_input_is_an_error(tiny_run, tmp_path, capsys):
 
 
 def test_help_lists_the_options_without_loading_torch():
-    result = subprocess.run([sys.executable, "-m", "finetune.embed", "--help"], cwd=PROJECT, capture_output=True, text=True,
-                            timeout=60, check=True)
+    result = subprocess.run(
+        [sys.executable, "-m", "finetune.embed", "--help"],
+        cwd=PROJECT,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=True,
+    )
     assert all(f"  {option.name}=" in result.stdout for option in embed.OPTIONS)
-    probe = subprocess.run([sys.executable, "-c", "import sys, finetune.embed; print('torch' in sys.modules)"],
-                           cwd=PROJECT, capture_output=True, text=True, timeout=60, check=True)
+    probe = subprocess.run(
+        [sys.executable, "-c", "import sys, finetune.embed; print('torch' in sys.modules)"],
+        cwd=PROJECT,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=True,
+    )
     assert probe.stdout.strip() == "False"

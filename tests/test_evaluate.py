@@ -9,13 +9,15 @@ import math
 import shutil
 
 import pytest
-from helpers import tiny_overrides
 
-from finetune.evaluate import run as evaluate, metrics, scoring
-from finetune.inference import generate
 from finetune.config.compose import compose
 from finetune.errors import ConfigError, DataError
+from finetune.evaluate import metrics, scoring
+from finetune.evaluate import run as evaluate
+from finetune.inference import generate
 from finetune.train.run import run
+
+from helpers import tiny_overrides
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
@@ -30,8 +32,17 @@ def run_copy(tiny_run, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def report(run_copy):
-    evaluate.main([str(run_copy), "generate_rows=6", "max_new_tokens=8", "samples=3", "batch_size=4",
-                   "harness=neo_ft_legal_mc", "harness_limit=6"])
+    evaluate.main(
+        [
+            str(run_copy),
+            "generate_rows=6",
+            "max_new_tokens=8",
+            "samples=3",
+            "batch_size=4",
+            "harness=neo_ft_legal_mc",
+            "harness_limit=6",
+        ]
+    )
     return json.loads((run_copy / "eval_report.json").read_text())
 
 
@@ -50,8 +61,13 @@ def test_report_files_metrics_and_card(report, run_copy):
         assert 0 <= report["metrics"][name]["base"] <= 1 and 0 <= report["metrics"][name]["finetuned"] <= 1
     check = report["data"]["heldout_check"]  # the reproduced split is the one training held out
     assert check["matches"] is True and check["dataset_fingerprint_now"] == check["dataset_fingerprint_at_training"]
-    assert {k: v for k, v in report["data"].items() if k != "heldout_check"} == {"source": "held-out split of the run", "rows": 32, "loss_samples": 32, "task": "generation",
-                              "generated_rows": 6}
+    assert {k: v for k, v in report["data"].items() if k != "heldout_check"} == {
+        "source": "held-out split of the run",
+        "rows": 32,
+        "loss_samples": 32,
+        "task": "generation",
+        "generated_rows": 6,
+    }
     assert len(report["samples"]) == 3 and all(s["reference"] for s in report["samples"])
     # the loss is the run's own held-out loss of the trained adapter (Trainer: mean of batch means; here: per token)
     recorded = json.loads((run_copy / "run.json").read_text())["eval_loss_after"]
@@ -74,13 +90,18 @@ def test_report_files_metrics_and_card(report, run_copy):
 def test_loss_equals_the_models_own_cross_entropy(session, tiny_run):
     """label_logprobs on a padded batch = transformers' loss on each sequence alone (padding and shift are right)."""
     import torch
-
-    from finetune.data.tokenize import prepare
-    from finetune.data import templates
     from omegaconf import OmegaConf
 
+    from finetune.data import templates
+    from finetune.data.tokenize import prepare
+
     config = generate.rundir.locate(tiny_run).config
-    data = prepare(OmegaConf.create(config["data"]), session.tokenizer, templates.load(str(tiny_run / "data_template.yaml")), config["seed"])
+    data = prepare(
+        OmegaConf.create(config["data"]),
+        session.tokenizer,
+        templates.load(str(tiny_run / "data_template.yaml")),
+        config["seed"],
+    )
     sequences = [(s.input_ids, s.labels) for s in data.eval[:3]]
     scored = scoring.label_logprobs(session.model, sequences, batch_size=3, pad_id=session.tokenizer.pad_token_id)
     for (ids, labels), result in zip(sequences, scored):
@@ -97,7 +118,12 @@ def test_batched_greedy_answers_equal_one_at_a_time(tiny_models, arch):
 
     model = AutoModelForCausalLM.from_pretrained(tiny_models[arch], dtype="float32").eval()
     tokenizer = AutoTokenizer.from_pretrained(tiny_models[arch])
-    prompts = ["What is a tort?", "Explain the duty of care owed by a landlord to tenants in two sentences.", "Define", "Is a verbal contract binding?"]
+    prompts = [
+        "What is a tort?",
+        "Explain the duty of care owed by a landlord to tenants in two sentences.",
+        "Define",
+        "Is a verbal contract binding?",
+    ]
     batched = scoring.greedy_answers(model, tokenizer, prompts, max_new_tokens=6, batch_size=4)
     alone = [scoring.greedy_answers(model, tokenizer, [p], max_new_tokens=6, batch_size=1)[0] for p in prompts]
     assert batched == alone
@@ -114,7 +140,10 @@ def test_text_metrics_use_squad_normalisation():
 
 
 def _labelled_file(path, answers):
-    rows = [{"instruction": f"Is clause {i} enforceable? Answer Yes or No.", "input": "", "output": answer} for i, answer in enumerate(answers)]
+    rows = [
+        {"instruction": f"Is clause {i} enforceable? Answer Yes or No.", "input": "", "output": answer}
+        for i, answer in enumerate(answers)
+    ]
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
     return path
 
@@ -149,7 +178,11 @@ def test_multiple_choice_accuracy_matches_direct_scoring(session, tiny_run, tmp_
 def test_labelled_row_outside_the_options_names_the_line(session, tiny_run, tmp_path):
     data = _labelled_file(tmp_path / "bad.jsonl", ["Yes", "Maybe", "No"])
     with pytest.raises(DataError, match=r"bad\.jsonl:2: the answer 'Maybe' is not one of the options"):
-        evaluate.build_evalset(generate.rundir.locate(tiny_run), session.tokenizer, _opts(tiny_run, data=[str(data)], options=["Yes", "No"]))
+        evaluate.build_evalset(
+            generate.rundir.locate(tiny_run),
+            session.tokenizer,
+            _opts(tiny_run, data=[str(data)], options=["Yes", "No"]),
+        )
 
 
 def test_bad_options_exit_2_before_loading(tiny_run, capsys):
@@ -165,10 +198,25 @@ def test_early_stopping_keeps_the_best_checkpoint_as_the_result(tiny_models, tmp
     from safetensors.torch import load_file
 
     out = tmp_path / "es"
-    run_dir = run(compose("demo", tiny_overrides("neox", tiny_models["neox"], out, "trainer.max_steps=12", "sample_generations=0",
-                                                 "eval_before_training=false", "trainer.eval_strategy=steps", "trainer.eval_steps=2",
-                                                 "trainer.save_strategy=steps", "trainer.save_steps=2", "early_stopping_patience=1",
-                                                 "early_stopping_threshold=100")))
+    run_dir = run(
+        compose(
+            "demo",
+            tiny_overrides(
+                "neox",
+                tiny_models["neox"],
+                out,
+                "trainer.max_steps=12",
+                "sample_generations=0",
+                "eval_before_training=false",
+                "trainer.eval_strategy=steps",
+                "trainer.eval_steps=2",
+                "trainer.save_strategy=steps",
+                "trainer.save_steps=2",
+                "early_stopping_patience=1",
+                "early_stopping_threshold=100",
+            ),
+        )
+    )
     record = json.loads((run_dir / "run.json").read_text())
     assert record["stopped_early"] is True and record["global_steps"] == 4
     history = json.loads((run_dir / "metrics.json").read_text())["history"]
@@ -186,8 +234,18 @@ def test_early_stopping_keeps_the_best_checkpoint_as_the_result(tiny_models, tmp
 def test_early_stopping_without_matching_checkpoints_is_a_config_error(tiny_models, tmp_path):
     from finetune.config.validate import validate
 
-    cfg = compose("demo", tiny_overrides("neox", tiny_models["neox"], tmp_path / "x", "early_stopping_patience=2",
-                                         "trainer.eval_strategy=steps", "trainer.eval_steps=5", "trainer.save_strategy=epoch"))
+    cfg = compose(
+        "demo",
+        tiny_overrides(
+            "neox",
+            tiny_models["neox"],
+            tmp_path / "x",
+            "early_stopping_patience=2",
+            "trainer.eval_strategy=steps",
+            "trainer.eval_steps=5",
+            "trainer.save_strategy=epoch",
+        ),
+    )
     with pytest.raises(ConfigError, match="trainer.save_strategy=steps"):
         validate(cfg)
 
@@ -201,7 +259,8 @@ def _opts(target, **overrides) -> dict:
 
 
 def test_template_options_fixed_and_per_row(session, tiny_run, tmp_path):
-    """A template's `options: [..]` or `options: {field: F}` makes evaluate score choices (the brief's LegalBench case)."""
+    """A template's `options: [..]` or `options: {field: F}` makes evaluate score choices (the brief's LegalBench
+    case)."""
     import yaml
 
     from finetune.data import templates
@@ -217,8 +276,20 @@ def test_template_options_fixed_and_per_row(session, tiny_run, tmp_path):
     per_row = tmp_path / "per_row.yaml"
     per_row.write_text(yaml.safe_dump({**spec, "options": {"field": "choices"}}))
     rows = tmp_path / "choices.jsonl"
-    rows.write_text(json.dumps({"instruction": "Which court?", "input": "", "output": "High Court", "choices": ["County Court", "High Court", "Tribunal"]}) + "\n")
-    evalset = evaluate.build_evalset(target, session.tokenizer, _opts(tiny_run, data=[str(rows)], template=str(per_row)))
+    rows.write_text(
+        json.dumps(
+            {
+                "instruction": "Which court?",
+                "input": "",
+                "output": "High Court",
+                "choices": ["County Court", "High Court", "Tribunal"],
+            }
+        )
+        + "\n"
+    )
+    evalset = evaluate.build_evalset(
+        target, session.tokenizer, _opts(tiny_run, data=[str(rows)], template=str(per_row))
+    )
     assert evalset.options == [["County Court", "High Court", "Tribunal"]] and evalset.gold == [1]
     assert len(evalset.option_sequences[0]) == 3
 

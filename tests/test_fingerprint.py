@@ -14,12 +14,14 @@ import torch
 from safetensors.torch import load_file, save_file
 from test_merge import random_adapter, run_merge
 
-from finetune.models import fingerprint
-from finetune.inference import generate
 from finetune.errors import IntegrityError
+from finetune.inference import generate
+from finetune.models import fingerprint
 
-MIDDLE_ATTENTION = [f"gpt_neox.layers.{n}.attention.{m}.weight" for n, m in ((1, "query_key_value"), (1, "dense"),
-                                                                            (2, "query_key_value"))]
+MIDDLE_ATTENTION = [
+    f"gpt_neox.layers.{n}.attention.{m}.weight"
+    for n, m in ((1, "query_key_value"), (1, "dense"), (2, "query_key_value"))
+]
 
 
 @pytest.fixture(autouse=True)
@@ -46,7 +48,8 @@ def test_base_differing_in_the_middle_refused_by_merge_and_generate(tiny_models,
     adapter = random_adapter(base, tmp_path / "adapter", "neox")
     other = altered_copy(base, tmp_path / "other", scale_middle_attention)
     header = (base / "model.safetensors").read_bytes()[:4096]
-    assert (other / "model.safetensors").read_bytes()[:4096] == header  # the header (and both ends) do not tell them apart
+    # the header (and both ends) do not tell them apart
+    assert (other / "model.safetensors").read_bytes()[:4096] == header
 
     with pytest.raises(IntegrityError, match="weights fingerprint") as err:
         run_merge(adapter, other, tmp_path / "merged")
@@ -99,7 +102,9 @@ def test_old_format_record_compared_the_old_way_with_a_warning(tiny_models, tmp_
 
     changed = altered_copy(base, tmp_path / "changed", everything)
     assert "older format" in fingerprint.base_mismatch(old, changed)[0]
-    assert fingerprint.base_mismatch({"weights_fingerprint": "sha256-v9:abc"}, base)[0].startswith("weights fingerprint")
+    assert fingerprint.base_mismatch({"weights_fingerprint": "sha256-v9:abc"}, base)[0].startswith(
+        "weights fingerprint"
+    )
 
 
 def test_one_element_within_a_tensor_bound(tiny_models, tmp_path):

@@ -15,8 +15,9 @@ import sys
 
 import pytest
 import torch
-from helpers import PROJECT
 from test_merge import random_adapter
+
+from helpers import PROJECT
 
 pytestmark = pytest.mark.slow
 
@@ -40,8 +41,22 @@ def sharded(tmp_path_factory):
 
 
 def merge_report(base, adapter, out, gate: str) -> dict:
-    done = subprocess.run([sys.executable, "-m", "finetune.merge", str(adapter), f"base={base}", f"out={out}",
-                           f"gate={gate}", "dtype=float32"], cwd=PROJECT, capture_output=True, text=True, timeout=600)
+    done = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "finetune.merge",
+            str(adapter),
+            f"base={base}",
+            f"out={out}",
+            f"gate={gate}",
+            "dtype=float32",
+        ],
+        cwd=PROJECT,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert done.returncode == 0, done.stderr[-3000:]
     return json.loads((out / "merge_report.json").read_text())
 
@@ -54,4 +69,5 @@ def test_full_gate_peak_stays_at_the_streaming_bound(sharded, tmp_path):
     assert layers["gate"]["mode"] == "layers" and layers["gate"]["passed"]
     assert full["peak_rss_bytes"] <= layers["peak_rss_bytes"] + model_bytes / 4, (
         f"full gate peak {full['peak_rss_bytes'] / 2**20:.0f} MiB vs layers {layers['peak_rss_bytes'] / 2**20:.0f} MiB "
-        f"for a {model_bytes / 2**20:.0f} MiB model")
+        f"for a {model_bytes / 2**20:.0f} MiB model"
+    )

@@ -69,7 +69,8 @@ PINNED_ENV = {
     "CUDA_VISIBLE_DEVICES": "",  # CPU even on a GPU runner: the golden is a CPU trajectory
     "OMP_NUM_THREADS": "1",  # the split of a reduction across threads changes its rounding
     "MKL_NUM_THREADS": "1",
-    "ATEN_CPU_CAPABILITY": "avx2",  # torch's vectorised kernels (softmax, norms, fused AdamW) at the same width everywhere
+    # torch's vectorised kernels (softmax, norms, fused AdamW) at the same width everywhere
+    "ATEN_CPU_CAPABILITY": "avx2",
     "MKL_CBWR": "AVX2",  # MKL's conditional numerical reproducibility: the same GEMM code path on Intel and AMD
     "ONEDNN_MAX_CPU_ISA": "AVX2",
     "PYTHONHASHSEED": "0",
@@ -120,23 +121,45 @@ SWEEP = [
 ]
 
 # The training rows: 40 short Alpaca rows, fixed here so that no change to the bundled demo data moves the numbers.
-PLACES = [("France", "Paris", "Seine"), ("Italy", "Rome", "Tiber"), ("Egypt", "Cairo", "Nile"), ("England", "London", "Thames"),
-          ("Hungary", "Budapest", "Danube"), ("Iraq", "Baghdad", "Tigris"), ("Germany", "Berlin", "Spree"),
-          ("Russia", "Moscow", "Moskva"), ("Portugal", "Lisbon", "Tagus"), ("Ireland", "Dublin", "Liffey")]
+PLACES = [
+    ("France", "Paris", "Seine"),
+    ("Italy", "Rome", "Tiber"),
+    ("Egypt", "Cairo", "Nile"),
+    ("England", "London", "Thames"),
+    ("Hungary", "Budapest", "Danube"),
+    ("Iraq", "Baghdad", "Tigris"),
+    ("Germany", "Berlin", "Spree"),
+    ("Russia", "Moscow", "Moskva"),
+    ("Portugal", "Lisbon", "Tagus"),
+    ("Ireland", "Dublin", "Liffey"),
+]
 WORDS = ["apple", "river", "stone", "light", "garden", "window", "silver", "thunder", "paper", "forest"]
 
 
 def training_rows() -> list[dict]:
     rows = []
     for country, capital, river in PLACES:
-        rows.append({"instruction": f"What is the capital of {country}?", "input": "", "output": f"The capital of {country} is {capital}."})
-        rows.append({"instruction": "Which river flows through this city?", "input": capital,
-                     "output": f"The {river} flows through {capital}, the capital of {country}."})
+        rows.append(
+            {
+                "instruction": f"What is the capital of {country}?",
+                "input": "",
+                "output": f"The capital of {country} is {capital}.",
+            }
+        )
+        rows.append(
+            {
+                "instruction": "Which river flows through this city?",
+                "input": capital,
+                "output": f"The {river} flows through {capital}, the capital of {country}.",
+            }
+        )
     for a in range(2, 12):
         b = 3 * a + 1
         rows.append({"instruction": f"Add {a} and {b}.", "input": "", "output": f"{a} plus {b} is {a + b}."})
     for word in WORDS:
-        rows.append({"instruction": "Spell the word backwards.", "input": word, "output": f"{word} backwards is {word[::-1]}."})
+        rows.append(
+            {"instruction": "Spell the word backwards.", "input": word, "output": f"{word} backwards is {word[::-1]}."}
+        )
     return rows
 
 
@@ -145,8 +168,14 @@ def rows_jsonl() -> str:
 
 
 def current_settings() -> dict:
-    """Everything that decides the numbers apart from the code: compared with the golden file's (test_golden_settings)."""
-    return {"env": PINNED_ENV, "build": BUILD, "sweep": SWEEP, "data_sha256": hashlib.sha256(rows_jsonl().encode()).hexdigest()}
+    """Everything that decides the numbers apart from the code: compared with the golden file's
+    (test_golden_settings)."""
+    return {
+        "env": PINNED_ENV,
+        "build": BUILD,
+        "sweep": SWEEP,
+        "data_sha256": hashlib.sha256(rows_jsonl().encode()).hexdigest(),
+    }
 
 
 def library_versions() -> dict:
@@ -183,8 +212,21 @@ def _build_bases(root: Path, data: Path) -> Path:
     started = []
     for test_id, (_, family) in FAMILIES.items():
         log = (root / f"build-{test_id}.log").open("w")
-        command = [sys.executable, "-m", "finetune.tiny", "--arch", TINY_ARCH[test_id], "--out", str(models / family), "--corpus", str(data), *BUILD]
-        started.append((test_id, log, subprocess.Popen(command, cwd=PROJECT, env=_env(), stdout=log, stderr=subprocess.STDOUT)))
+        command = [
+            sys.executable,
+            "-m",
+            "finetune.tiny",
+            "--arch",
+            TINY_ARCH[test_id],
+            "--out",
+            str(models / family),
+            "--corpus",
+            str(data),
+            *BUILD,
+        ]
+        started.append(
+            (test_id, log, subprocess.Popen(command, cwd=PROJECT, env=_env(), stdout=log, stderr=subprocess.STDOUT))
+        )
     failed = []
     for test_id, log, process in started:  # all three waited for before reporting, so none is left running
         try:
@@ -195,14 +237,19 @@ def _build_bases(root: Path, data: Path) -> Path:
         finally:
             log.close()
         if code != 0:
-            failed.append(f"python -m finetune.tiny --arch {TINY_ARCH[test_id]} failed (exit {code}):\n"
-                          f"{_tail((root / f'build-{test_id}.log').read_text())}")
+            failed.append(
+                f"python -m finetune.tiny --arch {TINY_ARCH[test_id]} failed (exit {code}):\n"
+                f"{_tail((root / f'build-{test_id}.log').read_text())}"
+            )
     if failed:
         pytest.fail("\n".join(failed))
-    for test_id, (_, family) in FAMILIES.items():  # the tiny configs must train without dropout (transformers' defaults)
+    # the tiny configs must train without dropout (transformers' defaults)
+    for test_id, (_, family) in FAMILIES.items():
         config = json.loads((models / family / "config.json").read_text())
         dropouts = {k: v for k, v in config.items() if ("drop" in k) and k != "classifier_dropout" and v}
-        assert not dropouts, f"tiny {test_id} base has dropout {dropouts}: the trajectory would depend on the RNG stream"
+        assert not dropouts, (
+            f"tiny {test_id} base has dropout {dropouts}: the trajectory would depend on the RNG stream"
+        )
     return models
 
 
@@ -230,7 +277,11 @@ def _collect(sweep_dir: Path) -> dict[tuple[str, str], dict]:
             "status": record.get("status"),
             "error": record.get("error"),
             "config": config,
-            "steps": [{"step": h["step"], "loss": h["loss"], "batches": batches.get(h["step"])} for h in history if "loss" in h],
+            "steps": [
+                {"step": h["step"], "loss": h["loss"], "batches": batches.get(h["step"])}
+                for h in history
+                if "loss" in h
+            ],
         }
     return results
 
@@ -244,30 +295,49 @@ def trajectories(tmp_path_factory) -> dict:
     models = _build_bases(root, data)
     sweep_dir = root / "sweep"
     args = [a.format(models=models, data=data, out=sweep_dir) for a in SWEEP]
-    proc = subprocess.run([sys.executable, "-m", "finetune", *args], check=False, cwd=PROJECT, env=_env(), capture_output=True, text=True, timeout=600)
+    proc = subprocess.run(
+        [sys.executable, "-m", "finetune", *args],
+        check=False,
+        cwd=PROJECT,
+        env=_env(),
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     output = proc.stdout + proc.stderr
     results = _collect(sweep_dir) if sweep_dir.is_dir() else {}
     if not results:
-        pytest.fail(f"the sweep ran no job (exit {proc.returncode}): python -m finetune {' '.join(args)}\n{_tail(output)}")
+        pytest.fail(
+            f"the sweep ran no job (exit {proc.returncode}): python -m finetune {' '.join(args)}\n{_tail(output)}"
+        )
     if REGENERATE:
         _write_golden(results, output)
     return {"results": results, "output": output, "returncode": proc.returncode}
 
 
 def _write_golden(results: dict, output: str) -> None:
-    missing = [f"{f}-{s}" for f, s in CASES if results.get((f, s), {}).get("status") != "completed"
-               or len(results[(f, s)]["steps"]) != STEPS]
+    missing = [
+        f"{f}-{s}"
+        for f, s in CASES
+        if results.get((f, s), {}).get("status") != "completed" or len(results[(f, s)]["steps"]) != STEPS
+    ]
     if missing:
         pytest.fail(f"not regenerating {GOLDEN}: no complete trajectory for {', '.join(missing)}\n{_tail(output)}")
     document = {
-        "about": "Golden fp32 CPU training-loss trajectories: the loss logged at each of the first 5 optimizer steps of "
-                 "each tiny family x strategy, checked by tests/test_golden_losses.py (relative tolerance 1e-5 per "
-                 "step). Written by running the real code; never edit the numbers by hand.",
+        "about": "Golden fp32 CPU training-loss trajectories: the loss logged at each of the first 5 optimizer steps "
+        "of "
+        "each tiny family x strategy, checked by tests/test_golden_losses.py (relative tolerance 1e-5 per "
+        "step). Written by running the real code; never edit the numbers by hand.",
         "regenerate": REGENERATE_COMMAND,
         "generated_with": {**library_versions(), "cpu": cpu_name()},
         "settings": current_settings(),
         "trajectories": {
-            f"{f}-{s}": {"model": FAMILIES[f][0], "family": FAMILIES[f][1], "strategy": s, "steps": results[(f, s)]["steps"]}
+            f"{f}-{s}": {
+                "model": FAMILIES[f][0],
+                "family": FAMILIES[f][1],
+                "strategy": s,
+                "steps": results[(f, s)]["steps"],
+            }
             for f, s in CASES
         },
     }
@@ -296,7 +366,11 @@ def _golden() -> dict:
 def _version_changes(golden: dict) -> str:
     then, now = golden.get("generated_with", {}), library_versions()
     changed = [f"{k} {then.get(k)} -> {v}" for k, v in now.items() if then.get(k) != v]
-    return f"library versions since the golden file: {', '.join(changed)}" if changed else "same library versions as the golden file"
+    return (
+        f"library versions since the golden file: {', '.join(changed)}"
+        if changed
+        else "same library versions as the golden file"
+    )
 
 
 def _name(family: str, strategy: str) -> str:
@@ -311,8 +385,10 @@ def test_golden_settings(request):
     recorded = _golden().get("settings")
     now = current_settings()
     differing = [key for key in now if (recorded or {}).get(key) != now[key]]
-    assert not differing, (f"the settings in {Path(__file__).name} ({', '.join(differing)}) differ from those {GOLDEN.name} was "
-                           f"generated with; regenerate it: {REGENERATE_COMMAND}")
+    assert not differing, (
+        f"the settings in {Path(__file__).name} ({', '.join(differing)}) differ from those {GOLDEN.name} was "
+        f"generated with; regenerate it: {REGENERATE_COMMAND}"
+    )
 
 
 @pytest.mark.parametrize(("family", "strategy"), CASES, ids=[f"{f}-{s}" for f, s in CASES])
@@ -320,41 +396,69 @@ def test_loss_trajectory(trajectories, family, strategy):
     name = _name(family, strategy)
     golden = _golden()
     expected = golden["trajectories"].get(f"{family}-{strategy}")
-    assert expected is not None, f"{GOLDEN.name} has no trajectory for {family}-{strategy}; regenerate it: {REGENERATE_COMMAND}"
+    assert expected is not None, (
+        f"{GOLDEN.name} has no trajectory for {family}-{strategy}; regenerate it: {REGENERATE_COMMAND}"
+    )
     run = trajectories["results"].get((family, strategy))
     assert run is not None and run["status"] == "completed", (
         f"{name}: the run did not complete (status {run and run['status']}, {run and run['error']})\n"
-        f"{_tail(trajectories['output'])}")
+        f"{_tail(trajectories['output'])}"
+    )
 
     config = run["config"]  # fp32 and no dropout, as resolved by the run itself
-    assert config["model"]["dtype"] == "float32" and not config["trainer"]["bf16"] and not config["trainer"].get("fp16"), (
-        f"{name}: not an fp32 run (model.dtype={config['model']['dtype']}, trainer.bf16={config['trainer']['bf16']})")
-    assert not config["strategy"].get("lora_dropout"), f"{name}: strategy.lora_dropout={config['strategy']['lora_dropout']}"
+    assert (
+        config["model"]["dtype"] == "float32" and not config["trainer"]["bf16"] and not config["trainer"].get("fp16")
+    ), f"{name}: not an fp32 run (model.dtype={config['model']['dtype']}, trainer.bf16={config['trainer']['bf16']})"
+    assert not config["strategy"].get("lora_dropout"), (
+        f"{name}: strategy.lora_dropout={config['strategy']['lora_dropout']}"
+    )
 
     got = run["steps"]
-    assert [s["step"] for s in got] == list(range(1, STEPS + 1)), f"{name}: logged steps {[s['step'] for s in got]}, expected 1..{STEPS}"
-    assert len(expected["steps"]) == STEPS, f"{GOLDEN.name} holds {len(expected['steps'])} steps for {family}-{strategy}, not {STEPS}; regenerate it"
+    assert [s["step"] for s in got] == list(range(1, STEPS + 1)), (
+        f"{name}: logged steps {[s['step'] for s in got]}, expected 1..{STEPS}"
+    )
+    assert len(expected["steps"]) == STEPS, (
+        f"{GOLDEN.name} holds {len(expected['steps'])} steps for {family}-{strategy}, not {STEPS}; regenerate it"
+    )
     problems = []
     for want, have in zip(expected["steps"], got):
         if not math.isclose(have["loss"], want["loss"], rel_tol=RTOL, abs_tol=ATOL):
             relative = abs(have["loss"] - want["loss"]) / abs(want["loss"])
-            problems.append(f"step {want['step']}: expected loss {want['loss']!r}, got {have['loss']!r} "
-                            f"(relative difference {relative:.2e} > {RTOL:g})")
+            problems.append(
+                f"step {want['step']}: expected loss {want['loss']!r}, got {have['loss']!r} "
+                f"(relative difference {relative:.2e} > {RTOL:g})"
+            )
     if problems:
         hints = []
         if problems[0].startswith("step 1:"):
-            hints.append("step 1 is the loss before any optimizer update: the base model, its forward pass, the tokenizer "
-                         "or the batching changed, not only the training update")
-        changed_batches = [w["step"] for w, h in zip(expected["steps"], got) if h.get("batches") and w.get("batches") != h["batches"]]
+            hints.append(
+                "step 1 is the loss before any optimizer update: the base model, its forward pass, the tokenizer "
+                "or the batching changed, not only the training update"
+            )
+        changed_batches = [
+            w["step"] for w, h in zip(expected["steps"], got) if h.get("batches") and w.get("batches") != h["batches"]
+        ]
         if changed_batches:
-            hints.append(f"the batches' token ids differ from the golden ones at step(s) {changed_batches} "
-                         "(data order, tokenization or template changed)")
+            hints.append(
+                f"the batches' token ids differ from the golden ones at step(s) {changed_batches} "
+                "(data order, tokenization or template changed)"
+            )
         else:
-            hints.append("the batches' token ids are the golden ones: the computation changed (forward, loss, backward or optimizer)")
+            hints.append(
+                "the batches' token ids are the golden ones: the computation changed (forward, loss, backward or "
+                "optimizer)"
+            )
         if golden.get("settings") != current_settings():
-            hints.append("this test's settings differ from those the golden file was made with (test_golden_settings): "
-                         "that, not a library, changed the numbers")
+            hints.append(
+                "this test's settings differ from those the golden file was made with (test_golden_settings): "
+                "that, not a library, changed the numbers"
+            )
         hints.append(_version_changes(golden))
-        pytest.fail(f"{name}: the loss trajectory drifted from {GOLDEN.relative_to(PROJECT)}\n  " + "\n  ".join(problems)
-                    + "\n" + "\n".join(f"  note: {h}" for h in hints)
-                    + f"\n  if the change is intended, regenerate and review the diff: {REGENERATE_COMMAND}", pytrace=False)
+        pytest.fail(
+            f"{name}: the loss trajectory drifted from {GOLDEN.relative_to(PROJECT)}\n  "
+            + "\n  ".join(problems)
+            + "\n"
+            + "\n".join(f"  note: {h}" for h in hints)
+            + f"\n  if the change is intended, regenerate and review the diff: {REGENERATE_COMMAND}",
+            pytrace=False,
+        )

@@ -12,8 +12,8 @@ from importlib.metadata import version
 
 import pytest
 
-from finetune.evaluate import harness
 from finetune.errors import EXIT_CONFIG, ConfigError
+from finetune.evaluate import harness
 
 LIMIT = 6  # documents per local task
 BOOTSTRAP_ITERS = 100  # perplexity's stderr is bootstrapped; lm_eval's default 100000 is for real runs
@@ -50,7 +50,7 @@ def direct_loglikelihood(model, tokenizer, context: str, continuation: str) -> f
     ids = torch.tensor([context_ids + continuation_ids], device=model.device)
     with torch.no_grad():
         logits = model(input_ids=ids).logits[0].float()
-    logprobs = torch.log_softmax(logits[len(context_ids) - 1:-1], dim=-1)  # position i predicts token i + 1
+    logprobs = torch.log_softmax(logits[len(context_ids) - 1 : -1], dim=-1)  # position i predicts token i + 1
     return logprobs.gather(1, torch.tensor(continuation_ids, device=model.device)[:, None]).sum().item()
 
 
@@ -75,10 +75,17 @@ def test_local_tasks_run_end_to_end_on_base_and_adapter(results):
         assert cloze["higher_is_better"] == {"perplexity": False, "acc": True}
         assert len(result["samples"]["neo_ft_legal_mc"]) == LIMIT
     base, adapter = results["base"], results["adapter"]
-    differs = [(task, doc) for task in ("neo_ft_legal_mc", "neo_ft_cloze") for doc in range(LIMIT)
-               if loglikelihoods(base, task, doc) != loglikelihoods(adapter, task, doc)]
+    differs = [
+        (task, doc)
+        for task in ("neo_ft_legal_mc", "neo_ft_cloze")
+        for doc in range(LIMIT)
+        if loglikelihoods(base, task, doc) != loglikelihoods(adapter, task, doc)
+    ]
     assert differs, "base and adapter gave identical log-likelihoods: the adapter was not applied, or not disabled"
-    assert base["tasks"]["neo_ft_cloze"]["metrics"]["perplexity"] != adapter["tasks"]["neo_ft_cloze"]["metrics"]["perplexity"]
+    assert (
+        base["tasks"]["neo_ft_cloze"]["metrics"]["perplexity"]
+        != adapter["tasks"]["neo_ft_cloze"]["metrics"]["perplexity"]
+    )
 
 
 def test_lm_eval_loglikelihoods_equal_a_direct_computation_for_adapter_and_base(session, results):
@@ -97,8 +104,12 @@ def test_table_puts_base_and_adapter_side_by_side(results):
     lines = harness.table(results["base"], results["adapter"])
     assert lines[0] == "| task | metric | base | adapter | Δ |"
     rows = {tuple(cell.strip() for cell in line.strip("|").split("|")[:2]): line for line in lines[2:]}
-    assert set(rows) == {("neo_ft_cloze", "perplexity"), ("neo_ft_cloze", "acc"), ("neo_ft_legal_mc", "acc"),
-                         ("neo_ft_legal_mc", "acc_norm")}
+    assert set(rows) == {
+        ("neo_ft_cloze", "perplexity"),
+        ("neo_ft_cloze", "acc"),
+        ("neo_ft_legal_mc", "acc"),
+        ("neo_ft_legal_mc", "acc_norm"),
+    }
     acc = results["adapter"]["tasks"]["neo_ft_legal_mc"]["metrics"]
     assert f"{acc['acc']:.4f} ± {acc['acc_stderr']:.4f}" in rows[("neo_ft_legal_mc", "acc")]
     only_base = {"tasks": {"t": {"metrics": {"acc": 0.5, "acc_stderr": 0.1}}}}
@@ -144,25 +155,37 @@ def test_local_and_included_tasks_from_another_working_directory(session, result
     """The shipped tasks find their data from any cwd; harness_include= adds a folder (relative to the cwd)."""
     folder = tmp_path / "my_tasks"
     folder.mkdir()
-    rows = [{"question": "Is a verbal agreement ever a contract?", "choices": ["no", "yes"], "answer": 1},
-            {"question": "Is a fever a raised body temperature?", "choices": ["no", "yes"], "answer": 1}]
+    rows = [
+        {"question": "Is a verbal agreement ever a contract?", "choices": ["no", "yes"], "answer": 1},
+        {"question": "Is a fever a raised body temperature?", "choices": ["no", "yes"], "answer": 1},
+    ]
     (folder / "yes_no.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
     (folder / "yes_no.yaml").write_text(
         "task: my_yes_no\ndataset_path: json\n"
         f"dataset_kwargs:\n  data_files:\n    test: {folder / 'yes_no.jsonl'}\n  cache_dir: {tmp_path / 'cache'}\n"
-        "output_type: multiple_choice\ntest_split: test\ndoc_to_text: \"Question: {{question}}\\nAnswer:\"\n"
+        'output_type: multiple_choice\ntest_split: test\ndoc_to_text: "Question: {{question}}\\nAnswer:"\n'
         "doc_to_choice: choices\ndoc_to_target: answer\nmetric_list:\n  - metric: acc\n"
-        "    aggregation: mean\n    higher_is_better: true\nmetadata:\n  version: 2.0\n", encoding="utf-8")
+        "    aggregation: mean\n    higher_is_better: true\nmetadata:\n  version: 2.0\n",
+        encoding="utf-8",
+    )
     monkeypatch.chdir(tmp_path)
     names = ["neo_ft_legal_mc", "my_yes_no"]
     assert harness.resolve_tasks(names, include_path=["my_tasks"]) == names
-    result = harness.run_tasks(session.model, session.tokenizer, names, include_path=["my_tasks"], limit=2,
-                               bootstrap_iters=BOOTSTRAP_ITERS, log_samples=True)
+    result = harness.run_tasks(
+        session.model,
+        session.tokenizer,
+        names,
+        include_path=["my_tasks"],
+        limit=2,
+        bootstrap_iters=BOOTSTRAP_ITERS,
+        log_samples=True,
+    )
     assert result["tasks"]["my_yes_no"]["n_samples"] == 2 and result["tasks"]["my_yes_no"]["version"] == 2.0
     assert 0 <= result["tasks"]["my_yes_no"]["metrics"]["acc"] <= 1
     # the same documents and the same model as the module's adapter run: the same log-likelihoods
     assert loglikelihoods(result, "neo_ft_legal_mc") == pytest.approx(
-        loglikelihoods(results["adapter"], "neo_ft_legal_mc"), abs=1e-4)
+        loglikelihoods(results["adapter"], "neo_ft_legal_mc"), abs=1e-4
+    )
 
 
 def test_missing_or_old_lm_eval_is_a_config_error_with_the_install_command(monkeypatch):

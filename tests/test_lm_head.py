@@ -80,7 +80,8 @@ def test_cpu_head_projects_only_trained_positions_with_trl_results(tiny_models, 
     for name in our_grads:
         torch.testing.assert_close(our_grads[name], their_grads[name], rtol=1e-5, atol=1e-7, msg=name)
 
-    text = model.generate(input_ids=batch["input_ids"][:1, :5], max_new_tokens=3, do_sample=False)  # unfused: trl's path
+    # unfused: trl's path
+    text = model.generate(input_ids=batch["input_ids"][:1, :5], max_new_tokens=3, do_sample=False)
     assert text.shape == (1, 8)
 
 

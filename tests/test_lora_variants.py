@@ -10,17 +10,18 @@ import json
 
 import pytest
 import torch
-from helpers import run_cli, tiny_overrides
 from omegaconf import OmegaConf
 from transformers import TrainerCallback
 
 from finetune import console as cli
-from finetune.evaluate import run as evaluate
 from finetune.adapters import merge
 from finetune.config.compose import compose
-from finetune.errors import EXIT_CONFIG, ConfigError
-from finetune.train.run import run
 from finetune.config.validate import validate
+from finetune.errors import EXIT_CONFIG, ConfigError
+from finetune.evaluate import run as evaluate
+from finetune.train.run import run
+
+from helpers import run_cli, tiny_overrides
 
 
 def problems_of(*overrides: str) -> list[str]:
@@ -31,13 +32,17 @@ def problems_of(*overrides: str) -> list[str]:
 
 @pytest.mark.parametrize("init", ["pissa", "pissa_niter_4", "olora", "corda", "loftq", "lora_ga"])
 def test_inits_that_rewrite_the_base_are_refused(init):
-    (problem,) = [p for p in problems_of(f"strategy.init_lora_weights={init}") if p.startswith("strategy.init_lora_weights")]
+    (problem,) = [
+        p for p in problems_of(f"strategy.init_lora_weights={init}") if p.startswith("strategy.init_lora_weights")
+    ]
     assert "base weights" in problem and "finetune.merge" in problem and "init_lora_weights=true" in problem
 
 
 @pytest.mark.parametrize("init", ["false", "orthogonal", "eva", "kaiming"])
 def test_other_inits_are_refused_with_their_reason(init):
-    (problem,) = [p for p in problems_of(f"strategy.init_lora_weights={init}") if p.startswith("strategy.init_lora_weights")]
+    (problem,) = [
+        p for p in problems_of(f"strategy.init_lora_weights={init}") if p.startswith("strategy.init_lora_weights")
+    ]
     reason = {"false": "before training", "orthogonal": "before training", "eva": "data", "kaiming": "not one of"}[init]
     assert reason in problem and "init_lora_weights=true" in problem
 
@@ -47,12 +52,16 @@ def test_mica_is_refused_where_peft_cannot_run_it():
     assert dora.startswith("strategy.init_lora_weights: mica") and "DoRA" in dora
     (loraplus,) = problems_of("strategy.init_lora_weights=mica", "strategy.loraplus_lr_ratio=4")
     assert loraplus.startswith("strategy.loraplus_lr_ratio:") and "frozen" in loraplus
-    (bias,) = problems_of("strategy.init_lora_weights=mica", "strategy.lora_bias=true", "strategy.target_modules=[out_proj,c_fc]")
+    (bias,) = problems_of(
+        "strategy.init_lora_weights=mica", "strategy.lora_bias=true", "strategy.target_modules=[out_proj,c_fc]"
+    )
     assert bias.startswith("strategy.lora_bias:") and "init_lora_weights=true" in bias
 
 
 def test_lora_bias_needs_a_base_bias_and_the_default_init():
-    (gaussian,) = problems_of("strategy.init_lora_weights=gaussian", "strategy.lora_bias=true", "strategy.target_modules=[c_fc]")
+    (gaussian,) = problems_of(
+        "strategy.init_lora_weights=gaussian", "strategy.lora_bias=true", "strategy.target_modules=[c_fc]"
+    )
     assert gaussian.startswith("strategy.lora_bias:") and "init_lora_weights=true" in gaussian
     # the demo's GPT-Neo has no bias on q/k/v: the merge would have nowhere to add the adapter's bias
     (neo,) = problems_of("strategy.lora_bias=true")
@@ -61,11 +70,24 @@ def test_lora_bias_needs_a_base_bias_and_the_default_init():
 
 
 def test_fields_that_change_the_base_are_refused_exit_2(tmp_path):
-    out = run_cli("strategy.init_lora_weights=pissa", "strategy.modules_to_save=[embed_out]", "strategy.bias=all",
-                  "strategy.trainable_token_indices=[1,2]", "strategy.layer_replication=[[0,1]]", "strategy.task_type=SEQ_CLS",
-                  f"output_dir={tmp_path}/run")
+    out = run_cli(
+        "strategy.init_lora_weights=pissa",
+        "strategy.modules_to_save=[embed_out]",
+        "strategy.bias=all",
+        "strategy.trainable_token_indices=[1,2]",
+        "strategy.layer_replication=[[0,1]]",
+        "strategy.task_type=SEQ_CLS",
+        f"output_dir={tmp_path}/run",
+    )
     assert out.returncode == EXIT_CONFIG, out.stderr
-    for key in ("init_lora_weights", "modules_to_save", "bias", "trainable_token_indices", "layer_replication", "task_type"):
+    for key in (
+        "init_lora_weights",
+        "modules_to_save",
+        "bias",
+        "trainable_token_indices",
+        "layer_replication",
+        "task_type",
+    ):
         assert f"strategy.{key}:" in out.stderr
     assert "strategy.lora_bias=true" in out.stderr  # bias=all: the adapter's own bias is the supported way
     # refused by validation, before anything loads: at most Hydra's train.log is there, no run record, no weights
@@ -91,7 +113,9 @@ def test_accepted_inits_start_as_a_no_op_on_the_untouched_base(init, tiny_models
     with torch.no_grad():
         adapted = model(ids).logits
     assert torch.equal(adapted, plain)
-    wrapped = {k.replace("base_layer.", ""): v for k, v in model.get_base_model().state_dict().items() if "lora_" not in k}
+    wrapped = {
+        k.replace("base_layer.", ""): v for k, v in model.get_base_model().state_dict().items() if "lora_" not in k
+    }
     assert wrapped.keys() == before.keys() and all(torch.equal(wrapped[k], before[k]) for k in before)
 
 
@@ -103,23 +127,41 @@ def test_loraplus_and_neftune_values_are_checked():
     assert "trainer.optim" in galore and "galore_adamw" in galore
     (full,) = problems_of("strategy=full", "strategy.loraplus_lr_ratio=16")
     assert "strategy.loraplus_lr_ratio" in full
-    (deepspeed,) = [p for p in problems_of("strategy.loraplus_lr_ratio=16", "distributed=zero2",
-                                           "+distributed.deepspeed.optimizer={type:AdamW}") if "loraplus" in p]
+    (deepspeed,) = [
+        p
+        for p in problems_of(
+            "strategy.loraplus_lr_ratio=16", "distributed=zero2", "+distributed.deepspeed.optimizer={type:AdamW}"
+        )
+        if "loraplus" in p
+    ]
     assert "distributed.deepspeed.optimizer" in deepspeed
 
 
 # Accepted fields that narrow or rescale the adapter without touching the base: one run through all of them
-# (init_lora_weights=gaussian cannot join: peft takes lora_bias only with the default init; its no-op start is checked above).
-ACCEPTED = ("strategy.layers_to_transform=[0]", "strategy.layers_pattern=layers", "strategy.use_rslora=true",
-            "strategy.rank_pattern={dense:4}", "strategy.alpha_pattern={dense_4h_to_h:8}", "strategy.lora_bias=true",
-            "strategy.exclude_modules=[dense_h_to_4h]", "strategy.loraplus_lr_ratio=4", "trainer.neftune_noise_alpha=5")
+# (init_lora_weights=gaussian cannot join: peft takes lora_bias only with the default init; its no-op start is checked
+# above).
+ACCEPTED = (
+    "strategy.layers_to_transform=[0]",
+    "strategy.layers_pattern=layers",
+    "strategy.use_rslora=true",
+    "strategy.rank_pattern={dense:4}",
+    "strategy.alpha_pattern={dense_4h_to_h:8}",
+    "strategy.lora_bias=true",
+    "strategy.exclude_modules=[dense_h_to_4h]",
+    "strategy.loraplus_lr_ratio=4",
+    "trainer.neftune_noise_alpha=5",
+)
 MICA = ("strategy.init_lora_weights=mica", "strategy.r=4")
 
 
 def _train(tiny_models, tmp_path_factory, overrides):
     out = tmp_path_factory.mktemp("variants") / "run"
-    return run(compose("demo", tiny_overrides("neox", tiny_models["neox"], out, "trainer.max_steps=4", "sample_generations=0",
-                                              *overrides)))
+    return run(
+        compose(
+            "demo",
+            tiny_overrides("neox", tiny_models["neox"], out, "trainer.max_steps=4", "sample_generations=0", *overrides),
+        )
+    )
 
 
 @pytest.fixture(scope="module")
@@ -152,7 +194,8 @@ def test_accepted_fields_train_merge_through_the_gate_and_evaluate_the_untouched
     tensors = load_file(variant_run / "adapter" / "adapter_model.safetensors")
     adapted = {k.split(".lora_")[0] for k in tensors}
     assert adapted and all(".layers.0." in k for k in adapted) and not any("dense_h_to_4h" in k for k in adapted)
-    assert any(k.endswith("lora_B.bias") and t.abs().max() > 0 for k, t in tensors.items())  # the adapter's bias trained
+    # the adapter's bias trained
+    assert any(k.endswith("lora_B.bias") and t.abs().max() > 0 for k, t in tensors.items())
     _merge_and_evaluate(variant_run)
 
 
@@ -178,7 +221,8 @@ def test_loraplus_and_neftune_are_recorded_in_the_card_and_run_record(variant_ru
 
     from trl import SFTConfig
 
-    (default,) = [f.default for f in dataclasses.fields(SFTConfig) if f.name == "optim"]  # trainer.optim unset: the default
+    # trainer.optim unset: the default
+    (default,) = [f.default for f in dataclasses.fields(SFTConfig) if f.name == "optim"]
     assert json.loads((variant_run / "run.json").read_text())["optimizer"] == {"name": default, "loraplus_lr_ratio": 4}
 
 
@@ -186,11 +230,12 @@ def _trainer(tiny_models, tmp_path, *overrides: str, callbacks=()):
     """The trainer train.run builds (same config, data, arguments and model), to look inside it."""
     from trl import SFTConfig
 
-    from finetune.models import load as models, strategy
     from finetune.config import precision
-    from finetune.train import run as train
-    from finetune.data.tokenize import prepare
     from finetune.data import templates
+    from finetune.data.tokenize import prepare
+    from finetune.models import load as models
+    from finetune.models import strategy
+    from finetune.train import run as train
     from finetune.train.guards import StepLog
     from finetune.train.trainer import GuardedSFTTrainer
 
@@ -201,16 +246,31 @@ def _trainer(tiny_models, tmp_path, *overrides: str, callbacks=()):
     template = templates.load(cfg.data.template)
     train_set, eval_set = prepare(cfg.data, tokenizer, template, cfg.seed).as_datasets()
     args = SFTConfig(**train._training_arguments(cfg, tmp_path / "run", has_eval=eval_set is not None, cuda=False))
-    return GuardedSFTTrainer(model=models.load_model(cfg.model, tokenizer, None), args=args, train_dataset=train_set,
-                             eval_dataset=eval_set, processing_class=tokenizer, peft_config=strategy.peft_config(resolved["strategy"]),
-                             callbacks=list(callbacks), keep_checkpoints=None, run_facts={}, after_save=lambda folder: None,
-                             step_log=StepLog(tmp_path / "steps.jsonl", 0, enabled=False),
-                             loraplus_lr_ratio=resolved["strategy"].get("loraplus_lr_ratio"))
+    return GuardedSFTTrainer(
+        model=models.load_model(cfg.model, tokenizer, None),
+        args=args,
+        train_dataset=train_set,
+        eval_dataset=eval_set,
+        processing_class=tokenizer,
+        peft_config=strategy.peft_config(resolved["strategy"]),
+        callbacks=list(callbacks),
+        keep_checkpoints=None,
+        run_facts={},
+        after_save=lambda folder: None,
+        step_log=StepLog(tmp_path / "steps.jsonl", 0, enabled=False),
+        loraplus_lr_ratio=resolved["strategy"].get("loraplus_lr_ratio"),
+    )
 
 
 def test_loraplus_gives_lora_b_the_learning_rate_times_the_ratio(tiny_models, tmp_path):
-    trainer = _trainer(tiny_models, tmp_path, "strategy.loraplus_lr_ratio=16", "trainer.max_steps=2", "trainer.learning_rate=1e-3",
-                       "trainer.weight_decay=0.01")
+    trainer = _trainer(
+        tiny_models,
+        tmp_path,
+        "strategy.loraplus_lr_ratio=16",
+        "trainer.max_steps=2",
+        "trainer.learning_rate=1e-3",
+        "trainer.weight_decay=0.01",
+    )
     trainer.train()
     lr_of = {id(p): (g["initial_lr"], g["lr"]) for g in trainer.optimizer.param_groups for p in g["params"]}
     named = {n: lr_of[id(p)] for n, p in trainer.model.named_parameters() if p.requires_grad}

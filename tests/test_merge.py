@@ -10,11 +10,11 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from finetune.runs import checkpoints, rundir
 from finetune import console as cli
-from finetune.models import fingerprint
 from finetune.adapters import merge
 from finetune.errors import ConfigError, IntegrityError
+from finetune.models import fingerprint
+from finetune.runs import checkpoints, rundir
 
 TARGETS = {
     "neo": ["q_proj", "k_proj", "v_proj", "out_proj", "c_fc", "c_proj"],
@@ -40,8 +40,15 @@ def random_adapter(base: Path, out: Path, arch: str, dora: bool = False, seed: i
                 param.mul_(1 + 0.1 * torch.randn_like(param))
     peft_model.save_pretrained(out)
     AutoTokenizer.from_pretrained(base).save_pretrained(out)
-    record = {"hub_id": None, "name_or_path": base.name, "revision": "main", "family": arch, "training_dtype": "float32",
-              "config_sha256": fingerprint.config_sha256(base), "weights_fingerprint": fingerprint.base_model(base)}
+    record = {
+        "hub_id": None,
+        "name_or_path": base.name,
+        "revision": "main",
+        "family": arch,
+        "training_dtype": "float32",
+        "config_sha256": fingerprint.config_sha256(base),
+        "weights_fingerprint": fingerprint.base_model(base),
+    }
     (out / rundir.BASE_RECORD).write_text(json.dumps(record))
     return out
 
@@ -91,7 +98,9 @@ def sharded_neox(tiny_models, tmp_path_factory) -> Path:
     return out
 
 
-@pytest.mark.parametrize(("arch", "dora"), [("neo", False), ("neo", True), ("neox", False), ("neox", True), ("gptj", False)])
+@pytest.mark.parametrize(
+    ("arch", "dora"), [("neo", False), ("neo", True), ("neox", False), ("neox", True), ("gptj", False)]
+)
 def test_streaming_merge_equals_peft_merge(arch, dora, tiny_models, tmp_path):
     base = tiny_models[arch]
     adapter = random_adapter(base, tmp_path / "adapter", arch, dora=dora)
@@ -107,8 +116,14 @@ def test_streaming_merge_equals_peft_merge(arch, dora, tiny_models, tmp_path):
 
 
 def test_sharded_base_merges_shard_by_shard_with_rslora_and_rank_pattern(sharded_neox, tmp_path):
-    adapter = random_adapter(sharded_neox, tmp_path / "adapter", "neox", use_rslora=True,
-                             rank_pattern={"dense_h_to_4h": 2}, alpha_pattern={"dense": 3})
+    adapter = random_adapter(
+        sharded_neox,
+        tmp_path / "adapter",
+        "neox",
+        use_rslora=True,
+        rank_pattern={"dense_h_to_4h": 2},
+        alpha_pattern={"dense": 3},
+    )
     out = run_merge(adapter, sharded_neox, tmp_path / "merged", "dtype=float32")
 
     index = json.loads((out / "model.safetensors.index.json").read_text())
@@ -128,7 +143,9 @@ def bf16_neox(tiny_models, tmp_path_factory) -> Path:
     return out
 
 
-@pytest.mark.parametrize(("mode", "stored"), [("full", "fp32"), ("layers", "fp32"), ("full", "bf16"), ("layers", "bf16")])
+@pytest.mark.parametrize(
+    ("mode", "stored"), [("full", "fp32"), ("layers", "fp32"), ("full", "bf16"), ("layers", "bf16")]
+)
 def test_bf16_merge_passes_gate_relative_to_base_gap(mode, stored, tiny_models, bf16_neox, tmp_path):
     base = bf16_neox if stored == "bf16" else tiny_models["neox"]
     adapter = random_adapter(base, tmp_path / "adapter", "neox")
@@ -164,7 +181,8 @@ def test_gate_fails_on_tampered_merged_shard(tiny_models, tmp_path):
     out = run_merge(adapter, base, tmp_path / "merged", "dtype=float32")
     tensors = load_file(out / "model.safetensors")
     key = "transformer.h.2.mlp.c_fc.weight"
-    tensors[key] = tensors[key] + 1e-2 * torch.randn_like(tensors[key])  # (a constant shift is invisible after LayerNorm)
+    # (a constant shift is invisible after LayerNorm)
+    tensors[key] = tensors[key] + 1e-2 * torch.randn_like(tensors[key])
     save_file(tensors, out / "model.safetensors", metadata={"format": "pt"})
     checkpoints.seal(out, "merged")  # wrong weights written consistently: the gate, not the manifest, must catch it
     with pytest.raises(IntegrityError, match="do not compute what base \\+ adapter computed"):

@@ -12,8 +12,14 @@ from finetune.errors import EXIT_CONFIG, EXIT_OK
 
 
 def tool(*args: str, cwd) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", *args], cwd=cwd, capture_output=True, text=True, timeout=600,
-                          env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    return subprocess.run(
+        [sys.executable, "-m", *args],
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env={**os.environ, "HF_HUB_OFFLINE": "1"},
+    )
 
 
 def test_preview_of_a_hub_preset_offline_says_what_training_says_not_a_traceback(tmp_path):
@@ -34,4 +40,5 @@ def test_harness_evaluation_prints_our_lines_only(tiny_run, tmp_path):
     assert "fatal:" not in out.stderr and "%|" not in out.stderr and "it/s]" not in out.stderr, out.stderr[-3000:]
     assert "neo_ft_cloze" in (run_dir / "eval_report.md").read_text()
     assert [line for line in out.stderr.splitlines() if line.strip()] == [
-        line for line in out.stderr.splitlines() if line.startswith("[finetune] ")]
+        line for line in out.stderr.splitlines() if line.startswith("[finetune] ")
+    ]

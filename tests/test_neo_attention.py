@@ -21,7 +21,9 @@ ATOL = 1e-5
 @pytest.fixture(scope="module")
 def pair(tiny_models):
     """(eager model, SDPA model) with the same fp32 weights."""
-    eager = AutoModelForCausalLM.from_pretrained(tiny_models["neo"], dtype=torch.float32, attn_implementation="eager").eval()
+    eager = AutoModelForCausalLM.from_pretrained(
+        tiny_models["neo"], dtype=torch.float32, attn_implementation="eager"
+    ).eval()
     assert eager.config.window_size < 100 and "local" in eager.config.attention_layers
     fast = copy.deepcopy(eager)
     assert neo_attention.enable(fast) == eager.config.num_layers
@@ -144,15 +146,24 @@ def test_layers_of_one_type_share_one_additive_mask_kept_for_backward(pair, padd
     fast.eval()
     local_layers = sum(t == "local" for t in fast.config.attention_layers)
     assert local_layers >= 2 and fast.config.num_layers > 2
-    assert len(square) == (1 if padding == "none" else 2)  # the local band (global layers are is_causal); global + local
+    # the local band (global layers are is_causal); global + local
+    assert len(square) == (1 if padding == "none" else 2)
 
 
 def _neo(window: int, seed: int = 0):
     """(eager, SDPA) GPT-Neo pair built from a config with this local window: 2 global + 2 local layers."""
     from transformers import GPTNeoConfig, GPTNeoForCausalLM
 
-    config = GPTNeoConfig(vocab_size=97, hidden_size=32, num_layers=4, num_heads=4, attention_types=[[["global", "local"], 2]],
-                          window_size=window, max_position_embeddings=64, attn_implementation="eager")
+    config = GPTNeoConfig(
+        vocab_size=97,
+        hidden_size=32,
+        num_layers=4,
+        num_heads=4,
+        attention_types=[[["global", "local"], 2]],
+        window_size=window,
+        max_position_embeddings=64,
+        attn_implementation="eager",
+    )
     torch.manual_seed(seed)
     eager = GPTNeoForCausalLM(config).eval()
     fast = copy.deepcopy(eager)
@@ -193,8 +204,12 @@ def test_every_decoding_mode_equals_eager(pair, mode):
     prompt = _ids(eager, batch=2, length=30)
     mask = torch.ones_like(prompt)
     mask[1, :5] = 0
-    settings = {"greedy": dict(do_sample=False), "sample": dict(do_sample=True, top_k=20),
-                "beam": dict(do_sample=False, num_beams=3), "assisted": dict(do_sample=False)}[mode]
+    settings = {
+        "greedy": dict(do_sample=False),
+        "sample": dict(do_sample=True, top_k=20),
+        "beam": dict(do_sample=False, num_beams=3),
+        "assisted": dict(do_sample=False),
+    }[mode]
     if mode == "assisted":
         prompt, mask = prompt[:1, 5:], mask[:1, 5:]  # assisted generation takes one sequence
     outputs = []
@@ -202,7 +217,9 @@ def test_every_decoding_mode_equals_eager(pair, mode):
         extra = {"assistant_model": copy.deepcopy(model)} if mode == "assisted" else {}
         torch.manual_seed(0)
         with torch.no_grad():
-            outputs.append(model.generate(prompt, attention_mask=mask, max_new_tokens=40, pad_token_id=0, **settings, **extra))
+            outputs.append(
+                model.generate(prompt, attention_mask=mask, max_new_tokens=40, pad_token_id=0, **settings, **extra)
+            )
     assert torch.equal(*outputs)
 
 
@@ -252,8 +269,14 @@ def test_two_models_with_different_windows_alive_at_once_each_equal_eager():
         assert alive.requires_grad
     for eager, fast in ((eager_b, fast_b), (eager_a, fast_a)):  # KV cache: one token at a time past both windows
         with torch.no_grad():
-            settings = dict(attention_mask=left, max_new_tokens=12, do_sample=False, pad_token_id=0,
-                            output_scores=True, return_dict_in_generate=True)
+            settings = dict(
+                attention_mask=left,
+                max_new_tokens=12,
+                do_sample=False,
+                pad_token_id=0,
+                output_scores=True,
+                return_dict_in_generate=True,
+            )
             by_eager, by_fast = eager.generate(ids, **settings), fast.generate(ids, **settings)
         assert torch.equal(by_eager.sequences, by_fast.sequences)
         assert torch.allclose(torch.stack(by_eager.scores), torch.stack(by_fast.scores), atol=ATOL)

@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from finetune.data.tokenize import IGNORE_INDEX, Sample
 from finetune.data import packing
+from finetune.data.tokenize import IGNORE_INDEX, Sample
 
 
 def _samples(lengths, vocab_size, seed=0):
@@ -21,7 +21,9 @@ def _samples(lengths, vocab_size, seed=0):
 
 def _per_token_loss(logits, labels):
     shifted = labels[:, 1:]
-    loss = torch.nn.functional.cross_entropy(logits[:, :-1].transpose(1, 2).float(), shifted, reduction="none", ignore_index=IGNORE_INDEX)
+    loss = torch.nn.functional.cross_entropy(
+        logits[:, :-1].transpose(1, 2).float(), shifted, reduction="none", ignore_index=IGNORE_INDEX
+    )
     return loss, shifted != IGNORE_INDEX
 
 
@@ -47,10 +49,14 @@ def test_packed_losses_equal_unpacked(tiny_models, arch, attn):
     samples = _samples([70, 45, 120, 33, 90, 60, 10], model.config.vocab_size)
     rows = packing.pack(samples, max_length=192)
     assert any(len(r.lengths) > 1 for r in rows)
-    batch = packing.PackedCollator(pad_token_id=0)([{"input_ids": r.input_ids, "labels": r.labels, "position_ids": r.position_ids} for r in rows])
+    batch = packing.PackedCollator(pad_token_id=0)(
+        [{"input_ids": r.input_ids, "labels": r.labels, "position_ids": r.position_ids} for r in rows]
+    )
     assert "attention_mask" not in batch  # a 2-D mask would switch transformers' packed-sequence masks off
     with torch.no_grad():
-        packed_loss, packed_mask = _per_token_loss(model(input_ids=batch["input_ids"], position_ids=batch["position_ids"]).logits, batch["labels"])
+        packed_loss, packed_mask = _per_token_loss(
+            model(input_ids=batch["input_ids"], position_ids=batch["position_ids"]).logits, batch["labels"]
+        )
         packed_tokens = packed_loss[packed_mask]
         alone_tokens = []
         by_ids = {tuple(s.input_ids): s for s in samples}
@@ -58,7 +64,9 @@ def test_packed_losses_equal_unpacked(tiny_models, arch, attn):
             start = 0
             for n in r.lengths:
                 s = by_ids[tuple(r.input_ids[start : start + n])]
-                loss, mask = _per_token_loss(model(input_ids=torch.tensor([s.input_ids])).logits, torch.tensor([s.labels]))
+                loss, mask = _per_token_loss(
+                    model(input_ids=torch.tensor([s.input_ids])).logits, torch.tensor([s.labels])
+                )
                 alone_tokens.append(loss[mask])
                 start += n
     alone = torch.cat(alone_tokens)

@@ -11,8 +11,8 @@ from pathlib import Path
 import pytest
 from huggingface_hub import ModelCard
 
-from finetune.adapters import card, push, serving
 from finetune import console as cli
+from finetune.adapters import card, push, serving
 from finetune.config.compose import compose, to_container
 from finetune.errors import IntegrityError
 
@@ -27,19 +27,33 @@ def parsed_metadata(text: str) -> dict:
 
 
 def test_card_metadata_is_exact_with_hostile_strings_and_never_a_local_base(tmp_path):
-    config = to_container(compose("lora_neox20b", [
-        f"model.name_or_path={tmp_path}/models/neox20b",  # a local copy: the card still names the Hub id
-        "card.domain=legal", "card.datasets=[org/contracts]",
-    ]))
+    config = to_container(
+        compose(
+            "lora_neox20b",
+            [
+                f"model.name_or_path={tmp_path}/models/neox20b",  # a local copy: the card still names the Hub id
+                "card.domain=legal",
+                "card.datasets=[org/contracts]",
+            ],
+        )
+    )
     # as a config file can hold them (the command line cannot carry line breaks)
     config["card"].update(model_name=HOSTILE, tags=["a: b", "---", "# not a comment", "x\u2028y"])
     text = card.render(None, config, "adapter")
-    assert parsed_metadata(text) == card.metadata(config, "adapter") == {
-        "base_model": "EleutherAI/gpt-neox-20b", "base_model_relation": "adapter", "library_name": "peft",
-        "license": "apache-2.0", "language": ["en"], "pipeline_tag": "text-generation",
-        "tags": ["neo-finetune", "lora", "gpt_neox", "a: b", "---", "# not a comment", "x\u2028y", "legal"],
-        "datasets": ["org/contracts"],
-    }
+    assert (
+        parsed_metadata(text)
+        == card.metadata(config, "adapter")
+        == {
+            "base_model": "EleutherAI/gpt-neox-20b",
+            "base_model_relation": "adapter",
+            "library_name": "peft",
+            "license": "apache-2.0",
+            "language": ["en"],
+            "pipeline_tag": "text-generation",
+            "tags": ["neo-finetune", "lora", "gpt_neox", "a: b", "---", "# not a comment", "x\u2028y", "legal"],
+            "datasets": ["org/contracts"],
+        }
+    )
     body = text.split("\n---\n", 1)[1]
     assert str(tmp_path) not in text  # local paths reduced to names, in metadata and the shown config
     assert "# evil --- license: mit base_model: /home/attacker" in body  # the title is one line of text
@@ -70,8 +84,13 @@ def trained_run(tiny_models, tmp_path_factory) -> Path:
     run_dir = root / "run"
     env = {"HF_TOKEN": CANARY, "HF_HUB_OFFLINE": "1"}
     logs = []
-    train = run_cli("conf=demo", *tiny_overrides("neox", tiny_models["neox"], run_dir, "trainer.max_steps=2",
-                                                 "card.domain=medical", "card.tags=[clinic]"), env=env)
+    train = run_cli(
+        "conf=demo",
+        *tiny_overrides(
+            "neox", tiny_models["neox"], run_dir, "trainer.max_steps=2", "card.domain=medical", "card.tags=[clinic]"
+        ),
+        env=env,
+    )
     merge = _module("finetune.merge", str(run_dir), env=env)
     for result in (train, merge):
         assert result.returncode == 0, result.stderr[-3000:]
@@ -84,8 +103,15 @@ CANARY = "hf_CANARYtokenDoNotLeak0123456789abcdef"
 
 
 def _module(module: str, *args: str, env: dict | None = None):
-    return subprocess.run([sys.executable, "-m", module, *args], cwd=PROJECT, capture_output=True, text=True, timeout=600,
-                          env={**os.environ, **(env or {})}, check=False)
+    return subprocess.run(
+        [sys.executable, "-m", module, *args],
+        cwd=PROJECT,
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env={**os.environ, **(env or {})},
+        check=False,
+    )
 
 
 def test_dry_run_stages_exactly_the_allowlist(trained_run):
@@ -95,8 +121,16 @@ def test_dry_run_stages_exactly_the_allowlist(trained_run):
     result = _module("finetune.push", str(trained_run), "repo_id=me/neox-medical", "dry_run=true")
     assert result.returncode == 0, result.stderr
     staged = sorted(p.name for p in (trained_run / "push_staging").iterdir() if p.name != push.STAGING_MARKER)
-    assert staged == ["README.md", "adapter_config.json", "adapter_model.safetensors", "base_model.json",
-                      "chat_template.jinja", "serving.json", "tokenizer.json", "tokenizer_config.json"]
+    assert staged == [
+        "README.md",
+        "adapter_config.json",
+        "adapter_model.safetensors",
+        "base_model.json",
+        "chat_template.jinja",
+        "serving.json",
+        "tokenizer.json",
+        "tokenizer_config.json",
+    ]
     assert all(name in result.stdout for name in staged) and "nothing uploaded" in result.stdout
     readme = (trained_run / "push_staging" / "README.md").read_text()
     meta = parsed_metadata(readme)
@@ -104,12 +138,26 @@ def test_dry_run_stages_exactly_the_allowlist(trained_run):
     assert "| vLLM | no |" in readme and "python -m finetune.merge RUN_DIR" in readme  # serving: merge to serve
     assert "Not medical advice" in readme and "| loss |" in readme
 
-    merged = _module("finetune.push", str(trained_run), "repo_id=me/neox-medical-merged", "merged=true", "dry_run=true",
-                     f"staging={trained_run / 'merged_staging'}")
+    merged = _module(
+        "finetune.push",
+        str(trained_run),
+        "repo_id=me/neox-medical-merged",
+        "merged=true",
+        "dry_run=true",
+        f"staging={trained_run / 'merged_staging'}",
+    )
     assert merged.returncode == 0, merged.stderr
     staged = sorted(p.name for p in (trained_run / "merged_staging").iterdir() if p.name != push.STAGING_MARKER)
-    assert staged == ["README.md", "chat_template.jinja", "config.json", "generation_config.json", "model.safetensors",
-                      "serving.json", "tokenizer.json", "tokenizer_config.json"]
+    assert staged == [
+        "README.md",
+        "chat_template.jinja",
+        "config.json",
+        "generation_config.json",
+        "model.safetensors",
+        "serving.json",
+        "tokenizer.json",
+        "tokenizer_config.json",
+    ]
     readme = (trained_run / "merged_staging" / "README.md").read_text()
     assert parsed_metadata(readme)["library_name"] == "transformers" and "Merge check (full)" in readme
 
@@ -119,7 +167,9 @@ def test_token_never_on_the_command_line_and_never_published(trained_run, monkey
     assert result.returncode == 2 and "HF_TOKEN" in result.stderr and CANARY not in result.stderr
 
     monkeypatch.setenv("HF_TOKEN", CANARY)
-    opts = cli.parse([str(trained_run), "dry_run=true", f"staging={trained_run / 'leak_staging'}"], push.OPTIONS, "target")
+    opts = cli.parse(
+        [str(trained_run), "dry_run=true", f"staging={trained_run / 'leak_staging'}"], push.OPTIONS, "target"
+    )
     config = trained_run / "config.yaml"
     original = config.read_text()
     try:  # a token pasted into the card's description ends up in README.md: the push refuses
@@ -131,11 +181,18 @@ def test_token_never_on_the_command_line_and_never_published(trained_run, monkey
 
 
 def test_canary_token_absent_from_everything_written(trained_run):
-    result = _module("finetune.push", str(trained_run), "repo_id=me/canary", "dry_run=true",
-                     f"staging={trained_run / 'canary_staging'}", env={"HF_TOKEN": CANARY})
+    result = _module(
+        "finetune.push",
+        str(trained_run),
+        "repo_id=me/canary",
+        "dry_run=true",
+        f"staging={trained_run / 'canary_staging'}",
+        env={"HF_TOKEN": CANARY},
+    )
     assert result.returncode == 0, result.stderr
     leaks = [str(p) for p in trained_run.parent.rglob("*") if p.is_file() and CANARY.encode() in p.read_bytes()]
     assert leaks == [] and CANARY not in result.stdout + result.stderr
-    assert len(list(trained_run.rglob("*"))) > 30  # the run, its checkpoints, the merge and the staging were all searched
+    # the run, its checkpoints, the merge and the staging were all searched
+    assert len(list(trained_run.rglob("*"))) > 30
     adapter_config = json.loads((trained_run / "adapter" / "adapter_config.json").read_text())
     assert not adapter_config["base_model_name_or_path"].startswith("/")

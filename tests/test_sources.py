@@ -220,7 +220,9 @@ def test_csv_record_with_wrong_field_count_is_rejected(tmp_path):
 def test_unknown_suffix_missing_file_and_empty_file_are_errors(tmp_path):
     (tmp_path / "notes.docx").write_text("hello\n", encoding="utf-8")
     (tmp_path / "empty.jsonl").write_text("\n", encoding="utf-8")
-    with pytest.raises(DataError, match=r"notes\.docx: unsupported file type '\.docx'; use one of \.jsonl,.*data\.path"):
+    with pytest.raises(
+        DataError, match=r"notes\.docx: unsupported file type '\.docx'; use one of \.jsonl,.*data\.path"
+    ):
         read_rows(str(tmp_path / "notes.docx"))
     with pytest.raises(DataError, match=r"nope\.jsonl: no such file.*\(data\.eval_path\)"):
         read_rows(str(tmp_path / "nope.jsonl"), key="data.eval_path")
@@ -230,12 +232,19 @@ def test_unknown_suffix_missing_file_and_empty_file_are_errors(tmp_path):
 
 def test_text_files_are_one_document_each_for_continued_pretraining(tmp_path):
     (tmp_path / "corpus").mkdir()
-    (tmp_path / "corpus" / "a.txt").write_text("First document.\n\nSecond paragraph, same document.\n", encoding="utf-8")
+    (tmp_path / "corpus" / "a.txt").write_text(
+        "First document.\n\nSecond paragraph, same document.\n", encoding="utf-8"
+    )
     (tmp_path / "corpus" / "b.txt").write_text("Другой документ.\n", encoding="utf-8")
     (tmp_path / "corpus" / "c.txt").write_text("  \n", encoding="utf-8")
     result = read_rows(str(tmp_path / "corpus" / "*.txt"))
-    assert fields(result) == [{"text": "First document.\n\nSecond paragraph, same document.\n"}, {"text": "Другой документ.\n"}]
-    assert [r.where for r in result.rejected] == [f"{tmp_path / 'corpus' / 'c.txt'}:1"] and result.rejected[0].kind == "empty"
+    assert fields(result) == [
+        {"text": "First document.\n\nSecond paragraph, same document.\n"},
+        {"text": "Другой документ.\n"},
+    ]
+    assert [r.where for r in result.rejected] == [f"{tmp_path / 'corpus' / 'c.txt'}:1"] and result.rejected[
+        0
+    ].kind == "empty"
 
 
 def test_missing_sources(tmp_path, monkeypatch):

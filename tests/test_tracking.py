@@ -10,18 +10,25 @@ from pathlib import Path
 
 import pytest
 
-from finetune.train import tracking
 from finetune.config.compose import compose
-from finetune.errors import ConfigError
-from finetune.train.run import run
 from finetune.config.validate import validate
+from finetune.errors import ConfigError
+from finetune.train import tracking
+from finetune.train.run import run
 
 from helpers import tiny_overrides
 
 INSTALLED = [name for name in ("wandb", "mlflow") if importlib.util.find_spec(name) is not None]
 # 4 steps of one row, a loss logged every 2, 9 held-out rows evaluated once after training (and before, by default)
-SHORT = ("trainer.max_steps=4", "trainer.logging_steps=2", "trainer.per_device_train_batch_size=1", "data.eval_fraction=0.03",
-         "trainer.eval_strategy=no", "trainer.per_device_eval_batch_size=16", "sample_generations=0")
+SHORT = (
+    "trainer.max_steps=4",
+    "trainer.logging_steps=2",
+    "trainer.per_device_train_batch_size=1",
+    "data.eval_fraction=0.03",
+    "trainer.eval_strategy=no",
+    "trainer.per_device_eval_batch_size=16",
+    "sample_generations=0",
+)
 
 
 def tiny_run(tiny_models, run_dir: Path, *extra: str) -> Path:
@@ -53,7 +60,8 @@ def clean_environment(monkeypatch, tmp_path):
 def test_tensorboard_is_the_default_and_logs_inside_the_run_directory(tiny_models, tmp_path, clean_environment):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-    def stray() -> set[Path]:  # transformers' and torch's own default: runs/<Mon DD_HH-MM-SS_host> in the working directory
+    # transformers' and torch's own default: runs/<Mon DD_HH-MM-SS_host> in the working directory
+    def stray() -> set[Path]:
         return set(Path("runs").glob("*_??-??-??_*"))
 
     before = stray()
@@ -77,7 +85,9 @@ def test_report_to_is_checked_before_any_model_loads(monkeypatch):
     text = "\n".join(problems_of(["trainer.report_to=all"]))
     assert "trainer.report_to: 'all' turns on every tracker that happens to be installed" in text
     assert "trainer.run_name: set through tracking.run_name=NAME instead" in problems_of(["trainer.run_name=x"])
-    assert "tracking.offline: 'sometimes' is not one of true, false, auto" in problems_of(["tracking.offline=sometimes"])
+    assert "tracking.offline: 'sometimes' is not one of true, false, auto" in problems_of(
+        ["tracking.offline=sometimes"]
+    )
 
     real_find_spec = importlib.util.find_spec  # as if neither were installed, whatever this machine has
 
@@ -98,8 +108,13 @@ def test_offline_auto_follows_credentials_and_never_shows_them(tmp_path, clean_e
     cfg = compose("demo", [f"output_dir={tmp_path / 'run'}", "trainer.report_to=[wandb,mlflow]"])
     run_dir = tmp_path / "run"
     env, lines = tracking.environment(cfg, run_dir, "demo")
-    assert env["WANDB_MODE"] == "offline" and env["WANDB_DIR"] == str(run_dir.resolve()) and env["WANDB_PROJECT"] == "demo"
-    assert env["MLFLOW_TRACKING_URI"] == (run_dir.resolve() / "mlruns").as_uri() and env["MLFLOW_EXPERIMENT_NAME"] == "demo"
+    assert (
+        env["WANDB_MODE"] == "offline" and env["WANDB_DIR"] == str(run_dir.resolve()) and env["WANDB_PROJECT"] == "demo"
+    )
+    assert (
+        env["MLFLOW_TRACKING_URI"] == (run_dir.resolve() / "mlruns").as_uri()
+        and env["MLFLOW_EXPERIMENT_NAME"] == "demo"
+    )
     assert any(f"wandb sync {run_dir / 'wandb'}/offline-run-*" in line for line in lines)
 
     monkeypatch.setenv("WANDB_API_KEY", "secret-key-0123456789")
@@ -112,9 +127,16 @@ def test_offline_auto_follows_credentials_and_never_shows_them(tmp_path, clean_e
     monkeypatch.delenv("WANDB_API_KEY")
     (tmp_path / "netrc").write_text("machine api.wandb.ai\n  login user\n  password secret-key-0123456789\n")
     assert tracking.environment(cfg, run_dir, "demo")[0]["WANDB_MODE"] == "online"  # `wandb login` wrote a netrc entry
-    forced = compose("demo", [f"output_dir={run_dir}", "trainer.report_to=[wandb,mlflow]", "tracking.offline=true", "tracking.project=p"])
+    forced = compose(
+        "demo",
+        [f"output_dir={run_dir}", "trainer.report_to=[wandb,mlflow]", "tracking.offline=true", "tracking.project=p"],
+    )
     env, _ = tracking.environment(forced, run_dir, "demo")
-    assert env["WANDB_MODE"] == "offline" and env["MLFLOW_TRACKING_URI"].startswith("file://") and env["WANDB_PROJECT"] == "p"
+    assert (
+        env["WANDB_MODE"] == "offline"
+        and env["MLFLOW_TRACKING_URI"].startswith("file://")
+        and env["WANDB_PROJECT"] == "p"
+    )
 
     monkeypatch.setenv("WANDB_PROJECT", "from-before")
     with tracking.session(forced, run_dir, "demo"):
@@ -122,11 +144,17 @@ def test_offline_auto_follows_credentials_and_never_shows_them(tmp_path, clean_e
     assert os.environ["WANDB_PROJECT"] == "from-before" and "WANDB_MODE" not in os.environ  # put back for the next run
 
 
-@pytest.mark.skipif(not INSTALLED, reason="neither wandb nor mlflow is installed (pip install -e \".[tracking]\")")
+@pytest.mark.skipif(not INSTALLED, reason='neither wandb nor mlflow is installed (pip install -e ".[tracking]")')
 def test_wandb_and_mlflow_offline_runs_land_in_the_run_directory(tiny_models, tmp_path, clean_environment):
     """One run for both (whichever is installed): each backend costs a run's worth of CI time otherwise."""
-    run_dir = tiny_run(tiny_models, tmp_path / "run", f"trainer.report_to=[{','.join(INSTALLED)}]", "tracking.offline=true",
-                       "tracking.run_name=tiny-offline", "eval_before_training=false")
+    run_dir = tiny_run(
+        tiny_models,
+        tmp_path / "run",
+        f"trainer.report_to=[{','.join(INSTALLED)}]",
+        "tracking.offline=true",
+        "tracking.run_name=tiny-offline",
+        "eval_before_training=false",
+    )
     assert not (run_dir / "tensorboard").exists() and not set(tracking.VARIABLES) & set(os.environ)
     if "wandb" in INSTALLED:
         import wandb
@@ -155,7 +183,8 @@ def test_a_resumed_run_continues_its_wandb_and_mlflow_runs(tmp_path, clean_envir
     cfg = compose("demo", [f"output_dir={tmp_path}", "trainer.report_to=[wandb,mlflow]", "tracking.offline=true"])
     fresh = tracking.run_ids(tmp_path, ["wandb", "mlflow"], resuming=False)
     assert len(fresh["wandb"]) == 12 and "mlflow" not in fresh  # MLflow names its run at the first log
-    assert tracking.run_ids(tmp_path, ["wandb"], resuming=False) != fresh  # a fresh run (overwrite=true) starts new runs
+    # a fresh run (overwrite=true) starts new runs
+    assert tracking.run_ids(tmp_path, ["wandb"], resuming=False) != fresh
 
     (tmp_path / tracking.RUN_IDS).write_text(json.dumps({"wandb": "abc123def456", "mlflow": "0f1e2d"}))
     ids = tracking.run_ids(tmp_path, ["wandb", "mlflow"], resuming=True)

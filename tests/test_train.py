@@ -44,7 +44,9 @@ def test_lora_trains_adapter_only_and_merges_exactly(arch, tiny_models, tmp_path
     before = base_state(tiny_models[arch])
     run_dir = train(arch, tiny_models, tmp_path)
     adapter_dir = run_dir / "adapter"
-    assert {"adapter_config.json", "adapter_model.safetensors", "tokenizer.json"} <= {p.name for p in adapter_dir.iterdir()}
+    assert {"adapter_config.json", "adapter_model.safetensors", "tokenizer.json"} <= {
+        p.name for p in adapter_dir.iterdir()
+    }
     assert_describes_itself(run_dir, "adapter")
 
     # the base checkpoint on disk is bitwise unchanged
@@ -89,7 +91,11 @@ def test_lora_adapter_a_matrices_moved_from_their_seeded_init(tiny_models, tmp_p
 
     initial = get_peft_model(base, peft_config(OmegaConf.to_container(cfg.strategy, resolve=True))).state_dict()
     for key, value in trained.items():
-        init_key = next(k for k in initial if k.endswith(key.removeprefix("base_model.model.").replace(".weight", ".default.weight")))
+        init_key = next(
+            k
+            for k in initial
+            if k.endswith(key.removeprefix("base_model.model.").replace(".weight", ".default.weight"))
+        )
         assert not torch.equal(initial[init_key], value), key
 
 
@@ -116,9 +122,16 @@ def test_full_sft_moves_every_weight_and_saves_safetensors(arch, tiny_models, tm
 
 def test_neox20b_preset_runs_against_a_local_checkpoint(tiny_models, tmp_path):
     """`conf=lora_neox20b model.name_or_path=<local dir>`: the preset's own settings (bf16 autocast, checkpointing)."""
-    out = run_cli("conf=lora_neox20b", f"model.name_or_path={tiny_models['neox']}", f"output_dir={tmp_path / 'run'}",
-                  "trainer.max_steps=2", "trainer.per_device_train_batch_size=2", "trainer.gradient_accumulation_steps=1",
-                  "sample_generations=0", "eval_before_training=false")
+    out = run_cli(
+        "conf=lora_neox20b",
+        f"model.name_or_path={tiny_models['neox']}",
+        f"output_dir={tmp_path / 'run'}",
+        "trainer.max_steps=2",
+        "trainer.per_device_train_batch_size=2",
+        "trainer.gradient_accumulation_steps=1",
+        "sample_generations=0",
+        "eval_before_training=false",
+    )
     assert out.returncode == 0, out.stderr[-3000:]
     record = json.loads((tmp_path / "run" / "run.json").read_text())
     assert record["status"] == "completed" and record["preset"] == "lora_neox20b" and record["global_steps"] == 2
@@ -132,15 +145,31 @@ def test_neox20b_preset_runs_against_a_local_checkpoint(tiny_models, tmp_path):
 def test_packed_multi_turn_run_with_skipped_rows(tiny_models, tmp_path):
     """chatml rows, one broken row skipped, packing on tiny GPT-NeoX: accounting, rejects and template saved."""
     rows = [
-        {"messages": [{"role": "user", "content": f"Question {i} about a lease?"}, {"role": "assistant", "content": f"Answer {i}." + " More." * (i % 9)},
-                      {"role": "user", "content": "And then?"}, {"role": "assistant", "content": "Then it ends."}]}
+        {
+            "messages": [
+                {"role": "user", "content": f"Question {i} about a lease?"},
+                {"role": "assistant", "content": f"Answer {i}." + " More." * (i % 9)},
+                {"role": "user", "content": "And then?"},
+                {"role": "assistant", "content": "Then it ends."},
+            ]
+        }
         for i in range(60)
     ]
     rows[5] = {"messages": [{"role": "assistant", "content": "I speak first."}]}
     path = tmp_path / "chats.jsonl"
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    run_dir = train("neox", tiny_models, tmp_path, "data=chatml", f"data.path={path}", "data.packing=true", "data.max_length=256",
-                    "data.skip_invalid=true", "data.max_dropped_fraction=0.05", "data.eval_fraction=0.1")
+    run_dir = train(
+        "neox",
+        tiny_models,
+        tmp_path,
+        "data=chatml",
+        f"data.path={path}",
+        "data.packing=true",
+        "data.max_length=256",
+        "data.skip_invalid=true",
+        "data.max_dropped_fraction=0.05",
+        "data.eval_fraction=0.1",
+    )
     record = json.loads((run_dir / "run.json").read_text())
     accounting = record["data"]
     assert record["status"] == "completed"
@@ -148,8 +177,14 @@ def test_packed_multi_turn_run_with_skipped_rows(tiny_models, tmp_path):
     assert accounting["train_rows"] + accounting["eval_rows"] == 59
     assert accounting["packing"]["rows"] < accounting["train_samples"] and accounting["packing"]["efficiency"] > 0.8
     rejected = [json.loads(line) for line in (run_dir / "rejected_rows.jsonl").read_text().splitlines()]
-    assert rejected == [{"where": f"{path}:6", "reason": "bad_conversation", "detail": "messages[0]: expected a user message (user and assistant alternate, user first), got assistant",
-                         "raw": json.dumps(rows[5])}]
+    assert rejected == [
+        {
+            "where": f"{path}:6",
+            "reason": "bad_conversation",
+            "detail": "messages[0]: expected a user message (user and assistant alternate, user first), got assistant",
+            "raw": json.dumps(rows[5]),
+        }
+    ]
     assert "<|im_start|>" in (run_dir / "adapter" / "chat_template.jinja").read_text()
 
 
@@ -158,9 +193,13 @@ def test_preview_shows_trained_tokens_without_loading_the_model(tiny_models, tmp
     import sys
 
     overrides = tiny_overrides("neo", tiny_models["neo"], tmp_path / "run")
-    code = ("import sys; from finetune.preview import main; main(sys.argv[1:]); "
-            "assert 'transformers.models.gpt_neo.modeling_gpt_neo' not in sys.modules, 'the model code was loaded'")
-    result = subprocess.run([sys.executable, "-c", code, "n=2", "--no-color", *overrides], capture_output=True, text=True, timeout=300)
+    code = (
+        "import sys; from finetune.preview import main; main(sys.argv[1:]); "
+        "assert 'transformers.models.gpt_neo.modeling_gpt_neo' not in sys.modules, 'the model code was loaded'"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", code, "n=2", "--no-color", *overrides], capture_output=True, text=True, timeout=300
+    )
     assert result.returncode == 0, result.stderr
     out = result.stdout
     assert out.count("--- ") == 2 and "[[" in out and "<|endoftext|>]]" in out
@@ -168,7 +207,12 @@ def test_preview_shows_trained_tokens_without_loading_the_model(tiny_models, tmp
     assert "no packing (data.packing=auto" in out and "padded batches of 4 samples are" in out and "packed rows" in out
     assert not (tmp_path / "run").exists()  # a preview writes nothing
 
-    bad = subprocess.run([sys.executable, "-m", "finetune.preview", *overrides, "data.path=/nonexistent.jsonl"], capture_output=True, text=True, timeout=300)
+    bad = subprocess.run(
+        [sys.executable, "-m", "finetune.preview", *overrides, "data.path=/nonexistent.jsonl"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert bad.returncode == 2 and "data.path: '/nonexistent.jsonl': no such file" in bad.stderr
 
 
@@ -180,8 +224,8 @@ def test_gradient_checkpointing_reaches_transformers_under_its_current_name(tmp_
     from omegaconf import OmegaConf
     from trl import SFTConfig
 
-    from finetune.train.run import _training_arguments
     from finetune.config.validate import validate
+    from finetune.train.run import _training_arguments
 
     resolved, _ = validate(compose("demo", [f"output_dir={tmp_path}", "trainer.gradient_checkpointing=true"]))
     precision.resolve(resolved, False)

@@ -8,8 +8,8 @@ import pytest
 import torch
 
 from finetune.config.compose import compose
-from finetune.errors import EXIT_CONFIG, ConfigError
 from finetune.config.validate import validate
+from finetune.errors import EXIT_CONFIG, ConfigError
 
 from helpers import run_cli, tiny_overrides
 
@@ -21,7 +21,9 @@ def problems_of(overrides: list[str], preset: str = "demo") -> list[str]:
 
 
 def test_cli_typos_exit_2_naming_every_key_before_loading(tmp_path):
-    out = run_cli("trainer.learning_rat=1e-4", "strategy.lora_alpah=8", "model=gpt_neox_2b", f"output_dir={tmp_path}/run")
+    out = run_cli(
+        "trainer.learning_rat=1e-4", "strategy.lora_alpah=8", "model=gpt_neox_2b", f"output_dir={tmp_path}/run"
+    )
     assert out.returncode == EXIT_CONFIG
     assert "unknown key 'trainer.learning_rat'" in out.stderr and "did you mean 'learning_rate'" in out.stderr
     assert "unknown key 'strategy.lora_alpah'" in out.stderr and "did you mean 'lora_alpha'" in out.stderr
@@ -49,7 +51,9 @@ def test_wrong_types_and_ranges_are_all_reported_together():
     problems = problems_of(["data.max_length=abc", "seed=1.5"])
     assert any(p.startswith("data.max_length: expected int") for p in problems)
     assert any(p.startswith("seed: expected int") for p in problems)
-    problems = problems_of(["strategy.r=0", "strategy.lora_dropout=1.5", "trainer.learning_rate=-1", "data.eval_fraction=2"])
+    problems = problems_of(
+        ["strategy.r=0", "strategy.lora_dropout=1.5", "trainer.learning_rate=-1", "data.eval_fraction=2"]
+    )
     assert len(problems) == 4, problems
     assert problems_of(["data.packing=sometimes"]) == ["data.packing: 'sometimes' is not one of true, false, auto"]
 
@@ -97,7 +101,8 @@ def test_keys_owned_elsewhere_point_to_the_right_knob():
 
 
 def test_qlora_is_accepted_on_cpu_when_bitsandbytes_has_cpu_kernels():
-    """bitsandbytes >= 0.50 (a dev dependency) runs NF4 on CPU, so QLoRA validates here; tests/test_qlora.py trains it."""
+    """bitsandbytes >= 0.50 (a dev dependency) runs NF4 on CPU, so QLoRA validates here; tests/test_qlora.py trains
+    it."""
     from finetune.models.strategy import bitsandbytes_problem
 
     assert bitsandbytes_problem(cuda=False) is None
@@ -125,8 +130,12 @@ def test_an_existing_run_is_not_overwritten(tmp_path, tiny_models):
 def test_data_problems_exit_2_before_the_model_loads(tmp_path, tiny_models):
     bad = tmp_path / "rows.jsonl"
     bad.write_text('{"instruction": "a", "output": "b"}\n{"instruction": "a", "ouptut": "b"}\n{broken\n')
-    out = run_cli(*tiny_overrides("neo", tiny_models["neo"], tmp_path / "run"), f"data.path={bad}", "data.eval_path=null")
+    out = run_cli(
+        *tiny_overrides("neo", tiny_models["neo"], tmp_path / "run"), f"data.path={bad}", "data.eval_path=null"
+    )
     assert out.returncode == EXIT_CONFIG, out.stderr
-    assert f"{bad}:2: missing field 'output' (did you mean 'ouptut'? map it with data.columns.output=ouptut)" in out.stderr
+    assert (
+        f"{bad}:2: missing field 'output' (did you mean 'ouptut'? map it with data.columns.output=ouptut)" in out.stderr
+    )
     assert f"{bad}:3: invalid JSON: Expecting property name enclosed in double quotes (column 2)" in out.stderr
     assert "model:" not in out.stderr  # the model line is printed only after loading

@@ -42,15 +42,24 @@ def _clone_files() -> list[str]:
     """The files a clone of this checkout holds (tracked and untracked-not-ignored: uncommitted work is tested too),
     relative to the project; without git, every file but the droppings."""
     if (PROJECT / ".git").exists() and shutil.which("git"):
-        listed = _run(["git", "-C", PROJECT, "ls-files", "-z", "--cached", "--others", "--exclude-standard"], check=True)
+        listed = _run(
+            ["git", "-C", PROJECT, "ls-files", "-z", "--cached", "--others", "--exclude-standard"], check=True
+        )
         return sorted(name for name in set(listed.stdout.split("\0")) if name and (PROJECT / name).is_file())
     skip = {".git", ".venv", "build", "dist", "runs", "outputs", "multirun", ".pytest_cache", ".cache"}
-    return sorted(str(p.relative_to(PROJECT)) for p in PROJECT.rglob("*")
-                  if p.is_file() and not skip & set(p.relative_to(PROJECT).parts) and not _dropping(p))
+    return sorted(
+        str(p.relative_to(PROJECT))
+        for p in PROJECT.rglob("*")
+        if p.is_file() and not skip & set(p.relative_to(PROJECT).parts) and not _dropping(p)
+    )
 
 
 def _dropping(path: Path) -> bool:
-    return path.name.startswith(".") or any(part == "__pycache__" for part in path.parts) or path.name.endswith(IGNORED_NAMES)
+    return (
+        path.name.startswith(".")
+        or any(part == "__pycache__" for part in path.parts)
+        or path.name.endswith(IGNORED_NAMES)
+    )
 
 
 def _source_files(folder: Path, pattern: str = "*") -> list[Path]:
@@ -69,8 +78,22 @@ def _copy_of_clone(tmp_path_factory) -> Path:
 
 def _build_wheel(source: Path, dist: Path) -> Path:
     """`pip install .` / `pip install git+URL`: a wheel straight from a source tree."""
-    out = _run([sys.executable, "-m", "pip", "wheel", source, "--no-deps", "--no-build-isolation", "--no-index",
-                "--disable-pip-version-check", "-w", dist], timeout=300)
+    out = _run(
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "wheel",
+            source,
+            "--no-deps",
+            "--no-build-isolation",
+            "--no-index",
+            "--disable-pip-version-check",
+            "-w",
+            dist,
+        ],
+        timeout=300,
+    )
     assert out.returncode == 0, _explain(out)
     wheels = list(dist.glob("neo_finetune-*.whl"))
     assert len(wheels) == 1, wheels
@@ -95,19 +118,33 @@ def test_wheel_carries_every_module_preset_template_and_data_file(wheel):
         *(f"finetune/{p.relative_to(PROJECT).as_posix()}" for p in _source_files(PROJECT / "data_templates")),
     }
     missing = sorted(expected - names)
-    assert not missing, (f"the wheel lacks {missing}: list a new subpackage in pyproject.toml's [tool.setuptools] "
-                         "packages and a new data file in its package-data; a file git ignores must be added with "
-                         "`git add -f` or un-ignored (git check-ignore -v PATH)")
+    assert not missing, (
+        f"the wheel lacks {missing}: list a new subpackage in pyproject.toml's [tool.setuptools] "
+        "packages and a new data file in its package-data; a file git ignores must be added with "
+        "`git add -f` or un-ignored (git check-ignore -v PATH)"
+    )
     # the things the commands read at runtime, named explicitly (the comparison above would pass on an empty tree)
-    for name in ("finetune/conf/config.yaml", "finetune/conf/demo.yaml", "finetune/conf/lora_neox20b.yaml",
-                 "finetune/conf/model/gpt_neox_20b.yaml", "finetune/conf/model/tiny_neo.yaml",
-                 "finetune/conf/strategy/lora.yaml", "finetune/conf/data/demo.yaml", "finetune/conf/trainer/demo.yaml",
-                 "finetune/conf/distributed/zero3.yaml", "finetune/conf/accelerate/ddp.yaml",
-                 "finetune/data_templates/alpaca.yaml", "finetune/data_templates/README.md",
-                 "finetune/demo_data/legal_medical_qa.jsonl", "finetune/demo_data/legal_medical_qa_heldout.jsonl",
-                 "finetune/models/model_configs/EleutherAI__gpt-neox-20b.json",
-                 "finetune/evaluate/harness_tasks/neo_ft_cloze.yaml", "finetune/evaluate/harness_tasks/local_docs.py",
-                 "finetune/__main__.py", "finetune/cli.py"):
+    for name in (
+        "finetune/conf/config.yaml",
+        "finetune/conf/demo.yaml",
+        "finetune/conf/lora_neox20b.yaml",
+        "finetune/conf/model/gpt_neox_20b.yaml",
+        "finetune/conf/model/tiny_neo.yaml",
+        "finetune/conf/strategy/lora.yaml",
+        "finetune/conf/data/demo.yaml",
+        "finetune/conf/trainer/demo.yaml",
+        "finetune/conf/distributed/zero3.yaml",
+        "finetune/conf/accelerate/ddp.yaml",
+        "finetune/data_templates/alpaca.yaml",
+        "finetune/data_templates/README.md",
+        "finetune/demo_data/legal_medical_qa.jsonl",
+        "finetune/demo_data/legal_medical_qa_heldout.jsonl",
+        "finetune/models/model_configs/EleutherAI__gpt-neox-20b.json",
+        "finetune/evaluate/harness_tasks/neo_ft_cloze.yaml",
+        "finetune/evaluate/harness_tasks/local_docs.py",
+        "finetune/__main__.py",
+        "finetune/cli.py",
+    ):
         assert name in names, name
     presets = {p.stem for p in (PROJECT / "conf").glob("*.yaml")}
     assert {"config", "demo", "lora_neox20b", "qlora_neox20b"} <= presets
@@ -115,12 +152,15 @@ def test_wheel_carries_every_module_preset_template_and_data_file(wheel):
     # every folder of modules (but the harness's data folder) is a regular package in the wheel
     folders = {p.parent.relative_to(PACKAGE).as_posix() for p in _source_files(PACKAGE, "*.py")} - DATA_DIRS
     assert {"adapters", "config", "data", "evaluate", "inference", "models", "plan", "runs", "train"} <= folders
-    lacking = sorted(f for f in folders if ("finetune/__init__.py" if f == "." else f"finetune/{f}/__init__.py") not in names)
+    lacking = sorted(
+        f for f in folders if ("finetune/__init__.py" if f == "." else f"finetune/{f}/__init__.py") not in names
+    )
     assert not lacking, f"no __init__.py in the wheel for these folders of finetune/: {lacking}"
     # nothing but the package and its metadata; no bytecode, no checkout folders at the top level
     dist_info = "-".join(wheel.name.split("-")[:2]) + ".dist-info/"
-    assert all(n.startswith(("finetune/", dist_info)) for n in names), sorted(n for n in names
-                                                                              if not n.startswith(("finetune/", dist_info)))
+    assert all(n.startswith(("finetune/", dist_info)) for n in names), sorted(
+        n for n in names if not n.startswith(("finetune/", dist_info))
+    )
     assert not [n for n in names if "__pycache__" in n or n.endswith(".pyc")]
     entry_points = zipfile.ZipFile(wheel).read(dist_info + "entry_points.txt").decode()
     assert "finetune = finetune.__main__:main" in entry_points
@@ -130,8 +170,11 @@ def test_a_release_built_through_the_sdist_ships_the_same_files(wheel, tmp_path_
     """`python -m build` (a PyPI release) makes the sdist first and the wheel from it: conf/ and data_templates/ must
     travel through the sdist too."""
     source, dist = _copy_of_clone(tmp_path_factory), tmp_path_factory.mktemp("sdist")
-    out = _run([sys.executable, "-c", f"from setuptools import build_meta; print(build_meta.build_sdist({str(dist)!r}))"],
-               cwd=source, timeout=300)
+    out = _run(
+        [sys.executable, "-c", f"from setuptools import build_meta; print(build_meta.build_sdist({str(dist)!r}))"],
+        cwd=source,
+        timeout=300,
+    )
     assert out.returncode == 0, _explain(out)
     sdist = dist / out.stdout.strip().splitlines()[-1]
     with tarfile.open(sdist) as archive:
@@ -153,19 +196,47 @@ def installed(wheel, tmp_path_factory) -> dict:
     bindir = venv / ("Scripts" if os.name == "nt" else "bin")
     python = bindir / ("python.exe" if os.name == "nt" else "python")
     # installed before the .pth exists, by this pip driving the new interpreter: it sees no neo-finetune to replace
-    out = _run([sys.executable, "-m", "pip", "--python", python, "install", "--no-deps", "--no-index",
-                "--disable-pip-version-check", wheel], timeout=300)
+    out = _run(
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "--python",
+            python,
+            "install",
+            "--no-deps",
+            "--no-index",
+            "--disable-pip-version-check",
+            wheel,
+        ],
+        timeout=300,
+    )
     assert out.returncode == 0, _explain(out)
-    site = Path(_run([python, "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"], check=True).stdout.strip())
+    site = Path(
+        _run([python, "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"], check=True).stdout.strip()
+    )
     assert (site / "finetune" / "conf" / "config.yaml").is_file()
     ours = {sysconfig.get_paths()["purelib"], sysconfig.get_paths()["platlib"]}
     (site / "_outer_site_packages.pth").write_text("".join(f"{p}\n" for p in sorted(ours)))
     elsewhere = root / "elsewhere"  # the working directory: not the repository, nothing of finetune in it
     elsewhere.mkdir()
     env = {key: value for key, value in os.environ.items() if key not in ("PYTHONPATH", "PYTHONHOME")}
-    env.update(VIRTUAL_ENV=str(venv), PATH=f"{bindir}{os.pathsep}{env.get('PATH', '')}", PYTHONNOUSERSITE="1",
-               HF_HUB_OFFLINE="1", NEO_FINETUNE_CACHE=str(root / "cache"))
-    return {"venv": venv, "site": site, "version": wheel.name.split("-")[1], "python": python, "finetune": bindir / "finetune", "cwd": elsewhere, "env": env}
+    env.update(
+        VIRTUAL_ENV=str(venv),
+        PATH=f"{bindir}{os.pathsep}{env.get('PATH', '')}",
+        PYTHONNOUSERSITE="1",
+        HF_HUB_OFFLINE="1",
+        NEO_FINETUNE_CACHE=str(root / "cache"),
+    )
+    return {
+        "venv": venv,
+        "site": site,
+        "version": wheel.name.split("-")[1],
+        "python": python,
+        "finetune": bindir / "finetune",
+        "cwd": elsewhere,
+        "env": env,
+    }
 
 
 def _in(installed: dict, *command, timeout: int = 300) -> subprocess.CompletedProcess:
@@ -180,7 +251,8 @@ print(json.dumps({
     "modules": sorted(m.__file__ for n, m in list(sys.modules.items()) if n.split(".")[0] == "finetune" and m.__file__),
     "dirs": [str(compose.CONF_DIR), str(compose.TEMPLATES_DIR), str(compose.DEMO_DATA_DIR)],
     "presets": compose.presets(), "templates": finetune.data.templates.available(),
-    "editable": sorted(n for n in sys.modules if "editable" in n) + [repr(f) for f in sys.meta_path if "editable" in repr(f)],
+    "editable": sorted(n for n in sys.modules if "editable" in n)
+                + [repr(f) for f in sys.meta_path if "editable" in repr(f)],
     "path": sys.path, "prefix": sys.prefix, "version": importlib.metadata.version("neo-finetune"),
 }))
 """
@@ -204,7 +276,9 @@ def test_installed_wheel_finds_its_presets_and_plans_from_anywhere(installed):
 
     out = _in(installed, installed["finetune"], "--help")
     assert out.returncode == 0, _explain(out)
-    assert "presets (finetune conf=NAME)" in out.stdout and "lora_neox20b" in out.stdout and "gpt_neox_20b" in out.stdout
+    assert (
+        "presets (finetune conf=NAME)" in out.stdout and "lora_neox20b" in out.stdout and "gpt_neox_20b" in out.stdout
+    )
 
     out = _in(installed, installed["finetune"], "conf=lora_neox20b", "--cfg", "job")
     assert out.returncode == 0, _explain(out)
@@ -224,12 +298,25 @@ def test_installed_wheel_finds_its_presets_and_plans_from_anywhere(installed):
 def test_installed_wheel_trains_the_demo(installed, tiny_models, tmp_path):
     run_dir = tmp_path / "run"
     # the session's unpretrained tiny GPT-Neo: the demo's own base would be pretrained on first use (slow on 2 cores)
-    out = _in(installed, installed["finetune"], "conf=demo", f"model.name_or_path={tiny_models['neo']}", "model.tiny=null",
-              "trainer.max_steps=2", f"output_dir={run_dir}", timeout=600)
+    out = _in(
+        installed,
+        installed["finetune"],
+        "conf=demo",
+        f"model.name_or_path={tiny_models['neo']}",
+        "model.tiny=null",
+        "trainer.max_steps=2",
+        f"output_dir={run_dir}",
+        timeout=600,
+    )
     assert out.returncode == 0, _explain(out)
     record = json.loads((run_dir / "run.json").read_text())
     assert record["status"] == "completed" and record["exit_code"] == 0 and record["global_steps"] == 2
     assert record["data"]["train_rows"] == 288  # the demo data shipped in the wheel
-    for name in ("adapter/adapter_config.json", "adapter/adapter_model.safetensors", "config.yaml", "data_template.yaml"):
+    for name in (
+        "adapter/adapter_config.json",
+        "adapter/adapter_model.safetensors",
+        "config.yaml",
+        "data_template.yaml",
+    ):
         assert (run_dir / name).is_file(), name
     assert not list(installed["cwd"].iterdir()), "the run wrote into the working directory"

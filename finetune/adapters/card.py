@@ -21,12 +21,16 @@ import yaml
 from finetune.adapters import serving
 
 CAUTIONS = {
-    "legal": ("Not legal advice. Outputs can be wrong, out of date or wrong for your jurisdiction, and can cite law "
-              "that does not exist. A qualified lawyer must review anything this model writes before it is relied on; "
-              "do not use it to decide anyone's rights."),
-    "medical": ("Not medical advice and not a medical device. Outputs can be wrong or unsafe, and can state made-up "
-                "facts with confidence. Do not use it for diagnosis or treatment decisions; a qualified clinician must "
-                "review anything it writes before it reaches a patient. In an emergency, contact emergency services."),
+    "legal": (
+        "Not legal advice. Outputs can be wrong, out of date or wrong for your jurisdiction, and can cite law "
+        "that does not exist. A qualified lawyer must review anything this model writes before it is relied on; "
+        "do not use it to decide anyone's rights."
+    ),
+    "medical": (
+        "Not medical advice and not a medical device. Outputs can be wrong or unsafe, and can state made-up "
+        "facts with confidence. Do not use it for diagnosis or treatment decisions; a qualified clinician must "
+        "review anything it writes before it reaches a patient. In an emergency, contact emergency services."
+    ),
 }
 RELATION = {"adapter": "adapter", "merged": "merge", "model": "finetune"}
 
@@ -60,9 +64,13 @@ def metadata(config: dict, kind: str) -> dict:
     if hub_id:
         meta["base_model"] = hub_id
         meta["base_model_relation"] = RELATION[kind]
-    meta.update(library_name="peft" if kind == "adapter" else "transformers", license=card.get("license", "apache-2.0"),
-                language=list(card.get("language") or ["en"]), pipeline_tag="text-generation",
-                tags=list(dict.fromkeys(t for t in tags if t)))
+    meta.update(
+        library_name="peft" if kind == "adapter" else "transformers",
+        license=card.get("license", "apache-2.0"),
+        language=list(card.get("language") or ["en"]),
+        pipeline_tag="text-generation",
+        tags=list(dict.fromkeys(t for t in tags if t)),
+    )
     if datasets:
         meta["datasets"] = datasets
     return meta
@@ -81,7 +89,9 @@ def write(folder: Path, run_dir: Path | None, config: dict, kind: str, extra: di
     """README.md (the card) and serving.json in `folder`."""
     family = config.get("model", {}).get("family", "")
     dora = config.get("strategy", {}).get("name") == "dora" or bool(config.get("strategy", {}).get("use_dora"))
-    (folder / "serving.json").write_text(json.dumps(serving.report(family, kind, dora), indent=2) + "\n", encoding="utf-8")
+    (folder / "serving.json").write_text(
+        json.dumps(serving.report(family, kind, dora), indent=2) + "\n", encoding="utf-8"
+    )
     path = folder / "README.md"
     path.write_text(render(run_dir, config, kind, extra), encoding="utf-8")
     return path
@@ -90,20 +100,36 @@ def write(folder: Path, run_dir: Path | None, config: dict, kind: str, extra: di
 def _body(run_dir, config: dict, kind: str, meta: dict, record: dict, extra: dict, repo: str) -> str:
     card, model, strategy, data = (config.get(k, {}) for k in ("card", "model", "strategy", "data"))
     title = _line(card.get("model_name") or (run_dir.name if run_dir else "fine-tuned model"))
-    base = meta.get("base_model") or f"a local {model.get('family', '')} checkpoint ({_line(Path(str(model.get('name_or_path', ''))).name)})"
-    what = {"adapter": f"A {strategy.get('name', 'lora').upper()} adapter for {base}",
-            "merged": f"{base} with a {strategy.get('name', 'lora').upper()} adapter merged into its weights",
-            "model": f"A full fine-tune of {base}"}[kind]
-    description = _line(card.get("description") or f"{what}, trained with neo-finetune on "
-                        f"{_data_name(data)} rendered with the `{_line(Path(str(data.get('template', ''))).stem)}` template.")
+    base = (
+        meta.get("base_model")
+        or f"a local {model.get('family', '')} checkpoint ({_line(Path(str(model.get('name_or_path', ''))).name)})"
+    )
+    what = {
+        "adapter": f"A {strategy.get('name', 'lora').upper()} adapter for {base}",
+        "merged": f"{base} with a {strategy.get('name', 'lora').upper()} adapter merged into its weights",
+        "model": f"A full fine-tune of {base}",
+    }[kind]
+    description = _line(
+        card.get("description")
+        or f"{what}, trained with neo-finetune on "
+        f"{_data_name(data)} rendered with the `{_line(Path(str(data.get('template', ''))).stem)}` template."
+    )
     parts = [f"# {title}", "", description, ""]
     if card.get("domain") in CAUTIONS:
         parts += [f"> **Caution — {card['domain']} use.** {CAUTIONS[card['domain']]}", ""]
     parts += _usage(kind, meta, repo) + _training(config, record) + _results(run_dir, record, extra)
     parts += _serving_section(model.get("family", ""), kind, strategy)
     parts += _limitations(card.get("domain", "general"))
-    parts += ["## Resolved training config", "", "Local paths are reduced to file names.", "", "```yaml",
-              yaml.safe_dump(redact(config), sort_keys=False, allow_unicode=True).rstrip(), "```", ""]
+    parts += [
+        "## Resolved training config",
+        "",
+        "Local paths are reduced to file names.",
+        "",
+        "```yaml",
+        yaml.safe_dump(redact(config), sort_keys=False, allow_unicode=True).rstrip(),
+        "```",
+        "",
+    ]
     versions = record.get("versions") or {}
     if versions:
         parts += ["## Framework versions", ""] + [f"- {_line(k)} {_line(v)}" for k, v in versions.items()] + [""]
@@ -114,50 +140,89 @@ def _usage(kind: str, meta: dict, repo: str) -> list[str]:
     """Loading code; `repo` is the repository being pushed to (a placeholder in the run directory's own card)."""
     base = meta.get("base_model", "BASE_MODEL")
     if kind == "adapter":
-        code = ["from peft import PeftModel", "from transformers import AutoModelForCausalLM, AutoTokenizer", "",
-                f'base = AutoModelForCausalLM.from_pretrained("{base}", dtype="bfloat16")',
-                f'model = PeftModel.from_pretrained(base, "{repo}")',
-                f'tokenizer = AutoTokenizer.from_pretrained("{repo}")  # carries the training chat template']
+        code = [
+            "from peft import PeftModel",
+            "from transformers import AutoModelForCausalLM, AutoTokenizer",
+            "",
+            f'base = AutoModelForCausalLM.from_pretrained("{base}", dtype="bfloat16")',
+            f'model = PeftModel.from_pretrained(base, "{repo}")',
+            f'tokenizer = AutoTokenizer.from_pretrained("{repo}")  # carries the training chat template',
+        ]
     else:
-        code = ["from transformers import AutoModelForCausalLM, AutoTokenizer", "",
-                f'model = AutoModelForCausalLM.from_pretrained("{repo}", dtype="bfloat16")',
-                f'tokenizer = AutoTokenizer.from_pretrained("{repo}")  # carries the training chat template']
-    code += ['prompt = tokenizer.apply_chat_template([{"role": "user", "content": "..."}], tokenize=False, add_generation_prompt=True)',
-             'ids = tokenizer(prompt, return_tensors="pt", add_special_tokens=False)',
-             "print(tokenizer.decode(model.generate(**ids, max_new_tokens=200)[0], skip_special_tokens=True))"]
-    return ["## Use it", "", "```python", *code, "```", "",
-            ("Prompts must be rendered with the saved chat template (the format the model was trained on); "
-             "`python -m finetune.generate RUN_DIR prompt=...` does that for you."), ""]
+        code = [
+            "from transformers import AutoModelForCausalLM, AutoTokenizer",
+            "",
+            f'model = AutoModelForCausalLM.from_pretrained("{repo}", dtype="bfloat16")',
+            f'tokenizer = AutoTokenizer.from_pretrained("{repo}")  # carries the training chat template',
+        ]
+    code += [
+        'prompt = tokenizer.apply_chat_template([{"role": "user", "content": "..."}], tokenize=False, '
+        "add_generation_prompt=True)",
+        'ids = tokenizer(prompt, return_tensors="pt", add_special_tokens=False)',
+        "print(tokenizer.decode(model.generate(**ids, max_new_tokens=200)[0], skip_special_tokens=True))",
+    ]
+    return [
+        "## Use it",
+        "",
+        "```python",
+        *code,
+        "```",
+        "",
+        (
+            "Prompts must be rendered with the saved chat template (the format the model was trained on); "
+            "`python -m finetune.generate RUN_DIR prompt=...` does that for you."
+        ),
+        "",
+    ]
 
 
 def _training(config: dict, record: dict) -> list[str]:
     model, strategy, data, trainer = (config.get(k, {}) for k in ("model", "strategy", "data", "trainer"))
-    rows = [("base", _line(model.get("hub_id") or Path(str(model.get("name_or_path", ""))).name)),
-            ("revision", _line(model.get("revision"))), ("strategy", _line(strategy.get("name")))]
+    rows = [
+        ("base", _line(model.get("hub_id") or Path(str(model.get("name_or_path", ""))).name)),
+        ("revision", _line(model.get("revision"))),
+        ("strategy", _line(strategy.get("name"))),
+    ]
     if strategy.get("name") != "full":
-        rows += [("rank / alpha", f"{strategy.get('r')} / {strategy.get('lora_alpha')}"),
-                 ("target modules", _modules(strategy.get("target_modules"))),
-                 ("LoRA initialization", None if strategy.get("init_lora_weights", True) is True else strategy["init_lora_weights"]),
-                 ("LoRA+ learning-rate ratio (B / A)", strategy.get("loraplus_lr_ratio"))]
+        rows += [
+            ("rank / alpha", f"{strategy.get('r')} / {strategy.get('lora_alpha')}"),
+            ("target modules", _modules(strategy.get("target_modules"))),
+            (
+                "LoRA initialization",
+                None if strategy.get("init_lora_weights", True) is True else strategy["init_lora_weights"],
+            ),
+            ("LoRA+ learning-rate ratio (B / A)", strategy.get("loraplus_lr_ratio")),
+        ]
     rows += [("NEFTune noise alpha", trainer.get("neftune_noise_alpha"))]
-    rows += [("template", _line(Path(str(data.get("template", ""))).stem)), ("max length", data.get("max_length")),
-             ("packing", data.get("packing")), ("learning rate", trainer.get("learning_rate")),
-             ("batch per device x accumulation", f"{trainer.get('per_device_train_batch_size')} x {trainer.get('gradient_accumulation_steps')}"),
-             ("epochs / max steps", f"{trainer.get('num_train_epochs')} / {trainer.get('max_steps')}"),
-             ("precision", "bf16" if trainer.get("bf16") else "fp16" if trainer.get("fp16") else model.get("dtype")),
-             ("seed", config.get("seed")), ("optimizer steps", record.get("global_steps")),
-             ("training time", f"{record['train_seconds']:.0f} s" if record.get("train_seconds") else None)]
+    rows += [
+        ("template", _line(Path(str(data.get("template", ""))).stem)),
+        ("max length", data.get("max_length")),
+        ("packing", data.get("packing")),
+        ("learning rate", trainer.get("learning_rate")),
+        (
+            "batch per device x accumulation",
+            f"{trainer.get('per_device_train_batch_size')} x {trainer.get('gradient_accumulation_steps')}",
+        ),
+        ("epochs / max steps", f"{trainer.get('num_train_epochs')} / {trainer.get('max_steps')}"),
+        ("precision", "bf16" if trainer.get("bf16") else "fp16" if trainer.get("fp16") else model.get("dtype")),
+        ("seed", config.get("seed")),
+        ("optimizer steps", record.get("global_steps")),
+        ("training time", f"{record['train_seconds']:.0f} s" if record.get("train_seconds") else None),
+    ]
     lines = ["## Training", "", "| setting | value |", "|---|---|"]
     lines += [f"| {k} | {_cell(v)} |" for k, v in rows if v not in (None, "", "None / None")]
     accounting = record.get("data") or {}
     if accounting:
         lines += ["", "Data accounting:", "", "| | |", "|---|---|"]
-        lines += [f"| {_cell(k.replace('_', ' '))} | {_cell(v)} |" for k, v in accounting.items() if not isinstance(v, dict)]
+        lines += [
+            f"| {_cell(k.replace('_', ' '))} | {_cell(v)} |" for k, v in accounting.items() if not isinstance(v, dict)
+        ]
     return lines + [""]
 
 
 def _modules(targets) -> str:
-    return targets if isinstance(targets, str) else ", ".join(map(str, targets or []))  # "all-linear" is peft's shorthand
+    # "all-linear" is peft's shorthand
+    return targets if isinstance(targets, str) else ", ".join(map(str, targets or []))
 
 
 def _results(run_dir, record: dict, extra: dict) -> list[str]:
@@ -166,9 +231,13 @@ def _results(run_dir, record: dict, extra: dict) -> list[str]:
     lines = ["## Results", ""]
     before, after = record.get("eval_loss_before"), record.get("eval_loss_after")
     if before is not None and after is not None:
-        lines += ["| held-out | base | fine-tuned |", "|---|---|---|",
-                  f"| loss | {before:.4f} | {after:.4f} |",
-                  f"| perplexity | {math.exp(min(before, 50)):.2f} | {math.exp(min(after, 50)):.2f} |", ""]
+        lines += [
+            "| held-out | base | fine-tuned |",
+            "|---|---|---|",
+            f"| loss | {before:.4f} | {after:.4f} |",
+            f"| perplexity | {math.exp(min(before, 50)):.2f} | {math.exp(min(after, 50)):.2f} |",
+            "",
+        ]
     if record.get("train_loss") is not None:
         lines += [f"Final training loss: {record['train_loss']:.4f}.", ""]
     report = _read_json(run_dir / "eval_report.json") if run_dir else {}
@@ -176,16 +245,27 @@ def _results(run_dir, record: dict, extra: dict) -> list[str]:
         from finetune.evaluate import report as eval_report
 
         data = report.get("data", {})
-        lines += [f"Evaluation (`python -m finetune.evaluate`) on {_cell(data.get('rows'))} rows ({_cell(data.get('source'))}):", "",
-                  *eval_report.warning_lines(report), *eval_report.metric_table(report), ""]
+        lines += [
+            f"Evaluation (`python -m finetune.evaluate`) on {_cell(data.get('rows'))} rows "
+            f"({_cell(data.get('source'))}):",
+            "",
+            *eval_report.warning_lines(report),
+            *eval_report.metric_table(report),
+            "",
+        ]
         harness_rows = eval_report.harness_table(report)
         if harness_rows:
             lines += ["lm-evaluation-harness:", "", *harness_rows, ""]
     if extra.get("gate"):
         gate = extra["gate"]
         verdict = "passed" if gate["passed"] else "FAILED"
-        lines += [(f"Merge check ({gate['mode']}): max abs difference {gate['max_abs_diff']:.2e} between the merged model "
-                   f"and base + adapter (tolerance {gate['tolerance']:.2e}) — {verdict}."), ""]
+        lines += [
+            (
+                f"Merge check ({gate['mode']}): max abs difference {gate['max_abs_diff']:.2e} between the merged model "
+                f"and base + adapter (tolerance {gate['tolerance']:.2e}) — {verdict}."
+            ),
+            "",
+        ]
     return lines if len(lines) > 2 else lines + ["No held-out evaluation was run.", ""]
 
 
@@ -195,17 +275,26 @@ def _serving_section(family: str, kind: str, strategy: dict) -> list[str]:
     lines = ["## Serving", "", "| engine | loads this as is | note |", "|---|---|---|"]
     lines += [f"| {r['engine']} | {r['loads']} | {_cell(r['note'])} |" for r in rows]
     if kind == "adapter" and any(r["loads"] == "no" for r in rows):
-        lines += ["", "Engines that cannot load the adapter can serve the merged model: `python -m finetune.merge RUN_DIR`."]
+        lines += [
+            "",
+            "Engines that cannot load the adapter can serve the merged model: `python -m finetune.merge RUN_DIR`.",
+        ]
     return lines + [""]
 
 
 def _limitations(domain: str) -> list[str]:
-    lines = ["## Intended use and limitations", "", (
-             "Intended for research and for assistants whose outputs a person reviews. The base model was pretrained on "
-             "the Pile (web text, books, code, papers) without safety tuning: it can produce false, biased, offensive or "
-             "private-looking text, and fine-tuning on a small dataset does not remove that. It writes English best. "
-             "Evaluate it on your own data before use, and do not deploy it where a wrong answer can cause harm without "
-             "a person checking it.")]
+    lines = [
+        "## Intended use and limitations",
+        "",
+        (
+            "Intended for research and for assistants whose outputs a person reviews. The base model was pretrained on "
+            "the Pile (web text, books, code, papers) without safety tuning: it can produce false, biased, offensive "
+            "or "
+            "private-looking text, and fine-tuning on a small dataset does not remove that. It writes English best. "
+            "Evaluate it on your own data before use, and do not deploy it where a wrong answer can cause harm without "
+            "a person checking it."
+        ),
+    ]
     if domain in CAUTIONS:
         lines += ["", CAUTIONS[domain]]
     return lines + [""]

@@ -43,9 +43,18 @@ PROBES = (
 PROBE_TOKENS = 48
 
 
-def check(base_dir: Path, adapter, merged_dir: Path, dtype: str, mode: str = "auto", tolerance: float | None = None,
-          allow_pickle: bool = False, quantization: dict | None = None) -> dict:
-    """{"mode", "max_abs_diff", "reference_gap", "tolerance", "passed", ...} for an adapter_files.Adapter (as the merge read it)
+def check(
+    base_dir: Path,
+    adapter,
+    merged_dir: Path,
+    dtype: str,
+    mode: str = "auto",
+    tolerance: float | None = None,
+    allow_pickle: bool = False,
+    quantization: dict | None = None,
+) -> dict:
+    """{"mode", "max_abs_diff", "reference_gap", "tolerance", "passed", ...} for an adapter_files.Adapter (as the merge
+    read it)
     merged into `merged_dir`; allow_pickle as the merge was given it; `quantization`: the QLoRA base's
     BitsAndBytesConfig kwargs (base_model.json), which adds "trained_model" (passed is then both checks)."""
     if mode == "auto":
@@ -61,15 +70,19 @@ def check(base_dir: Path, adapter, merged_dir: Path, dtype: str, mode: str = "au
         if mode == "full":
             result["trained_model"] = _against_4bit(base_dir, adapter.folder, merged_dir, dtype, quantization)
         else:
-            result["trained_model"] = {"measured": False, "why": "gate=layers compares sampled layers; gate=full compares "
-                                       "the merged model with the 4-bit model that trained"}
+            result["trained_model"] = {
+                "measured": False,
+                "why": "gate=layers compares sampled layers; gate=full compares "
+                "the merged model with the 4-bit model that trained",
+            }
         result["merge_passed"] = result["passed"]
         result["passed"] = result["passed"] and result["trained_model"].get("passed", True)
     return result
 
 
 def _against_4bit(base_dir: Path, adapter_dir: Path, merged_dir: Path, dtype: str, quantization: dict) -> dict:
-    """Next-token probabilities of the merged model vs the 4-bit base + adapter (the model QLoRA trained), and the base's
+    """Next-token probabilities of the merged model vs the 4-bit base + adapter (the model QLoRA trained), and the
+    base's
     own 4-bit gap in the same measure, which sets the tolerance."""
     import torch
     from peft import PeftModel
@@ -85,26 +98,48 @@ def _against_4bit(base_dir: Path, adapter_dir: Path, merged_dir: Path, dtype: st
     probes = [tokenizer(p, return_tensors="pt").input_ids[:, :PROBE_TOKENS] for p in PROBES]
     compute = getattr(torch, quantization.get("bnb_4bit_compute_dtype", "bfloat16"))
     device = "cuda:0" if cuda else "cpu"
-    four_bit = AutoModelForCausalLM.from_pretrained(base_dir, quantization_config=BitsAndBytesConfig(
-        **{**quantization, "bnb_4bit_compute_dtype": compute}), dtype=compute, device_map={"": device}, use_safetensors=True)
+    four_bit = AutoModelForCausalLM.from_pretrained(
+        base_dir,
+        quantization_config=BitsAndBytesConfig(**{**quantization, "bnb_4bit_compute_dtype": compute}),
+        dtype=compute,
+        device_map={"": device},
+        use_safetensors=True,
+    )
     trained = PeftModel.from_pretrained(four_bit, adapter_dir).eval()
     reference = _probabilities(trained, probes, device)
     with trained.disable_adapter():
         base_4bit = _probabilities(trained, probes, device)
     del trained, four_bit
     gc.collect()
-    base = AutoModelForCausalLM.from_pretrained(base_dir, dtype=getattr(torch, dtype), use_safetensors=True).to(device).eval()
+    base = (
+        AutoModelForCausalLM.from_pretrained(base_dir, dtype=getattr(torch, dtype), use_safetensors=True)
+        .to(device)
+        .eval()
+    )
     gap = _max_diff(_probabilities(base, probes, device), base_4bit)
     del base
     gc.collect()
-    merged = AutoModelForCausalLM.from_pretrained(merged_dir, dtype=getattr(torch, dtype), use_safetensors=True).to(device).eval()
+    merged = (
+        AutoModelForCausalLM.from_pretrained(merged_dir, dtype=getattr(torch, dtype), use_safetensors=True)
+        .to(device)
+        .eval()
+    )
     got = _probabilities(merged, probes, device)
     diff = _max_diff(got, reference)
-    top1 = sum(int((g.argmax(-1) == r.argmax(-1)).sum()) for g, r in zip(got, reference)) / sum(r.shape[1] for r in reference)
+    top1 = sum(int((g.argmax(-1) == r.argmax(-1)).sum()) for g, r in zip(got, reference)) / sum(
+        r.shape[1] for r in reference
+    )
     tolerance = GAP_FACTOR * gap if gap > 0 else FP32_TOLERANCE
-    return {"measured": True, "measure": "next-token probabilities vs 4-bit base + adapter", "max_abs_diff": diff,
-            "reference_gap": gap, "tolerance": tolerance, "passed": bool(diff <= tolerance), "top1_agreement": round(top1, 4),
-            "quantization": quantization}
+    return {
+        "measured": True,
+        "measure": "next-token probabilities vs 4-bit base + adapter",
+        "max_abs_diff": diff,
+        "reference_gap": gap,
+        "tolerance": tolerance,
+        "passed": bool(diff <= tolerance),
+        "top1_agreement": round(top1, 4),
+        "quantization": quantization,
+    }
 
 
 def _probabilities(model, probes, device: str) -> list:
@@ -127,8 +162,10 @@ def _full(base_dir: Path, adapter, merged_dir: Path, dtype: str, allow_pickle: b
         finder = _TensorFinder(base_dir, allow_pickle)
         try:
             modules = dict(base.named_modules())
-            hooks = [modules[name].register_forward_hook(_unmerged(finder, name, lora, adapter))
-                     for name, lora in adapter.modules.items()]
+            hooks = [
+                modules[name].register_forward_hook(_unmerged(finder, name, lora, adapter))
+                for name, lora in adapter.modules.items()
+            ]
             reference = _logits(base, probes)
             for hook in hooks:
                 hook.remove()
@@ -136,7 +173,9 @@ def _full(base_dir: Path, adapter, merged_dir: Path, dtype: str, allow_pickle: b
             if dtype != "float32":  # the base's own gap: fp32 vs the merged dtype
                 base_fp32 = _logits(base, probes)
                 del base
-                gap = _max_diff(_logits(_streamed(base_dir, getattr(torch, dtype), offload, allow_pickle), probes), base_fp32)
+                gap = _max_diff(
+                    _logits(_streamed(base_dir, getattr(torch, dtype), offload, allow_pickle), probes), base_fp32
+                )
         finally:
             finder.close()
         merged = _streamed(merged_dir, getattr(torch, dtype), offload, False)
@@ -157,10 +196,14 @@ def _streamed(folder: Path, dtype, offload: str, allow_pickle: bool = False):
     config = AutoConfig.from_pretrained(folder)
     with init_empty_weights():
         skeleton = AutoModelForCausalLM.from_config(config)
-    device_map = {name: "disk" for name, module in skeleton.named_modules()
-                  if name and any(True for _ in module.parameters(recurse=False))}
-    model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype, device_map=device_map, offload_folder=offload,
-                                                 use_safetensors=True)
+    device_map = {
+        name: "disk"
+        for name, module in skeleton.named_modules()
+        if name and any(True for _ in module.parameters(recurse=False))
+    }
+    model = AutoModelForCausalLM.from_pretrained(
+        folder, dtype=dtype, device_map=device_map, offload_folder=offload, use_safetensors=True
+    )
     del skeleton
     return model.eval()
 
@@ -261,6 +304,7 @@ def _peft_layer(weight, lora, adapter):
 
 def _sample(modules: list[str]) -> list[str]:
     """Every adapted module of the first, middle and last block (capped)."""
+
     def block(name: str) -> int:
         numbers = re.findall(r"\.(\d+)\.", name)
         return int(numbers[0]) if numbers else -1
@@ -278,8 +322,12 @@ class _TensorFinder:
 
     def name_for(self, module: str) -> str:
         """The checkpoint's name for an adapted module's weight (adapter_files.module_of's matching)."""
-        return next(name for reader in self.readers for name in reader.tensors
-                    if name.endswith(".weight") and module_of(name, {module: None}))
+        return next(
+            name
+            for reader in self.readers
+            for name in reader.tensors
+            if name.endswith(".weight") and module_of(name, {module: None})
+        )
 
     def read(self, name: str):
         return next(r for r in self.readers if name in r.tensors).read(name)

@@ -28,22 +28,35 @@ import sys
 import time
 from pathlib import Path
 
-from finetune.adapters.adapter_files import Adapter, load_adapter, module_of
-from finetune.runs import artifacts, checkpoints, rundir
 from finetune import console as cli
-from finetune.models import shards
+from finetune.adapters.adapter_files import Adapter, load_adapter, module_of
 from finetune.console import Option
 from finetune.errors import ConfigError, DiskFullError, IntegrityError
+from finetune.models import shards
+from finetune.runs import artifacts, checkpoints, rundir
 
 OPTIONS = [
     Option("out", str, None, "output folder (default: RUN/merged)"),
     Option("dtype", str, None, "bfloat16 | float32 | float16 (default: the dtype the run trained in)"),
     Option("base", str, None, "base model folder or Hub id (default: the run's model.name_or_path)"),
-    Option("gate", str, "auto", "auto | full (every probe through both models, streamed) | layers (a sample of merged layers; auto above 8 GiB)"),
-    Option("tolerance", float, None, "max abs logit difference allowed (default fp32 1e-4; bf16/fp16: 2x the base's own gap)"),
+    Option(
+        "gate",
+        str,
+        "auto",
+        "auto | full (every probe through both models, streamed) | layers (a sample of merged layers; auto above 8 "
+        "GiB)",
+    ),
+    Option(
+        "tolerance",
+        float,
+        None,
+        "max abs logit difference allowed (default fp32 1e-4; bf16/fp16: 2x the base's own gap)",
+    ),
     Option("allow_pickle", bool, False, "read pickled .bin weights with torch.load(weights_only=True)"),
     Option("overwrite", bool, False, "replace an existing output folder"),
-    Option("verify", bool, False, "only re-run the numerical gate on an existing merged folder (out=) against the adapter"),
+    Option(
+        "verify", bool, False, "only re-run the numerical gate on an existing merged folder (out=) against the adapter"
+    ),
 ]
 DTYPES = ("bfloat16", "float32", "float16")
 PARTIAL_SUFFIX = ".partial"  # the merge is written into <out>.partial, then renamed to <out>
@@ -59,15 +72,19 @@ def run(opts: dict) -> Path:
     cli.quiet_libraries()
     target = rundir.locate(opts["target"])
     if target.kind != "adapter":
-        raise ConfigError(f"{target.weights}: full weights, not an adapter: there is nothing to merge (serve this folder as is)")
+        raise ConfigError(
+            f"{target.weights}: full weights, not an adapter: there is nothing to merge (serve this folder as is)"
+        )
     if opts["gate"] not in ("auto", "full", "layers"):
         raise ConfigError(f"gate={opts['gate']}: choose auto, full or layers")
     dtype = opts["dtype"] or _training_dtype(target)
     if dtype not in DTYPES:
         raise ConfigError(f"dtype={dtype}: choose one of {', '.join(DTYPES)}")
     if target.checkpoint and not opts["out"]:
-        raise ConfigError(f"{target.weights} is a training checkpoint, not the run's final adapter: name a folder outside "
-                          f"the run for its merged model with out=DIR ({target.run_dir / rundir.MERGED_DIR} is the final adapter's)")
+        raise ConfigError(
+            f"{target.weights} is a training checkpoint, not the run's final adapter: name a folder outside "
+            f"the run for its merged model with out=DIR ({target.run_dir / rundir.MERGED_DIR} is the final adapter's)"
+        )
     out = Path(opts["out"]).expanduser() if opts["out"] else target.weights.parent / rundir.MERGED_DIR
     invalid = out.with_name(out.name + rundir.INVALID_SUFFIX)
     staging = out.with_name(out.name + PARTIAL_SUFFIX)
@@ -82,17 +99,26 @@ def run(opts: dict) -> Path:
         _check_replaceable(out, invalid)
     checkpoints.check_final(target.weights)  # the adapter is what training wrote (its MANIFEST.json)
     adapter = load_adapter(target.weights, opts["allow_pickle"])
-    base_dir = base_folder(rundir.base_source(target, opts["base"]), (target.config or {}).get("model", {}).get("revision"))
+    base_dir = base_folder(
+        rundir.base_source(target, opts["base"]), (target.config or {}).get("model", {}).get("revision")
+    )
     _check_out(out, target, base_dir)
     check_base(target, base_dir)
-    quantization = (target.base or {}).get("quantization")  # QLoRA: merged into the real weights, compared with the 4-bit model
+    # QLoRA: merged into the real weights, compared with the 4-bit model
+    quantization = (target.base or {}).get("quantization")
     from finetune.adapters import card, gate
 
     if opts["verify"]:
         checkpoints.check_final(out)
-        report = json.loads((out / "merge_report.json").read_text(encoding="utf-8")) if (out / "merge_report.json").is_file() else {}
+        report = (
+            json.loads((out / "merge_report.json").read_text(encoding="utf-8"))
+            if (out / "merge_report.json").is_file()
+            else {}
+        )
         dtype = report.get("dtype") or dtype
-        result = gate.check(base_dir, adapter, out, dtype, opts["gate"], opts["tolerance"], opts["allow_pickle"], quantization)
+        result = gate.check(
+            base_dir, adapter, out, dtype, opts["gate"], opts["tolerance"], opts["allow_pickle"], quantization
+        )
         report.update(verified=result, valid=result["passed"])
         _write_report(out, report)
         checkpoints.update_manifest(out, ["merge_report.json"])
@@ -102,8 +128,12 @@ def run(opts: dict) -> Path:
     shutil.rmtree(staging, ignore_errors=True)  # only one _check_partial found to be merge's own
     staging.mkdir(parents=True)
     (staging / PARTIAL_MARKER).write_text("a merge in progress; removed when it fails\n", encoding="utf-8")
-    report = {"adapter": target.weights.name, "base": target.base or {"name_or_path": base_dir.name}, "dtype": dtype,
-              "lora": {k: adapter.config.get(k) for k in ("r", "lora_alpha", "use_rslora", "use_dora", "target_modules")}}
+    report = {
+        "adapter": target.weights.name,
+        "base": target.base or {"name_or_path": base_dir.name},
+        "dtype": dtype,
+        "lora": {k: adapter.config.get(k) for k in ("r", "lora_alpha", "use_rslora", "use_dora", "target_modules")},
+    }
     if target.checkpoint:
         report["checkpoint"] = target.weights.name  # not the run's final adapter: said in the card too
     try:
@@ -111,8 +141,15 @@ def run(opts: dict) -> Path:
             report.update(merge_weights(base_dir, adapter, staging, dtype, opts["allow_pickle"]))
             write_model_files(base_dir, target.weights, staging, dtype)
         report.update(merge_seconds=round(time.perf_counter() - started, 2), merge_peak_rss_bytes=peak_rss_bytes())
-        result = gate.check(base_dir, adapter, staging, dtype, opts["gate"], opts["tolerance"], opts["allow_pickle"], quantization)
-        report.update(gate=result, valid=result["passed"], peak_rss_bytes=peak_rss_bytes(), seconds=round(time.perf_counter() - started, 2))
+        result = gate.check(
+            base_dir, adapter, staging, dtype, opts["gate"], opts["tolerance"], opts["allow_pickle"], quantization
+        )
+        report.update(
+            gate=result,
+            valid=result["passed"],
+            peak_rss_bytes=peak_rss_bytes(),
+            seconds=round(time.perf_counter() - started, 2),
+        )
         card.write(staging, target.run_dir, target.config or {}, "merged", extra=report)
         report["manifest"] = checkpoints.MANIFEST  # promised: a merged/ without it is refused (checkpoints.check_final)
         _write_report(staging, report)
@@ -132,11 +169,14 @@ def _check_partial(staging: Path) -> None:
     an empty one is replaced; any other folder of that name is someone's files, and is never removed."""
     if not staging.exists():
         return
-    own = staging.is_dir() and ((staging / PARTIAL_MARKER).is_file() or (staging / "merge_report.json").is_file()
-                                or not any(staging.iterdir()))
+    own = staging.is_dir() and (
+        (staging / PARTIAL_MARKER).is_file() or (staging / "merge_report.json").is_file() or not any(staging.iterdir())
+    )
     if not own:
-        raise ConfigError(f"{staging}: exists and was not written by merge (no {PARTIAL_MARKER} or merge_report.json), "
-                          f"and merge writes its output there first; move it away or choose another out=")
+        raise ConfigError(
+            f"{staging}: exists and was not written by merge (no {PARTIAL_MARKER} or merge_report.json), "
+            f"and merge writes its output there first; move it away or choose another out="
+        )
 
 
 def _check_out(out: Path, target: rundir.Target, base_dir: Path | None = None) -> None:
@@ -148,45 +188,78 @@ def _check_out(out: Path, target: rundir.Target, base_dir: Path | None = None) -
     kept += [(base_dir, "the base model")] if base_dir is not None and Path(base_dir).is_dir() else []
     for folder, what in kept:
         folder = Path(folder).resolve()
-        if resolved == folder or folder.is_relative_to(resolved) or (resolved.is_relative_to(folder) and what != "the run directory"):
-            raise ConfigError(f"out={out}: {'is' if resolved == folder else 'contains' if folder.is_relative_to(resolved) else 'is inside'} "
-                              f"{what} ({folder}); the merged model would replace or mix with it. Choose a new folder "
-                              f"outside it (default: {target.weights.parent / rundir.MERGED_DIR})")
-    if target.run_dir and resolved.is_relative_to(target.run_dir.resolve()) and resolved != (target.run_dir / rundir.MERGED_DIR).resolve():
-        raise ConfigError(f"out={out}: is inside the run directory {target.run_dir}, where only {target.run_dir / rundir.MERGED_DIR} "
-                          "(the default) belongs to merge; leave out= unset or choose a folder outside the run")
+        if (
+            resolved == folder
+            or folder.is_relative_to(resolved)
+            or (resolved.is_relative_to(folder) and what != "the run directory")
+        ):
+            raise ConfigError(
+                f"out={out}: "
+                f"{'is' if resolved == folder else 'contains' if folder.is_relative_to(resolved) else 'is inside'} "
+                f"{what} ({folder}); the merged model would replace or mix with it. Choose a new folder "
+                f"outside it (default: {target.weights.parent / rundir.MERGED_DIR})"
+            )
+    if (
+        target.run_dir
+        and resolved.is_relative_to(target.run_dir.resolve())
+        and resolved != (target.run_dir / rundir.MERGED_DIR).resolve()
+    ):
+        raise ConfigError(
+            f"out={out}: is inside the run directory {target.run_dir}, where only {target.run_dir / rundir.MERGED_DIR} "
+            "(the default) belongs to merge; leave out= unset or choose a folder outside the run"
+        )
 
 
 def _check_replaceable(out: Path, invalid: Path) -> None:
     """overwrite=true replaces only what merge wrote (a folder with merge_report.json, or an empty one)."""
     for folder in (out, invalid):
-        if folder.exists() and not (folder / "merge_report.json").is_file() and (not folder.is_dir() or any(folder.iterdir())):
-            raise ConfigError(f"out={out}: overwrite=true replaces only a merged model written by merge, and {folder} is not "
-                              "one (no merge_report.json); choose another out=")
+        if (
+            folder.exists()
+            and not (folder / "merge_report.json").is_file()
+            and (not folder.is_dir() or any(folder.iterdir()))
+        ):
+            raise ConfigError(
+                f"out={out}: overwrite=true replaces only a merged model written by merge, and {folder} is not "
+                "one (no merge_report.json); choose another out="
+            )
 
 
 def _conclude(out: Path, invalid: Path, result: dict, report: dict, staged: bool) -> Path:
     """Passed: say so. Failed: move the folder to <out>.invalid (nothing loads it by mistake) and exit 3."""
-    line = (f"numerical gate ({result['mode']}): max abs difference {result['max_abs_diff']:.2e}, "
-            f"tolerance {result['tolerance']:.2e}")
+    line = (
+        f"numerical gate ({result['mode']}): max abs difference {result['max_abs_diff']:.2e}, "
+        f"tolerance {result['tolerance']:.2e}"
+    )
     trained = result.get("trained_model")
     if trained and trained["measured"]:
-        line += (f"; against the 4-bit model that trained: max next-token probability difference {trained['max_abs_diff']:.2e}, "
-                 f"tolerance {trained['tolerance']:.2e} (2x the base's own 4-bit gap), top-1 agreement {trained['top1_agreement']:.1%}")
+        line += (
+            "; against the 4-bit model that trained: max next-token probability difference "
+            f"{trained['max_abs_diff']:.2e}, "
+            f"tolerance {trained['tolerance']:.2e} (2x the base's own 4-bit gap), top-1 agreement "
+            f"{trained['top1_agreement']:.1%}"
+        )
     elif trained:
         line += f"; not compared with the 4-bit model that trained: {trained['why']}"
     if not result["passed"]:
         shutil.rmtree(invalid, ignore_errors=True)
         os.replace(out, invalid)
-        what = ("the merged weights do not compute what base + adapter computed" if result.get("merge_passed", False) is False else
-                "the merged model is further from the 4-bit model that trained than the base's own 4-bit rounding explains "
-                "(serve the adapter on the 4-bit base instead)")
-        raise IntegrityError(f"{line}: {what}. Moved to {invalid} (see its merge_report.json); check that the adapter, base "
-                             "and merged files are intact, then merge again")
+        what = (
+            "the merged weights do not compute what base + adapter computed"
+            if result.get("merge_passed", False) is False
+            else "the merged model is further from the 4-bit model that trained than the base's own 4-bit rounding "
+            "explains "
+            "(serve the adapter on the 4-bit base instead)"
+        )
+        raise IntegrityError(
+            f"{line}: {what}. Moved to {invalid} (see its merge_report.json); check that the adapter, base "
+            "and merged files are intact, then merge again"
+        )
     cli.say(f"{line}: passed")
     if staged:
-        cli.say(f"merged model: {out} ({report['merged_modules']} adapted tensors in {len(report['shards'])} shard(s), "
-             f"peak RSS {report['peak_rss_bytes'] / 2**20:.0f} MiB, {report['seconds']:.1f} s)")
+        cli.say(
+            f"merged model: {out} ({report['merged_modules']} adapted tensors in {len(report['shards'])} shard(s), "
+            f"peak RSS {report['peak_rss_bytes'] / 2**20:.0f} MiB, {report['seconds']:.1f} s)"
+        )
     return out
 
 
@@ -203,10 +276,12 @@ def _disk_full_explained(staging: Path, out: Path, need):
         needed = need()
         if getattr(err, "errno", None) != errno.ENOSPC and free >= needed:
             raise
-        raise DiskFullError(f"no space left on the device of {staging.parent} while merging into {out} "
-                            f"({free / 2**20:.1f} MiB free; the merged model needs about {needed / 2**20:.1f} MiB); "
-                            f"{staging.name} was removed. Free space or choose another out=, then merge again "
-                            f"(the write failed with: {type(err).__name__}: {str(err)[:200]})") from err
+        raise DiskFullError(
+            f"no space left on the device of {staging.parent} while merging into {out} "
+            f"({free / 2**20:.1f} MiB free; the merged model needs about {needed / 2**20:.1f} MiB); "
+            f"{staging.name} was removed. Free space or choose another out=, then merge again "
+            f"(the write failed with: {type(err).__name__}: {str(err)[:200]})"
+        ) from err
 
 
 def _output_bytes(base_dir: Path, dtype: str, allow_pickle: bool) -> int:
@@ -219,7 +294,9 @@ def _output_bytes(base_dir: Path, dtype: str, allow_pickle: bool) -> int:
             total += path.stat().st_size
             continue
         with shards.ShardReader(path) as reader:
-            total += sum(shards._numel(t.shape) * shards.DTYPE_BYTES[_out_dtype(t, target)] for t in reader.tensors.values())
+            total += sum(
+                shards._numel(t.shape) * shards.DTYPE_BYTES[_out_dtype(t, target)] for t in reader.tensors.values()
+            )
     return total
 
 
@@ -228,7 +305,8 @@ def _write_report(folder: Path, report: dict) -> None:
 
 
 def base_folder(source: str, revision: str | None) -> Path:
-    """A local folder with the base's config and weights: the path itself, the Hub cache, or a download (safetensors only)."""
+    """A local folder with the base's config and weights: the path itself, the Hub cache, or a download (safetensors
+    only)."""
     path = Path(source).expanduser()
     if path.is_dir():
         return path
@@ -236,11 +314,16 @@ def base_folder(source: str, revision: str | None) -> Path:
     from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError
 
     try:
-        return Path(snapshot_download(source, revision=revision or "main",
-                                      allow_patterns=["*.json", "*.safetensors", "tokenizer*", "*.txt"]))
+        return Path(
+            snapshot_download(
+                source, revision=revision or "main", allow_patterns=["*.json", "*.safetensors", "tokenizer*", "*.txt"]
+            )
+        )
     except (LocalEntryNotFoundError, HfHubHTTPError, OSError) as err:
-        raise ConfigError(f"base={source}: not a local folder and not downloadable here ({type(err).__name__}); "
-                          "pass base=PATH to a local copy") from None
+        raise ConfigError(
+            f"base={source}: not a local folder and not downloadable here ({type(err).__name__}); "
+            "pass base=PATH to a local copy"
+        ) from None
 
 
 def check_base(target: rundir.Target, base_dir: Path) -> None:
@@ -250,15 +333,21 @@ def check_base(target: rundir.Target, base_dir: Path) -> None:
     if not (base_dir / "config.json").is_file():
         raise ConfigError(f"base {base_dir}: no config.json; give the folder of the base model with base=PATH")
     if target.base is None:
-        cli.say(f"warning: {target.weights} records no base model (no {rundir.BASE_RECORD}); cannot prove the base matches, "
-             "relying on shapes and the numerical gate")
+        cli.say(
+            f"warning: {target.weights} records no base model (no {rundir.BASE_RECORD}); cannot prove the base "
+            "matches, "
+            "relying on shapes and the numerical gate"
+        )
         return
     changes = fingerprint.base_mismatch(target.base, base_dir, warn=lambda line: cli.say(f"warning: {line}"))
     if changes:
         trained = f"{target.base.get('name_or_path')}@{target.base.get('revision')}"
-        raise IntegrityError(f"{target.weights} was trained on {trained}, but {base_dir} is a different checkpoint: "
-                             + "; ".join(changes) + ". Merging would produce a model nobody trained; give the right "
-                             "base with base=PATH (same revision)")
+        raise IntegrityError(
+            f"{target.weights} was trained on {trained}, but {base_dir} is a different checkpoint: "
+            + "; ".join(changes)
+            + ". Merging would produce a model nobody trained; give the right "
+            "base with base=PATH (same revision)"
+        )
 
 
 def merge_weights(base_dir: Path, adapter: Adapter, out: Path, dtype: str, allow_pickle: bool) -> dict:
@@ -273,10 +362,19 @@ def merge_weights(base_dir: Path, adapter: Adapter, out: Path, dtype: str, allow
         reader = shards.open_weights(path)
         names = list(reader.tensors)
         adapted = {n: m for n in names if n.endswith(".weight") and (m := module_of(n, adapter.modules))}
-        bias_of = {n.removesuffix(".weight") + ".bias": adapter.modules[m] for n, m in adapted.items()
-                   if adapter.modules[m].bias is not None}
-        name_out = path.name if path.suffix == ".safetensors" else (  # pickled shards get standard safetensors names
-            shards.SAFETENSORS_SINGLE if len(files) == 1 else f"model-{number:05d}-of-{len(files):05d}.safetensors")
+        bias_of = {
+            n.removesuffix(".weight") + ".bias": adapter.modules[m]
+            for n, m in adapted.items()
+            if adapter.modules[m].bias is not None
+        }
+        name_out = (
+            path.name
+            if path.suffix == ".safetensors"
+            # pickled shards get standard safetensors names
+            else (
+                shards.SAFETENSORS_SINGLE if len(files) == 1 else f"model-{number:05d}-of-{len(files):05d}.safetensors"
+            )
+        )
         layout = [(n, _out_dtype(reader.tensors[n], target_dtype), reader.tensors[n].shape) for n in names]
         writer = shards.ShardWriter(out / name_out, layout, {"merged_by": "neo-finetune"})
         merged_here = 0
@@ -287,8 +385,10 @@ def merge_weights(base_dir: Path, adapter: Adapter, out: Path, dtype: str, allow
                 pending.pop(lora.name, None)
                 expected = (lora.B.shape[0], lora.A.shape[1])
                 if tuple(shape) != (expected[::-1] if adapter.fan_in_fan_out else expected):
-                    raise IntegrityError(f"{adapter.folder}: module {lora.name} has shape {expected} in the adapter, "
-                                         f"{tuple(shape)} in the base {path.name}: this adapter was not trained on this base")
+                    raise IntegrityError(
+                        f"{adapter.folder}: module {lora.name} has shape {expected} in the adapter, "
+                        f"{tuple(shape)} in the base {path.name}: this adapter was not trained on this base"
+                    )
                 tensor = lora.merged(tensor, adapter.fan_in_fan_out)
                 merged_here += 1
             elif name in bias_of:
@@ -301,8 +401,10 @@ def merge_weights(base_dir: Path, adapter: Adapter, out: Path, dtype: str, allow
         total += writer.size
         shard_reports.append({"file": name_out, "tensors": len(names), "merged": merged_here, "bytes": writer.size})
     if pending:
-        raise IntegrityError(f"{adapter.folder}: adapted module(s) not found in the base weights: "
-                             f"{', '.join(sorted(pending)[:5])}{' ...' if len(pending) > 5 else ''}; wrong base model?")
+        raise IntegrityError(
+            f"{adapter.folder}: adapted module(s) not found in the base weights: "
+            f"{', '.join(sorted(pending)[:5])}{' ...' if len(pending) > 5 else ''}; wrong base model?"
+        )
     if len(files) > 1:
         index = {"metadata": {"total_size": total}, "weight_map": weight_map}
         (out / shards.SAFETENSORS_INDEX).write_text(json.dumps(index, indent=2) + "\n", encoding="utf-8")

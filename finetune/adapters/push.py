@@ -26,13 +26,13 @@ import struct
 import sys
 from pathlib import Path
 
-from finetune.adapters import card
-from finetune.runs import checkpoints, rundir
 from finetune import console as cli
+from finetune.adapters import card
 from finetune.config import credentials
-from finetune.models import shards
 from finetune.console import Option
 from finetune.errors import ConfigError, FinetuneError, IntegrityError
+from finetune.models import shards
+from finetune.runs import checkpoints, rundir
 
 OPTIONS = [
     Option("repo_id", str, None, "Hub repository, NAME/REPO (created if missing)"),
@@ -43,11 +43,30 @@ OPTIONS = [
     Option("commit_message", str, None, "commit message (default: names the run and what is pushed)"),
     Option("staging", str, None, "folder to stage the upload in (default: RUN/push_staging)"),
 ]
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja",
-                   "vocab.json", "merges.txt", "added_tokens.json")
-ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors", rundir.BASE_RECORD, "serving.json", *TOKENIZER_FILES)
-MODEL_FILES = ("config.json", "generation_config.json", "model.safetensors", shards.SAFETENSORS_INDEX, "serving.json",
-               *TOKENIZER_FILES)
+TOKENIZER_FILES = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "chat_template.jinja",
+    "vocab.json",
+    "merges.txt",
+    "added_tokens.json",
+)
+ADAPTER_FILES = (
+    "adapter_config.json",
+    "adapter_model.safetensors",
+    rundir.BASE_RECORD,
+    "serving.json",
+    *TOKENIZER_FILES,
+)
+MODEL_FILES = (
+    "config.json",
+    "generation_config.json",
+    "model.safetensors",
+    shards.SAFETENSORS_INDEX,
+    "serving.json",
+    *TOKENIZER_FILES,
+)
 SHARD_NAME = re.compile(r"^model-\d{5}-of-\d{5}\.safetensors$")
 REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]{0,95}/[A-Za-z0-9][\w.-]{0,95}$")
 TOKEN_ARGS = ("token=", "hub_token=", "hf_token=", "--token")
@@ -57,8 +76,11 @@ STAGING_MARKER = ".neo-finetune-push-staging"  # in a staging folder push made: 
 def main(argv: list[str] | None = None) -> None:
     args = list(sys.argv[1:] if argv is None else argv)
     if any(a.startswith(TOKEN_ARGS) for a in args):
-        print("error: a token on the command line is visible in process lists and shell history; set HF_TOKEN in the "
-              "environment or run `hf auth login` once", file=sys.stderr)
+        print(
+            "error: a token on the command line is visible in process lists and shell history; set HF_TOKEN in the "
+            "environment or run `hf auth login` once",
+            file=sys.stderr,
+        )
         sys.exit(ConfigError.exit_code)
     cli.main(run, __doc__, OPTIONS, positional="target", argv=args)
 
@@ -75,21 +97,32 @@ def run(opts: dict) -> Path:
     staging = Path(opts["staging"]).expanduser() if opts["staging"] else default
     files = stage(target, kind, staging, repo_id, legacy_default=staging == default)
     total = sum(p.stat().st_size for p in files)
-    where = f"{repo_id} ({'private' if opts['private'] else 'public'}, branch {opts['revision']})" if repo_id else "(no repo_id)"
-    print(f"{'would upload' if opts['dry_run'] else 'uploading'} {len(files)} files, {total / 2**20:.1f} MiB, in one commit to {where}:")
+    where = (
+        f"{repo_id} ({'private' if opts['private'] else 'public'}, branch {opts['revision']})"
+        if repo_id
+        else "(no repo_id)"
+    )
+    print(
+        f"{'would upload' if opts['dry_run'] else 'uploading'} {len(files)} files, {total / 2**20:.1f} MiB, in one "
+        f"commit to {where}:"
+    )
     for path in files:
         print(f"  {path.name:<40} {path.stat().st_size:>14,} bytes")
     if opts["dry_run"]:
         print(f"staged in {staging} (dry run: nothing uploaded)")
         return staging
-    message = opts["commit_message"] or f"Upload {kind} from neo-finetune run {target.run_dir.name if target.run_dir else target.weights.name}"
+    message = (
+        opts["commit_message"]
+        or f"Upload {kind} from neo-finetune run {target.run_dir.name if target.run_dir else target.weights.name}"
+    )
     url = upload(staging, repo_id, opts["private"], opts["revision"], message)
     print(f"pushed: {url}")
     return staging
 
 
-def stage(target: rundir.Target, kind: str, staging: Path, repo_id: str | None = None,
-          legacy_default: bool = False) -> list[Path]:
+def stage(
+    target: rundir.Target, kind: str, staging: Path, repo_id: str | None = None, legacy_default: bool = False
+) -> list[Path]:
     """A fresh `staging` folder with exactly the allowlisted files (hard links where possible), checked."""
     source = target.weights
     allowed = ADAPTER_FILES if kind == "adapter" else MODEL_FILES
@@ -107,7 +140,11 @@ def stage(target: rundir.Target, kind: str, staging: Path, repo_id: str | None =
     files = sorted(p for p in staging.iterdir() if p.name != STAGING_MARKER)
     try:
         _check_safe(staging, files, kind)
-        _check_secrets(files, config.get("secret_env") or [], rundir.read_json(target.run_dir / "run.json") if target.run_dir else {})
+        _check_secrets(
+            files,
+            config.get("secret_env") or [],
+            rundir.read_json(target.run_dir / "run.json") if target.run_dir else {},
+        )
     except IntegrityError:  # what must not be published must not stay staged either: what push put there goes
         if created:
             shutil.rmtree(staging)
@@ -123,26 +160,38 @@ def _prepare_staging(staging: Path, source: Path, legacy_default: bool) -> bool:
     first only when push made it (its marker, or the default RUN/push_staging of an older push holding nothing but
     files push stages); a folder with anything else is refused: push never deletes files it did not write."""
     resolved = staging.resolve()
-    if resolved == source.resolve() or source.resolve().is_relative_to(resolved) or resolved.is_relative_to(source.resolve()):
-        raise ConfigError(f"staging={staging}: is, holds or lies inside {source}, the folder being pushed; choose another folder")
+    if (
+        resolved == source.resolve()
+        or source.resolve().is_relative_to(resolved)
+        or resolved.is_relative_to(source.resolve())
+    ):
+        raise ConfigError(
+            f"staging={staging}: is, holds or lies inside {source}, the folder being pushed; choose another folder"
+        )
     if staging.exists() and not staging.is_dir():
         raise ConfigError(f"staging={staging}: exists and is not a folder; choose a new or empty folder")
     if staging.is_dir() and any(staging.iterdir()):
         ours = (staging / STAGING_MARKER).is_file() or (legacy_default and _only_staged_files(staging))
         if not ours:
-            raise ConfigError(f"staging={staging}: exists and holds files push did not stage (no {STAGING_MARKER}); push "
-                              "empties only a staging folder it made. Choose a new or empty folder")
+            raise ConfigError(
+                f"staging={staging}: exists and holds files push did not stage (no {STAGING_MARKER}); push "
+                "empties only a staging folder it made. Choose a new or empty folder"
+            )
         shutil.rmtree(staging)
     created = not staging.is_dir()
     staging.mkdir(parents=True, exist_ok=True)
-    (staging / STAGING_MARKER).write_text("staged by python -m finetune.push; emptied by the next push\n", encoding="utf-8")
+    (staging / STAGING_MARKER).write_text(
+        "staged by python -m finetune.push; emptied by the next push\n", encoding="utf-8"
+    )
     return created
 
 
 def _only_staged_files(folder: Path) -> bool:
     """A staging folder of a push from before the marker: plain files, each one push stages."""
     names = {*ADAPTER_FILES, *MODEL_FILES, "README.md"}
-    return all(p.is_file() and not p.is_symlink() and (p.name in names or SHARD_NAME.match(p.name)) for p in folder.iterdir())
+    return all(
+        p.is_file() and not p.is_symlink() and (p.name in names or SHARD_NAME.match(p.name)) for p in folder.iterdir()
+    )
 
 
 def _check_complete(source: Path, kind: str, names: list[str]) -> None:
@@ -165,16 +214,23 @@ def _check_safe(staging: Path, files: list[Path], kind: str) -> None:
     if kind != "adapter" and (staging / shards.SAFETENSORS_INDEX).is_file():
         shards.weight_files(staging)
     if kind == "adapter":
-        base = json.loads((staging / "adapter_config.json").read_text(encoding="utf-8")).get("base_model_name_or_path") or ""
+        base = (
+            json.loads((staging / "adapter_config.json").read_text(encoding="utf-8")).get("base_model_name_or_path")
+            or ""
+        )
         if base.startswith(("/", "~", "./", "../")) or Path(base).expanduser().is_absolute():
-            raise IntegrityError(f"{staging / 'adapter_config.json'}: base_model_name_or_path is a local path ({base}); "
-                                 "set model.hub_id when training, or fix the file")
+            raise IntegrityError(
+                f"{staging / 'adapter_config.json'}: base_model_name_or_path is a local path ({base}); "
+                "set model.hub_id when training, or fix the file"
+            )
     token = _token()
     if token:
         leaked = [p.name for p in files if token.encode() in p.read_bytes()]
         if leaked:
-            raise IntegrityError(f"the Hub token appears in {', '.join(leaked)}; refusing to publish it. Remove it from "
-                                 "those files and revoke the token")
+            raise IntegrityError(
+                f"the Hub token appears in {', '.join(leaked)}; refusing to publish it. Remove it from "
+                "those files and revoke the token"
+            )
 
 
 def _check_secrets(files: list[Path], extra: list[str], record: dict) -> None:
@@ -184,16 +240,20 @@ def _check_secrets(files: list[Path], extra: list[str], record: dict) -> None:
     here cannot be known, its name in the recorded overrides and its shape can."""
     interpolated = credentials.recorded_interpolations(record, extra)
     if interpolated:
-        raise IntegrityError(f"the run's overrides (run.json) interpolate {', '.join('${oc.env:' + n + '}' for n in interpolated)}: "
-                             "its value is written into config.yaml and the model card; refusing to publish it. Train "
-                             "again without it (and revoke the secret if this run directory was shared)")
+        raise IntegrityError(
+            f"the run's overrides (run.json) interpolate {', '.join('${oc.env:' + n + '}' for n in interpolated)}: "
+            "its value is written into config.yaml and the model card; refusing to publish it. Train "
+            "again without it (and revoke the secret if this run directory was shared)"
+        )
     known = credentials.values(extra)
     for path in files:
         data = path.read_bytes() if path.suffix != ".safetensors" else _safetensors_header(path)
         what = credentials.find(data, known=known)
         if what:
-            raise IntegrityError(f"{path.name} holds {what}; refusing to publish it. Remove it from the run's config or "
-                                 "that file, and revoke it if it was shared")
+            raise IntegrityError(
+                f"{path.name} holds {what}; refusing to publish it. Remove it from the run's config or "
+                "that file, and revoke it if it was shared"
+            )
 
 
 def _safetensors_header(path: Path) -> bytes:
@@ -213,8 +273,14 @@ def upload(staging: Path, repo_id: str, private: bool, revision: str, message: s
     api = HfApi()
     try:
         api.create_repo(repo_id, private=private, exist_ok=True, repo_type="model")
-        commit = api.upload_folder(folder_path=str(staging), repo_id=repo_id, revision=revision, commit_message=message,
-                                   repo_type="model", ignore_patterns=[STAGING_MARKER])
+        commit = api.upload_folder(
+            folder_path=str(staging),
+            repo_id=repo_id,
+            revision=revision,
+            commit_message=message,
+            repo_type="model",
+            ignore_patterns=[STAGING_MARKER],
+        )
     except OfflineModeIsEnabled:
         raise ConfigError("HF_HUB_OFFLINE is set: unset it to push, or use dry_run=true") from None
     except (HfHubHTTPError, OSError) as err:
@@ -223,7 +289,8 @@ def upload(staging: Path, repo_id: str, private: bool, revision: str, message: s
 
 
 def _token() -> str | None:
-    """The token huggingface_hub would use (environment or stored login), only to check files and say if it is missing."""
+    """The token huggingface_hub would use (environment or stored login), only to check files and say if it is
+    missing."""
     from huggingface_hub import get_token
 
     return get_token()

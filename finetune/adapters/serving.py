@@ -24,13 +24,19 @@ MERGED = {
     ("TGI", "gpt_neox"): ("yes", "optimized model; TGI is in maintenance mode"),
     ("llama.cpp", "gpt_neo"): ("no", "no converter and no runtime for GPT-Neo"),
     ("llama.cpp", "gptj"): ("no", "no converter and no runtime for GPT-J"),
-    ("llama.cpp", "gpt_neox"): ("caveat", "convert_hf_to_gguf.py converts it, run in llama.cpp's own environment "
-                                          "(it pins transformers 4.x; with 5.x it fails on rotary_pct)"),
+    ("llama.cpp", "gpt_neox"): (
+        "caveat",
+        "convert_hf_to_gguf.py converts it, run in llama.cpp's own environment "
+        "(it pins transformers 4.x; with 5.x it fails on rotary_pct)",
+    ),
 }
 
 # (engine, family) -> (loads, note) for a LoRA adapter in PEFT layout (DoRA: see report())
 ADAPTER = {
-    **{("transformers", f): ("yes", "with peft installed, AutoModelForCausalLM.from_pretrained(adapter folder)") for f in FAMILIES},
+    **{
+        ("transformers", f): ("yes", "with peft installed, AutoModelForCausalLM.from_pretrained(adapter folder)")
+        for f in FAMILIES
+    },
     **{("PEFT", f): ("yes", "PeftModel.from_pretrained(base, adapter folder)") for f in FAMILIES},
     ("vLLM", "gpt_neo"): ("no", "GPT-Neo is not supported by vLLM at all: merge, then serve elsewhere"),
     ("vLLM", "gptj"): ("no", "no LoRA support for GPTJForCausalLM: merge first"),
@@ -38,10 +44,14 @@ ADAPTER = {
     **{("TGI", f): ("no", "multi-LoRA serving does not cover this architecture: merge first") for f in FAMILIES},
     ("llama.cpp", "gpt_neo"): ("no", "convert_lora_to_gguf.py: GPTNeoForCausalLM is not supported"),
     ("llama.cpp", "gptj"): ("no", "convert_lora_to_gguf.py: GPTJForCausalLM is not supported"),
-    ("llama.cpp", "gpt_neox"): ("caveat", "convert_lora_to_gguf.py --base BASE, over a GGUF of the base; merging is simpler"),
+    ("llama.cpp", "gpt_neox"): (
+        "caveat",
+        "convert_lora_to_gguf.py --base BASE, over a GGUF of the base; merging is simpler",
+    ),
 }
 DORA = {  # a DoRA adapter where the LoRA table says yes/caveat
-    "transformers": "transformers 5.23 misreads DoRA magnitudes and silently loads a different model: use PEFT, or merge",
+    "transformers": "transformers 5.23 misreads DoRA magnitudes and silently loads a different model: use PEFT, or "
+    "merge",
     "llama.cpp": "convert_lora_to_gguf.py rejects lora_magnitude_vector (no DoRA): merge first",
     "vLLM": "vLLM does not support DoRA: merge first",
 }

@@ -176,9 +176,11 @@ def syntax_problems(overrides: list[str]) -> list[str]:
             parser.parse_overrides([override])
         except OverrideParseException as err:
             why = str(err).splitlines()[0]
-            problems.append(f"command-line override '{override}' is not valid override syntax ({why}); close brackets "
-                            "and quotes: a list is key=[a,b], a value with brackets, commas or spaces is quoted: "
-                            "'key=\"text\"'")
+            problems.append(
+                f"command-line override '{override}' is not valid override syntax ({why}); close brackets "
+                "and quotes: a list is key=[a,b], a value with brackets, commas or spaces is quoted: "
+                "'key=\"text\"'"
+            )
     return problems
 
 

@@ -13,14 +13,36 @@ import os
 import re
 
 # Environment variables whose values are credentials (`secret_env=[NAME,...]` adds a run's own).
-KNOWN = ("HF_TOKEN", "HUGGING_FACE_HUB_TOKEN", "HUGGINGFACE_TOKEN", "WANDB_API_KEY", "MLFLOW_TRACKING_PASSWORD",
-         "MLFLOW_TRACKING_TOKEN", "AWS_SECRET_ACCESS_KEY", "AWS_ACCESS_KEY_ID", "AWS_SESSION_TOKEN", "AZURE_CLIENT_SECRET",
-         "AZURE_STORAGE_KEY", "AZURE_STORAGE_CONNECTION_STRING", "AZURE_OPENAI_API_KEY", "GOOGLE_API_KEY",
-         "GOOGLE_APPLICATION_CREDENTIALS", "OPENAI_API_KEY", "GITHUB_TOKEN", "COMET_API_KEY", "NEPTUNE_API_TOKEN",
-         "HUGGINGFACEHUB_API_TOKEN", "HF_API_TOKEN", "AZURE_CLIENT_CERTIFICATE_PASSWORD", "GCP_SERVICE_ACCOUNT_KEY")
+KNOWN = (
+    "HF_TOKEN",
+    "HUGGING_FACE_HUB_TOKEN",
+    "HUGGINGFACE_TOKEN",
+    "WANDB_API_KEY",
+    "MLFLOW_TRACKING_PASSWORD",
+    "MLFLOW_TRACKING_TOKEN",
+    "AWS_SECRET_ACCESS_KEY",
+    "AWS_ACCESS_KEY_ID",
+    "AWS_SESSION_TOKEN",
+    "AZURE_CLIENT_SECRET",
+    "AZURE_STORAGE_KEY",
+    "AZURE_STORAGE_CONNECTION_STRING",
+    "AZURE_OPENAI_API_KEY",
+    "GOOGLE_API_KEY",
+    "GOOGLE_APPLICATION_CREDENTIALS",
+    "OPENAI_API_KEY",
+    "GITHUB_TOKEN",
+    "COMET_API_KEY",
+    "NEPTUNE_API_TOKEN",
+    "HUGGINGFACEHUB_API_TOKEN",
+    "HF_API_TOKEN",
+    "AZURE_CLIENT_CERTIFICATE_PASSWORD",
+    "GCP_SERVICE_ACCOUNT_KEY",
+)
 # Any other variable named like a credential (MY_SERVICE_TOKEN, DB_PASSWORD, STRIPE_API_KEY, ...) counts too;
 # HF_HUB_DISABLE_*, TOKENIZERS_PARALLELISM, MAX_TOKENS do not match.
-SECRET_NAME = re.compile(r"(?:^|_)(?:TOKEN|SECRET|SECRET_KEY|PASSWORD|PASSWD|API_?KEY|ACCESS_KEY|PRIVATE_KEY|CREDENTIALS?)(?:$|_)")
+SECRET_NAME = re.compile(
+    r"(?:^|_)(?:TOKEN|SECRET|SECRET_KEY|PASSWORD|PASSWD|API_?KEY|ACCESS_KEY|PRIVATE_KEY|CREDENTIALS?)(?:$|_)"
+)
 SHAPES = {
     "a Hugging Face token": re.compile(rb"hf_[A-Za-z0-9]{30,}"),
     "an AWS access key id": re.compile(rb"\b(?:AKIA|ASIA)[0-9A-Z]{16}\b"),
@@ -73,16 +95,22 @@ def find(data: bytes | str, extra=(), known: dict[str, str] | None = None) -> st
 def interpolations(raw: dict) -> list[str]:
     """Keys of the unresolved config that interpolate a secret variable (set or not: the name is enough)."""
     extra = [str(n) for n in raw.get("secret_env")] if isinstance(raw.get("secret_env"), list) else []
-    return [f"{key}: interpolates ${{oc.env:{name}}}, a secret; it would be written to config.yaml, run.json, the model "
-            "card and the logs. Remove it (credentials are read from the environment by the libraries that need them)"
-            for key, value in _leaves(raw) for name in ENV_REFERENCE.findall(value) if is_secret(name, extra)]
+    return [
+        f"{key}: interpolates ${{oc.env:{name}}}, a secret; it would be written to config.yaml, run.json, the model "
+        "card and the logs. Remove it (credentials are read from the environment by the libraries that need them)"
+        for key, value in _leaves(raw)
+        for name in ENV_REFERENCE.findall(value)
+        if is_secret(name, extra)
+    ]
 
 
 def recorded_interpolations(record: dict, extra=()) -> list[str]:
     """Secret variables a run's recorded command-line overrides (run.json `overrides`) interpolate: a run trained
     before validation refused them holds their values, which push cannot recognise once the variable is unset."""
     overrides = record.get("overrides") if isinstance(record.get("overrides"), list) else []
-    return sorted({name for override in overrides for name in ENV_REFERENCE.findall(str(override)) if is_secret(name, extra)})
+    return sorted(
+        {name for override in overrides for name in ENV_REFERENCE.findall(str(override)) if is_secret(name, extra)}
+    )
 
 
 def held(resolved: dict, skip=()) -> list[str]:
@@ -90,8 +118,12 @@ def held(resolved: dict, skip=()) -> list[str]:
     extra = resolved.get("secret_env") if isinstance(resolved.get("secret_env"), list) else []
     known = values(str(n) for n in extra)
     found = ((key, find(value, known=known)) for key, value in _leaves(resolved) if key not in skip)
-    return [f"{key}: holds {what}; it would be written to config.yaml, run.json, the model card and the logs. Remove it "
-            "from the config (and revoke it if it was shared)" for key, what in found if what]
+    return [
+        f"{key}: holds {what}; it would be written to config.yaml, run.json, the model card and the logs. Remove it "
+        "from the config (and revoke it if it was shared)"
+        for key, what in found
+        if what
+    ]
 
 
 def _leaves(value, path: str = ""):

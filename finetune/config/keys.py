@@ -28,16 +28,26 @@ HYDRA_INTERNALS = ("defaults", "hydra", "_target_")  # Hydra's own keys in a con
 
 # trl.SFTConfig and peft.LoraConfig, each with its bases (first hit wins, as in the MRO): (package, file, class)
 LIBRARIES = {
-    "trainer": ("trl.SFTConfig", "trl", "SFTConfig", (
-        ("trl", "trainer/sft_config.py", "SFTConfig"),
-        ("trl", "trainer/base_config.py", "_BaseConfig"),
-        ("transformers", "training_args.py", "TrainingArguments"),
-    )),
-    "strategy": ("peft.LoraConfig", "peft", "LoraConfig", (
-        ("peft", "tuners/lora/config.py", "LoraConfig"),
-        ("peft", "config.py", "PeftConfig"),
-        ("peft", "config.py", "PeftConfigMixin"),
-    )),
+    "trainer": (
+        "trl.SFTConfig",
+        "trl",
+        "SFTConfig",
+        (
+            ("trl", "trainer/sft_config.py", "SFTConfig"),
+            ("trl", "trainer/base_config.py", "_BaseConfig"),
+            ("transformers", "training_args.py", "TrainingArguments"),
+        ),
+    ),
+    "strategy": (
+        "peft.LoraConfig",
+        "peft",
+        "LoraConfig",
+        (
+            ("peft", "tuners/lora/config.py", "LoraConfig"),
+            ("peft", "config.py", "PeftConfig"),
+            ("peft", "config.py", "PeftConfigMixin"),
+        ),
+    ),
 }
 # where we give a library key a meaning of ours, said after the library's own doc
 NOTES = {
@@ -72,6 +82,7 @@ def section_of(key: str) -> str:
 
 
 # --- our keys: finetune/config/schema.py ----------------------------------------------------------------------------
+
 
 @cache
 def _schema_classes() -> dict[str, list[tuple[str, str, str]]]:
@@ -118,6 +129,7 @@ def section_docs() -> dict[str, str]:
 
 
 # --- the keys conf/ sets -------------------------------------------------------------------------------------------
+
 
 def _conf_dir() -> Path:
     from finetune.config.compose import CONF_DIR
@@ -176,6 +188,7 @@ def conf_keys(conf_dir: Path | None = None) -> dict[str, list[str]]:
 
 
 # --- trl's and peft's keys -----------------------------------------------------------------------------------------
+
 
 @cache
 def _library_fields(section: str) -> dict[str, str | None]:
@@ -267,6 +280,7 @@ def _library_extras(section: str) -> dict[str, str]:
 
 # --- the listing ---------------------------------------------------------------------------------------------------
 
+
 def keys(everything: bool = False, conf_dir: Path | None = None) -> list[Key]:
     """Every key to list, grouped by SECTIONS: schema keys in schema order, then keys only conf/ sets (all of
     trainer.*, most of strategy.*) in reading order; `everything`: then every other field of trl/peft's class."""
@@ -324,6 +338,7 @@ def _lookup(values: dict, name: str):
 
 def show(value) -> str:
     """A value as one would type it on the command line (YAML flow style), shortened in the middle past VALUE_WIDTH."""
+
     def flow(v) -> str:
         if v is None:
             return "null"
@@ -339,7 +354,7 @@ def show(value) -> str:
     if len(text) <= VALUE_WIDTH:
         return text
     head = (VALUE_WIDTH - 1) * 2 // 5
-    return text[:head] + "…" + text[len(text) - (VALUE_WIDTH - 1 - head):]
+    return text[:head] + "…" + text[len(text) - (VALUE_WIDTH - 1 - head) :]
 
 
 def _where(places: list[str]) -> str:

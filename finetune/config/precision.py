@@ -62,5 +62,11 @@ def resolve(resolved: dict, bf16: bool) -> bool:
 def describe(resolved: dict) -> str:
     """The precision a resolved config trains in, for the run log."""
     model, trainer = resolved["model"], resolved["trainer"]
-    mixed = "bf16 autocast" if trainer.get("bf16") else "fp16 autocast with loss scaling" if trainer.get("fp16") else "no autocast"
+    mixed = (
+        "bf16 autocast"
+        if trainer.get("bf16")
+        else "fp16 autocast with loss scaling"
+        if trainer.get("fp16")
+        else "no autocast"
+    )
     return f"weights {model['dtype']}, {mixed}"

@@ -67,7 +67,8 @@ class DataConfig:
     max_length: int = 1024
     """Tokens per sample (prompt + response + EOS), and per packed row."""
     overlength: str = "drop"
-    """drop | error | truncate_prompt_left (keeps the final response whole) | chunk (long texts -> max_length pieces)."""
+    """drop | error | truncate_prompt_left (keeps the final response whole) | chunk (long texts -> max_length
+    pieces)."""
     max_dropped_fraction: float = 0.01
     """Abort when more than this share of rows would not train (dropped or, with skip_invalid, rejected)."""
     train_on_inputs: bool = False
@@ -166,7 +167,8 @@ class RunConfig:
     overwrite: bool = False
     """true: replace the results (and checkpoints) of a previous run in output_dir."""
     allow_foreign_files: bool = False
-    """true: train in an output_dir that also holds files no run wrote (left untouched; never under a name a run writes)."""
+    """true: train in an output_dir that also holds files no run wrote (left untouched; never under a name a run
+    writes)."""
     resume: bool | str = False
     """true: continue from the newest complete checkpoint in output_dir; auto: the same, or start fresh if none."""
     resume_allow_drift: list[str] = field(default_factory=list)

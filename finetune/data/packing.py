@@ -56,7 +56,8 @@ def pack(samples: list, max_length: int) -> list[PackedRow]:
 
 def _pack(samples: list, max_length: int) -> list[PackedRow]:
     lengths = [len(s.input_ids) for s in samples]
-    order = sorted(range(len(samples)), key=[-n for n in lengths].__getitem__)  # longest first; sorted() is stable: ties keep sample order
+    # longest first; sorted() is stable: ties keep sample order
+    order = sorted(range(len(samples)), key=[-n for n in lengths].__getitem__)
     rows: list[list[int]] = []
     free: list[tuple[int, int]] = []  # (space left, row index), sorted: bisect finds the tightest fit
     for i in order:
@@ -116,8 +117,15 @@ def choose(samples: list, max_length: int, setting, batch_size: int, seed: int) 
     padded = batch_efficiency([len(s.input_ids) for s in samples], batch_size, seed)
     packed = batch_efficiency([len(r.input_ids) for r in rows], batch_size, seed)
     use = setting is True or (setting == "auto" and packed >= AUTO_MIN_GAIN * padded)
-    choice = {"setting": setting, "packed": use, "batch_size": batch_size, "max_length": max_length,
-              "padded_efficiency": round(padded, 4), "packed_rows": len(rows), "packed_efficiency": round(packed, 4)}
+    choice = {
+        "setting": setting,
+        "packed": use,
+        "batch_size": batch_size,
+        "max_length": max_length,
+        "padded_efficiency": round(padded, 4),
+        "packed_rows": len(rows),
+        "packed_efficiency": round(packed, 4),
+    }
     return (rows if use else None), choice
 
 
@@ -168,15 +176,19 @@ def verify_isolation(model, vocab_size: int, max_length: int, tolerance: float =
     model.eval()
     with torch.no_grad():
         logits = [
-            model(input_ids=torch.cat([a, b]).unsqueeze(0).to(device), position_ids=positions.to(device), use_cache=False)
-            .logits[0, n:].float()
+            model(
+                input_ids=torch.cat([a, b]).unsqueeze(0).to(device), position_ids=positions.to(device), use_cache=False
+            )
+            .logits[0, n:]
+            .float()
             for a in (a1, a2)
         ]
     model.train(was_training)
     difference = (logits[0] - logits[1]).abs().max().item()
     if not difference <= tolerance * (1 + logits[0].abs().max().item()):
         raise IsolationError(
-            f"packed samples see each other with this model/attention backend (logits of a sample moved by {difference:.3g} "
+            "packed samples see each other with this model/attention backend (logits of a sample moved by "
+            f"{difference:.3g} "
             f"when the sample before it changed); turn off data.packing or use attn_implementation=eager/sdpa"
         )
     return difference

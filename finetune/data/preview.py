@@ -19,7 +19,10 @@ def main(argv: list[str] | None = None) -> None:
 
     args = list(sys.argv[1:] if argv is None else argv)
     if any(a in ("-h", "--help", "help") for a in args):
-        print(__doc__.strip() + "\n\noptions: n=N (samples shown, default 5), --color / --no-color (default: color on a terminal)")
+        print(
+            __doc__.strip()
+            + "\n\noptions: n=N (samples shown, default 5), --color / --no-color (default: color on a terminal)"
+        )
         return
     color = sys.stdout.isatty() and "NO_COLOR" not in os.environ
     n, overrides = 5, []
@@ -39,14 +42,13 @@ def main(argv: list[str] | None = None) -> None:
 
 def preview(config_name: str, overrides: list[str], n: int = 5, color: bool = False) -> str:
     """The preview text for a preset and overrides (raises ConfigError / DataError like training would)."""
-    from finetune.models import load as models
-    from finetune.config.compose import preflight
+    from finetune.config.compose import compose, preflight, to_container
     from finetune.config.schema import RunConfig
-    from finetune.config.compose import compose, to_container
-    from finetune.data.tokenize import describe, prepare
-    from finetune.data import templates as data_templates
-    from finetune.errors import ConfigError
     from finetune.config.validate import check_data, check_schema
+    from finetune.data import templates as data_templates
+    from finetune.data.tokenize import describe, prepare
+    from finetune.errors import ConfigError
+    from finetune.models import load as models
 
     problems, accepted = preflight(config_name, overrides)
     if problems:
@@ -61,12 +63,22 @@ def preview(config_name: str, overrides: list[str], n: int = 5, color: bool = Fa
     models.ensure_available(cfg.model)
     tokenizer = models.load_tokenizer(cfg.model)
     template = data_templates.load(cfg.data.template)
-    data = prepare(cfg.data, tokenizer, template, cfg.seed, batch_size=cfg.trainer.get("per_device_train_batch_size", 8))
+    data = prepare(
+        cfg.data, tokenizer, template, cfg.seed, batch_size=cfg.trainer.get("per_device_train_batch_size", 8)
+    )
 
-    legend = f"{GREEN}trained{RESET} {DIM}masked{RESET}" if color else f"text inside {TRAINED_OPEN} {TRAINED_CLOSE} is trained; the rest is masked"
+    legend = (
+        f"{GREEN}trained{RESET} {DIM}masked{RESET}"
+        if color
+        else f"text inside {TRAINED_OPEN} {TRAINED_CLOSE} is trained; the rest is masked"
+    )
     out = [f"template {template.name} ({template.path}); {legend}"]
     for sample in data.train[:n]:
-        out += ["", f"--- {sample.where}: {len(sample.input_ids)} tokens, {sample.trained} trained", show(sample, tokenizer, color)]
+        out += [
+            "",
+            f"--- {sample.where}: {len(sample.input_ids)} tokens, {sample.trained} trained",
+            show(sample, tokenizer, color),
+        ]
     out.append("")
     out += describe(data)
     return "\n".join(out)
@@ -78,7 +90,9 @@ def show(sample, tokenizer, color: bool) -> str:
 
     parts, start = [], 0
     for end in range(1, len(sample.input_ids) + 1):
-        if end == len(sample.input_ids) or (sample.labels[end] == IGNORE_INDEX) != (sample.labels[start] == IGNORE_INDEX):
+        if end == len(sample.input_ids) or (sample.labels[end] == IGNORE_INDEX) != (
+            sample.labels[start] == IGNORE_INDEX
+        ):
             text = tokenizer.decode(sample.input_ids[start:end])
             trained = sample.labels[start] != IGNORE_INDEX
             if color:

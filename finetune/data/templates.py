@@ -67,16 +67,24 @@ class Template:
         """The row as a list of {role, content, ...} messages (call check_row first)."""
         if self.conversation_spec:
             spec = self.conversation_spec
-            return [{"role": spec["roles"][m[spec["role_key"]]], "content": m[spec["content_key"]]} for m in row[spec["field"]]]
+            return [
+                {"role": spec["roles"][m[spec["role_key"]]], "content": m[spec["content_key"]]}
+                for m in row[spec["field"]]
+            ]
         values = {name: row.get(name) or "" for name in self.optional}
         values.update({name: row[name] for name in self.required})
-        return [{key: text.render(values) if hasattr(text, "render") else text for key, text in message.items()}
-                for message in self._compiled_messages]
+        return [
+            {key: text.render(values) if hasattr(text, "render") else text for key, text in message.items()}
+            for message in self._compiled_messages
+        ]
 
     @cached_property
     def _compiled_messages(self) -> list[dict]:
         """The message templates compiled once (compiling per row cost ~90% of data preparation)."""
-        return [{key: _compile(text) if isinstance(text, str) else text for key, text in message.items()} for message in self.messages]
+        return [
+            {key: _compile(text) if isinstance(text, str) else text for key, text in message.items()}
+            for message in self.messages
+        ]
 
     def check_row(self, row: dict, columns: dict | None = None) -> list[Problem]:
         """Problems with one row, each naming the field (the caller adds file:line)."""
@@ -87,7 +95,9 @@ class Template:
         for name in self.required:
             value = row.get(name)
             if name not in row:
-                problems.append(Problem("missing_field", f"missing field '{name}'{_missing_hint(name, present, columns or {})}"))
+                problems.append(
+                    Problem("missing_field", f"missing field '{name}'{_missing_hint(name, present, columns or {})}")
+                )
             elif not isinstance(value, str):
                 problems.append(Problem("wrong_type", f"field '{name}' must be a string, got {type(value).__name__}"))
             elif not value.strip():
@@ -95,7 +105,9 @@ class Template:
         for name in self.optional:
             value = row.get(name)
             if value is not None and not isinstance(value, str):
-                problems.append(Problem("wrong_type", f"field '{name}' must be a string or missing, got {type(value).__name__}"))
+                problems.append(
+                    Problem("wrong_type", f"field '{name}' must be a string or missing, got {type(value).__name__}")
+                )
         return problems
 
     def _check_conversation(self, row: dict, columns: dict) -> list[Problem]:
@@ -103,7 +115,12 @@ class Template:
         spec = self.conversation_spec
         name = spec["field"]
         if name not in row:
-            return [Problem("missing_field", f"missing field '{name}'{_missing_hint(name, [k for k in row if not k.startswith('_')], columns)}")]
+            return [
+                Problem(
+                    "missing_field",
+                    f"missing field '{name}'{_missing_hint(name, [k for k in row if not k.startswith('_')], columns)}",
+                )
+            ]
         problem = self._conversation_problem(row[name])
         return [Problem("bad_conversation", problem)] if problem else []
 
@@ -116,7 +133,10 @@ class Template:
         for i, turn in enumerate(turns):
             where = f"{name}[{i}]"
             if not isinstance(turn, dict):
-                return f"{where}: expected an object with '{spec['role_key']}' and '{spec['content_key']}', got {type(turn).__name__}"
+                return (
+                    f"{where}: expected an object with '{spec['role_key']}' and '{spec['content_key']}', "
+                    f"got {type(turn).__name__}"
+                )
             role, content = turn.get(spec["role_key"]), turn.get(spec["content_key"])
             if role not in spec["roles"]:
                 return f"{where}.{spec['role_key']}: unknown role {role!r}; this template knows {sorted(spec['roles'])}"
@@ -131,7 +151,10 @@ class Template:
         for i, role in enumerate(body):
             expected = "a user" if i % 2 == 0 else "an assistant"
             if role != expected.split()[1]:
-                return f"{name}[{i + len(roles) - len(body)}]: expected {expected} message (user and assistant alternate, user first), got {role}"
+                return (
+                    f"{name}[{i + len(roles) - len(body)}]: expected {expected} message "
+                    f"(user and assistant alternate, user first), got {role}"
+                )
         if body[-1] != "assistant":
             return f"{name}: the last message must be an assistant message (it is what the model learns to write)"
         return None
@@ -195,7 +218,9 @@ def load(name_or_path: str) -> Template:
     """Load and check a template; every problem names the file and the key."""
     path = resolve_path(name_or_path)
     if not path.is_file():
-        raise ConfigError(f"data.template: no template '{name_or_path}' ({path}); choose one of {available()} or give a YAML path")
+        raise ConfigError(
+            f"data.template: no template '{name_or_path}' ({path}); choose one of {available()} or give a YAML path"
+        )
     try:
         spec = yaml.safe_load(path.read_text(encoding="utf-8"))
     except yaml.YAMLError as err:
@@ -203,8 +228,14 @@ def load(name_or_path: str) -> Template:
     problems = _check(spec, path)
     if problems:
         raise ConfigError(problems)
-    common = {"name": path.stem, "path": path, "chat_template": spec["chat_template"], "description": spec.get("description", ""),
-              "example": spec.get("example") or {}, **_options(spec.get("options"))}
+    common = {
+        "name": path.stem,
+        "path": path,
+        "chat_template": spec["chat_template"],
+        "description": spec.get("description", ""),
+        "example": spec.get("example") or {},
+        **_options(spec.get("options")),
+    }
     if "conversation" in spec:
         return Template(**common, conversation_spec=spec["conversation"])
     fields = spec["fields"]
@@ -229,16 +260,28 @@ def _check(spec, path: Path) -> list[str]:
     unknown = set(spec) - set(TOP_LEVEL_KEYS)
     problems = [f"{path}: unknown key '{k}' (allowed: {', '.join(TOP_LEVEL_KEYS)})" for k in sorted(unknown)]
     options = spec.get("options")
-    if options is not None and not (isinstance(options, list) and len(options) >= 2 and all(isinstance(o, (str, int, float)) for o in options)
-                                    or isinstance(options, dict) and set(options) == {"field"} and isinstance(options["field"], str)):
-        problems.append(f"{path}: 'options' is a list of at least two answers ([Yes, No]) or {{field: NAME}} for a per-row list")
+    if options is not None and not (
+        isinstance(options, list)
+        and len(options) >= 2
+        and all(isinstance(o, (str, int, float)) for o in options)
+        or isinstance(options, dict)
+        and set(options) == {"field"}
+        and isinstance(options["field"], str)
+    ):
+        problems.append(
+            f"{path}: 'options' is a list of at least two answers ([Yes, No]) or {{field: NAME}} for a per-row list"
+        )
     if "chat_template" not in spec:
         problems.append(f"{path}: missing key 'chat_template'")
     if "conversation" in spec:
         problems += [f"{path}: '{k}' does not go with 'conversation'" for k in ("fields", "messages") if k in spec]
         problems += _check_conversation_spec(spec["conversation"], path)
     else:
-        problems += [f"{path}: missing key '{k}' (or use 'conversation' for rows that hold messages)" for k in ("fields", "messages") if k not in spec]
+        problems += [
+            f"{path}: missing key '{k}' (or use 'conversation' for rows that hold messages)"
+            for k in ("fields", "messages")
+            if k not in spec
+        ]
         if not problems:
             problems += _check_fields_and_messages(spec, path)
     if problems:
@@ -256,9 +299,16 @@ def _check_fields_and_messages(spec: dict, path: Path) -> list[str]:
     fields, messages = spec["fields"], spec["messages"]
     if not isinstance(fields, dict) or not fields:
         return [f"{path}: 'fields' maps each row field to required or optional"]
-    problems = [f"{path}: fields.{k} is '{v}'; use required or optional" for k, v in fields.items() if v not in ("required", "optional")]
+    problems = [
+        f"{path}: fields.{k} is '{v}'; use required or optional"
+        for k, v in fields.items()
+        if v not in ("required", "optional")
+    ]
     if not isinstance(messages, list) or not messages:
-        return [*problems, f"{path}: 'messages' is a list of {{role, content}} messages, the last one an assistant message"]
+        return [
+            *problems,
+            f"{path}: 'messages' is a list of {{role, content}} messages, the last one an assistant message",
+        ]
     for i, message in enumerate(messages):
         if not isinstance(message, dict) or "role" not in message or "content" not in message:
             problems.append(f"{path}: messages[{i}] needs 'role' and 'content'")
@@ -271,7 +321,9 @@ def _check_fields_and_messages(spec: dict, path: Path) -> list[str]:
             except TemplateError as err:
                 problems.append(f"{path}: messages[{i}].{key} is not valid Jinja: {err}")
     if not problems and messages[-1]["role"] != "assistant":
-        problems.append(f"{path}: the last of 'messages' must have role assistant (it is what the model learns to write)")
+        problems.append(
+            f"{path}: the last of 'messages' must have role assistant (it is what the model learns to write)"
+        )
     return problems
 
 
@@ -279,10 +331,18 @@ def _check_conversation_spec(conv, path: Path) -> list[str]:
     if not isinstance(conv, dict):
         return [f"{path}: 'conversation' is a mapping with keys {', '.join(CONVERSATION_KEYS)}"]
     problems = [f"{path}: conversation.{k} is missing" for k in CONVERSATION_KEYS if k not in conv]
-    problems += [f"{path}: conversation.{k} is not a known key (allowed: {', '.join(CONVERSATION_KEYS)})" for k in conv if k not in CONVERSATION_KEYS]
+    problems += [
+        f"{path}: conversation.{k} is not a known key (allowed: {', '.join(CONVERSATION_KEYS)})"
+        for k in conv
+        if k not in CONVERSATION_KEYS
+    ]
     roles = conv.get("roles")
     if isinstance(roles, dict):
-        problems += [f"{path}: conversation.roles.{k} maps to '{v}'; use one of {', '.join(ROLES)}" for k, v in roles.items() if v not in ROLES]
+        problems += [
+            f"{path}: conversation.roles.{k} maps to '{v}'; use one of {', '.join(ROLES)}"
+            for k, v in roles.items()
+            if v not in ROLES
+        ]
         if "assistant" not in roles.values() or "user" not in roles.values():
             problems.append(f"{path}: conversation.roles must map some role to user and some to assistant")
     elif "roles" in conv:

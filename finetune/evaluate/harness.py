@@ -16,7 +16,8 @@ neo_ft_legal_mc, multiple choice; neo_ft_cloze, LAMBADA-style) plus any folder o
 harness_include=DIR. Registered tasks read Hub datasets: offline, only what the datasets cache already holds
 (resolve_tasks says which task, which dataset, and the two fixes).
 
-Reproducing the published NeoX-20B numbers on one GPU (fp16 weights, ~41 GB), with the plain lm_eval CLI (checked with 0.4.13):
+Reproducing the published NeoX-20B numbers on one GPU (fp16 weights, ~41 GB), with the plain lm_eval CLI (checked with
+0.4.13):
 
     lm_eval --model hf --model_args pretrained=EleutherAI/gpt-neox-20b,dtype=float16 \\
         --tasks lambada_openai,sciq,piqa,arc_challenge,triviaqa --num_fewshot 0 --batch_size auto
@@ -66,9 +67,19 @@ def resolve_tasks(tasks: list[str], include_path: list[str | Path] | None = None
     return tasks
 
 
-def run_tasks(model, tokenizer, tasks: list[str], *, include_path: list[str | Path] | None = None,
-              limit: int | None = None, num_fewshot: int | None = None, batch_size: int | str = 8, seed: int = 1234,
-              bootstrap_iters: int = 100000, log_samples: bool = False) -> dict:
+def run_tasks(
+    model,
+    tokenizer,
+    tasks: list[str],
+    *,
+    include_path: list[str | Path] | None = None,
+    limit: int | None = None,
+    num_fewshot: int | None = None,
+    batch_size: int | str = 8,
+    seed: int = 1234,
+    bootstrap_iters: int = 100000,
+    log_samples: bool = False,
+) -> dict:
     """lm_eval's results for `tasks` on the model as it is now (a PeftModel inside disable_adapter() is the base).
 
     Returns plain JSON: {"lm_eval_version", "config", "tasks": {task: {"metrics": {metric: value,
@@ -87,17 +98,31 @@ def run_tasks(model, tokenizer, tasks: list[str], *, include_path: list[str | Pa
     from lm_eval.models.huggingface import HFLM
 
     built = build_tasks(manager, tasks)
-    with _quiet_expected_warnings(), _no_bars_or_git_probe(), contextlib.redirect_stdout(sys.stderr):  # lm_eval prints progress to stdout
+    # lm_eval prints progress to stdout
+    with _quiet_expected_warnings(), _no_bars_or_git_probe(), contextlib.redirect_stdout(sys.stderr):
         lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size)  # an instance: nothing is reloaded
         results = lm_eval.simple_evaluate(
-            model=lm, tasks=built, task_manager=manager, limit=limit, num_fewshot=num_fewshot,
-            bootstrap_iters=bootstrap_iters, log_samples=log_samples, random_seed=seed, numpy_random_seed=seed,
-            torch_random_seed=seed, fewshot_random_seed=seed,
+            model=lm,
+            tasks=built,
+            task_manager=manager,
+            limit=limit,
+            num_fewshot=num_fewshot,
+            bootstrap_iters=bootstrap_iters,
+            log_samples=log_samples,
+            random_seed=seed,
+            numpy_random_seed=seed,
+            torch_random_seed=seed,
+            fewshot_random_seed=seed,
         )
     summary = {
         "lm_eval_version": lm_eval_version(),
-        "config": {"limit": limit, "num_fewshot": num_fewshot, "batch_size": batch_size, "seed": seed,
-                   "bootstrap_iters": bootstrap_iters},
+        "config": {
+            "limit": limit,
+            "num_fewshot": num_fewshot,
+            "batch_size": batch_size,
+            "seed": seed,
+            "bootstrap_iters": bootstrap_iters,
+        },
         "tasks": {name: _task_summary(results, name) for name in results["results"]},
     }
     if log_samples:
@@ -111,12 +136,15 @@ def table(base: dict, adapter: dict) -> list[str]:
     for name in sorted(set(base["tasks"]) | set(adapter["tasks"])):
         base_metrics = base["tasks"].get(name, {}).get("metrics", {})
         adapter_metrics = adapter["tasks"].get(name, {}).get("metrics", {})
-        for metric in _metric_names(base_metrics) + [m for m in _metric_names(adapter_metrics)
-                                                      if m not in base_metrics]:
+        for metric in _metric_names(base_metrics) + [
+            m for m in _metric_names(adapter_metrics) if m not in base_metrics
+        ]:
             before, after = base_metrics.get(metric), adapter_metrics.get(metric)
             delta = _number(after - before, "+") if before is not None and after is not None else "–"
-            lines.append(f"| {name} | {metric} | {_with_stderr(base_metrics, metric)} | "
-                         f"{_with_stderr(adapter_metrics, metric)} | {delta} |")
+            lines.append(
+                f"| {name} | {metric} | {_with_stderr(base_metrics, metric)} | "
+                f"{_with_stderr(adapter_metrics, metric)} | {delta} |"
+            )
     return lines
 
 
@@ -129,9 +157,13 @@ def lm_eval_version() -> str:
     try:
         installed = version("lm_eval")
     except PackageNotFoundError:
-        raise ConfigError(f"harness=: needs EleutherAI's lm-evaluation-harness: pip install '{LM_EVAL_REQUIREMENT}'") from None
+        raise ConfigError(
+            f"harness=: needs EleutherAI's lm-evaluation-harness: pip install '{LM_EVAL_REQUIREMENT}'"
+        ) from None
     if Version(installed) < Version(LM_EVAL_MINIMUM):
-        raise ConfigError(f"harness=: lm_eval {installed} is installed; this bridge needs pip install '{LM_EVAL_REQUIREMENT}'")
+        raise ConfigError(
+            f"harness=: lm_eval {installed} is installed; this bridge needs pip install '{LM_EVAL_REQUIREMENT}'"
+        )
     return installed
 
 
@@ -167,20 +199,28 @@ def build_tasks(manager, names: list[str]) -> list:
 
 def hub_unreachable_message(task: str, datasets: list[str], err: Exception) -> str:
     """What to do when a task's Hub dataset is neither cached nor downloadable: fill and copy the cache, or go local."""
-    offline = [f"{v}={os.environ[v]}" for v in OFFLINE_VARIABLES if os.environ.get(v, "").lower() in ("1", "true", "yes", "on")]
+    offline = [
+        f"{v}={os.environ[v]}" for v in OFFLINE_VARIABLES if os.environ.get(v, "").lower() in ("1", "true", "yes", "on")
+    ]
     why = f"offline mode is on ({', '.join(offline)})" if offline else f"the Hub cannot be reached ({err})"
-    named = f"dataset{'s' if len(datasets) > 1 else ''} {', '.join(repr(d) for d in datasets)}" if datasets else "a dataset"
-    return (f"harness task '{task}' reads the Hugging Face Hub {named}, not in the datasets cache here and not "
-            f"downloadable: {why}. Either run this task once on a machine with Hub access, which "
-            "fills the Hugging Face datasets cache, and copy that cache here (set HF_DATASETS_CACHE to the copy, or "
-            "HF_HOME to a copied ~/.cache/huggingface); or write a local task YAML whose dataset reads local files "
-            "(as finetune/harness_tasks does) and pass its folder with harness_include=DIR")
+    named = (
+        f"dataset{'s' if len(datasets) > 1 else ''} {', '.join(repr(d) for d in datasets)}" if datasets else "a dataset"
+    )
+    return (
+        f"harness task '{task}' reads the Hugging Face Hub {named}, not in the datasets cache here and not "
+        f"downloadable: {why}. Either run this task once on a machine with Hub access, which "
+        "fills the Hugging Face datasets cache, and copy that cache here (set HF_DATASETS_CACHE to the copy, or "
+        "HF_HOME to a copied ~/.cache/huggingface); or write a local task YAML whose dataset reads local files "
+        "(as finetune/harness_tasks does) and pass its folder with harness_include=DIR"
+    )
 
 
 def _check_names(manager, tasks: list[str]) -> None:
     if not tasks:
-        raise ConfigError("harness=: no task given; name lm_eval tasks, e.g. harness=lambada_openai,sciq, or "
-                          f"harness={LOCAL_TAG} for the local tasks")
+        raise ConfigError(
+            "harness=: no task given; name lm_eval tasks, e.g. harness=lambada_openai,sciq, or "
+            f"harness={LOCAL_TAG} for the local tasks"
+        )
     known = set(manager.all_tasks)
     problems = []
     for name in tasks:
@@ -188,8 +228,10 @@ def _check_names(manager, tasks: list[str]) -> None:
             continue
         close = closest(name, manager.all_tasks, n=5)
         hint = f"close matches: {', '.join(close)}" if close else "no close match"
-        problems.append(f"harness=: unknown task '{name}' ({hint}). `lm_eval ls tasks` lists the registered ones; "
-                        f"a folder of your own task YAMLs is added with harness_include=DIR")
+        problems.append(
+            f"harness=: unknown task '{name}' ({hint}). `lm_eval ls tasks` lists the registered ones; "
+            f"a folder of your own task YAMLs is added with harness_include=DIR"
+        )
     if problems:
         raise ConfigError(problems)
 
@@ -262,8 +304,12 @@ def _task_summary(results: dict, name: str) -> dict:
 
 
 def _sample(sample: dict) -> dict:
-    return {"doc_id": _plain(sample["doc_id"]), "target": _plain(sample["target"]),
-            "arguments": _plain(sample["arguments"]), "responses": _plain(sample["filtered_resps"])}
+    return {
+        "doc_id": _plain(sample["doc_id"]),
+        "target": _plain(sample["target"]),
+        "arguments": _plain(sample["arguments"]),
+        "responses": _plain(sample["filtered_resps"]),
+    }
 
 
 def _plain(value):

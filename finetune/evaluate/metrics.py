@@ -20,7 +20,12 @@ def text_metrics(predictions: list[str], references: list[str]) -> dict[str, flo
     if not predictions:
         return {}
     em, f1 = _squad(predictions, references)
-    return {"exact_match": em, "token_f1": f1, "rougeL": _rouge_l(predictions, references), "bleu": _bleu(predictions, references)}
+    return {
+        "exact_match": em,
+        "token_f1": f1,
+        "rougeL": _rouge_l(predictions, references),
+        "bleu": _bleu(predictions, references),
+    }
 
 
 def _squad(predictions: list[str], references: list[str]) -> tuple[float, float]:

@@ -32,15 +32,26 @@ def build(target, evalset, results: dict, answers: dict, opts: dict, dtype: str)
     report = {
         "schema": 1,
         "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-        "model": {"run": target.run_dir.name if target.run_dir else target.weights.name,
-                  "kind": "merged" if target.weights.name == "merged" else target.kind,
-                  "base": _base_name(target)},
-        "data": {"source": evalset.source, "rows": len(evalset.rows), "loss_samples": len(evalset.sequences),
-                 "task": "multiple_choice" if evalset.labelled else "generation",
-                 "generated_rows": 0 if evalset.labelled else min(opts["generate_rows"], len(evalset.rows))},
+        "model": {
+            "run": target.run_dir.name if target.run_dir else target.weights.name,
+            "kind": "merged" if target.weights.name == "merged" else target.kind,
+            "base": _base_name(target),
+        },
+        "data": {
+            "source": evalset.source,
+            "rows": len(evalset.rows),
+            "loss_samples": len(evalset.sequences),
+            "task": "multiple_choice" if evalset.labelled else "generation",
+            "generated_rows": 0 if evalset.labelled else min(opts["generate_rows"], len(evalset.rows)),
+        },
         "metrics": metrics,
         "samples": _samples(evalset, answers, opts["samples"]),
-        "settings": {"dtype": dtype, "decoding": "greedy", "max_new_tokens": opts["max_new_tokens"], "batch_size": opts["batch_size"]},
+        "settings": {
+            "dtype": dtype,
+            "decoding": "greedy",
+            "max_new_tokens": opts["max_new_tokens"],
+            "batch_size": opts["batch_size"],
+        },
         "versions": artifacts.versions(),
     }
     if evalset.heldout_check is not None:  # the run's held-out split, reproduced: does it match what training held out?
@@ -57,7 +68,9 @@ def build(target, evalset, results: dict, answers: dict, opts: dict, dtype: str)
 def write(out_dir: Path, report: dict) -> list[Path]:
     """eval_report.json, .md and .png in out_dir (each written whole, then renamed into place)."""
     paths = [out_dir / "eval_report.json", out_dir / "eval_report.md", out_dir / "eval_report.png"]
-    _replace(paths[0], lambda p: p.write_text(json.dumps(report, indent=2, ensure_ascii=False) + "\n", encoding="utf-8"))
+    _replace(
+        paths[0], lambda p: p.write_text(json.dumps(report, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+    )
     _replace(paths[1], lambda p: p.write_text(markdown(report), encoding="utf-8"))
     _replace(paths[2], lambda p: chart(report, p))
     return paths
@@ -91,23 +104,48 @@ def harness_table(report: dict) -> list[str]:
 
 def markdown(report: dict) -> str:
     model, data = report["model"], report["data"]
-    lines = [f"# Evaluation: {model['run']}", "",
-             f"Base `{model['base']}` against the fine-tuned model ({model['kind']}) on {data['rows']} rows "
-             f"({data['source']}), {report['created']}.", "", *warning_lines(report), *metric_table(report), ""]
+    lines = [
+        f"# Evaluation: {model['run']}",
+        "",
+        f"Base `{model['base']}` against the fine-tuned model ({model['kind']}) on {data['rows']} rows "
+        f"({data['source']}), {report['created']}.",
+        "",
+        *warning_lines(report),
+        *metric_table(report),
+        "",
+    ]
     if data["task"] == "generation" and data["generated_rows"]:
-        lines += [f"Exact match, token F1 (SQuAD normalisation), ROUGE-L and BLEU score greedy answers (at most "
-                  f"{report['settings']['max_new_tokens']} new tokens) to the first {data['generated_rows']} prompts "
-                  "against the reference answers.", ""]
+        lines += [
+            f"Exact match, token F1 (SQuAD normalisation), ROUGE-L and BLEU score greedy answers (at most "
+            f"{report['settings']['max_new_tokens']} new tokens) to the first {data['generated_rows']} prompts "
+            "against the reference answers.",
+            "",
+        ]
     if data["task"] == "multiple_choice":
-        lines += ["Each option is scored by its log-likelihood after the prompt; the most likely option is the answer.", ""]
+        lines += [
+            "Each option is scored by its log-likelihood after the prompt; the most likely option is the answer.",
+            "",
+        ]
     harness_rows = harness_table(report)
     if harness_rows:
         lines += ["## lm-evaluation-harness", "", *harness_rows, ""]
     if report["samples"]:
         lines += ["## Answers side by side", ""]
         for i, sample in enumerate(report["samples"], 1):
-            lines += [f"### {i}", "", "Prompt:", "", _fence(sample["prompt"]), "", f"Reference: {_quote(sample['reference'])}", "",
-                      f"Base: {_quote(sample['base'])}", "", f"Fine-tuned: {_quote(sample['finetuned'])}", ""]
+            lines += [
+                f"### {i}",
+                "",
+                "Prompt:",
+                "",
+                _fence(sample["prompt"]),
+                "",
+                f"Reference: {_quote(sample['reference'])}",
+                "",
+                f"Base: {_quote(sample['base'])}",
+                "",
+                f"Fine-tuned: {_quote(sample['finetuned'])}",
+                "",
+            ]
     lines.append(f"Settings: {json.dumps(report['settings'])}. Written by `python -m finetune.evaluate`.")
     return "\n".join(lines) + "\n"
 
@@ -147,7 +185,13 @@ def _bars(ax, groups: dict, title: str) -> None:
     width = 0.38
     for k, (side, colour) in enumerate((("base", "#9aa5b1"), ("finetuned", "#2f6db5"))):
         xs = [i + (k - 0.5) * width for i in range(len(names))]
-        ax.bar(xs, [groups[n][side] for n in names], width, label="fine-tuned" if side == "finetuned" else side, color=colour)
+        ax.bar(
+            xs,
+            [groups[n][side] for n in names],
+            width,
+            label="fine-tuned" if side == "finetuned" else side,
+            color=colour,
+        )
     ax.set_xticks(range(len(names)))
     ax.set_xticklabels(names, rotation=20, ha="right", fontsize=8)
     ax.set_title(title, fontsize=10)
@@ -167,9 +211,16 @@ def _harness_accuracies(report: dict) -> dict:
 
 
 def _samples(evalset, answers: dict, count: int) -> list[dict]:
-    return [{"prompt": evalset.prompts[i], "reference": evalset.references[i].strip(),
-             "base": answers["base"].get(i, ""), "finetuned": answers["finetuned"].get(i, "")}
-            for i in range(min(count, len(evalset.rows))) if i in answers["base"]]
+    return [
+        {
+            "prompt": evalset.prompts[i],
+            "reference": evalset.references[i].strip(),
+            "base": answers["base"].get(i, ""),
+            "finetuned": answers["finetuned"].get(i, ""),
+        }
+        for i in range(min(count, len(evalset.rows)))
+        if i in answers["base"]
+    ]
 
 
 def _change(name: str, base, tuned) -> str:

@@ -27,10 +27,10 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from finetune.runs import checkpoints, rundir
 from finetune import console as cli
 from finetune.console import Option
 from finetune.errors import ConfigError, DataError
+from finetune.runs import checkpoints, rundir
 
 OPTIONS = [
     Option("data", list, [], "rows to evaluate (file, glob or Hub dataset id); default: the run's held-out split"),
@@ -49,7 +49,12 @@ OPTIONS = [
     Option("harness", list, [], "lm-evaluation-harness tasks, e.g. [lambada_openai,sciq,piqa,arc_challenge]"),
     Option("harness_include", list, [], "folders with your own lm-evaluation-harness task YAMLs (local data)"),
     Option("harness_limit", int, None, "harness: at most N examples per task (a quick look; not comparable to papers)"),
-    Option("num_fewshot", int, None, "harness: few-shot examples (default: each task's own, zero-shot for the published table)"),
+    Option(
+        "num_fewshot",
+        int,
+        None,
+        "harness: few-shot examples (default: each task's own, zero-shot for the published table)",
+    ),
     Option("out", str, None, "folder for eval_report.* (default: the run directory)"),
 ]
 
@@ -80,7 +85,9 @@ def run(opts: dict) -> Path:
 
     for key in ("generate_rows", "samples", "max_new_tokens", "batch_size"):
         if opts[key] < (1 if key in ("max_new_tokens", "batch_size") else 0):
-            raise ConfigError(f"{key}={opts[key]}: must be {'positive' if key in ('max_new_tokens', 'batch_size') else '0 or more'}")
+            raise ConfigError(
+                f"{key}={opts[key]}: must be {'positive' if key in ('max_new_tokens', 'batch_size') else '0 or more'}"
+            )
     target = rundir.locate(opts["target"], opts["merged"])
     if opts["harness"]:
         from finetune.evaluate import harness
@@ -92,10 +99,16 @@ def run(opts: dict) -> Path:
     out_dir.mkdir(parents=True, exist_ok=True)
     for warning in evalset.warnings:
         cli.say(f"warning: {warning}")
-    cli.say(f"evaluating on {len(evalset.rows)} rows ({evalset.source})"
-            + (f", {len(evalset.options[0]) if evalset.options else 0}+ options each" if evalset.labelled else ""))
+    cli.say(
+        f"evaluating on {len(evalset.rows)} rows ({evalset.source})"
+        + (f", {len(evalset.options[0]) if evalset.options else 0}+ options each" if evalset.labelled else "")
+    )
     cli.quiet_libraries()
-    cli.say(f"loading {loading.weights}" + (f" with adapter {loading.first}" if loading.adapters else "") + f" ({loading.dtype})")
+    cli.say(
+        f"loading {loading.weights}"
+        + (f" with adapter {loading.first}" if loading.adapters else "")
+        + f" ({loading.dtype})"
+    )
     session = loading.load()
     results, answers = {}, {}
     for side, model in _sides(session, target, opts, loading.dtype):
@@ -121,7 +134,9 @@ def build_evalset(target: rundir.Target, tokenizer, opts: dict) -> EvalSet:
     from finetune.data import templates
 
     config = target.config or {}
-    template_name = opts["template"] or (str(target.template_path) if target.template_path else config.get("data", {}).get("template"))
+    template_name = opts["template"] or (
+        str(target.template_path) if target.template_path else config.get("data", {}).get("template")
+    )
     if not template_name:
         raise ConfigError(f"{target.weights}: no data template recorded; name one with template=NAME|PATH")
     template = templates.load(template_name)
@@ -129,21 +144,33 @@ def build_evalset(target: rundir.Target, tokenizer, opts: dict) -> EvalSet:
     if opts["data"]:
         columns = _columns(opts["columns"])
         spec = opts["data"] if len(opts["data"]) > 1 else opts["data"][0]
-        data_cfg.update({"path": spec, "eval_path": spec, "eval_split": None, "columns": columns, "packing": False,
-                         "max_dropped_fraction": 1.0, "hub_config": None, "revision": None})
+        data_cfg.update(
+            {
+                "path": spec,
+                "eval_path": spec,
+                "eval_split": None,
+                "columns": columns,
+                "packing": False,
+                "max_dropped_fraction": 1.0,
+                "hub_config": None,
+                "revision": None,
+            }
+        )
         source = ", ".join(Path(str(s)).name for s in opts["data"])
     elif opts["template"] or opts["columns"]:
         raise ConfigError("template= and columns= describe data=FILE; the run's held-out split uses the run's template")
     else:
         if not (data_cfg.get("eval_path") or data_cfg.get("eval_split") or data_cfg.get("eval_fraction")):
-            raise ConfigError(f"{target.run_dir}: the run kept no held-out split (data.eval_fraction=0); evaluate on data=FILE")
+            raise ConfigError(
+                f"{target.run_dir}: the run kept no held-out split (data.eval_fraction=0); evaluate on data=FILE"
+            )
         source = "held-out split of the run"
     return _evalset(target, tokenizer, template, data_cfg, source, opts, reproduced=not opts["data"])
 
 
 def _evalset(target, tokenizer, template, data_cfg, source: str, opts: dict, reproduced: bool) -> EvalSet:
-    from finetune.models import fingerprint
     from finetune.data.tokenize import prepare, prompt_text
+    from finetune.models import fingerprint
 
     seed = (target.config or {}).get("seed", 42)
     try:
@@ -155,21 +182,32 @@ def _evalset(target, tokenizer, template, data_cfg, source: str, opts: dict, rep
     if reproduced and target.run_dir:
         recorded = rundir.read_json(target.run_dir / "run.json").get("dataset_fingerprint")
         now = fingerprint.dataset(prepared.train + prepared.eval, prepared.packed is not None)
-        heldout_check = {"dataset_fingerprint_at_training": recorded, "dataset_fingerprint_now": now,
-                         "matches": None if not recorded else recorded == now}
+        heldout_check = {
+            "dataset_fingerprint_at_training": recorded,
+            "dataset_fingerprint_now": now,
+            "matches": None if not recorded else recorded == now,
+        }
         if recorded and recorded != now:
-            warnings.append("the data named in the run's config.yaml changed since training (dataset fingerprint "
-                            f"{recorded[:12]}... at training, {now[:12]}... now): these held-out rows may not be the ones "
-                            "the run held out, and some may have been trained on")
+            warnings.append(
+                "the data named in the run's config.yaml changed since training (dataset fingerprint "
+                f"{recorded[:12]}... at training, {now[:12]}... now): these held-out rows may not be the ones "
+                "the run held out, and some may have been trained on"
+            )
     rows = prepared.eval_rows[: opts["limit"]] if opts["limit"] else prepared.eval_rows
     wheres = {row["_where"] for row in rows}
     samples = [s for s in prepared.eval if s.where in wheres]
     if not rows:
         raise DataError(f"{source}: no rows left to evaluate (after the template's checks and data.max_length)")
     references = [_reference(template, row) for row in rows]
-    evalset = EvalSet(source, rows, [(s.input_ids, s.labels) for s in samples],
-                      [prompt_text(tokenizer, template, row) for row in rows], references, warnings=warnings,
-                      heldout_check=heldout_check)
+    evalset = EvalSet(
+        source,
+        rows,
+        [(s.input_ids, s.labels) for s in samples],
+        [prompt_text(tokenizer, template, row) for row in rows],
+        references,
+        warnings=warnings,
+        heldout_check=heldout_check,
+    )
     options = [str(o) for o in opts["options"]] or list(template.options)
     options_field = opts["options_field"] or template.options_field
     if options or options_field:
@@ -190,9 +228,15 @@ def _refuse_bad_rows(data_cfg, template, reproduced: bool, target) -> None:
     columns = dict(data_cfg.columns or {})
     bad, seen = [], set()
     for spec in dict.fromkeys(s for s in specs if s):
-        read = sources.read_rows(spec, columns=columns, hub_config=data_cfg.hub_config, split=data_cfg.split,
-                                 revision=data_cfg.revision, key="data",
-                                 max_row_bytes=data_cfg.get("max_row_bytes") or sources.MAX_ROW_BYTES)
+        read = sources.read_rows(
+            spec,
+            columns=columns,
+            hub_config=data_cfg.hub_config,
+            split=data_cfg.split,
+            revision=data_cfg.revision,
+            key="data",
+            max_row_bytes=data_cfg.get("max_row_bytes") or sources.MAX_ROW_BYTES,
+        )
         found = [(r.where, r.reason) for r in read.rejected]
         for row in read.rows:
             problems = template.check_row(row, columns)
@@ -204,14 +248,21 @@ def _refuse_bad_rows(data_cfg, template, reproduced: bool, target) -> None:
                 bad.append(f"{where}: " + COLUMNS_HINT.sub(r"columns=[\1=COLUMN]", detail))
     if not bad:
         return
-    shown = bad[: sources.MAX_REPORTED] + ([f"... and {len(bad) - sources.MAX_REPORTED} more"] if len(bad) > sources.MAX_REPORTED else [])
+    shown = bad[: sources.MAX_REPORTED] + (
+        [f"... and {len(bad) - sources.MAX_REPORTED} more"] if len(bad) > sources.MAX_REPORTED else []
+    )
     if reproduced:
-        fix = (f"these rows are in the data named in {target.run_dir / 'config.yaml'} now, and training would have refused "
-               "them: the data changed since training, so the run's held-out split cannot be reproduced. Evaluate on "
-               "data=FILE (with template= and columns=[field=column] to fit it)")
+        fix = (
+            f"these rows are in the data named in {target.run_dir / 'config.yaml'} now, and training would have "
+            "refused "
+            "them: the data changed since training, so the run's held-out split cannot be reproduced. Evaluate on "
+            "data=FILE (with template= and columns=[field=column] to fit it)"
+        )
     else:
-        fix = ("evaluate measures every row it is given: fix or remove these rows, or fit the template to your columns "
-               "with columns=[field=column] (or another template=)")
+        fix = (
+            "evaluate measures every row it is given: fix or remove these rows, or fit the template to your columns "
+            "with columns=[field=column] (or another template=)"
+        )
     raise DataError(f"{len(bad)} bad row(s):\n" + "\n".join(f"  {line}" for line in shown) + f"\n  fix: {fix}")
 
 
@@ -230,8 +281,13 @@ def _labelled(rows, references, options, options_field, source) -> tuple[list[li
         gold.append([c.strip() for c in choices].index(reference.strip()))
     if problems:
         more = f" (and {len(problems) - 20} more)" if len(problems) > 20 else ""
-        raise DataError([*problems[:20], f"{source}: {len(problems)} labelled row(s) cannot be scored{more}; fix the answers "
-                         "or the options (options=[...] / options_field= / the template's options)"])
+        raise DataError(
+            [
+                *problems[:20],
+                f"{source}: {len(problems)} labelled row(s) cannot be scored{more}; fix the answers "
+                "or the options (options=[...] / options_field= / the template's options)",
+            ]
+        )
     return per_row, gold
 
 
@@ -248,7 +304,7 @@ def _option_sequences(tokenizer, template, rows, options) -> list[list[tuple[lis
         per_option = []
         for choice in choices:
             full = render(tokenizer, template, [*conversation[:last], {**conversation[last], "content": choice}])
-            answer_ids = tokenizer(full[len(prompt):], add_special_tokens=False)["input_ids"]
+            answer_ids = tokenizer(full[len(prompt) :], add_special_tokens=False)["input_ids"]
             per_option.append((prompt_ids + answer_ids, [-100] * len(prompt_ids) + answer_ids))
         sequences.append(per_option)
     return sequences
@@ -278,15 +334,23 @@ def measure(model, tokenizer, evalset: EvalSet, opts: dict) -> tuple[dict, dict]
         result.update(mc_accuracy=right / len(evalset.options), mc_accuracy_norm=right_norm / len(evalset.options))
     elif opts["generate_rows"] and any(evalset.prompts):
         count = min(opts["generate_rows"], len(evalset.rows))
-        generated = scoring.greedy_answers(model, tokenizer, evalset.prompts[:count], opts["max_new_tokens"], opts["batch_size"])
+        generated = scoring.greedy_answers(
+            model, tokenizer, evalset.prompts[:count], opts["max_new_tokens"], opts["batch_size"]
+        )
         result.update(metrics.text_metrics(generated, [r.strip() for r in evalset.references[:count]]))
         answers = dict(enumerate(generated))
     if opts["harness"]:
         from finetune.evaluate import harness
 
-        result["harness"] = harness.run_tasks(model, tokenizer, opts["harness"], include_path=opts["harness_include"] or None,
-                                              limit=opts["harness_limit"], num_fewshot=opts["num_fewshot"],
-                                              batch_size=opts["batch_size"])
+        result["harness"] = harness.run_tasks(
+            model,
+            tokenizer,
+            opts["harness"],
+            include_path=opts["harness_include"] or None,
+            limit=opts["harness_limit"],
+            num_fewshot=opts["num_fewshot"],
+            batch_size=opts["batch_size"],
+        )
     return result, answers
 
 
@@ -313,8 +377,13 @@ def _load_base(target: rundir.Target, override: str | None, dtype: str):
     cli.say(f"loading the base {source} to compare with")
     trust = bool((target.config or {}).get("model", {}).get("trust_remote_code", False))
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    model = AutoModelForCausalLM.from_pretrained(source, dtype=getattr(torch, dtype) if dtype != "auto" else "auto",
-                                                 trust_remote_code=trust, use_safetensors=True, device_map=device)
+    model = AutoModelForCausalLM.from_pretrained(
+        source,
+        dtype=getattr(torch, dtype) if dtype != "auto" else "auto",
+        trust_remote_code=trust,
+        use_safetensors=True,
+        device_map=device,
+    )
     neo_attention.enable(model)  # the same attention as the fine-tuned side
     return model.eval()
 
@@ -325,8 +394,11 @@ def _refresh_cards(target: rundir.Target) -> None:
 
     if not target.run_dir or not target.config:
         return
-    for folder, kind in ((target.run_dir / rundir.ADAPTER_DIR, "adapter"), (target.run_dir / rundir.MODEL_DIR, "model"),
-                         (target.run_dir / rundir.MERGED_DIR, "merged")):
+    for folder, kind in (
+        (target.run_dir / rundir.ADAPTER_DIR, "adapter"),
+        (target.run_dir / rundir.MODEL_DIR, "model"),
+        (target.run_dir / rundir.MERGED_DIR, "merged"),
+    ):
         if (folder / "README.md").is_file():
             extra = rundir.read_json(folder / "merge_report.json") if kind == "merged" else None
             with contextlib.suppress(OSError):
@@ -344,7 +416,9 @@ def _columns(pairs: list) -> dict:
     for pair in pairs:
         field_name, sep, column = str(pair).partition("=")
         if not sep or not field_name or not column:
-            raise ConfigError(f"columns: '{pair}' is not FIELD=COLUMN (e.g. columns=[instruction=question,output=answer])")
+            raise ConfigError(
+                f"columns: '{pair}' is not FIELD=COLUMN (e.g. columns=[instruction=question,output=answer])"
+            )
         columns[field_name.strip()] = column.strip()
     return columns
 

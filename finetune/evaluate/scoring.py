@@ -20,7 +20,9 @@ class Scored:
     tokens: int
 
 
-def label_logprobs(model, sequences: list[tuple[list[int], list[int]]], batch_size: int = 8, pad_id: int = 0) -> list[Scored]:
+def label_logprobs(
+    model, sequences: list[tuple[list[int], list[int]]], batch_size: int = 8, pad_id: int = 0
+) -> list[Scored]:
     """For each (input_ids, labels) pair: the summed log-probability of the tokens whose label is not -100.
 
     Used for held-out loss (labels = the trained response tokens) and for multiple choice (labels = one option).
@@ -72,8 +74,14 @@ def greedy_answers(model, tokenizer, prompts: list[str], max_new_tokens: int, ba
             ids[row, width - len(encoded[i]) :] = torch.tensor(encoded[i])
             mask[row, width - len(encoded[i]) :] = 1
         with torch.no_grad():
-            out = model.generate(input_ids=ids.to(device), attention_mask=mask.to(device), max_new_tokens=max_new_tokens,
-                                 do_sample=False, eos_token_id=eos, pad_token_id=pad)
+            out = model.generate(
+                input_ids=ids.to(device),
+                attention_mask=mask.to(device),
+                max_new_tokens=max_new_tokens,
+                do_sample=False,
+                eos_token_id=eos,
+                pad_token_id=pad,
+            )
         for row, i in enumerate(chosen):
             answers[i] = tokenizer.decode(out[row, width:], skip_special_tokens=True).strip()
     return answers

@@ -28,18 +28,27 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from finetune.runs import artifacts, rundir
 from finetune import console as cli
-from finetune.inference import generate
 from finetune.console import Option
 from finetune.data import sources
 from finetune.errors import ConfigError, DataError
+from finetune.inference import generate
+from finetune.runs import artifacts, rundir
 
 OPTIONS = [
-    Option("input", str, None, "texts: .txt (one per non-empty line) or .jsonl/.json/.csv/.tsv/.parquet (column field=)"),
-    Option("out", str, None, "FILE.parquet or FILE.npy (default: RUN/embeddings/<input stem>.parquet; required outside a run)"),
+    Option(
+        "input", str, None, "texts: .txt (one per non-empty line) or .jsonl/.json/.csv/.tsv/.parquet (column field=)"
+    ),
+    Option(
+        "out",
+        str,
+        None,
+        "FILE.parquet or FILE.npy (default: RUN/embeddings/<input stem>.parquet; required outside a run)",
+    ),
     Option("field", str, "text", "the column holding the text (not for .txt)"),
-    Option("layer", int, -1, "hidden state to pool: 0 embeddings, 1..N after layer N, -1 the last (after the final norm)"),
+    Option(
+        "layer", int, -1, "hidden state to pool: 0 embeddings, 1..N after layer N, -1 the last (after the final norm)"
+    ),
     Option("pooling", str, "mean", "mean (over the text's tokens) | last (the text's final token)"),
     Option("adapter", bool, True, "false: embed with the base under the adapter (the adapter switched off)"),
     Option("normalize", bool, False, "scale each vector to unit L2 norm (for cosine similarity as a dot product)"),
@@ -48,7 +57,12 @@ OPTIONS = [
     Option("overwrite", bool, False, "replace an existing out"),
     Option("merged", bool, False, "use RUN/merged (python -m finetune.merge) instead of base + adapter"),
     Option("base", str, None, "base model folder or Hub id for an adapter (default: the run's model.name_or_path)"),
-    Option("dtype", str, None, "bfloat16 | float32 | float16 | auto (default: the run's model.dtype; float16 -> float32 on CPU)"),
+    Option(
+        "dtype",
+        str,
+        None,
+        "bfloat16 | float32 | float16 | auto (default: the run's model.dtype; float16 -> float32 on CPU)",
+    ),
 ]
 POOLINGS = ("mean", "last")
 TEXT_SUFFIX = ".txt"
@@ -76,14 +90,25 @@ def encode(tokenizer, texts: list[str], max_length: int = 512) -> Encoded:
     ids = tokenizer(texts, truncation=False)["input_ids"]
     empty = [i for i, row in enumerate(ids) if not row]
     if empty:
-        shown = ", ".join(map(str, empty[:sources.MAX_REPORTED]))
+        shown = ", ".join(map(str, empty[: sources.MAX_REPORTED]))
         raise DataError(f"{len(empty)} text(s) have no tokens (empty strings): index {shown}; drop them from the input")
     truncated = sum(len(row) > max_length for row in ids)
     return Encoded([list(row[:max_length]) for row in ids], truncated)
 
 
-def embed_texts(model, tokenizer, texts: list[str], *, layer: int = -1, pooling: str = "mean", batch_size: int = 16,
-                max_length: int = 512, normalize: bool = False, adapter: bool = True, progress: bool = False):
+def embed_texts(
+    model,
+    tokenizer,
+    texts: list[str],
+    *,
+    layer: int = -1,
+    pooling: str = "mean",
+    batch_size: int = 16,
+    max_length: int = 512,
+    normalize: bool = False,
+    adapter: bool = True,
+    progress: bool = False,
+):
     """Vectors for `texts` as a float32 numpy array [len(texts), hidden size], in the order given.
 
     `model` is a generate.Session (then `tokenizer` may be None) or a transformers / peft model. adapter=False runs
@@ -94,13 +119,34 @@ def embed_texts(model, tokenizer, texts: list[str], *, layer: int = -1, pooling:
         model = model.model
     encoded = encode(tokenizer, texts, max_length)
     if encoded.truncated:
-        cli.say(f"{encoded.truncated} of {len(encoded.ids)} texts are longer than max_length={max_length} tokens: truncated")
-    return embed_ids(model, encoded.ids, layer=layer, pooling=pooling, batch_size=batch_size, normalize=normalize,
-                     adapter=adapter, pad_id=pad_id(tokenizer), progress=progress)
+        cli.say(
+            f"{encoded.truncated} of {len(encoded.ids)} texts are longer than max_length={max_length} tokens: truncated"
+        )
+    return embed_ids(
+        model,
+        encoded.ids,
+        layer=layer,
+        pooling=pooling,
+        batch_size=batch_size,
+        normalize=normalize,
+        adapter=adapter,
+        pad_id=pad_id(tokenizer),
+        progress=progress,
+    )
 
 
-def embed_ids(model, ids: list[list[int]], *, layer: int = -1, pooling: str = "mean", batch_size: int = 16,
-              normalize: bool = False, adapter: bool = True, pad_id: int = 0, progress: bool = False):
+def embed_ids(
+    model,
+    ids: list[list[int]],
+    *,
+    layer: int = -1,
+    pooling: str = "mean",
+    batch_size: int = 16,
+    normalize: bool = False,
+    adapter: bool = True,
+    pad_id: int = 0,
+    progress: bool = False,
+):
     """Vectors for already tokenised texts (see encode): batched longest first, right-padded, returned in input order.
 
     Padding is excluded through the attention mask, so `pad_id` may be any token (EOS included) and a text's vector
@@ -118,14 +164,19 @@ def embed_ids(model, ids: list[list[int]], *, layer: int = -1, pooling: str = "m
     device = _device(model)
     order = sorted(range(len(ids)), key=lambda i: len(ids[i]), reverse=True)  # longest first: out-of-memory shows early
     vectors = None
-    with torch.inference_mode(), _adapter_state(model, adapter), \
-            tqdm(total=len(ids), desc="embedding", unit="text", file=sys.stderr, disable=not progress) as bar:
+    with (
+        torch.inference_mode(),
+        _adapter_state(model, adapter),
+        tqdm(total=len(ids), desc="embedding", unit="text", file=sys.stderr, disable=not progress) as bar,
+    ):
         for start in range(0, len(order), batch_size):
-            chosen = order[start:start + batch_size]
+            chosen = order[start : start + batch_size]
             input_ids, mask = _right_padded([ids[i] for i in chosen], pad_id)
             input_ids, mask = input_ids.to(device), mask.to(device)
-            output = model(input_ids=input_ids, attention_mask=mask, output_hidden_states=True, use_cache=False,
-                           logits_to_keep=1)  # the LM head's logits are not needed: last position only
+            # the LM head's logits are not needed: last position only
+            output = model(
+                input_ids=input_ids, attention_mask=mask, output_hidden_states=True, use_cache=False, logits_to_keep=1
+            )
             pooled = pool(output.hidden_states[layer].float(), mask, pooling)
             if normalize:
                 pooled = torch.nn.functional.normalize(pooled, dim=-1)
@@ -156,8 +207,8 @@ def _right_padded(rows: list[list[int]], pad_id: int):
     input_ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
     mask = torch.zeros((len(rows), width), dtype=torch.long)
     for index, row in enumerate(rows):
-        input_ids[index, :len(row)] = torch.tensor(row, dtype=torch.long)
-        mask[index, :len(row)] = 1
+        input_ids[index, : len(row)] = torch.tensor(row, dtype=torch.long)
+        mask[index, : len(row)] = 1
     return input_ids, mask
 
 
@@ -194,8 +245,10 @@ def check_options(layer: int, pooling: str, batch_size: int, layers: int) -> lis
     """One problem per bad value; `layers` is the model's layer count (hidden_states has layers + 1 entries)."""
     problems = []
     if not -(layers + 1) <= layer <= layers:
-        problems.append(f"layer={layer}: this model has {layers} layers, so layer= is 0 (embeddings) .. {layers} (the last, "
-                        f"after the final layer norm), or counted from the end -1 .. -{layers + 1}")
+        problems.append(
+            f"layer={layer}: this model has {layers} layers, so layer= is 0 (embeddings) .. {layers} (the last, "
+            f"after the final layer norm), or counted from the end -1 .. -{layers + 1}"
+        )
     if pooling not in POOLINGS:
         problems.append(f"pooling={pooling}: choose one of {', '.join(POOLINGS)}")
     if batch_size < 1:
@@ -211,8 +264,10 @@ def read_texts(path: str | Path, field: str = "text") -> list[str]:
     path = Path(path).expanduser()
     suffix = path.suffix.lower()
     if suffix != TEXT_SUFFIX and suffix not in sources.SUFFIXES:
-        raise ConfigError(f"input={path}: unsupported file type '{suffix}'; use {TEXT_SUFFIX} (one text per line) or "
-                          f"{', '.join(sources.SUFFIXES)}")
+        raise ConfigError(
+            f"input={path}: unsupported file type '{suffix}'; use {TEXT_SUFFIX} (one text per line) or "
+            f"{', '.join(sources.SUFFIXES)}"
+        )
     if not path.is_file():
         raise ConfigError(f"input={path}: no such file{'' if path.is_absolute() else f' (relative to {Path.cwd()})'}")
     if suffix == TEXT_SUFFIX:
@@ -232,7 +287,9 @@ def _field_texts(result: sources.ReadResult, field: str) -> list[str]:
         value, where = row.get(field), row["_where"]
         if field not in row:
             columns = ", ".join(k for k in row if k != "_where")
-            problems.append((where, f"{where}: no '{field}' field (columns: {columns}); name the text column with field="))
+            problems.append(
+                (where, f"{where}: no '{field}' field (columns: {columns}); name the text column with field=")
+            )
         elif not isinstance(value, str):
             what = "null" if value is None else f"{str(value)[:40]} ({type(value).__name__})"
             problems.append((where, f"{where}: '{field}' is {what}, not a string (field={field})"))
@@ -242,8 +299,14 @@ def _field_texts(result: sources.ReadResult, field: str) -> list[str]:
             texts.append(value)
     if problems:
         problems = [message for _, message in sorted(problems, key=lambda p: _position(p[0]))]
-        more = f"\n  ... and {len(problems) - sources.MAX_REPORTED} more" if len(problems) > sources.MAX_REPORTED else ""
-        raise DataError(f"{len(problems)} row(s) of the input cannot be embedded:\n  " + "\n  ".join(problems[:sources.MAX_REPORTED]) + more)
+        more = (
+            f"\n  ... and {len(problems) - sources.MAX_REPORTED} more" if len(problems) > sources.MAX_REPORTED else ""
+        )
+        raise DataError(
+            f"{len(problems)} row(s) of the input cannot be embedded:\n  "
+            + "\n  ".join(problems[: sources.MAX_REPORTED])
+            + more
+        )
     return texts
 
 
@@ -256,8 +319,10 @@ def _position(where: str) -> int:
 def default_out(target: rundir.Target, input_path: Path, adapter: bool, merged: bool) -> Path:
     """RUN/embeddings/<input stem>[.base|.merged].parquet; outside a run directory there is no default."""
     if target.run_dir is None:
-        raise ConfigError(f"out=: {target.weights} is not in a run directory, so there is no default place for the "
-                          "vectors; give out=FILE.parquet or out=FILE.npy")
+        raise ConfigError(
+            f"out=: {target.weights} is not in a run directory, so there is no default place for the "
+            "vectors; give out=FILE.parquet or out=FILE.npy"
+        )
     variant = ".base" if not adapter and target.kind == "adapter" else (".merged" if merged else "")
     return target.run_dir / EMBEDDINGS_DIR / f"{input_path.stem}{variant}.parquet"
 
@@ -275,7 +340,8 @@ def write(out: Path, texts: list[str], vectors, manifest: dict) -> None:
             _write_npy(data_tmp, vectors)
         else:
             _write_parquet(data_tmp, texts, vectors)
-        manifest_path(out).unlink(missing_ok=True)  # a crash between the renames leaves no stale manifest beside new data
+        # a crash between the renames leaves no stale manifest beside new data
+        manifest_path(out).unlink(missing_ok=True)
         os.replace(data_tmp, out)
     finally:
         data_tmp.unlink(missing_ok=True)
@@ -305,15 +371,26 @@ def _write_parquet(path: Path, texts: list[str], vectors) -> None:
             stop = min(start + PARQUET_CHUNK, count)
             offsets = pa.array(np.arange(0, (stop - start) * dim + 1, dim, dtype=np.int32))
             embedding = pa.ListArray.from_arrays(offsets, pa.array(vectors[start:stop].reshape(-1), pa.float32()))
-            writer.write_table(pa.table({"row": pa.array(np.arange(start, stop, dtype=np.int64)),
-                                         "text": pa.array(texts[start:stop], pa.string()), "embedding": embedding},
-                                        schema=schema))
+            writer.write_table(
+                pa.table(
+                    {
+                        "row": pa.array(np.arange(start, stop, dtype=np.int64)),
+                        "text": pa.array(texts[start:stop], pa.string()),
+                        "embedding": embedding,
+                    },
+                    schema=schema,
+                )
+            )
 
 
 def run(opts: dict) -> Path:
     """The CLI: check options, input, output and layer before loading weights; embed; write vectors and manifest."""
     started = time.monotonic()
-    problems = [] if opts["input"] else ["input=FILE is required: the texts to embed (.txt, .jsonl, .json, .csv, .tsv, .parquet)"]
+    problems = (
+        []
+        if opts["input"]
+        else ["input=FILE is required: the texts to embed (.txt, .jsonl, .json, .csv, .tsv, .parquet)"]
+    )
     if opts["max_length"] < 1:
         problems.append(f"max_length={opts['max_length']}: must be at least 1")
     if opts["out"] and Path(opts["out"]).suffix.lower() not in OUT_SUFFIXES:
@@ -322,7 +399,11 @@ def run(opts: dict) -> Path:
         raise ConfigError(problems)
     input_path = Path(opts["input"]).expanduser()
     target = rundir.locate(opts["target"], opts["merged"])
-    out = Path(opts["out"]).expanduser() if opts["out"] else default_out(target, input_path, opts["adapter"], opts["merged"])
+    out = (
+        Path(opts["out"]).expanduser()
+        if opts["out"]
+        else default_out(target, input_path, opts["adapter"], opts["merged"])
+    )
     if (out.exists() or manifest_path(out).exists()) and not opts["overwrite"]:
         raise ConfigError(f"out={out}: already exists; choose another out= or pass overwrite=true")
     loading = generate.plan(opts["target"], opts["merged"], base=opts["base"], dtype=opts["dtype"])
@@ -330,14 +411,20 @@ def run(opts: dict) -> Path:
     problems = check_options(opts["layer"], opts["pooling"], opts["batch_size"], num_layers(config))
     context = getattr(config, "max_position_embeddings", None)
     if context and opts["max_length"] > context:
-        problems.append(f"max_length={opts['max_length']}: the model's context is {context} tokens; use max_length={context} or less")
+        problems.append(
+            f"max_length={opts['max_length']}: the model's context is {context} tokens; use max_length={context} or "
+            "less"
+        )
     if problems:
         raise ConfigError(problems)
     cli.quiet_libraries()
     texts = read_texts(input_path, opts["field"])
     encoded = encode(loading.tokenizer, texts, opts["max_length"])
     if encoded.truncated:
-        cli.say(f"{encoded.truncated} of {len(texts)} texts are longer than max_length={opts['max_length']} tokens: truncated")
+        cli.say(
+            f"{encoded.truncated} of {len(texts)} texts are longer than max_length={opts['max_length']} tokens: "
+            "truncated"
+        )
     adapter = loading.first if loading.adapters and opts["adapter"] else None
     if loading.adapters and not opts["adapter"]:
         what = f"base {loading.weights} (adapter {loading.first} switched off)"
@@ -347,9 +434,17 @@ def run(opts: dict) -> Path:
         what = str(loading.weights) + ("" if opts["adapter"] else " (full weights: adapter=false changes nothing)")
     cli.say(f"loading {what} ({loading.dtype})")
     session = loading.load()
-    vectors = embed_ids(session.model, encoded.ids, layer=opts["layer"], pooling=opts["pooling"],
-                        batch_size=opts["batch_size"], normalize=opts["normalize"], adapter=opts["adapter"],
-                        pad_id=pad_id(loading.tokenizer), progress=True)
+    vectors = embed_ids(
+        session.model,
+        encoded.ids,
+        layer=opts["layer"],
+        pooling=opts["pooling"],
+        batch_size=opts["batch_size"],
+        normalize=opts["normalize"],
+        adapter=opts["adapter"],
+        pad_id=pad_id(loading.tokenizer),
+        progress=True,
+    )
     manifest = {
         "target": str(Path(opts["target"]).expanduser().resolve()),
         "weights": str(loading.weights),  # the model folder, or the base under the adapter
@@ -373,8 +468,11 @@ def run(opts: dict) -> Path:
         "versions": artifacts.versions(),
     }
     write(out, texts, vectors, manifest)
-    cli.say(f"wrote {vectors.shape[0]} vectors of {vectors.shape[1]} dimensions to {out} (manifest: {manifest_path(out).name}) "
-            f"in {time.monotonic() - started:.0f} s")
+    cli.say(
+        f"wrote {vectors.shape[0]} vectors of {vectors.shape[1]} dimensions to {out} (manifest: "
+        f"{manifest_path(out).name}) "
+        f"in {time.monotonic() - started:.0f} s"
+    )
     return out
 
 

@@ -3,7 +3,8 @@
 - base model: "sha256-v2:" + sha256 over config.json and the full sha256 of every weights file, so a base that
   differs in any byte of any tensor is a different base (one element anywhere: tests/test_fingerprint.py). Hashing
   runs at about 1.4 GB/s here (benchmarks/fingerprint.py: GPT-NeoX-20B's 41.3 GB in about 30 s from the page cache;
-  a cold disk's read speed bounds it below that), so each file's sha256 is cached by (path, size, mtime_ns, inode) in CACHE (FINETUNE_FINGERPRINT_CACHE
+  a cold disk's read speed bounds it below that), so each file's sha256 is cached by (path, size, mtime_ns, inode) in
+  CACHE (FINETUNE_FINGERPRINT_CACHE
   overrides): paid once per base file, not per command. What gets through: a change that keeps a cached file's size,
   mtime_ns and inode (rewriting in place and then restoring the mtime by hand); delete the cache to re-read.
   Records from older runs (64 hex digits, no prefix) held the old sampled fingerprint (config, headers, 64 KiB at
@@ -28,9 +29,24 @@ CACHE = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "neo-
 CHUNK = 16 * 2**20
 
 # fields compared on resume; a change is refused unless named in resume_allow_drift
-RESUME_FIELDS = ("base_model", "dataset", "strategy", "seed", "per_device_train_batch_size", "gradient_accumulation_steps",
-                 "world_size", "max_length", "packing", "dtype", "learning_rate", "lr_scheduler_type", "max_steps",
-                 "num_train_epochs", "weight_decay", "warmup_steps")
+RESUME_FIELDS = (
+    "base_model",
+    "dataset",
+    "strategy",
+    "seed",
+    "per_device_train_batch_size",
+    "gradient_accumulation_steps",
+    "world_size",
+    "max_length",
+    "packing",
+    "dtype",
+    "learning_rate",
+    "lr_scheduler_type",
+    "max_steps",
+    "num_train_epochs",
+    "weight_decay",
+    "warmup_steps",
+)
 
 
 def model_files(model_cfg) -> Path | None:
@@ -121,7 +137,9 @@ def config_sha256(folder: Path) -> str:
     return hashlib.sha256((folder / "config.json").read_bytes()).hexdigest()
 
 
-def base_record(model_cfg, folder: Path | None, hub_id: str | None, weights: str | None, quantization: dict | None = None) -> dict:
+def base_record(
+    model_cfg, folder: Path | None, hub_id: str | None, weights: str | None, quantization: dict | None = None
+) -> dict:
     """What an adapter records about its base (base_model.json): merge refuses any other base, and compares a merge of
     a QLoRA adapter with the 4-bit model it trained (`quantization`: the BitsAndBytesConfig kwargs, else None)."""
     return {
@@ -147,15 +165,21 @@ def base_mismatch(recorded: dict, folder: Path, warn=None) -> list[str]:
         return lines
     here = in_format_of(weights, folder)
     old = ":" not in weights
-    note = (" (recorded in the older format: config, headers and 64 KiB at each end of each weights file)") if old else ""
+    note = (
+        (" (recorded in the older format: config, headers and 64 KiB at each end of each weights file)") if old else ""
+    )
     if here is None:
-        lines.append(f"weights fingerprint {weights[:24]}... at training is in a format this version does not know "
-                     f"(it writes {FORMAT}); retrain, or use the version that trained")
+        lines.append(
+            f"weights fingerprint {weights[:24]}... at training is in a format this version does not know "
+            f"(it writes {FORMAT}); retrain, or use the version that trained"
+        )
     elif here != weights:
         lines.append(f"weights fingerprint {weights[:16]}... at training, {here[:16]}... here{note}")
     elif old and warn:
-        warn(f"the base's weights fingerprint was recorded in the older format (config, headers and 64 KiB at each end "
-             "of each weights file): a change in the middle of a tensor would not be seen; retrain to record a full one")
+        warn(
+            "the base's weights fingerprint was recorded in the older format (config, headers and 64 KiB at each end "
+            "of each weights file): a change in the middle of a tensor would not be seen; retrain to record a full one"
+        )
     return lines
 
 
@@ -169,8 +193,16 @@ def dataset(samples: list, packed: bool) -> str:
 def run_facts(cfg, strategy: dict, base: str, data: str, world_size: int) -> dict:
     """What must not change between a checkpoint and the run that resumes it."""
     trainer = cfg.trainer
-    facts = {"base_model": base, "dataset": data, "strategy": strategy, "seed": cfg.seed, "world_size": world_size,
-             "max_length": cfg.data.max_length, "packing": cfg.data.packing, "dtype": cfg.model.dtype}
+    facts = {
+        "base_model": base,
+        "dataset": data,
+        "strategy": strategy,
+        "seed": cfg.seed,
+        "world_size": world_size,
+        "max_length": cfg.data.max_length,
+        "packing": cfg.data.packing,
+        "dtype": cfg.model.dtype,
+    }
     for key in RESUME_FIELDS:
         if key not in facts:
             facts[key] = trainer.get(key)
@@ -185,8 +217,11 @@ def drift(saved: dict, current: dict, allowed: list[str]) -> list[str]:
             continue
         old, new = saved.get(key), current.get(key)
         if isinstance(old, dict) and isinstance(new, dict):  # name the sub-keys that changed (strategy.r, ...)
-            lines += [f"{key}.{sub}: {_short(old.get(sub))} in the checkpoint -> {_short(new.get(sub))} now"
-                      for sub in sorted(set(old) | set(new)) if old.get(sub) != new.get(sub)]
+            lines += [
+                f"{key}.{sub}: {_short(old.get(sub))} in the checkpoint -> {_short(new.get(sub))} now"
+                for sub in sorted(set(old) | set(new))
+                if old.get(sub) != new.get(sub)
+            ]
         else:
             lines.append(f"{key}: {_short(old)} in the checkpoint -> {_short(new)} now")
     return lines

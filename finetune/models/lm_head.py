@@ -22,12 +22,21 @@ import types
 
 def compact_everywhere(model) -> bool:
     """Wrap the fused forward trl put on `model`'s base model; False (nothing done) when there is none to wrap or the
-    architecture scales its logits (softcapping, logit scale, MoE: kept on trl's path, none of them is in this family)."""
+    architecture scales its logits (softcapping, logit scale, MoE: kept on trl's path, none of them is in this
+    family)."""
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
     trl_forward = base.__dict__.get("forward")  # add_fused_lm_head sets an instance attribute
     config = base.config.get_text_config()
-    scaled = any(getattr(config, key, None) is not None for key in
-                 ("final_logit_softcapping", "logit_scale", "output_multiplier", "lm_head_multiplier", "logits_scaling"))
+    scaled = any(
+        getattr(config, key, None) is not None
+        for key in (
+            "final_logit_softcapping",
+            "logit_scale",
+            "output_multiplier",
+            "lm_head_multiplier",
+            "logits_scaling",
+        )
+    )
     if trl_forward is None or scaled or getattr(config, "output_router_logits", False):
         return False
     if getattr(trl_forward, "_finetune_compact", False):
@@ -38,8 +47,14 @@ def compact_everywhere(model) -> bool:
 
         head = self.get_output_embeddings()
         if not fused_lm_head or shift_labels is not None or _use_triton(head.weight.device):
-            return trl_forward(*args, fused_lm_head=fused_lm_head, labels=labels, shift_labels=shift_labels,
-                               num_items_in_batch=num_items_in_batch, **kwargs)
+            return trl_forward(
+                *args,
+                fused_lm_head=fused_lm_head,
+                labels=labels,
+                shift_labels=shift_labels,
+                num_items_in_batch=num_items_in_batch,
+                **kwargs,
+            )
         return _compact_fused(self, head, args, kwargs, labels, num_items_in_batch)
 
     forward._finetune_compact = True
@@ -62,10 +77,29 @@ def _compact_fused(model, head, args, kwargs, labels, num_items_in_batch):
         weight = weight.full_tensor()
         bias = bias.full_tensor() if bias is not None else None
     with maybe_gather_lm_head_ctx(weight, bias):  # DeepSpeed ZeRO-3: the kernel reads the weight directly
-        per_token = ChunkedLogProbFunction.apply(hidden[mask], weight, bias, labels[mask], 1.0, _CHUNKED_LOGPROB_CHUNK_SIZE,
-                                                 None, 1.0, ("log_probs", "entropy", "is_top1"))
+        per_token = ChunkedLogProbFunction.apply(
+            hidden[mask],
+            weight,
+            bias,
+            labels[mask],
+            1.0,
+            _CHUNKED_LOGPROB_CHUNK_SIZE,
+            None,
+            1.0,
+            ("log_probs", "entropy", "is_top1"),
+        )
     # masked_scatter keeps an all-masked micro-batch connected to the graph (a differentiable zero), as in trl
-    log_probs, entropy, _, _, is_top1 = (None if x is None else x.new_zeros(mask.shape).masked_scatter(mask, x) for x in per_token)
+    log_probs, entropy, _, _, is_top1 = (
+        None if x is None else x.new_zeros(mask.shape).masked_scatter(mask, x) for x in per_token
+    )
     loss = -log_probs.sum() / (mask.sum().clamp(min=1) if num_items_in_batch is None else num_items_in_batch)
-    return FusedCausalLMOutput(loss=loss, log_probs=log_probs, entropy=entropy, log_sum_sq_probs=None, mean_logits=None,
-                               is_top1=is_top1, label_mask=mask, aux_loss=None)
+    return FusedCausalLMOutput(
+        loss=loss,
+        log_probs=log_probs,
+        entropy=entropy,
+        log_sum_sq_probs=None,
+        mean_logits=None,
+        is_top1=is_top1,
+        label_mask=mask,
+        aux_loss=None,
+    )

@@ -45,9 +45,13 @@ NAME = "sdpa"  # what model.attn_implementation calls it for GPT-Neo; the mask f
 class NeoSdpaAttention(modeling_gpt_neo.GPTNeoSelfAttention):
     """GPT-Neo self-attention (global or windowed-local) computed by SDPA; eager only when weights are asked for."""
 
-    def forward(self, hidden_states, attention_mask=None, layer_past=None, use_cache=False, output_attentions=False, **kwargs):
+    def forward(
+        self, hidden_states, attention_mask=None, layer_past=None, use_cache=False, output_attentions=False, **kwargs
+    ):
         if output_attentions or self.config._attn_implementation == "eager":  # SDPA never forms the weights: eager does
-            return super().forward(hidden_states, _additive(attention_mask, hidden_states.dtype), layer_past, use_cache, output_attentions)
+            return super().forward(
+                hidden_states, _additive(attention_mask, hidden_states.dtype), layer_past, use_cache, output_attentions
+            )
         query = self._split_heads(self.q_proj(hidden_states), self.num_heads, self.head_dim)
         key = self._split_heads(self.k_proj(hidden_states), self.num_heads, self.head_dim)
         value = self._split_heads(self.v_proj(hidden_states), self.num_heads, self.head_dim)
@@ -68,17 +72,22 @@ class NeoSdpaAttention(modeling_gpt_neo.GPTNeoSelfAttention):
         return output, None
 
     def _mask(self, attention_mask, q_len: int, k_len: int, dtype):
-        """The model's mask ANDed with this layer's band, additive in `dtype`; None where plain causal attention is exact."""
+        """The model's mask ANDed with this layer's band, additive in `dtype`; None where plain causal attention is
+        exact."""
         band = self.bias[:, :, k_len - q_len : k_len, :k_len]
         # everything the band depends on besides (q, k): its type and window (the offset k - q follows from the shape)
         layer_kind = ("global",) if self.attention_type == "global" else ("local", self.config.window_size)
         if attention_mask is None:
             if self.attention_type == "global" and (q_len == k_len or q_len == 1):
                 return None  # is_causal, or one new token that sees the whole cache
-            return _shared_mask(("band", layer_kind, dtype, band.device), None, (q_len, k_len), lambda: _additive(band, dtype))
+            return _shared_mask(
+                ("band", layer_kind, dtype, band.device), None, (q_len, k_len), lambda: _additive(band, dtype)
+            )
         if attention_mask.dtype == torch.bool:
             allowed = (lambda: attention_mask) if self.attention_type == "global" else (lambda: attention_mask & band)
-            return _shared_mask(("mask", layer_kind, dtype), attention_mask, (q_len, k_len), lambda: _additive(allowed(), dtype))
+            return _shared_mask(
+                ("mask", layer_kind, dtype), attention_mask, (q_len, k_len), lambda: _additive(allowed(), dtype)
+            )
         return attention_mask.masked_fill(~band, torch.finfo(attention_mask.dtype).min)  # an eager-format mask
 
 
@@ -110,7 +119,8 @@ def _additive(attention_mask, dtype):
 
 
 def register() -> None:
-    """Make "sdpa" an attention implementation transformers accepts for GPT-Neo, built as NeoSdpaAttention (idempotent)."""
+    """Make "sdpa" an attention implementation transformers accepts for GPT-Neo, built as NeoSdpaAttention
+    (idempotent)."""
     modeling_gpt_neo.GPT_NEO_ATTENTION_CLASSES[NAME] = NeoSdpaAttention
     modeling_gpt_neo.GPTNeoPreTrainedModel._supports_sdpa = True
     # transformers' set_attn_implementation only logs a warning for GPT-Neo (no AttentionInterface) and changes
@@ -151,7 +161,8 @@ def _switch(model, old: type, new: type, label: str) -> int:
     layers = [module for module in model.modules() if type(module) is old]
     for module in layers:
         module.__class__ = new
-    if any(type(module) is new for module in model.modules()):  # the configs decide the mask format, and what a rebuild builds
+    # the configs decide the mask format, and what a rebuild builds
+    if any(type(module) is new for module in model.modules()):
         for module in model.modules():
             if isinstance(module, modeling_gpt_neo.GPTNeoPreTrainedModel):
                 module.config._attn_implementation = label

@@ -33,11 +33,33 @@ PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".ckpt")
 MAX_HEADER_BYTES = 100 * 2**20
 
 DTYPE_NAMES = {  # safetensors name -> torch dtype name
-    "F64": "float64", "F32": "float32", "F16": "float16", "BF16": "bfloat16", "I64": "int64", "I32": "int32",
-    "I16": "int16", "I8": "int8", "U8": "uint8", "BOOL": "bool", "F8_E4M3": "float8_e4m3fn", "F8_E5M2": "float8_e5m2",
+    "F64": "float64",
+    "F32": "float32",
+    "F16": "float16",
+    "BF16": "bfloat16",
+    "I64": "int64",
+    "I32": "int32",
+    "I16": "int16",
+    "I8": "int8",
+    "U8": "uint8",
+    "BOOL": "bool",
+    "F8_E4M3": "float8_e4m3fn",
+    "F8_E5M2": "float8_e5m2",
 }
-DTYPE_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1, "BOOL": 1,
-               "F8_E4M3": 1, "F8_E5M2": 1}
+DTYPE_BYTES = {
+    "F64": 8,
+    "F32": 4,
+    "F16": 2,
+    "BF16": 2,
+    "I64": 8,
+    "I32": 4,
+    "I16": 2,
+    "I8": 1,
+    "U8": 1,
+    "BOOL": 1,
+    "F8_E4M3": 1,
+    "F8_E5M2": 1,
+}
 
 
 @dataclass(frozen=True)
@@ -67,7 +89,9 @@ class ShardReader:
         self.data_start = 8 + header_len
         self.metadata = header.pop("__metadata__", None) or {}
         try:
-            self.tensors = {name: TensorInfo(name, e["dtype"], tuple(e["shape"]), *e["data_offsets"]) for name, e in header.items()}
+            self.tensors = {
+                name: TensorInfo(name, e["dtype"], tuple(e["shape"]), *e["data_offsets"]) for name, e in header.items()
+            }
         except (KeyError, TypeError, ValueError) as err:
             self.file.close()
             raise IntegrityError(f"{path}: not a valid safetensors header ({type(err).__name__}: {err})") from None
@@ -85,18 +109,26 @@ class ShardReader:
             if info.dtype not in DTYPE_NAMES:
                 raise IntegrityError(f"{self.path}: tensor {info.name} has unknown dtype {info.dtype}")
             if not all(isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in info.shape):
-                raise IntegrityError(f"{self.path}: tensor {info.name} has shape {list(info.shape)}; the file is corrupt")
+                raise IntegrityError(
+                    f"{self.path}: tensor {info.name} has shape {list(info.shape)}; the file is corrupt"
+                )
             if info.begin != position or info.end < info.begin or info.end > data_size:
-                raise IntegrityError(f"{self.path}: tensor {info.name} has offsets {info.begin}..{info.end} that overlap, "
-                                     f"leave a gap or run past the data ({data_size} bytes); the file is corrupt")
+                raise IntegrityError(
+                    f"{self.path}: tensor {info.name} has offsets {info.begin}..{info.end} that overlap, "
+                    f"leave a gap or run past the data ({data_size} bytes); the file is corrupt"
+                )
             expected = _numel(info.shape) * DTYPE_BYTES[info.dtype]
             if info.end - info.begin != expected:
-                raise IntegrityError(f"{self.path}: tensor {info.name} is {info.dtype} {list(info.shape)} ({expected} bytes) "
-                                     f"but spans {info.end - info.begin} bytes; the file is corrupt")
+                raise IntegrityError(
+                    f"{self.path}: tensor {info.name} is {info.dtype} {list(info.shape)} ({expected} bytes) "
+                    f"but spans {info.end - info.begin} bytes; the file is corrupt"
+                )
             position = info.end
         if position != data_size:
-            raise IntegrityError(f"{self.path}: {data_size - position} bytes after the last tensor; the file is corrupt "
-                                 "or was appended to")
+            raise IntegrityError(
+                f"{self.path}: {data_size - position} bytes after the last tensor; the file is corrupt "
+                "or was appended to"
+            )
 
     def read(self, name: str):
         import torch
@@ -170,9 +202,11 @@ def weight_files(folder: Path, allow_pickle: bool = False) -> list[Path]:
         return [folder / SAFETENSORS_SINGLE]
     pickles = sorted(p for p in folder.iterdir() if p.suffix in PICKLE_SUFFIXES) if folder.is_dir() else []
     if pickles and not allow_pickle:
-        raise IntegrityError(f"{folder}: only pickled weights ({', '.join(p.name for p in pickles)}); unpickling can run "
-                             "arbitrary code. Convert them to safetensors, or pass allow_pickle=true to read them with "
-                             "torch.load(weights_only=True)")
+        raise IntegrityError(
+            f"{folder}: only pickled weights ({', '.join(p.name for p in pickles)}); unpickling can run "
+            "arbitrary code. Convert them to safetensors, or pass allow_pickle=true to read them with "
+            "torch.load(weights_only=True)"
+        )
     if pickles:
         return pickles
     raise IntegrityError(f"{folder}: no model weights ({SAFETENSORS_SINGLE} or {SAFETENSORS_INDEX})")
@@ -187,8 +221,10 @@ def inside(folder: Path, name: str) -> Path:
         allowed.append((folder.parent.parent / "blobs").resolve())
     resolved = candidate.resolve()
     if Path(name).is_absolute() or ".." in Path(name).parts or not any(resolved.is_relative_to(a) for a in allowed):
-        raise IntegrityError(f"{folder}: refers to '{name}', which lies outside the model folder; refusing to read it "
-                             "(a crafted index can make a loader read weights from anywhere)")
+        raise IntegrityError(
+            f"{folder}: refers to '{name}', which lies outside the model folder; refusing to read it "
+            "(a crafted index can make a loader read weights from anywhere)"
+        )
     return candidate
 
 
@@ -238,12 +274,12 @@ class _PickledShard:
 
     def __init__(self, path: Path):
         self.state = load_pickled(path)
-        self.tensors = {name: TensorInfo(name, dtype_name(t.dtype), tuple(t.shape), 0, 0)
-                        for name, t in self.state.items()}
+        self.tensors = {
+            name: TensorInfo(name, dtype_name(t.dtype), tuple(t.shape), 0, 0) for name, t in self.state.items()
+        }
 
     def read(self, name: str):
         return self.state[name]
 
     def close(self) -> None:
         self.state = {}
-

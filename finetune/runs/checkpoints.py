@@ -73,7 +73,9 @@ def verify(directory: Path) -> str | None:
         if name not in present:
             return f"{path} is missing"
         if path.stat().st_size != expected["bytes"]:
-            return f"{path} has {path.stat().st_size} bytes, the manifest says {expected['bytes']} (truncated or replaced)"
+            return (
+                f"{path} has {path.stat().st_size} bytes, the manifest says {expected['bytes']} (truncated or replaced)"
+            )
         actual = sha256(path)
         if actual != expected["sha256"]:
             return f"{path} has sha256 {actual[:16]}..., the manifest says {expected['sha256'][:16]}... (corrupted)"
@@ -132,12 +134,16 @@ def check_final(folder: Path, warn=None) -> None:
     if not (folder / MANIFEST).is_file():
         recorded = _recorded_manifest(folder)
         if recorded:
-            raise IntegrityError(f"{folder / MANIFEST} is missing, but {recorded} records that it was written: the folder "
-                                 "was not finished or was changed afterwards, so its files cannot be trusted. Check them (or "
-                                 f"train / merge again), then record them with: python -m finetune.checkpoints seal {folder}")
-        warn(f"warning: {folder} has no {MANIFEST} (written before neo-finetune recorded manifests, or copied without "
-             "it): its files cannot be checked for corruption. After checking them, record them with: "
-             f"python -m finetune.checkpoints seal {folder}")
+            raise IntegrityError(
+                f"{folder / MANIFEST} is missing, but {recorded} records that it was written: the folder "
+                "was not finished or was changed afterwards, so its files cannot be trusted. Check them (or "
+                f"train / merge again), then record them with: python -m finetune.checkpoints seal {folder}"
+            )
+        warn(
+            f"warning: {folder} has no {MANIFEST} (written before neo-finetune recorded manifests, or copied without "
+            "it): its files cannot be checked for corruption. After checking them, record them with: "
+            f"python -m finetune.checkpoints seal {folder}"
+        )
         return
     stats = _stats(folder)
     if _checked.get(folder.resolve()) == stats:  # verified in this process and unchanged since (size, mtime)
@@ -146,11 +152,16 @@ def check_final(folder: Path, warn=None) -> None:
     if problem and problem.endswith("(unexpected file)"):
         problem, strays = _split_strays(folder)
         if strays:
-            warn(f"warning: {folder}: {', '.join(strays)} not in {MANIFEST}; nothing reads {'it' if len(strays) == 1 else 'them'} "
-                 "(ignored)")
+            warn(
+                f"warning: {folder}: {', '.join(strays)} not in {MANIFEST}; nothing reads "
+                f"{'it' if len(strays) == 1 else 'them'} "
+                "(ignored)"
+            )
     if problem:
-        raise IntegrityError(f"{problem}: {folder} is not what was written (see {folder / MANIFEST}); refusing to use it. "
-                             "Restore the folder from a good copy, or train (merge) again")
+        raise IntegrityError(
+            f"{problem}: {folder} is not what was written (see {folder / MANIFEST}); refusing to use it. "
+            "Restore the folder from a good copy, or train (merge) again"
+        )
     _checked[folder.resolve()] = stats
 
 
@@ -167,17 +178,26 @@ def _split_strays(folder: Path) -> tuple[str | None, list[str]]:
         if not path.is_file():
             return f"{path} is missing", extra
         if path.stat().st_size != expected["bytes"]:
-            return f"{path} has {path.stat().st_size} bytes, the manifest says {expected['bytes']} (truncated or replaced)", extra
+            return (
+                f"{path} has {path.stat().st_size} bytes, the manifest says {expected['bytes']} (truncated or "
+                "replaced)",
+                extra,
+            )
         actual = sha256(path)
         if actual != expected["sha256"]:
-            return f"{path} has sha256 {actual[:16]}..., the manifest says {expected['sha256'][:16]}... (corrupted)", extra
+            return (
+                f"{path} has sha256 {actual[:16]}..., the manifest says {expected['sha256'][:16]}... (corrupted)",
+                extra,
+            )
     return None, extra
 
 
 def _recorded_manifest(folder: Path) -> str | None:
     """Which record says this folder was sealed: run.json (`weights_manifest`) or its merge_report.json."""
-    for record, key, expected in ((folder.parent / "run.json", "weights_manifest", f"{folder.name}/{MANIFEST}"),
-                                  (folder / "merge_report.json", "manifest", MANIFEST)):
+    for record, key, expected in (
+        (folder.parent / "run.json", "weights_manifest", f"{folder.name}/{MANIFEST}"),
+        (folder / "merge_report.json", "manifest", MANIFEST),
+    ):
         try:
             data = json.loads(record.read_text(encoding="utf-8")) if record.is_file() else {}
         except (OSError, ValueError):
@@ -188,8 +208,14 @@ def _recorded_manifest(folder: Path) -> str | None:
 
 
 def _stats(folder: Path) -> tuple:
-    return tuple(sorted((p.relative_to(folder).as_posix(), st.st_size, st.st_mtime_ns)
-                        for p in folder.rglob("*") if p.is_file() for st in [p.stat()]))
+    return tuple(
+        sorted(
+            (p.relative_to(folder).as_posix(), st.st_size, st.st_mtime_ns)
+            for p in folder.rglob("*")
+            if p.is_file()
+            for st in [p.stat()]
+        )
+    )
 
 
 def manifest_of(directory: Path) -> dict:
@@ -212,7 +238,9 @@ def candidates(checkpoints_dir: Path) -> list[Path]:
     """checkpoint-N folders, newest first (by step, not mtime)."""
     if not checkpoints_dir.is_dir():
         return []
-    return sorted((p for p in checkpoints_dir.iterdir() if p.is_dir() and _NAME.match(p.name)), key=step_of, reverse=True)
+    return sorted(
+        (p for p in checkpoints_dir.iterdir() if p.is_dir() and _NAME.match(p.name)), key=step_of, reverse=True
+    )
 
 
 def latest_complete(checkpoints_dir: Path, warn, set_aside_torn: bool = True) -> tuple[Path | None, list[str]]:
@@ -280,7 +308,8 @@ def _fsync_dir(path: Path) -> None:
 def main(argv: list[str] | None = None) -> None:
     """`finetune checkpoints seal FOLDER`: record the current files of a final weights folder (one written before
     manifests existed, or one whose missing manifest you have checked) in its MANIFEST.json.
-    `finetune checkpoints verify FOLDER`: check a folder against its MANIFEST.json (exit 3 naming the file that differs)."""
+    `finetune checkpoints verify FOLDER`: check a folder against its MANIFEST.json (exit 3 naming the file that
+    differs)."""
     import sys
 
     args = sys.argv[1:] if argv is None else argv
@@ -299,9 +328,16 @@ def main(argv: list[str] | None = None) -> None:
             sys.exit(3)
         print(f"verified {folder}: {len(manifest_of(folder)['files'])} files match {folder / MANIFEST}")
         return
-    kind = "adapter" if (folder / "adapter_config.json").is_file() else "merged" if (folder / "merge_report.json").is_file() else "model"
+    kind = (
+        "adapter"
+        if (folder / "adapter_config.json").is_file()
+        else "merged"
+        if (folder / "merge_report.json").is_file()
+        else "model"
+    )
     seal(folder, kind)
     print(f"sealed {folder}: {len(manifest_of(folder)['files'])} files recorded in {folder / MANIFEST}")
+
 
 if __name__ == "__main__":
     main()

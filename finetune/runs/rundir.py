@@ -5,7 +5,8 @@ trained on) or `model/` (full fine-tuning), `merged/` once merged, `config.yaml`
 `data_template.yaml`. The tools also accept an adapter or model folder on its own (copied elsewhere, or
 downloaded from the Hub); then the base comes from `base_model.json` or must be named with `base=`.
 A run that did not finish (run.json not `completed`, final weights absent or without MANIFEST.json) is refused
-(IntegrityError, exit 3) naming its status, its newest committed checkpoint and the fixes; `RUN/checkpoints/checkpoint-N`
+(IntegrityError, exit 3) naming its status, its newest committed checkpoint and the fixes;
+`RUN/checkpoints/checkpoint-N`
 is accepted as a target (the run's config, template and recorded base fingerprint).
 """
 
@@ -49,10 +50,13 @@ def locate(path: str | Path, merged: bool = False) -> Target:
     """A run directory (its adapter, its full model, or with merged=True its merged model), or a weights folder."""
     path = Path(path).expanduser()
     if not path.is_dir():
-        raise ConfigError(f"{path}: no such directory; give a run directory (output_dir of a run), an adapter folder "
-                          "or a model folder")
-    if (path / "run.json").is_file() or ((path / "config.yaml").is_file()
-                                         and ((path / ADAPTER_DIR).is_dir() or (path / MODEL_DIR).is_dir())):
+        raise ConfigError(
+            f"{path}: no such directory; give a run directory (output_dir of a run), an adapter folder "
+            "or a model folder"
+        )
+    if (path / "run.json").is_file() or (
+        (path / "config.yaml").is_file() and ((path / ADAPTER_DIR).is_dir() or (path / MODEL_DIR).is_dir())
+    ):
         return _in_run(path, merged)
     if merged:
         raise ConfigError(f"{path}: merged=true needs a run directory (with merged/ from python -m finetune.merge)")
@@ -66,8 +70,9 @@ def locate(path: str | Path, merged: bool = False) -> Target:
     if (path / "config.json").is_file():
         _refuse_invalid(path)
         return Target("model", path, run_dir, _config(run_dir), _base_record(path))
-    raise ConfigError(f"{path}: neither a run directory (run.json), an adapter (adapter_config.json) nor a model "
-                      "(config.json)")
+    raise ConfigError(
+        f"{path}: neither a run directory (run.json), an adapter (adapter_config.json) nor a model (config.json)"
+    )
 
 
 def _in_run(run_dir: Path, merged: bool) -> Target:
@@ -84,8 +89,10 @@ def _in_run(run_dir: Path, merged: bool) -> Target:
     if (run_dir / MODEL_DIR / "config.json").is_file():
         return Target("model", run_dir / MODEL_DIR, run_dir, config, _base_record(run_dir / MODEL_DIR))
     status = read_json(run_dir / "run.json").get("status")
-    raise ConfigError(f"{run_dir}: no trained weights ({ADAPTER_DIR}/ or {MODEL_DIR}/); run status: {status}. "
-                      "Finish (or resume) the run first")
+    raise ConfigError(
+        f"{run_dir}: no trained weights ({ADAPTER_DIR}/ or {MODEL_DIR}/); run status: {status}. "
+        "Finish (or resume) the run first"
+    )
 
 
 def _refuse_unfinished(run_dir: Path, weights: Path | None) -> None:
@@ -97,24 +104,42 @@ def _refuse_unfinished(run_dir: Path, weights: Path | None) -> None:
     status = read_json(run_dir / "run.json").get("status") if (run_dir / "run.json").is_file() else None
     if status in (None, "completed") or (weights is not None and (weights / checkpoints.MANIFEST).is_file()):
         return
-    how = ("still training, or killed before it finished" if status == "running" else
-           "stopped by a preemption signal" if status == "preempted" else f"it ended with {status}")
-    what = (f"{weights} is incomplete (no {checkpoints.MANIFEST}: the final save did not finish)" if weights is not None
-            else f"there is no final {ADAPTER_DIR}/ or {MODEL_DIR}/")
-    newest = next((c for c in checkpoints.candidates(run_dir / CHECKPOINTS_DIR) if (c / checkpoints.MANIFEST).is_file()), None)
+    how = (
+        "still training, or killed before it finished"
+        if status == "running"
+        else "stopped by a preemption signal"
+        if status == "preempted"
+        else f"it ended with {status}"
+    )
+    what = (
+        f"{weights} is incomplete (no {checkpoints.MANIFEST}: the final save did not finish)"
+        if weights is not None
+        else f"there is no final {ADAPTER_DIR}/ or {MODEL_DIR}/"
+    )
+    newest = next(
+        (c for c in checkpoints.candidates(run_dir / CHECKPOINTS_DIR) if (c / checkpoints.MANIFEST).is_file()), None
+    )
     if newest is None:
         use = "It committed no checkpoint yet, so nothing can be used"
     else:
-        use = (f"Or use its newest committed checkpoint, {newest.name} (step {checkpoints.step_of(newest)}), directly: "
-               f"python -m finetune.generate {newest} prompt=... / python -m finetune.merge {newest} out=DIR")
-    raise IntegrityError(f"{run_dir}: the run did not finish (run.json status: {status}: {how}); {what}. "
-                         "To finish it, run the same training command with resume=true. " + use)
+        use = (
+            f"Or use its newest committed checkpoint, {newest.name} (step {checkpoints.step_of(newest)}), directly: "
+            f"python -m finetune.generate {newest} prompt=... / python -m finetune.merge {newest} out=DIR"
+        )
+    raise IntegrityError(
+        f"{run_dir}: the run did not finish (run.json status: {status}: {how}); {what}. "
+        "To finish it, run the same training command with resume=true. " + use
+    )
 
 
 def _is_checkpoint(path: Path) -> bool:
     run_dir = path.parent.parent
-    return (path.parent.name == CHECKPOINTS_DIR and path.name.startswith("checkpoint-")
-            and (run_dir / "run.json").is_file() and (run_dir / "config.yaml").is_file())
+    return (
+        path.parent.name == CHECKPOINTS_DIR
+        and path.name.startswith("checkpoint-")
+        and (run_dir / "run.json").is_file()
+        and (run_dir / "config.yaml").is_file()
+    )
 
 
 def _checkpoint(path: Path) -> Target:
@@ -123,18 +148,26 @@ def _checkpoint(path: Path) -> Target:
     from finetune.runs import checkpoints
 
     if not (path / checkpoints.MANIFEST).is_file():
-        raise IntegrityError(f"{path}: no {checkpoints.MANIFEST}: this checkpoint was never committed (a save that did "
-                             "not finish); use an older checkpoint-N, or resume the run with resume=true")
+        raise IntegrityError(
+            f"{path}: no {checkpoints.MANIFEST}: this checkpoint was never committed (a save that did "
+            "not finish); use an older checkpoint-N, or resume the run with resume=true"
+        )
     run_dir = path.parent.parent
     config = _config(run_dir) or {}
     record = read_json(run_dir / "run.json")
     model, strategy = config.get("model") or {}, config.get("strategy") or {}
     weights = record.get("base_model_fingerprint")
-    base = {"name_or_path": record.get("base_model") or model.get("name_or_path"), "revision": record.get("revision"),
-            "family": model.get("family"), "training_dtype": model.get("dtype"),
-            "weights_fingerprint": weights if weights and not str(weights).startswith("unavailable:") else None,
-            "quantization": dict(strategy.get("quantization") or {}) if strategy.get("name") == "qlora" else None}
-    kind = "adapter" if (path / "adapter_config.json").is_file() else "model" if (path / "config.json").is_file() else None
+    base = {
+        "name_or_path": record.get("base_model") or model.get("name_or_path"),
+        "revision": record.get("revision"),
+        "family": model.get("family"),
+        "training_dtype": model.get("dtype"),
+        "weights_fingerprint": weights if weights and not str(weights).startswith("unavailable:") else None,
+        "quantization": dict(strategy.get("quantization") or {}) if strategy.get("name") == "qlora" else None,
+    }
+    kind = (
+        "adapter" if (path / "adapter_config.json").is_file() else "model" if (path / "config.json").is_file() else None
+    )
     if kind is None:
         raise ConfigError(f"{path}: a checkpoint without adapter_config.json or config.json: no weights to use here")
     return Target(kind, path, run_dir, config, base)
@@ -143,8 +176,10 @@ def _checkpoint(path: Path) -> Target:
 def _refuse_invalid(folder: Path) -> None:
     invalid = folder.with_name(folder.name + INVALID_SUFFIX)
     if not folder.exists() and invalid.exists():
-        raise ConfigError(f"{folder}: the last merge failed its numerical check and was left in {invalid} (see its "
-                          "merge_report.json); merge again")
+        raise ConfigError(
+            f"{folder}: the last merge failed its numerical check and was left in {invalid} (see its "
+            "merge_report.json); merge again"
+        )
 
 
 def _config(run_dir: Path | None) -> dict | None:

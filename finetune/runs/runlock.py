@@ -32,49 +32,75 @@ import sys
 import time
 from pathlib import Path
 
-from finetune.runs import checkpoints
 from finetune import ranks
 from finetune.errors import ConfigError
+from finetune.runs import checkpoints
 
 LOCK = ".finetune.lock"
 HYDRA_LOG = "train.log"  # Hydra opens it (append) in output_dir before the run starts; never removed
 PROJECT = Path(__file__).resolve().parents[2]  # the checkout (or the site-packages folder) holding finetune/
 # What training writes at the top level of output_dir (README "Outputs"); the tools run on a run directory afterwards
 # (merge, evaluate, push, embed) check their own out= themselves.
-TRAINING_WRITES = frozenset({
-    "run.json", "config.yaml", "data_template.yaml", "metrics.json", "loss.png", "samples.json", "rejected_rows.jsonl",
-    "train_steps.jsonl", "tracking.json", "adapter", "model", "checkpoints", "tensorboard", "wandb", "mlruns",
-})
+TRAINING_WRITES = frozenset(
+    {
+        "run.json",
+        "config.yaml",
+        "data_template.yaml",
+        "metrics.json",
+        "loss.png",
+        "samples.json",
+        "rejected_rows.jsonl",
+        "train_steps.jsonl",
+        "tracking.json",
+        "adapter",
+        "model",
+        "checkpoints",
+        "tensorboard",
+        "wandb",
+        "mlruns",
+    }
+)
 _CHECKPOINT_ENTRY = re.compile(r"^(checkpoint-\d+|\.staging|\.quarantine)$")
 TRAINER_CARD = "README.md"  # trl writes its model card into the trainer's output_dir, our checkpoints/, at each save
 _NAMED = 8  # files named in a message; the rest are counted
-_FIX = ("choose another output_dir=PATH (a new or empty folder), move those files away, or pass allow_foreign_files=true "
-        "to train beside them (a run never deletes, moves or overwrites a file it did not write)")
+_FIX = (
+    "choose another output_dir=PATH (a new or empty folder), move those files away, or pass allow_foreign_files=true "
+    "to train beside them (a run never deletes, moves or overwrites a file it did not write)"
+)
 
 
 # ---- which output_dir is acceptable at all ----
+
 
 def unsafe_output_dir(value) -> str | None:
     """The problem with an output_dir that would make a run write among unrelated files: '', '.', the current, home
     or project directory, the filesystem root, or a folder above any of them."""
     text = "" if value is None else str(value).strip()
     if not text:
-        return (f"output_dir: empty, which would make the current directory ({Path.cwd()}) the run directory; a run "
-                "writes and replaces files in its output_dir: name a folder of its own, e.g. output_dir=runs/NAME")
+        return (
+            f"output_dir: empty, which would make the current directory ({Path.cwd()}) the run directory; a run "
+            "writes and replaces files in its output_dir: name a folder of its own, e.g. output_dir=runs/NAME"
+        )
     path = Path(text).expanduser().resolve()
     if path.parent == path:
         return f"output_dir: '{text}' is the filesystem root; name a folder of its own, e.g. output_dir=runs/NAME"
-    places = (("the current directory", Path.cwd().resolve()), ("your home directory", Path.home().resolve()),
-              ("the project directory", PROJECT))
+    places = (
+        ("the current directory", Path.cwd().resolve()),
+        ("your home directory", Path.home().resolve()),
+        ("the project directory", PROJECT),
+    )
     for what, place in places:
         if path == place or path in place.parents:
             where = what if path == place else f"a folder above {what} ({place})"
-            return (f"output_dir: '{text}' is {path}, {where}; a run writes and replaces files in its output_dir: "
-                    "name a folder of its own, e.g. output_dir=runs/NAME")
+            return (
+                f"output_dir: '{text}' is {path}, {where}; a run writes and replaces files in its output_dir: "
+                "name a folder of its own, e.g. output_dir=runs/NAME"
+            )
     return None
 
 
 # ---- what a run of ours wrote ----
+
 
 def is_run_dir(path: Path) -> bool:
     """True when `path` holds the run.json a run of ours writes before anything else."""
@@ -95,13 +121,22 @@ def ownership_problem(out: Path, allow_foreign: bool) -> str | None:
     if not entries:
         return None
     if not allow_foreign:
-        return f"output_dir: {out} is not a run directory and holds files no run wrote: {_name(_files(entries, out))}; {_FIX}"
+        return (
+            f"output_dir: {out} is not a run directory and holds files no run wrote: "
+            f"{_name(_files(entries, out))}; {_FIX}"
+        )
     clashes = [e for e in entries if e.name in TRAINING_WRITES and e.name != "checkpoints"]
     if (out / "checkpoints").is_dir():
-        clashes += [e for e in sorted((out / "checkpoints").iterdir()) if _CHECKPOINT_ENTRY.match(e.name) or e.name == TRAINER_CARD]
+        clashes += [
+            e
+            for e in sorted((out / "checkpoints").iterdir())
+            if _CHECKPOINT_ENTRY.match(e.name) or e.name == TRAINER_CARD
+        ]
     if clashes:
-        return (f"output_dir: {out} holds files no run wrote under names a run writes: {_name(_files(clashes, out))}; "
-                "allow_foreign_files=true never lets a run replace them: move them away or choose another output_dir=PATH")
+        return (
+            f"output_dir: {out} holds files no run wrote under names a run writes: {_name(_files(clashes, out))}; "
+            "allow_foreign_files=true never lets a run replace them: move them away or choose another output_dir=PATH"
+        )
     return None
 
 
@@ -131,28 +166,44 @@ def clear_for_fresh_run(checkpoints_dir: Path, allow_foreign: bool, say) -> None
                 torn.append(entry)
                 continue
             committed.append((entry, listed))
-            unlisted = [p for p in _walk(entry) if p.relative_to(entry).as_posix() not in listed and p.name != checkpoints.MANIFEST]
+            unlisted = [
+                p
+                for p in _walk(entry)
+                if p.relative_to(entry).as_posix() not in listed and p.name != checkpoints.MANIFEST
+            ]
             foreign += unlisted
     out = checkpoints_dir.parent
     inside_checkpoints = [p for p in foreign if p.parent != checkpoints_dir]
     if foreign and (not allow_foreign or inside_checkpoints):
         allowed = "" if inside_checkpoints else " or pass allow_foreign_files=true to keep them there"
-        raise ConfigError(f"output_dir: {checkpoints_dir} holds files no run wrote: {_name(_files(foreign, out))}; a new run "
-                          f"removes the previous run's checkpoints, by their MANIFEST.json, and nothing else: move those "
-                          f"files away, choose another output_dir=PATH{allowed}")
+        raise ConfigError(
+            f"output_dir: {checkpoints_dir} holds files no run wrote: {_name(_files(foreign, out))}; a new run "
+            f"removes the previous run's checkpoints, by their MANIFEST.json, and nothing else: move those "
+            f"files away, choose another output_dir=PATH{allowed}"
+        )
     for folder, listed in committed:
         _delete_listed(folder, listed)
     for folder in torn:
-        moved = checkpoints.quarantine(folder, "a new run started in this output_dir (overwrite=true); this folder has no "
-                                               "MANIFEST.json, so it was set aside, not deleted")
+        moved = checkpoints.quarantine(
+            folder,
+            "a new run started in this output_dir (overwrite=true); this folder has no "
+            "MANIFEST.json, so it was set aside, not deleted",
+        )
         say(f"checkpoint {folder.name} has no manifest: set aside in {moved}, not deleted")
     if committed:
-        say(f"new run: removed the previous run's {len(committed)} checkpoint(s) from {checkpoints_dir} (each by its MANIFEST.json)")
+        say(
+            f"new run: removed the previous run's {len(committed)} checkpoint(s) from {checkpoints_dir} (each by its "
+            "MANIFEST.json)"
+        )
 
 
 def _is_trainer_card(path: Path) -> bool:
     try:
-        return path.is_file() and not path.is_symlink() and "generated_from_trainer" in path.read_text(encoding="utf-8", errors="replace")
+        return (
+            path.is_file()
+            and not path.is_symlink()
+            and "generated_from_trainer" in path.read_text(encoding="utf-8", errors="replace")
+        )
     except OSError:
         return False
 
@@ -175,7 +226,9 @@ def _delete_listed(folder: Path, listed: set[str]) -> None:
         if path.is_file() or path.is_symlink():
             path.unlink()
     (folder / checkpoints.MANIFEST).unlink(missing_ok=True)
-    for sub in sorted((p for p in folder.rglob("*") if p.is_dir() and not p.is_symlink()), key=lambda p: len(p.parts), reverse=True):
+    for sub in sorted(
+        (p for p in folder.rglob("*") if p.is_dir() and not p.is_symlink()), key=lambda p: len(p.parts), reverse=True
+    ):
         if not any(sub.iterdir()):
             sub.rmdir()
     if not any(folder.iterdir()):
@@ -195,7 +248,9 @@ def _files(entries: list[Path], base: Path) -> list[str]:
     named = []
     for entry in entries:
         inner = _walk(entry) if entry.is_dir() and not entry.is_symlink() else [entry]
-        named += [p.relative_to(base).as_posix() for p in inner] or [entry.relative_to(base).as_posix() + "/ (empty folder)"]
+        named += [p.relative_to(base).as_posix() for p in inner] or [
+            entry.relative_to(base).as_posix() + "/ (empty folder)"
+        ]
     return named
 
 
@@ -205,6 +260,7 @@ def _name(files: list[str]) -> str:
 
 
 # ---- the lock ----
+
 
 def holder(path: Path) -> dict:
     """What the lock file says about the run holding it ({} when empty or unreadable)."""
@@ -235,12 +291,17 @@ def _held_message(path: Path) -> str:
     who = holder(path)
     if who.get("pid"):
         elsewhere = "" if who.get("host") in (None, socket.gethostname()) else " (another machine)"
-        running = f"pid {who['pid']} on {who.get('host', '?')}{elsewhere}, started {who.get('started', '?')}: {who.get('command', '?')}"
+        running = (
+            f"pid {who['pid']} on {who.get('host', '?')}{elsewhere}, started {who.get('started', '?')}: "
+            f"{who.get('command', '?')}"
+        )
     else:
         running = "pid not recorded yet: it is just starting"
-    return (f"output_dir: {path.parent} is in use by another run ({running}); its lock is {path}. Two runs in one "
-            "output_dir would mix their logs and checkpoints: wait for that run to end (or stop it), or choose another "
-            "output_dir=PATH")
+    return (
+        f"output_dir: {path.parent} is in use by another run ({running}); its lock is {path}. Two runs in one "
+        "output_dir would mix their logs and checkpoints: wait for that run to end (or stop it), or choose another "
+        "output_dir=PATH"
+    )
 
 
 def _program() -> str:
@@ -269,11 +330,18 @@ class RunLock:
                 time.sleep(0.05)
         previous = holder(self.path)
         if previous.get("pid"):
-            self.say(f"output_dir: recovered the lock {self.path} left by pid {previous['pid']} on {previous.get('host', '?')} "
-                     f"(started {previous.get('started', '?')}), which ended without releasing it (killed or crashed); "
-                     "its process no longer holds it")
-        record = {"pid": os.getpid(), "host": socket.gethostname(), "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-                  "command": " ".join([_program(), *sys.argv[1:]])[:1000]}
+            self.say(
+                f"output_dir: recovered the lock {self.path} left by pid {previous['pid']} on "
+                f"{previous.get('host', '?')} "
+                f"(started {previous.get('started', '?')}), which ended without releasing it (killed or crashed); "
+                "its process no longer holds it"
+            )
+        record = {
+            "pid": os.getpid(),
+            "host": socket.gethostname(),
+            "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+            "command": " ".join([_program(), *sys.argv[1:]])[:1000],
+        }
         os.ftruncate(fd, 0)
         os.pwrite(fd, (json.dumps(record) + "\n").encode(), 0)
         os.fsync(fd)
@@ -293,6 +361,7 @@ class RunLock:
 
 
 # ---- before Hydra starts (python -m finetune) ----
+
 
 def before_start(config_name: str, overrides: list[str]) -> list[str]:
     """output_dir's problems before Hydra opens train.log there: a refused run writes nothing into it. Rank 0 also
@@ -314,4 +383,3 @@ def before_start(config_name: str, overrides: list[str]) -> list[str]:
 def safe_to_record_in(run_dir: Path) -> bool:
     """Whether a refused sweep job may leave a run.json in `run_dir` (never among files that are not ours)."""
     return not run_dir.exists() or is_run_dir(run_dir) or ownership_problem(run_dir, False) is None
-

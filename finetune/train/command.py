@@ -28,10 +28,12 @@ def main(argv: list[str] | None = None) -> None:
     composable = _first_values(overrides) if multirun else dict(zip(overrides, overrides))
     problems, accepted = preflight(config_name, list(composable.values()))
     if problems:
-        from finetune.errors import EXIT_CONFIG, ConfigError
         from finetune.config.validate import unknown_library_keys
+        from finetune.errors import EXIT_CONFIG, ConfigError
 
-        problems += unknown_library_keys([o.split("=", 1)[0] for o in overrides if o.startswith(("trainer.", "strategy."))])
+        problems += unknown_library_keys(
+            [o.split("=", 1)[0] for o in overrides if o.startswith(("trainer.", "strategy."))]
+        )
 
         print(f"error: {ConfigError(problems)}", file=sys.stderr)
         sys.exit(EXIT_CONFIG)
@@ -85,8 +87,8 @@ def _validate_first_job(config_name: str, overrides: list[str]) -> None:
     import tempfile
 
     from finetune.config.compose import compose
-    from finetune.errors import EXIT_CONFIG, ConfigError
     from finetune.config.validate import validate
+    from finetune.errors import EXIT_CONFIG, ConfigError
 
     with tempfile.TemporaryDirectory() as scratch:  # not the sweep's directory: nothing is written before the jobs
         try:
@@ -183,7 +185,8 @@ def _task(cfg) -> float | None:
 
 
 def _record_refused_job(cfg, err) -> None:
-    """A job refused before it started (a config error) has no run.json yet: write one, so the sweep's table lists it."""
+    """A job refused before it started (a config error) has no run.json yet: write one, so the sweep's table lists
+    it."""
     from pathlib import Path
 
     from finetune.runs import artifacts
@@ -193,8 +196,15 @@ def _record_refused_job(cfg, err) -> None:
     run_dir = Path(str(cfg.output_dir))
     if not (run_dir / "run.json").exists() and safe_to_record_in(run_dir):  # never among files no run wrote
         run_dir.mkdir(parents=True, exist_ok=True)
-        artifacts.write_json(run_dir / "run.json", {"status": f"failed:{err.reason}", "exit_code": err.exit_code, "error": str(err),
-                                                    "overrides": given_overrides()})
+        artifacts.write_json(
+            run_dir / "run.json",
+            {
+                "status": f"failed:{err.reason}",
+                "exit_code": err.exit_code,
+                "error": str(err),
+                "overrides": given_overrides(),
+            },
+        )
 
 
 def _help_text(args: list[str] = ()) -> str:
@@ -205,14 +215,16 @@ def _help_text(args: list[str] = ()) -> str:
     from finetune.config.keys import listing
 
     preset, _ = split_preset(list(args))
-    groups = "\n".join(f"  {g:<12} {', '.join(group_options(g))}" for g in ("model", "strategy", "data", "trainer", "distributed"))
+    groups = "\n".join(
+        f"  {g:<12} {', '.join(group_options(g))}" for g in ("model", "strategy", "data", "trainer", "distributed")
+    )
     return f"""usage: finetune [train] [conf=PRESET] [key=value ...] [--cfg job] [-m]    (or python -m finetune ...)
 
 Fine-tune GPT-Neo, GPT-J, Pythia and GPT-NeoX with LoRA, DoRA, QLoRA or full SFT: compose a preset with your
 overrides and train. With no arguments: the offline CPU demo (conf=demo).
 
 presets (conf=NAME):
-  {', '.join(presets())}
+  {", ".join(presets())}
 
 config groups (GROUP=OPTION):
 {groups}

@@ -20,7 +20,11 @@ def enable_on_cpu(trainer) -> bool:
     from accelerate.utils import DistributedType, FullyShardedDataParallelPlugin
 
     state = trainer.accelerator.state
-    if trainer.args.fsdp_plugin_args is None or trainer.is_fsdp_enabled or state.distributed_type != DistributedType.MULTI_CPU:
+    if (
+        trainer.args.fsdp_plugin_args is None
+        or trainer.is_fsdp_enabled
+        or state.distributed_type != DistributedType.MULTI_CPU
+    ):
         return False
     state.fsdp_plugin = FullyShardedDataParallelPlugin(**trainer.args.fsdp_plugin_args)
     state.distributed_type = DistributedType.FSDP

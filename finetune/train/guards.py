@@ -50,8 +50,10 @@ class PreemptionSignals:
     def _handle(self, signum, frame):
         if self.received is None:
             self.received = signal.Signals(signum).name
-            line = (f"[finetune] {self.received} received: stopping at the next safe point (in training: after this "
-                    "optimizer step, saving a checkpoint)")
+            line = (
+                f"[finetune] {self.received} received: stopping at the next safe point (in training: after this "
+                "optimizer step, saving a checkpoint)"
+            )
             print(line, file=sys.stderr, flush=True)
             from finetune import console as cli
 
@@ -60,9 +62,11 @@ class PreemptionSignals:
 
 def before_training(signal_name: str, phase: str) -> str:
     """The Preempted message for a signal that arrived before the first optimizer step."""
-    return (f"{signal_name}: stopped during {phase}, before this attempt's first optimizer step: nothing new was "
-            "trained and no checkpoint was written or changed; run the same command again (with resume=auto it "
-            "continues from the newest complete checkpoint when there is one)")
+    return (
+        f"{signal_name}: stopped during {phase}, before this attempt's first optimizer step: nothing new was "
+        "trained and no checkpoint was written or changed; run the same command again (with resume=auto it "
+        "continues from the newest complete checkpoint when there is one)"
+    )
 
 
 class StopBeforeTraining(TrainerCallback):
@@ -110,7 +114,11 @@ class StepLog:
         self.batches: list[str] = []
         self.loss = 0.0
         if enabled and path.exists():  # steps after the resumed checkpoint are replayed: drop their old lines
-            kept = [line for line in path.read_text(encoding="utf-8").splitlines() if json.loads(line)["step"] <= resume_step]
+            kept = [
+                line
+                for line in path.read_text(encoding="utf-8").splitlines()
+                if json.loads(line)["step"] <= resume_step
+            ]
             path.write_text("".join(line + "\n" for line in kept), encoding="utf-8")
         elif enabled:
             path.write_text("", encoding="utf-8")

@@ -6,7 +6,8 @@ and after training), show no token throughput, and redraw with carriage returns 
 (CI, SLURM logs, `| tee`). `TrainingProgress` replaces both in finetune.trainer.GuardedSFTTrainer:
 
 - a terminal on stderr: one tqdm bar over optimizer steps (tqdm's ETA; last loss and tok/s beside it), starting at
-  the resumed step, evaluations shown in the bar instead of a bar of their own; `trainer.disable_tqdm=true` turns it off;
+  the resumed step, evaluations shown in the bar instead of a bar of their own; `trainer.disable_tqdm=true` turns it
+  off;
 - anything else: no bar, no redraws; the same lines, with the ETA in them;
 - every logging step: `[finetune] step 20/108  loss 5.978  lr 2.88e-03  grad-norm 0.162  1,530 tok/s`;
   every evaluation: `[finetune] eval at step 36: loss 5.91, perplexity 368`; the end:
@@ -50,8 +51,17 @@ def rows_bar(total: int, what: str = "preparing data") -> Iterator[Callable[[int
         return
     from tqdm import tqdm
 
-    with tqdm(total=total, desc=what, unit=" rows", unit_scale=True, file=sys.stderr, leave=False, delay=2.0,
-              mininterval=0.5, dynamic_ncols=True) as bar:
+    with tqdm(
+        total=total,
+        desc=what,
+        unit=" rows",
+        unit_scale=True,
+        file=sys.stderr,
+        leave=False,
+        delay=2.0,
+        mininterval=0.5,
+        dynamic_ncols=True,
+    ) as bar:
         yield bar.update
 
 
@@ -102,13 +112,22 @@ class TrainingProgress(TrainerCallback):
         if wanted and not args.disable_tqdm:
             from tqdm import tqdm
 
-            self.bar = tqdm(total=state.max_steps, initial=state.global_step, desc="training", unit="step", file=sys.stderr,
-                            dynamic_ncols=True, leave=True)
+            self.bar = tqdm(
+                total=state.max_steps,
+                initial=state.global_step,
+                desc="training",
+                unit="step",
+                file=sys.stderr,
+                dynamic_ncols=True,
+                leave=True,
+            )
         steps = f"steps {state.global_step + 1}-{state.max_steps}" if state.global_step else f"{state.max_steps} steps"
         processes = f" x {args.world_size} processes" if args.world_size > 1 else ""
         sequences = args.per_device_train_batch_size * args.gradient_accumulation_steps * args.world_size
-        self._say(f"training: {steps} of {sequences} sequences (batch {args.per_device_train_batch_size} x accumulation "
-                  f"{args.gradient_accumulation_steps}{processes})")
+        self._say(
+            f"training: {steps} of {sequences} sequences (batch {args.per_device_train_batch_size} x accumulation "
+            f"{args.gradient_accumulation_steps}{processes})"
+        )
 
     def on_step_end(self, args, state, control, **kwargs):
         self.mark = time.perf_counter()
@@ -172,7 +191,9 @@ class TrainingProgress(TrainerCallback):
         seconds, training = end - self.begin, end - self.begin - self.excluded
         which = f"{steps} steps" if not self.first_step else f"steps {self.first_step + 1}-{state.global_step}"
         rate = f", {tokens / training:,.0f} tok/s" if tokens and training > 0 else ""
-        left_out = f" excluding {_duration(self.excluded)} of evaluation and saving" if rate and self.excluded >= 1 else ""
+        left_out = (
+            f" excluding {_duration(self.excluded)} of evaluation and saving" if rate and self.excluded >= 1 else ""
+        )
         self._say(f"trained {which} in {_duration(seconds)} ({tokens:,} tokens{rate}{left_out})")
 
     # -- evaluation ---------------------------------------------------------------------------------------------
@@ -187,7 +208,9 @@ class TrainingProgress(TrainerCallback):
             if self.eval_bar is None:
                 from tqdm import tqdm
 
-                self.eval_bar = tqdm(total=total, desc="evaluating", unit="batch", file=sys.stderr, leave=False, dynamic_ncols=True)
+                self.eval_bar = tqdm(
+                    total=total, desc="evaluating", unit="batch", file=sys.stderr, leave=False, dynamic_ncols=True
+                )
             self.eval_bar.update(1)
 
     def on_evaluate(self, args, state, control, **kwargs):

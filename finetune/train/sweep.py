@@ -35,7 +35,11 @@ class SweepSummary(Callback):
     def on_multirun_end(self, config, **kwargs) -> None:
         sweep_dir = Path(config.hydra.sweep.dir)
         rows = write(sweep_dir)
-        print(f"[finetune] sweep of {len(rows)} runs: {sweep_dir / (SUMMARY + '.md')}\n{table(rows)}", file=sys.stderr, flush=True)
+        print(
+            f"[finetune] sweep of {len(rows)} runs: {sweep_dir / (SUMMARY + '.md')}\n{table(rows)}",
+            file=sys.stderr,
+            flush=True,
+        )
 
 
 def collect(sweep_dir: Path) -> list[dict]:
@@ -43,19 +47,21 @@ def collect(sweep_dir: Path) -> list[dict]:
     rows = []
     for record_path in sorted(sweep_dir.glob("*/run.json"), key=lambda p: _job_order(p.parent.name)):
         record = json.loads(record_path.read_text(encoding="utf-8"))
-        rows.append({
-            "job": record_path.parent.name,
-            "overrides": _settings(record.get("overrides", [])),
-            "status": record.get("status"),
-            "exit_code": record.get("exit_code"),
-            "global_steps": record.get("global_steps"),
-            "train_loss": record.get("train_loss"),
-            "eval_loss_before": record.get("eval_loss_before"),
-            "eval_loss_after": record.get("eval_loss_after"),
-            "best_eval_loss": record.get("best_eval_loss"),
-            "train_seconds": record.get("train_seconds"),
-            "error": (record.get("error") or "")[:300] or None,
-        })
+        rows.append(
+            {
+                "job": record_path.parent.name,
+                "overrides": _settings(record.get("overrides", [])),
+                "status": record.get("status"),
+                "exit_code": record.get("exit_code"),
+                "global_steps": record.get("global_steps"),
+                "train_loss": record.get("train_loss"),
+                "eval_loss_before": record.get("eval_loss_before"),
+                "eval_loss_after": record.get("eval_loss_after"),
+                "best_eval_loss": record.get("best_eval_loss"),
+                "train_seconds": record.get("train_seconds"),
+                "error": (record.get("error") or "")[:300] or None,
+            }
+        )
     rows.sort(key=lambda r: (r["status"] != "completed", _number(objective(r))))
     return rows
 
@@ -81,23 +87,38 @@ def write(sweep_dir: Path) -> list[dict]:
 
 def table(rows: list[dict]) -> str:
     """A Markdown table: the settings that differ between jobs, then the outcome of each."""
-    varying = [k for k in dict.fromkeys(k for r in rows for k in r["overrides"])
-               if len({r["overrides"].get(k) for r in rows}) > 1 or len(rows) == 1]
+    varying = [
+        k
+        for k in dict.fromkeys(k for r in rows for k in r["overrides"])
+        if len({r["overrides"].get(k) for r in rows}) > 1 or len(rows) == 1
+    ]
     head = ["job", *varying, "status", "steps", "train loss", "eval loss before", "eval loss after", "train s"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for row in rows:
-        cells = [row["job"], *(row["overrides"].get(k, "") for k in varying), row["status"] or "?",
-                 _cell(row["global_steps"]), _cell(row["train_loss"]), _cell(row["eval_loss_before"]),
-                 _cell(row["best_eval_loss"] if row["best_eval_loss"] is not None else row["eval_loss_after"]),
-                 _cell(row["train_seconds"], ".0f")]
+        cells = [
+            row["job"],
+            *(row["overrides"].get(k, "") for k in varying),
+            row["status"] or "?",
+            _cell(row["global_steps"]),
+            _cell(row["train_loss"]),
+            _cell(row["eval_loss_before"]),
+            _cell(row["best_eval_loss"] if row["best_eval_loss"] is not None else row["eval_loss_after"]),
+            _cell(row["train_seconds"], ".0f"),
+        ]
         lines.append("| " + " | ".join(cells) + " |")
     best = next((r for r in rows if r["status"] == "completed" and not math.isnan(objective(r))), None)
     if best is not None:
-        lines.append(f"\nbest: job {best['job']} ({', '.join(f'{k}={v}' for k, v in best['overrides'].items() if k in varying) or 'the only run'}), "
-                     f"loss {objective(best):.4f}, run directory {best['job']}/")
+        lines.append(
+            f"\nbest: job {best['job']} "
+            f"({', '.join(f'{k}={v}' for k, v in best['overrides'].items() if k in varying) or 'the only run'}), "
+            f"loss {objective(best):.4f}, run directory {best['job']}/"
+        )
     failed = [r for r in rows if r["status"] != "completed"]
     for row in failed:
-        lines.append(f"job {row['job']}: {row['status']} (exit {row['exit_code']}): {(row['error'] or 'see its train.log').replace(chr(10), ' ')}")
+        lines.append(
+            f"job {row['job']}: {row['status']} (exit {row['exit_code']}): "
+            f"{(row['error'] or 'see its train.log').replace(chr(10), ' ')}"
+        )
     return "\n".join(lines)
 
 
@@ -123,13 +144,18 @@ def _job_order(name: str) -> tuple[int, str]:
 def main(argv: list[str] | None = None) -> None:
     args = list(sys.argv[1:] if argv is None else argv)
     if not args or any(a in ("-h", "--help") for a in args):
-        print("usage: python -m finetune.sweep SWEEP_DIR\n\nRewrite and print the summary table of a sweep "
-              "(python -m finetune ... -m key=a,b): one row per job directory, best held-out loss first.")
+        print(
+            "usage: python -m finetune.sweep SWEEP_DIR\n\nRewrite and print the summary table of a sweep "
+            "(python -m finetune ... -m key=a,b): one row per job directory, best held-out loss first."
+        )
         return
     sweep_dir = Path(args[0])
     rows = write(sweep_dir)
     if not rows:
-        print(f"error: no job directories with run.json in {sweep_dir} (a sweep directory holds 0/, 1/, ...)", file=sys.stderr)
+        print(
+            f"error: no job directories with run.json in {sweep_dir} (a sweep directory holds 0/, 1/, ...)",
+            file=sys.stderr,
+        )
         sys.exit(2)
     print(table(rows))
 

@@ -22,12 +22,25 @@ from pathlib import Path
 from urllib.parse import urlparse
 
 BACKENDS = ("tensorboard", "wandb", "mlflow")
-PACKAGES = {"tensorboard": "tensorboard", "wandb": "wandb", "mlflow": "mlflow"}  # pip names (mlflow-skinny also does: no UI)
+# pip names (mlflow-skinny also does: no UI)
+PACKAGES = {"tensorboard": "tensorboard", "wandb": "wandb", "mlflow": "mlflow"}
 DEFAULT_PROJECT = "neo-finetune"
 TENSORBOARD_DIR, WANDB_DIR, MLFLOW_DIR = "tensorboard", "wandb", "mlruns"  # inside the run directory
-VARIABLES = ("TENSORBOARD_LOGGING_DIR", "WANDB_PROJECT", "WANDB_DIR", "WANDB_MODE", "WANDB_RUN_ID", "WANDB_RESUME",
-             "MLFLOW_EXPERIMENT_NAME", "MLFLOW_TRACKING_URI", "MLFLOW_ALLOW_FILE_STORE", "MLFLOW_RUN_ID")
-RUN_IDS = "tracking.json"  # in the run directory: the W&B / MLflow run ids, so that a resumed run continues the same runs
+VARIABLES = (
+    "TENSORBOARD_LOGGING_DIR",
+    "WANDB_PROJECT",
+    "WANDB_DIR",
+    "WANDB_MODE",
+    "WANDB_RUN_ID",
+    "WANDB_RESUME",
+    "MLFLOW_EXPERIMENT_NAME",
+    "MLFLOW_TRACKING_URI",
+    "MLFLOW_ALLOW_FILE_STORE",
+    "MLFLOW_RUN_ID",
+)
+RUN_IDS = (
+    "tracking.json"  # in the run directory: the W&B / MLflow run ids, so that a resumed run continues the same runs
+)
 
 
 def backends(report_to) -> list[str]:
@@ -85,7 +98,9 @@ def run_ids(run_dir: Path, chosen: list[str], resuming: bool) -> dict[str, str]:
     return ids
 
 
-def environment(cfg, run_dir: Path, preset: str | None, ids: dict[str, str] | None = None) -> tuple[dict[str, str], list[str]]:
+def environment(
+    cfg, run_dir: Path, preset: str | None, ids: dict[str, str] | None = None
+) -> tuple[dict[str, str], list[str]]:
     """The environment variables the selected integrations read, and one line per backend saying where it logs.
     `ids` (run_ids): the W&B / MLflow runs to log to; a WANDB_RUN_ID / MLFLOW_RUN_ID set by the user wins."""
     ids = ids or {}
@@ -109,18 +124,29 @@ def environment(cfg, run_dir: Path, preset: str | None, ids: dict[str, str] | No
         if ids.get("wandb") and not os.environ.get("WANDB_RUN_ID"):
             env.update(WANDB_RUN_ID=ids["wandb"], WANDB_RESUME="allow")  # a resumed run appends to the same W&B run
         folder = run_dir / WANDB_DIR
-        where = f"{folder} (wandb sync {folder}/offline-run-*)" if mode == "offline" else f"project {project} (local files in {folder})"
-        lines.append(f"tracking: wandb {mode} -> {where}, run {run_name} (id {env.get('WANDB_RUN_ID', 'from WANDB_RUN_ID')})")
+        where = (
+            f"{folder} (wandb sync {folder}/offline-run-*)"
+            if mode == "offline"
+            else f"project {project} (local files in {folder})"
+        )
+        lines.append(
+            f"tracking: wandb {mode} -> {where}, run {run_name} (id {env.get('WANDB_RUN_ID', 'from WANDB_RUN_ID')})"
+        )
     if "mlflow" in chosen:
         env["MLFLOW_EXPERIMENT_NAME"] = project
         if ids.get("mlflow") and not os.environ.get("MLFLOW_RUN_ID"):
             env["MLFLOW_RUN_ID"] = ids["mlflow"]  # transformers' MLflowCallback resumes that run
         if offline(cfg.tracking.offline, "mlflow"):
             folder = run_dir / MLFLOW_DIR
-            env["MLFLOW_TRACKING_URI"] = (run_dir.resolve() / MLFLOW_DIR).as_uri()  # a plain folder: copy it, `mlflow ui` it
-            env["MLFLOW_ALLOW_FILE_STORE"] = "true"  # MLflow >= 3.17 refuses file stores without it (a database is preferred)
-            lines.append(f"tracking: mlflow offline -> {folder}, experiment {project}, run {run_name} "
-                         f"(mlflow ui --backend-store-uri {env['MLFLOW_TRACKING_URI']})")
+            # a plain folder: copy it, `mlflow ui` it
+            env["MLFLOW_TRACKING_URI"] = (run_dir.resolve() / MLFLOW_DIR).as_uri()
+            env["MLFLOW_ALLOW_FILE_STORE"] = (
+                "true"  # MLflow >= 3.17 refuses file stores without it (a database is preferred)
+            )
+            lines.append(
+                f"tracking: mlflow offline -> {folder}, experiment {project}, run {run_name} "
+                f"(mlflow ui --backend-store-uri {env['MLFLOW_TRACKING_URI']})"
+            )
         else:  # the URI may hold a password: named, never printed
             lines.append(f"tracking: mlflow -> the server in MLFLOW_TRACKING_URI, experiment {project}, run {run_name}")
     return env, lines
@@ -130,7 +156,8 @@ def environment(cfg, run_dir: Path, preset: str | None, ids: dict[str, str] | No
 def session(cfg, run_dir: Path, preset: str | None, resuming: bool = False) -> Iterator[None]:
     """Set the integrations' environment for one run; at the end, close what they left open, record the run ids
     (rank 0) and restore the environment."""
-    from finetune import console as cli, ranks
+    from finetune import console as cli
+    from finetune import ranks
 
     chosen = backends(cfg.trainer.get("report_to"))
     ids = run_ids(run_dir, chosen, resuming)

@@ -31,16 +31,24 @@ import torch
 from transformers import PrinterCallback, ProgressCallback
 from trl import SFTTrainer
 
+from finetune.errors import DiskFullError, NonFiniteError
+from finetune.models import lm_head
 from finetune.runs import checkpoints
 from finetune.train import fsdp, progress
-from finetune.models import lm_head
-from finetune.errors import DiskFullError, NonFiniteError
 from finetune.train.guards import StepLog
 
 
 class GuardedSFTTrainer(SFTTrainer):
-    def __init__(self, *args, keep_checkpoints: int | None, run_facts: dict, step_log: StepLog, after_save,
-                 loraplus_lr_ratio: float | None = None, **kwargs):
+    def __init__(
+        self,
+        *args,
+        keep_checkpoints: int | None,
+        run_facts: dict,
+        step_log: StepLog,
+        after_save,
+        loraplus_lr_ratio: float | None = None,
+        **kwargs,
+    ):
         self.loraplus_lr_ratio = loraplus_lr_ratio  # before super().__init__: it may build the optimizer
         super().__init__(*args, **kwargs)
         lm_head.compact_everywhere(self.model)  # trl's fused head projects every position off CUDA; only trained ones
@@ -62,8 +70,14 @@ class GuardedSFTTrainer(SFTTrainer):
         optimizer_cls, kwargs = self.get_optimizer_cls_and_kwargs(self.args, opt_model)
         kwargs = dict(kwargs)  # validation refused the optimizers that bring their own groups (GaLore, APOLLO, LOMO)
         lr = kwargs.pop("lr", self.args.learning_rate)
-        self.optimizer = create_loraplus_optimizer(opt_model, optimizer_cls, lr=lr, loraplus_lr_ratio=self.loraplus_lr_ratio,
-                                                   loraplus_weight_decay=self.args.weight_decay, **kwargs)
+        self.optimizer = create_loraplus_optimizer(
+            opt_model,
+            optimizer_cls,
+            lr=lr,
+            loraplus_lr_ratio=self.loraplus_lr_ratio,
+            loraplus_weight_decay=self.args.weight_decay,
+            **kwargs,
+        )
         return self.optimizer
 
     def create_accelerator_and_postprocess(self) -> None:
@@ -128,13 +142,17 @@ class GuardedSFTTrainer(SFTTrainer):
     def training_step(self, model, inputs, num_items_in_batch=None):
         step = self.state.global_step + 1
         if num_items_in_batch is not None and int(num_items_in_batch) == 0:
-            raise NonFiniteError(f"optimizer step {step} has no trained token (every label in its batches is masked): "
-                                 "the loss would be NaN or 0.0; check data.template and data.overlength")
+            raise NonFiniteError(
+                f"optimizer step {step} has no trained token (every label in its batches is masked): "
+                "the loss would be NaN or 0.0; check data.template and data.overlength"
+            )
         loss = super().training_step(model, inputs, num_items_in_batch)
         value = loss.item()
         if not math.isfinite(value):
-            raise NonFiniteError(f"the loss is {value} at optimizer step {step}; stopped before the update, the last "
-                                 "checkpoint is intact. Lower trainer.learning_rate, keep bf16/fp32 (not fp16), check the data")
+            raise NonFiniteError(
+                f"the loss is {value} at optimizer step {step}; stopped before the update, the last "
+                "checkpoint is intact. Lower trainer.learning_rate, keep bf16/fp32 (not fp16), check the data"
+            )
         self.step_log.add(inputs["input_ids"], value)
         return loss
 
@@ -149,8 +167,10 @@ class GuardedSFTTrainer(SFTTrainer):
         norm = super()._get_grad_norm(model, grad_norm=grad_norm)
         value = float(norm) if norm is not None else 0.0
         if not math.isfinite(value):
-            raise NonFiniteError(f"the gradient norm is {value} at optimizer step {self.state.global_step + 1}; stopped before "
-                                 "the update, the last checkpoint is intact. Lower trainer.learning_rate or keep bf16/fp32")
+            raise NonFiniteError(
+                f"the gradient norm is {value} at optimizer step {self.state.global_step + 1}; stopped before "
+                "the update, the last checkpoint is intact. Lower trainer.learning_rate or keep bf16/fp32"
+            )
         return norm
 
 
@@ -171,11 +191,15 @@ def _disk_full_message(final_parent: Path, name: str, free: int, err: BaseExcept
     need = sum(p.stat().st_size for p in previous[0].rglob("*") if p.is_file()) if previous else None
     keep = f"{previous[0]} is intact" if previous else "no earlier checkpoint exists"
     size = f"; a checkpoint needs about {need / 2**20:.1f} MiB" if need else ""
-    return (f"no space left on the device of {final_parent} while saving {name} ({free / 2**20:.1f} MiB free{size}); {keep}. "
-            f"Free space and run again with resume=true (the save failed with: {type(err).__name__}: {str(err)[:200]})")
+    return (
+        f"no space left on the device of {final_parent} while saving {name} ({free / 2**20:.1f} MiB free{size}); "
+        f"{keep}. "
+        f"Free space and run again with resume=true (the save failed with: {type(err).__name__}: {str(err)[:200]})"
+    )
 
 
 def estimate_checkpoint_bytes(model) -> int:
     """Trainable weights + two Adam moments (fp32) + the small files: what one checkpoint writes."""
-    trainable = [p for p in model.parameters() if p.requires_grad]  # ds_numel: the real size of a ZeRO-3 partitioned one
+    # ds_numel: the real size of a ZeRO-3 partitioned one
+    trainable = [p for p in model.parameters() if p.requires_grad]
     return sum(getattr(p, "ds_numel", p.numel()) * (p.element_size() + 8) for p in trainable) + (1 << 20)

@@ -14,13 +14,13 @@ from pathlib import Path
 import pytest
 from omegaconf import OmegaConf
 
-from finetune.config.schema import DataConfig
 from finetune.config.compose import compose
-from finetune.data.tokenize import prepare
+from finetune.config.schema import DataConfig
+from finetune.config.validate import validate
 from finetune.data import templates
 from finetune.data.sources import MAX_ROW_BYTES, read_rows
+from finetune.data.tokenize import prepare
 from finetune.errors import EXIT_CONFIG, ConfigError, DataError
-from finetune.config.validate import validate
 
 from helpers import PROJECT, run_cli, tiny_overrides
 
@@ -36,7 +36,7 @@ def rejected(result) -> dict[str, tuple[str, str]]:
     return {r.where: (r.kind, r.reason) for r in result.rejected}
 
 
-# --- data: NUL characters, duplicate keys ------------------------------------------------------------------------------
+# --- data: NUL characters, duplicate keys -----------------------------------------------------------------------------
 
 
 def test_nul_characters_are_bad_rows_in_every_format(tmp_path):
@@ -46,8 +46,10 @@ def test_nul_characters_are_bad_rows_in_every_format(tmp_path):
     array.write_text(json.dumps([GOOD, {"instruction": "a", "output": "bad\u0000"}]), encoding="utf-8")
     table = tmp_path / "raw.csv"
     table.write_bytes(b"instruction,output\nSay hi,hi\nraw\x00nul,x\nSay bye,bye\n")
-    chat = jsonl(tmp_path / "chat.jsonl", json.dumps({"messages": [{"role": "user", "content": "hi"},
-                                                                    {"role": "assistant", "content": "o\u0000k"}]}))
+    chat = jsonl(
+        tmp_path / "chat.jsonl",
+        json.dumps({"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "o\u0000k"}]}),
+    )
 
     result = read_rows([str(escaped), str(array), str(table), str(chat)])
     problems = rejected(result)
@@ -60,16 +62,28 @@ def test_nul_characters_are_bad_rows_in_every_format(tmp_path):
 
 
 def test_duplicate_json_keys_are_bad_rows_naming_the_key(tmp_path):
-    rows = jsonl(tmp_path / "rows.jsonl", json.dumps(GOOD), '{"instruction": "a", "output": "first", "output": "second"}',
-                 '{"messages": [{"role": "user", "content": "a", "content": "b"}]}')
+    rows = jsonl(
+        tmp_path / "rows.jsonl",
+        json.dumps(GOOD),
+        '{"instruction": "a", "output": "first", "output": "second"}',
+        '{"messages": [{"role": "user", "content": "a", "content": "b"}]}',
+    )
     array = tmp_path / "rows.json"
     array.write_text('[{"instruction": "a", "instruction": "b", "output": "c"}, {"instruction": "d", "output": "e"}]')
     problems = rejected(read_rows([str(rows), str(array)]))
     assert problems == {
-        f"{rows}:2": ("duplicate_key", "duplicate key 'output': JSON keeps only the last value; remove or rename one of them"),
-        f"{rows}:3": ("duplicate_key", "duplicate key 'content' in 'messages[0]': JSON keeps only the last value; remove or "
-                                       "rename one of them"),
-        f"{array}:[0]": ("duplicate_key", "duplicate key 'instruction': JSON keeps only the last value; remove or rename one of them"),
+        f"{rows}:2": (
+            "duplicate_key",
+            "duplicate key 'output': JSON keeps only the last value; remove or rename one of them",
+        ),
+        f"{rows}:3": (
+            "duplicate_key",
+            "duplicate key 'content' in 'messages[0]': JSON keeps only the last value; remove or rename one of them",
+        ),
+        f"{array}:[0]": (
+            "duplicate_key",
+            "duplicate key 'instruction': JSON keeps only the last value; remove or rename one of them",
+        ),
     }
     columns = tmp_path / "columns.json"
     columns.write_text('{"instruction": ["a"], "output": ["b"], "output": ["c"]}')
@@ -82,16 +96,25 @@ def test_bad_rows_are_counted_by_reason_and_skip_invalid_drops_them(tmp_path, ti
 
     tokenizer = AutoTokenizer.from_pretrained(tiny_models["neo"])
     tokenizer.pad_token = tokenizer.eos_token
-    path = jsonl(tmp_path / "rows.jsonl", *[json.dumps({"instruction": f"q{i}", "output": f"a{i}"}) for i in range(40)],
-                 json.dumps({"instruction": "\u0000", "output": "x"}), '{"instruction": "a", "output": "b", "output": "c"}')
+    path = jsonl(
+        tmp_path / "rows.jsonl",
+        *[json.dumps({"instruction": f"q{i}", "output": f"a{i}"}) for i in range(40)],
+        json.dumps({"instruction": "\u0000", "output": "x"}),
+        '{"instruction": "a", "output": "b", "output": "c"}',
+    )
 
     def config(**overrides):
-        return OmegaConf.create(dataclasses.asdict(DataConfig(path=str(path), template="alpaca", max_length=256, eval_fraction=0.0,
-                                                              **overrides)))
+        return OmegaConf.create(
+            dataclasses.asdict(
+                DataConfig(path=str(path), template="alpaca", max_length=256, eval_fraction=0.0, **overrides)
+            )
+        )
 
     with pytest.raises(DataError) as caught:
         prepare(config(), tokenizer, templates.load("alpaca"), seed=1)
-    assert f"{path}:41: NUL character" in str(caught.value) and f"{path}:42: duplicate key 'output'" in str(caught.value)
+    assert f"{path}:41: NUL character" in str(caught.value) and f"{path}:42: duplicate key 'output'" in str(
+        caught.value
+    )
     data = prepare(config(skip_invalid=True, max_dropped_fraction=0.1), tokenizer, templates.load("alpaca"), seed=1)
     assert data.accounting["rows_read"] == 42 and data.accounting["train_rows"] == 40
     assert data.accounting["rows_rejected"] == {"nul_character": 1, "duplicate_key": 1}
@@ -110,8 +133,13 @@ def test_a_csv_field_over_128_kib_is_read_and_the_size_cap_is_an_option(tmp_path
 
     capped = read_rows(str(table), max_row_bytes=100_000)
     assert [r["output"] for r in capped.rows] == ["hi", "bye"]
-    assert rejected(capped) == {f"{table}:3": ("row_too_large", "record of 0.3 MiB exceeds data.max_row_bytes=100000 (0.1 MiB); "
-                                                                "raise data.max_row_bytes to read it, or remove it")}
+    assert rejected(capped) == {
+        f"{table}:3": (
+            "row_too_large",
+            "record of 0.3 MiB exceeds data.max_row_bytes=100000 (0.1 MiB); "
+            "raise data.max_row_bytes to read it, or remove it",
+        )
+    }
 
 
 MEASURE = textwrap.dedent("""
@@ -132,7 +160,9 @@ def test_a_30_mb_jsonl_line_is_a_named_bad_row_read_in_bounded_memory(tmp_path):
     path = tmp_path / "rows.jsonl"
     line = json.dumps({"instruction": "dump", "output": "x" * 30_000_000})
     jsonl(path, json.dumps(GOOD), line, json.dumps(GOOD))
-    out = subprocess.run([sys.executable, "-c", MEASURE, str(path)], cwd=PROJECT, capture_output=True, text=True, timeout=300)
+    out = subprocess.run(
+        [sys.executable, "-c", MEASURE, str(path)], cwd=PROJECT, capture_output=True, text=True, timeout=300
+    )
     assert out.returncode == 0, out.stderr
     report = json.loads(out.stdout)
     assert report["rows"] == 2
@@ -142,7 +172,9 @@ def test_a_30_mb_jsonl_line_is_a_named_bad_row_read_in_bounded_memory(tmp_path):
     # Reading the line whole holds at least its 30 MB of bytes, and its text again (the old reader: ~90 MB, then GBs
     # in the tokenizer). Bounded reading holds at most data.max_row_bytes of it.
     grown = report["after"] - report["before"]
-    assert grown < len(line) / 2, f"peak RSS grew by {grown / 2**20:.1f} MiB while reading a {len(line) / 2**20:.1f} MiB line"
+    assert grown < len(line) / 2, (
+        f"peak RSS grew by {grown / 2**20:.1f} MiB while reading a {len(line) / 2**20:.1f} MiB line"
+    )
 
 
 # --- data: encodings --------------------------------------------------------------------------------------------------
@@ -160,8 +192,11 @@ def test_a_utf16_tsv_from_excel_is_read_as_utf16_and_one_without_a_mark_names_ic
     assert result.notes == [f"{excel}: read as UTF-16 (it starts with that byte-order mark)"]
 
     lines = tmp_path / "rows.jsonl"
-    lines.write_bytes((json.dumps(GOOD) + "\n" + json.dumps({"instruction": "Ü", "output": "é"}, ensure_ascii=False) + "\n")
-                      .encode("utf-16"))
+    lines.write_bytes(
+        (json.dumps(GOOD) + "\n" + json.dumps({"instruction": "Ü", "output": "é"}, ensure_ascii=False) + "\n").encode(
+            "utf-16"
+        )
+    )
     result = read_rows(str(lines))
     assert not result.rejected and [r["output"] for r in result.rows] == ["hi", "é"]
 
@@ -175,10 +210,19 @@ def test_a_utf16_tsv_from_excel_is_read_as_utf16_and_one_without_a_mark_names_ic
 
 
 def test_cli_exits_2_naming_each_bad_row_before_the_model_loads(tmp_path, tiny_models):
-    path = jsonl(tmp_path / "rows.jsonl", *[json.dumps(GOOD)] * 8, json.dumps({"instruction": "a\u0000", "output": "b"}),
-                 '{"instruction": "a", "output": "b", "output": "c"}', json.dumps({"instruction": "a", "output": "y" * 3000}))
-    out = run_cli(*tiny_overrides("neo", tiny_models["neo"], tmp_path / "run"), f"data.path={path}", "data.eval_path=null",
-                  "data.max_row_bytes=2048")
+    path = jsonl(
+        tmp_path / "rows.jsonl",
+        *[json.dumps(GOOD)] * 8,
+        json.dumps({"instruction": "a\u0000", "output": "b"}),
+        '{"instruction": "a", "output": "b", "output": "c"}',
+        json.dumps({"instruction": "a", "output": "y" * 3000}),
+    )
+    out = run_cli(
+        *tiny_overrides("neo", tiny_models["neo"], tmp_path / "run"),
+        f"data.path={path}",
+        "data.eval_path=null",
+        "data.max_row_bytes=2048",
+    )
     assert out.returncode == EXIT_CONFIG, out.stderr[-3000:]
     assert f"{path}:9: NUL character (U+0000) in 'instruction'" in out.stderr
     assert f"{path}:10: duplicate key 'output'" in out.stderr
@@ -215,7 +259,10 @@ def test_a_base_with_only_pytorch_model_bin_is_refused_at_validation_with_the_co
     torch.save(load_file(base / "model.safetensors"), base / "pytorch_model.bin")
     (base / "model.safetensors").unlink()
     text = problems_for(base, tmp_path)
-    assert f"model.name_or_path: {base} holds only pickled weights (pytorch_model.bin); training loads safetensors only" in text
+    assert (
+        f"model.name_or_path: {base} holds only pickled weights (pytorch_model.bin); training loads safetensors only"
+        in text
+    )
     assert f".save_pretrained('{base}-safetensors')" in text and f"model.name_or_path={base}-safetensors" in text
 
 
@@ -232,7 +279,10 @@ def test_a_shard_index_leaving_the_folder_is_refused_before_loading(tiny_models,
     for target in ("../elsewhere/model.safetensors", "/etc/hostname"):
         index.write_text(json.dumps({"metadata": {}, "weight_map": {name: target for name in names}}))
         text = problems_for(base, tmp_path)
-        assert f"model.name_or_path: {base}: refers to '{target}', which lies outside the model folder; refusing to read it" in text
+        assert (
+            f"model.name_or_path: {base}: refers to '{target}', which lies outside the model folder; refusing to read "
+            "it" in text
+        )
 
 
 # --- trainer.push_to_hub ----------------------------------------------------------------------------------------------
@@ -240,6 +290,8 @@ def test_a_shard_index_leaving_the_folder_is_refused_before_loading(tiny_models,
 
 def test_trainer_push_to_hub_is_refused_with_the_push_command(tiny_models, tmp_path):
     text = problems_for(tiny_models["neo"], tmp_path, "+trainer.push_to_hub=true", "+trainer.hub_model_id=me/neo-legal")
-    assert (f"trainer.push_to_hub: training never uploads" in text
-            and f"python -m finetune.push {tmp_path / 'run'} repo_id=me/neo-legal" in text)
+    assert (
+        "trainer.push_to_hub: training never uploads" in text
+        and f"python -m finetune.push {tmp_path / 'run'} repo_id=me/neo-legal" in text
+    )
     validate(compose("demo", tiny_overrides("neo", tiny_models["neo"], tmp_path / "run", "+trainer.push_to_hub=false")))

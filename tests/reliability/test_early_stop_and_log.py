@@ -16,8 +16,14 @@ from harness import finetune, overrides
 @pytest.mark.parametrize("phase", ["TERM_IN_DATA", "TERM_IN_EVAL"])
 def test_sigterm_before_training_stops_at_the_next_safe_point(phase, tiny_models, tmp_path):
     run_dir = tmp_path / "run"
-    args = overrides(tiny_models["neox"], run_dir, "eval_before_training=true", "sample_generations=2",
-                     "trainer.eval_strategy=steps", "trainer.eval_steps=5")
+    args = overrides(
+        tiny_models["neox"],
+        run_dir,
+        "eval_before_training=true",
+        "sample_generations=2",
+        "trainer.eval_strategy=steps",
+        "trainer.eval_steps=5",
+    )
     result = finetune(args, fault=(phase, 0))
     assert result.returncode == EXIT_PREEMPTED, result.stderr[-3000:]
     record = json.loads((run_dir / "run.json").read_text())
@@ -39,6 +45,13 @@ def test_sigterm_before_training_stops_at_the_next_safe_point(phase, tiny_models
 def test_a_finished_run_logs_every_line_it_printed(reference):
     log = (reference / "train.log").read_text()
     lines = [line.split("] ", 1)[1] for line in log.splitlines() if line.startswith("[20") and "] [finetune] " in line]
-    for start in ("[finetune] precision:", "[finetune] data: ", "[finetune] model: ", "[finetune] training: ",
-                  "[finetune] step 10/10", "[finetune] trained 10 steps", "[finetune] run directory: "):
+    for start in (
+        "[finetune] precision:",
+        "[finetune] data: ",
+        "[finetune] model: ",
+        "[finetune] training: ",
+        "[finetune] step 10/10",
+        "[finetune] trained 10 steps",
+        "[finetune] run directory: ",
+    ):
         assert any(line.startswith(start) for line in lines), start

@@ -12,9 +12,9 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from finetune.runs import checkpoints
 from finetune.config.compose import compose
 from finetune.errors import EXIT_FAILURE, ConfigError, DiskFullError, OutOfMemory
+from finetune.runs import checkpoints
 from finetune.train.run import run
 
 from harness import finetune, overrides
@@ -47,7 +47,9 @@ def test_refuses_to_start_without_room_for_a_checkpoint(tiny_models, tmp_path, m
 
     usage = namedtuple("usage", "total used free")
     monkeypatch.setattr(shutil, "disk_usage", lambda path: usage(10**9, 10**9 - 4096, 4096))
-    with pytest.raises(ConfigError, match=r"output_dir: 0.0 MiB free on the device of .* one checkpoint needs about \d+\.\d MiB"):
+    with pytest.raises(
+        ConfigError, match=r"output_dir: 0.0 MiB free on the device of .* one checkpoint needs about \d+\.\d MiB"
+    ):
         run(compose("demo", overrides(tiny_models["neox"], tmp_path / "run")))
 
 
@@ -58,12 +60,19 @@ def test_out_of_memory_names_this_runs_fixes_and_keeps_its_checkpoints(tiny_mode
     assert "error: out of memory in optimizer step 5: CUDA out of memory. Tried to allocate 2.00 GiB" in result.stderr
     assert "Traceback" not in result.stderr
     # the standard run: batch 4 x accumulation 2, no checkpointing, max_length 384, LoRA
-    for fix in ("trainer.per_device_train_batch_size=2 trainer.gradient_accumulation_steps=4", "trainer.gradient_checkpointing=true",
-                "data.max_length=192", "strategy=qlora", "python -m finetune.plan"):
+    for fix in (
+        "trainer.per_device_train_batch_size=2 trainer.gradient_accumulation_steps=4",
+        "trainer.gradient_checkpointing=true",
+        "data.max_length=192",
+        "strategy=qlora",
+        "python -m finetune.plan",
+    ):
         assert f"{fix}" in result.stderr, fix
     assert "per_device_eval_batch_size" not in result.stderr  # a training step ran out, not evaluation
     record = json.loads((run_dir / "run.json").read_text())
-    assert record["status"] == "failed:oom" and record["exit_code"] == EXIT_FAILURE and "out of memory" in record["error"]
+    assert (
+        record["status"] == "failed:oom" and record["exit_code"] == EXIT_FAILURE and "out of memory" in record["error"]
+    )
     assert f"the checkpoints committed in {run_dir / 'checkpoints'} are intact" in result.stderr
     newest = checkpoints.candidates(run_dir / "checkpoints")[0]
     assert newest.name == "checkpoint-3" and checkpoints.verify(newest) is None
@@ -81,12 +90,27 @@ def test_out_of_memory_in_evaluation_names_the_eval_batch(tiny_models, tmp_path,
         return prediction_step(self, *args, **kwargs)
 
     monkeypatch.setattr(GuardedSFTTrainer, "prediction_step", running_out)
-    cfg = compose("demo", overrides(tiny_models["neox"], tmp_path / "run", "trainer.max_steps=3", "trainer.eval_strategy=steps",
-                                    "trainer.eval_steps=2", "trainer.per_device_eval_batch_size=6", "trainer.gradient_checkpointing=true"))
-    with pytest.raises(OutOfMemory, match=r"out of memory in the evaluation after optimizer step 2: CUDA out of memory") as raised:
+    cfg = compose(
+        "demo",
+        overrides(
+            tiny_models["neox"],
+            tmp_path / "run",
+            "trainer.max_steps=3",
+            "trainer.eval_strategy=steps",
+            "trainer.eval_steps=2",
+            "trainer.per_device_eval_batch_size=6",
+            "trainer.gradient_checkpointing=true",
+        ),
+    )
+    with pytest.raises(
+        OutOfMemory, match=r"out of memory in the evaluation after optimizer step 2: CUDA out of memory"
+    ) as raised:
         run(cfg)
     message = str(raised.value)
-    assert "trainer.per_device_eval_batch_size=3 (evaluation only" in message and "no checkpoint had been committed yet" in message
+    assert (
+        "trainer.per_device_eval_batch_size=3 (evaluation only" in message
+        and "no checkpoint had been committed yet" in message
+    )
     assert "gradient_checkpointing" not in message  # already on
     assert json.loads((tmp_path / "run" / "run.json").read_text())["status"] == "failed:oom"
 
@@ -94,12 +118,20 @@ def test_out_of_memory_in_evaluation_names_the_eval_batch(tiny_models, tmp_path,
 def test_out_of_memory_advice_follows_the_run_and_the_phase():
     from finetune.train import oom
 
-    full = compose("demo", ["strategy=full", "trainer.per_device_train_batch_size=1", "trainer.gradient_checkpointing=true"])
-    assert oom.fixes(full, "load") == ["strategy=lora (adapters only: no optimizer state for the base weights; a new run)",
-                                       "distributed=zero3 across several GPUs (weights, gradients and optimizer state sharded)"]
+    full = compose(
+        "demo", ["strategy=full", "trainer.per_device_train_batch_size=1", "trainer.gradient_checkpointing=true"]
+    )
+    assert oom.fixes(full, "load") == [
+        "strategy=lora (adapters only: no optimizer state for the base weights; a new run)",
+        "distributed=zero3 across several GPUs (weights, gradients and optimizer state sharded)",
+    ]
     training = oom.fixes(full, "train")  # batch 1 and checkpointing on: neither is offered again
-    assert not any("batch_size" in fix or "checkpointing" in fix for fix in training) and training[0].startswith("data.max_length=")
-    assert oom.is_out_of_memory(RuntimeError("[enforce fail at alloc_cpu.cpp:117] DefaultCPUAllocator: can't allocate memory"))
+    assert not any("batch_size" in fix or "checkpointing" in fix for fix in training) and training[0].startswith(
+        "data.max_length="
+    )
+    assert oom.is_out_of_memory(
+        RuntimeError("[enforce fail at alloc_cpu.cpp:117] DefaultCPUAllocator: can't allocate memory")
+    )
     assert oom.is_out_of_memory(torch.OutOfMemoryError("CUDA out of memory")) and oom.is_out_of_memory(MemoryError())
     assert not oom.is_out_of_memory(RuntimeError("expected scalar type Float but found BFloat16"))
 
@@ -108,13 +140,17 @@ def test_a_diverging_run_stops_at_the_first_non_finite_step(tiny_models, tmp_pat
     run_dir = tmp_path / "run"
     result = finetune(overrides(tiny_models["neox"], run_dir, "trainer.learning_rate=1e30", "trainer.max_grad_norm=0"))
     assert result.returncode == EXIT_FAILURE
-    found = re.search(r"error: the (loss|gradient norm) is (nan|inf) at optimizer step (\d+); stopped before the update", result.stderr)
+    found = re.search(
+        r"error: the (loss|gradient norm) is (nan|inf) at optimizer step (\d+); stopped before the update",
+        result.stderr,
+    )
     assert found, result.stderr[-2000:]
     record = json.loads((run_dir / "run.json").read_text())
     assert record["status"] == "failed:nonfinite"
     steps = [json.loads(line) for line in (run_dir / "train_steps.jsonl").read_text().splitlines()]
     bad_step = int(found.group(3))
-    assert bad_step > 1 and [s["step"] for s in steps] == list(range(1, bad_step))  # the bad step never reached the optimizer
+    # the bad step never reached the optimizer
+    assert bad_step > 1 and [s["step"] for s in steps] == list(range(1, bad_step))
     assert all(s["loss"] == s["loss"] and s["loss"] != 0.0 for s in steps)  # logged raw: no NaN, no 0.0 stand-in
 
 
@@ -132,10 +168,21 @@ def test_an_optimizer_step_without_trained_tokens_is_refused(tiny_models, tmp_pa
     data = Dataset.from_dict({"input_ids": [ids] * 4, "labels": [[-100] * len(ids)] * 4})
     trainer = GuardedSFTTrainer(
         model=AutoModelForCausalLM.from_pretrained(tiny_models["neox"]),
-        args=SFTConfig(output_dir=str(tmp_path), max_steps=1, per_device_train_batch_size=4, use_cpu=True, report_to="none",
-                       dataset_kwargs={"skip_prepare_dataset": True}, max_length=None),
-        train_dataset=data, processing_class=tokenizer,
-        keep_checkpoints=None, run_facts={}, step_log=StepLog(tmp_path / "steps.jsonl"), after_save=lambda folder: None,
+        args=SFTConfig(
+            output_dir=str(tmp_path),
+            max_steps=1,
+            per_device_train_batch_size=4,
+            use_cpu=True,
+            report_to="none",
+            dataset_kwargs={"skip_prepare_dataset": True},
+            max_length=None,
+        ),
+        train_dataset=data,
+        processing_class=tokenizer,
+        keep_checkpoints=None,
+        run_facts={},
+        step_log=StepLog(tmp_path / "steps.jsonl"),
+        after_save=lambda folder: None,
     )
     with pytest.raises(NonFiniteError, match="optimizer step 1 has no trained token"):
         trainer.train()
@@ -150,13 +197,18 @@ def test_run_record_names_everything_a_rerun_needs(reference):
     assert record["seed"] == 42 and record["data"]["rows_read"] == 320
     assert {"torch", "transformers", "peft", "trl"} <= set(record["versions"])
     manifest = checkpoints.manifest_of(reference / "checkpoints" / "checkpoint-9")
-    assert manifest["run"]["dataset"] == record["dataset_fingerprint"] and manifest["run"]["base_model"] == record["base_model_fingerprint"]
+    assert (
+        manifest["run"]["dataset"] == record["dataset_fingerprint"]
+        and manifest["run"]["base_model"] == record["base_model_fingerprint"]
+    )
 
 
 def test_a_hub_token_and_local_paths_never_reach_a_file_or_log(tiny_models, tmp_path):
     canary = "hf_" + "CANARY" + "x" * 34
     run_dir = tmp_path / "run"
-    result = finetune(overrides(tiny_models["neox"], run_dir, "trainer.max_steps=3", "trainer.save_steps=2"), env={"HF_TOKEN": canary})
+    result = finetune(
+        overrides(tiny_models["neox"], run_dir, "trainer.max_steps=3", "trainer.save_steps=2"), env={"HF_TOKEN": canary}
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     token = re.compile(rb"hf_[A-Za-z0-9]{30,}")
     files = [p for p in run_dir.rglob("*") if p.is_file()]
@@ -175,13 +227,30 @@ def test_a_hub_token_and_local_paths_never_reach_a_file_or_log(tiny_models, tmp_
 
 def test_gradient_accumulation_gives_the_same_weights(tiny_models, tmp_path):
     """(batch 8, accumulation 1) and (batch 2, accumulation 4) on variable-length rows: the same update (NU-01)."""
-    common = ["trainer.max_steps=3", "trainer.save_strategy=no", "strategy.lora_dropout=0.0", "trainer.lr_scheduler_type=constant",
-              "trainer.optim=sgd", "trainer.learning_rate=0.5"]  # SGD: Adam divides by ~0 gradients and magnifies rounding
+    # SGD: Adam divides by ~0 gradients and magnifies rounding
+    common = [
+        "trainer.max_steps=3",
+        "trainer.save_strategy=no",
+        "strategy.lora_dropout=0.0",
+        "trainer.lr_scheduler_type=constant",
+        "trainer.optim=sgd",
+        "trainer.learning_rate=0.5",
+    ]
     results = []
     for batch, accumulation in ((8, 1), (2, 4)):
         run_dir = tmp_path / f"b{batch}"
-        run(compose("demo", overrides(tiny_models["neox"], run_dir, *common, f"trainer.per_device_train_batch_size={batch}",
-                                      f"trainer.gradient_accumulation_steps={accumulation}")))
+        run(
+            compose(
+                "demo",
+                overrides(
+                    tiny_models["neox"],
+                    run_dir,
+                    *common,
+                    f"trainer.per_device_train_batch_size={batch}",
+                    f"trainer.gradient_accumulation_steps={accumulation}",
+                ),
+            )
+        )
         results.append(load_file(str(run_dir / "adapter" / "adapter_model.safetensors")))
     first, second = results
     assert max((first[k] - second[k]).abs().max().item() for k in first) <= 1e-6

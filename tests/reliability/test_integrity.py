@@ -12,8 +12,8 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from finetune.models import shards
 from finetune.errors import IntegrityError
+from finetune.models import shards
 
 
 def _write(path: Path, header: dict, data: bytes) -> Path:
@@ -25,8 +25,12 @@ def _write(path: Path, header: dict, data: bytes) -> Path:
 
 def test_a_shape_that_disagrees_with_its_byte_span_is_refused(tmp_path):
     # offsets contiguous and inside the file, but 2x3 float32 needs 24 bytes, not 16
-    path = _write(tmp_path / "w.safetensors", {"w": {"dtype": "F32", "shape": [2, 3], "data_offsets": [0, 16]}}, bytes(16))
-    with pytest.raises(IntegrityError, match=r"w.safetensors: tensor w is F32 \[2, 3\] \(24 bytes\) but spans 16 bytes"):
+    path = _write(
+        tmp_path / "w.safetensors", {"w": {"dtype": "F32", "shape": [2, 3], "data_offsets": [0, 16]}}, bytes(16)
+    )
+    with pytest.raises(
+        IntegrityError, match=r"w.safetensors: tensor w is F32 \[2, 3\] \(24 bytes\) but spans 16 bytes"
+    ):
         shards.ShardReader(path)
 
 
@@ -40,14 +44,18 @@ def test_trailing_bytes_after_the_last_tensor_are_refused(tmp_path):
 
 
 def test_negative_or_non_integer_shapes_are_refused(tmp_path):
-    path = _write(tmp_path / "w.safetensors", {"w": {"dtype": "F32", "shape": [-1, 4], "data_offsets": [0, 16]}}, bytes(16))
+    path = _write(
+        tmp_path / "w.safetensors", {"w": {"dtype": "F32", "shape": [-1, 4], "data_offsets": [0, 16]}}, bytes(16)
+    )
     with pytest.raises(IntegrityError, match=r"tensor w has shape \[-1, 4\]"):
         shards.ShardReader(path)
 
 
 def test_a_valid_file_still_reads(tmp_path):
     path = tmp_path / "w.safetensors"
-    save_file({"a": torch.arange(6.0).reshape(2, 3), "b": torch.zeros(0), "c": torch.ones(3, dtype=torch.bfloat16)}, str(path))
+    save_file(
+        {"a": torch.arange(6.0).reshape(2, 3), "b": torch.zeros(0), "c": torch.ones(3, dtype=torch.bfloat16)}, str(path)
+    )
     with shards.ShardReader(path) as reader:
         assert torch.equal(reader.read("a"), torch.arange(6.0).reshape(2, 3))
 
@@ -58,8 +66,10 @@ def _hub_cache_snapshot(root: Path) -> Path:
     blobs, snapshot = repo / "blobs", repo / "snapshots" / "abc123"
     blobs.mkdir(parents=True)
     snapshot.mkdir(parents=True)
-    for name, tensors in (("model-00001-of-00002.safetensors", {"a": torch.ones(2)}),
-                          ("model-00002-of-00002.safetensors", {"b": torch.zeros(2)})):
+    for name, tensors in (
+        ("model-00001-of-00002.safetensors", {"a": torch.ones(2)}),
+        ("model-00002-of-00002.safetensors", {"b": torch.zeros(2)}),
+    ):
         save_file(tensors, str(blobs / f"blob-{name[6:11]}"))
         os.symlink(f"../../blobs/blob-{name[6:11]}", snapshot / name)
     index = {"weight_map": {"a": "model-00001-of-00002.safetensors", "b": "model-00002-of-00002.safetensors"}}
@@ -70,7 +80,10 @@ def _hub_cache_snapshot(root: Path) -> Path:
 
 def test_a_sharded_base_in_the_hub_cache_is_accepted(tmp_path):
     snapshot = _hub_cache_snapshot(tmp_path)
-    assert [p.name for p in shards.weight_files(snapshot)] == ["model-00001-of-00002.safetensors", "model-00002-of-00002.safetensors"]
+    assert [p.name for p in shards.weight_files(snapshot)] == [
+        "model-00001-of-00002.safetensors",
+        "model-00002-of-00002.safetensors",
+    ]
 
 
 def test_a_hub_cache_link_that_leaves_the_repository_is_refused(tmp_path):
@@ -106,9 +119,9 @@ def test_disk_full_without_an_errno_is_recognised_by_the_free_space(tiny_models,
     import shutil
     from collections import namedtuple
 
-    from finetune.runs import checkpoints
     from finetune.config.compose import compose
     from finetune.errors import EXIT_FAILURE, DiskFullError
+    from finetune.runs import checkpoints
     from finetune.train.run import run
 
     from harness import overrides
@@ -119,7 +132,9 @@ def test_disk_full_without_an_errno_is_recognised_by_the_free_space(tiny_models,
     def full_disk_save(obj, path, *args, **kwargs):
         if str(path).endswith("checkpoint-6/optimizer.pt"):
             full.append(path)
-            raise RuntimeError("[enforce fail at inline_container.cc:626] . unexpected pos 64 vs 0; basic_ios::clear: iostream error")
+            raise RuntimeError(
+                "[enforce fail at inline_container.cc:626] . unexpected pos 64 vs 0; basic_ios::clear: iostream error"
+            )
         return real_save(obj, path, *args, **kwargs)
 
     monkeypatch.setattr(torch, "save", full_disk_save)
@@ -127,7 +142,9 @@ def test_disk_full_without_an_errno_is_recognised_by_the_free_space(tiny_models,
     with pytest.raises(DiskFullError) as caught:
         run(compose("demo", overrides(tiny_models["neox"], run_dir)))
     message = str(caught.value)
-    assert f"no space left on the device of {run_dir / 'checkpoints'} while saving checkpoint-6 (0.0 MiB free" in message
+    assert (
+        f"no space left on the device of {run_dir / 'checkpoints'} while saving checkpoint-6 (0.0 MiB free" in message
+    )
     assert "a checkpoint needs about" in message and "checkpoint-3 is intact" in message
     assert "basic_ios::clear" in message  # what torch said, for the record
     assert [c.name for c in checkpoints.candidates(run_dir / "checkpoints")] == ["checkpoint-3"]
@@ -159,8 +176,10 @@ def _adapter_on(base: Path, out: Path) -> Path:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     torch.manual_seed(0)
-    model = get_peft_model(AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32),
-                           LoraConfig(r=4, lora_alpha=8, target_modules=["query_key_value"], task_type="CAUSAL_LM"))
+    model = get_peft_model(
+        AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32),
+        LoraConfig(r=4, lora_alpha=8, target_modules=["query_key_value"], task_type="CAUSAL_LM"),
+    )
     model.save_pretrained(out)
     AutoTokenizer.from_pretrained(base).save_pretrained(out)
     return out
@@ -177,7 +196,7 @@ def test_merge_onto_a_full_disk_is_disk_full_and_leaves_no_partial(tiny_models, 
     from finetune.errors import DiskFullError
 
     adapter = _adapter_on(tiny_models["neox"], tmp_path / "adapter")
-    out, real_write, real_usage, full = tmp_path / "merged", shards.ShardWriter.write, shutil.disk_usage, []
+    out, real_usage, full = tmp_path / "merged", shutil.disk_usage, []
     usage = namedtuple("usage", "total used free")
 
     def full_disk_write(self, name, tensor):
@@ -189,15 +208,23 @@ def test_merge_onto_a_full_disk_is_disk_full_and_leaves_no_partial(tiny_models, 
     monkeypatch.setattr(shards.ShardWriter, "write", full_disk_write)
     monkeypatch.setattr(shutil, "disk_usage", lambda p: usage(10**9, 10**9 - 4096, 4096) if full else real_usage(p))
     with pytest.raises(DiskFullError) as caught:
-        merge.run(cli.parse([str(adapter), f"base={tiny_models['neox']}", f"out={out}", "dtype=float32"], merge.OPTIONS, "target"))
-    assert f"no space left on the device of {tmp_path} while merging into {out} (0.0 MiB free; the merged model needs about" in str(caught.value)
+        merge.run(
+            cli.parse(
+                [str(adapter), f"base={tiny_models['neox']}", f"out={out}", "dtype=float32"], merge.OPTIONS, "target"
+            )
+        )
+    assert (
+        f"no space left on the device of {tmp_path} while merging into {out} (0.0 MiB free; the merged model needs "
+        "about" in str(caught.value)
+    )
     assert caught.value.reason == "disk_full"
     assert not out.exists() and not out.with_name("merged.partial").exists()
 
 
 @pytest.mark.parametrize("value", [-1.8e37, float("nan")])
 def test_merge_refuses_a_non_finite_or_absurd_adapter_weight(tiny_models, tmp_path, value):
-    """One flipped exponent bit made a LoRA weight -1.8e37 (item 3): the gate compared against the same adapter and passed."""
+    """One flipped exponent bit made a LoRA weight -1.8e37 (item 3): the gate compared against the same adapter and
+    passed."""
     from safetensors.torch import load_file
 
     from finetune import console as cli
@@ -209,6 +236,11 @@ def test_merge_refuses_a_non_finite_or_absurd_adapter_weight(tiny_models, tmp_pa
     tensors[name][0, 0] = value
     save_file(tensors, str(adapter / "adapter_model.safetensors"))
     with pytest.raises(IntegrityError, match=rf"adapter_model.safetensors: tensor {name} holds .*(nan|-1.8e\+37)"):
-        merge.run(cli.parse([str(adapter), f"base={tiny_models['neox']}", f"out={tmp_path / 'merged'}", "dtype=float32"],
-                            merge.OPTIONS, "target"))
+        merge.run(
+            cli.parse(
+                [str(adapter), f"base={tiny_models['neox']}", f"out={tmp_path / 'merged'}", "dtype=float32"],
+                merge.OPTIONS,
+                "target",
+            )
+        )
     assert not (tmp_path / "merged").exists() and not (tmp_path / "merged.partial").exists()

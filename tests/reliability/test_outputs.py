@@ -12,11 +12,11 @@ from pathlib import Path
 
 import pytest
 
-from finetune.runs import checkpoints, rundir
 from finetune import console as cli
-from finetune.inference import generate
 from finetune.adapters import merge, push
 from finetune.errors import EXIT_INTEGRITY, ConfigError, IntegrityError
+from finetune.inference import generate
+from finetune.runs import checkpoints, rundir
 
 from harness import PROJECT
 
@@ -50,7 +50,9 @@ def test_final_adapter_is_sealed_and_a_flipped_bit_is_refused_by_merge_generate_
 
     adapter = run_copy / "adapter"
     manifest = checkpoints.manifest_of(adapter)
-    assert {"adapter_model.safetensors", "adapter_config.json", "README.md", "base_model.json"} <= set(manifest["files"])
+    assert {"adapter_model.safetensors", "adapter_config.json", "README.md", "base_model.json"} <= set(
+        manifest["files"]
+    )
     assert json.loads((run_copy / "run.json").read_text())["weights_manifest"] == "adapter/MANIFEST.json"
     assert checkpoints.verify(adapter) is None
     _flip_bit(adapter / "adapter_model.safetensors")  # a mantissa bit: finite, plausible, only the manifest sees it
@@ -62,8 +64,13 @@ def test_final_adapter_is_sealed_and_a_flipped_bit_is_refused_by_merge_generate_
     with pytest.raises(IntegrityError, match=named):
         _push_dry_run(run_copy)
     assert not (run_copy / "push_staging").exists()  # nothing staged from a corrupt folder
-    result = subprocess.run([sys.executable, "-m", "finetune.merge", str(run_copy)], cwd=PROJECT, capture_output=True,
-                            text=True, timeout=600)
+    result = subprocess.run(
+        [sys.executable, "-m", "finetune.merge", str(run_copy)],
+        cwd=PROJECT,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert result.returncode == EXIT_INTEGRITY, result.stderr[-2000:]
     assert "adapter_model.safetensors has sha256" in result.stderr and "(corrupted)" in result.stderr
     assert not (run_copy / "merged").exists() and not (run_copy / "merged.partial").exists()
@@ -102,7 +109,9 @@ def test_a_loadable_file_added_after_sealing_is_refused_a_stray_one_only_named(r
 def test_a_run_from_before_manifests_warns_a_missing_promised_manifest_is_refused(run_copy, capsys):
     adapter, record_path = run_copy / "adapter", run_copy / "run.json"
     (adapter / checkpoints.MANIFEST).unlink()
-    with pytest.raises(IntegrityError, match=r"adapter/MANIFEST.json is missing, but .*run.json records that it was written"):
+    with pytest.raises(
+        IntegrityError, match=r"adapter/MANIFEST.json is missing, but .*run.json records that it was written"
+    ):
         generate.plan(run_copy)
     record = json.loads(record_path.read_text())
     del record["weights_manifest"]  # as a run written before manifests existed
@@ -120,8 +129,19 @@ def test_full_fine_tune_model_folder_is_sealed(tiny_models, tmp_path):
 
     from helpers import tiny_overrides
 
-    run_dir = run(compose("demo", tiny_overrides("neox", tiny_models["neox"], tmp_path / "full", "strategy=full",
-                                                 "trainer.max_steps=1", "sample_generations=0")))
+    run_dir = run(
+        compose(
+            "demo",
+            tiny_overrides(
+                "neox",
+                tiny_models["neox"],
+                tmp_path / "full",
+                "strategy=full",
+                "trainer.max_steps=1",
+                "sample_generations=0",
+            ),
+        )
+    )
     model = run_dir / "model"
     assert "model.safetensors" in checkpoints.manifest_of(model)["files"] and checkpoints.verify(model) is None
     _flip_bit(model / "model.safetensors")
@@ -134,8 +154,13 @@ def test_full_fine_tune_model_folder_is_sealed(tiny_models, tmp_path):
 
 @pytest.mark.parametrize("where", ["run", "adapter", "parent", "checkpoints", "inside_adapter"])
 def test_merge_out_that_is_holds_or_lies_in_the_run_is_refused(run_copy, where):
-    out = {"run": run_copy, "adapter": run_copy / "adapter", "parent": run_copy.parent,
-           "checkpoints": run_copy / "checkpoints", "inside_adapter": run_copy / "adapter" / "merged"}[where]
+    out = {
+        "run": run_copy,
+        "adapter": run_copy / "adapter",
+        "parent": run_copy.parent,
+        "checkpoints": run_copy / "checkpoints",
+        "inside_adapter": run_copy / "adapter" / "merged",
+    }[where]
     before = sorted(p.relative_to(run_copy.parent) for p in run_copy.parent.rglob("*"))
     with pytest.raises(ConfigError, match=rf"out={out}: (is|contains|is inside)"):
         _merge(str(run_copy), f"out={out}", "overwrite=true")

@@ -1,4 +1,5 @@
-"""One run per output_dir, and a run deletes only what a run of ours wrote (issue 20 items 2 and 6; finetune/runlock.py).
+"""One run per output_dir, and a run deletes only what a run of ours wrote (issue 20 items 2 and 6;
+finetune/runlock.py).
 
 Real `python -m finetune` processes on tiny GPT-NeoX (harness.py). The busy-directory test pauses the first run inside
 its first optimizer step until the second has been refused, so the two always overlap, whatever the machine's speed.
@@ -16,10 +17,10 @@ from pathlib import Path
 
 import pytest
 
-from harness import PROJECT, finetune, overrides
-
 from finetune.runs import checkpoints
 from finetune.runs.runlock import LOCK
+
+from harness import PROJECT, finetune, overrides
 
 # The first run of the busy-directory test: stops in its first optimizer step, says so with a file, and goes on once
 # the test has made the second run (or after 10 minutes, so that a failing test never leaves it behind).
@@ -54,7 +55,9 @@ def _snapshot(folder: Path) -> dict[str, str]:
         if path.is_dir():
             found[name] = "dir"
         else:
-            found[name] = "tensorboard" if name.startswith("tensorboard/") else hashlib.sha256(path.read_bytes()).hexdigest()
+            found[name] = (
+                "tensorboard" if name.startswith("tensorboard/") else hashlib.sha256(path.read_bytes()).hexdigest()
+            )
     return found
 
 
@@ -62,7 +65,9 @@ def _wait_for(path: Path, process: subprocess.Popen, log: Path) -> None:
     deadline = time.monotonic() + 600  # a guard against a hung run, not a measurement
     while not path.exists():
         if process.poll() is not None or time.monotonic() > deadline:
-            pytest.fail(f"the first run did not reach its first step (exit {process.poll()}):\n{log.read_text()[-3000:]}")
+            pytest.fail(
+                f"the first run did not reach its first step (exit {process.poll()}):\n{log.read_text()[-3000:]}"
+            )
         time.sleep(0.5)
 
 
@@ -74,8 +79,12 @@ def test_a_second_run_on_a_busy_output_dir_is_refused_and_writes_nothing(tiny_mo
     script.write_text(PAUSED_RUN, encoding="utf-8")
     log = tmp_path / "first_stderr.txt"
     with log.open("w") as stderr:
-        first = subprocess.Popen([sys.executable, str(script), str(paused), str(go_on), *overrides(tiny_models["neox"], run_dir)],
-                                 cwd=PROJECT, stdout=subprocess.DEVNULL, stderr=stderr)
+        first = subprocess.Popen(
+            [sys.executable, str(script), str(paused), str(go_on), *overrides(tiny_models["neox"], run_dir)],
+            cwd=PROJECT,
+            stdout=subprocess.DEVNULL,
+            stderr=stderr,
+        )
     try:
         _wait_for(paused, first, log)
         before = _snapshot(run_dir)
@@ -90,7 +99,9 @@ def test_a_second_run_on_a_busy_output_dir_is_refused_and_writes_nothing(tiny_mo
     assert "is in use by another run" in second.stderr
     assert after == before  # nothing written: no run.json, no log line, no checkpoint moved
     assert first.returncode == 0, first_stderr[-3000:]
-    steps = [json.loads(line)["step"] for line in (run_dir / "train_steps.jsonl").read_text(encoding="utf-8").splitlines()]
+    steps = [
+        json.loads(line)["step"] for line in (run_dir / "train_steps.jsonl").read_text(encoding="utf-8").splitlines()
+    ]
     assert steps == list(range(1, 11))
     assert not (run_dir / "checkpoints" / checkpoints.QUARANTINE).exists()
     assert json.loads((run_dir / "run.json").read_text())["status"] == "completed"
@@ -117,7 +128,10 @@ def test_a_folder_that_is_not_a_run_is_refused_and_left_as_it_was(tiny_models, t
     before = _snapshot(folder)
     result = finetune(overrides(tiny_models["neox"], folder, f"overwrite={overwrite}"))
     assert result.returncode == 2, result.stderr[-3000:]
-    assert f"output_dir: {folder} is not a run directory and holds files no run wrote: checkpoints/my_model.pt" in result.stderr
+    assert (
+        f"output_dir: {folder} is not a run directory and holds files no run wrote: checkpoints/my_model.pt"
+        in result.stderr
+    )
     assert "allow_foreign_files=true" in result.stderr and "choose another output_dir" in result.stderr
     assert _snapshot(folder) == before  # nothing deleted, nothing written (not even Hydra's train.log)
 
@@ -128,19 +142,30 @@ def test_an_output_dir_that_is_not_a_folder_of_its_own_is_refused(tmp_path, valu
     (HOME is a scratch folder here, so that without the check nothing real is touched)."""
     cwd = tmp_path / "cwd"
     cwd.mkdir()
-    result = subprocess.run([sys.executable, "-m", "finetune", f"output_dir={value}"], cwd=cwd, capture_output=True, text=True,
-                            timeout=600, env={**os.environ, "HOME": str(tmp_path / "home")})
+    result = subprocess.run(
+        [sys.executable, "-m", "finetune", f"output_dir={value}"],
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env={**os.environ, "HOME": str(tmp_path / "home")},
+    )
     assert result.returncode == 2, result.stderr[-3000:]
     assert "output_dir:" in result.stderr and "name a folder of its own" in result.stderr
     assert list(cwd.iterdir()) == []
 
 
-@pytest.mark.parametrize("value, says", [("''", "output_dir: empty, which would make the current directory"),
-                                         ("/", "output_dir: '/' is the filesystem root")])
+@pytest.mark.parametrize(
+    "value, says",
+    [
+        ("''", "output_dir: empty, which would make the current directory"),
+        ("/", "output_dir: '/' is the filesystem root"),
+    ],
+)
 def test_validation_refuses_them_from_python_too(value, says):
     from finetune.config.compose import compose
-    from finetune.errors import ConfigError
     from finetune.config.validate import validate
+    from finetune.errors import ConfigError
 
     with pytest.raises(ConfigError, match=says):
         validate(compose("demo", [f"output_dir={value}"]))
@@ -172,7 +197,14 @@ def test_a_new_run_removes_only_the_previous_runs_checkpoints(tiny_models, tmp_p
         run(compose("demo", overrides(tiny_models["neox"], run_dir, *short)))
     assert (run_dir / "checkpoints" / "checkpoint-3" / checkpoints.MANIFEST).is_file()  # refused before any deletion
 
-    run(compose("demo", overrides(tiny_models["neox"], run_dir, "trainer.max_steps=2", "trainer.save_steps=2", "allow_foreign_files=true")))
+    run(
+        compose(
+            "demo",
+            overrides(
+                tiny_models["neox"], run_dir, "trainer.max_steps=2", "trainer.save_steps=2", "allow_foreign_files=true"
+            ),
+        )
+    )
     assert (run_dir / "checkpoints" / "my_model.pt").read_bytes() == b"my weights"
     assert (run_dir / "notes.txt").read_text() == "my notes"
     assert [c.name for c in checkpoints.candidates(run_dir / "checkpoints")] == ["checkpoint-2"]  # checkpoint-3 removed

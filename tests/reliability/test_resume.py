@@ -10,8 +10,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from finetune.runs import checkpoints
 from finetune.errors import EXIT_CONFIG, EXIT_INTEGRITY, EXIT_PREEMPTED
+from finetune.runs import checkpoints
 
 from harness import finetune, overrides
 
@@ -42,7 +42,9 @@ def test_kill_9_then_resume_reproduces_the_uninterrupted_run_bit_for_bit(killed,
     assert record["previous_attempts"][-1]["status"] == "running"
 
 
-@pytest.mark.parametrize("damage", ["truncate", "flip_byte", "delete_file", "unexpected_file", "no_manifest", "pickle_swap"])
+@pytest.mark.parametrize(
+    "damage", ["truncate", "flip_byte", "delete_file", "unexpected_file", "no_manifest", "pickle_swap"]
+)
 def test_every_kind_of_damage_is_detected_and_names_the_file(killed, damage):
     newest = killed / "checkpoints" / "checkpoint-6"
     weights = newest / "adapter_model.safetensors"
@@ -63,10 +65,14 @@ def test_every_kind_of_damage_is_detected_and_names_the_file(killed, damage):
         weights.unlink()
         (newest / "adapter_model.bin").write_bytes(b"\x80\x04K\x01.")
     problem = checkpoints.verify(newest)
-    expected = {"truncate": "adapter_model.safetensors has", "flip_byte": "adapter_model.safetensors has sha256",
-                "delete_file": "optimizer.pt is missing", "unexpected_file": "notes.txt is not in the manifest",
-                "no_manifest": "MANIFEST.json is missing: the save did not finish",
-                "pickle_swap": "adapter_model.bin is not in the manifest"}[damage]
+    expected = {
+        "truncate": "adapter_model.safetensors has",
+        "flip_byte": "adapter_model.safetensors has sha256",
+        "delete_file": "optimizer.pt is missing",
+        "unexpected_file": "notes.txt is not in the manifest",
+        "no_manifest": "MANIFEST.json is missing: the save did not finish",
+        "pickle_swap": "adapter_model.bin is not in the manifest",
+    }[damage]
     assert problem is not None and expected in problem
 
 
@@ -90,13 +96,15 @@ def test_kill_during_a_save_never_promotes_the_torn_checkpoint(tiny_models, refe
     args = overrides(tiny_models["neox"], run_dir, "trainer.save_total_limit=1")
     result = finetune(args, fault=("KILL_IN_SAVE", 6))
     assert result.returncode == -9
-    assert [c.name for c in checkpoints.candidates(run_dir / "checkpoints")] == ["checkpoint-3"]  # the only good one survives
+    # the only good one survives
+    assert [c.name for c in checkpoints.candidates(run_dir / "checkpoints")] == ["checkpoint-3"]
     assert (run_dir / "checkpoints" / checkpoints.STAGING / "checkpoint-6").is_dir()  # the torn save stayed in staging
     result = finetune([*args, "resume=true"])
     assert result.returncode == 0, result.stderr[-3000:]
     assert not (run_dir / "checkpoints" / checkpoints.STAGING).exists()
     assert_same_run(run_dir, reference)
-    assert [c.name for c in checkpoints.candidates(run_dir / "checkpoints")] == ["checkpoint-10"]  # rotation kept the newest (the Trainer also saves the last step)
+    # rotation kept the newest (the Trainer also saves the last step)
+    assert [c.name for c in checkpoints.candidates(run_dir / "checkpoints")] == ["checkpoint-10"]
 
 
 @pytest.mark.parametrize("signal_name", ["TERM", "USR1"])
@@ -108,7 +116,8 @@ def test_preemption_commits_a_checkpoint_exits_75_and_resumes_exactly(signal_nam
     assert f"SIG{signal_name} received" in result.stderr and "resume=true" in result.stderr
     record = json.loads((run_dir / "run.json").read_text())
     assert record["status"] == "preempted" and record["exit_code"] == EXIT_PREEMPTED
-    assert checkpoints.candidates(run_dir / "checkpoints")[0].name == "checkpoint-5"  # stopped at the next step boundary
+    # stopped at the next step boundary
+    assert checkpoints.candidates(run_dir / "checkpoints")[0].name == "checkpoint-5"
     assert checkpoints.verify(run_dir / "checkpoints" / "checkpoint-5") is None
     assert not (run_dir / "adapter").exists()  # no final artefacts from an unfinished run
     result = finetune([*args, "resume=true"])
@@ -121,20 +130,28 @@ def test_resume_without_a_complete_checkpoint_exits_3_and_auto_starts_fresh(kill
         (candidate / checkpoints.MANIFEST).unlink()
     result = finetune(overrides(tiny_models["neox"], killed, "resume=true", "trainer.max_steps=2"))
     assert result.returncode == EXIT_INTEGRITY
-    assert "no complete checkpoint in" in result.stderr and "checkpoint-6: " in result.stderr and "resume=auto" in result.stderr
+    assert (
+        "no complete checkpoint in" in result.stderr
+        and "checkpoint-6: " in result.stderr
+        and "resume=auto" in result.stderr
+    )
     result = finetune(overrides(tiny_models["neox"], killed, "resume=auto", "trainer.max_steps=2"))
     assert result.returncode == 0 and "starting from step 0 (resume=auto)" in result.stderr
 
 
 def test_resume_with_changed_settings_is_refused_field_by_field(killed, tiny_models):
-    result = finetune(overrides(tiny_models["neox"], killed, "resume=true", "strategy.r=8", "seed=7", "trainer.max_steps=12"))
+    result = finetune(
+        overrides(tiny_models["neox"], killed, "resume=true", "strategy.r=8", "seed=7", "trainer.max_steps=12")
+    )
     assert result.returncode == EXIT_CONFIG
     assert "resume: strategy.r: 16 in the checkpoint -> 8 now" in result.stderr
     assert "resume: seed: 42 in the checkpoint -> 7 now" in result.stderr
     assert "resume: max_steps: 10 in the checkpoint -> 12 now" in result.stderr
     assert "resume_allow_drift=[strategy,seed,max_steps]" in result.stderr
     assert checkpoints.verify(killed / "checkpoints" / "checkpoint-6") is None  # nothing was touched
-    result = finetune(overrides(tiny_models["neox"], killed, "resume=true", "trainer.max_steps=12", "resume_allow_drift=[max_steps]"))
+    result = finetune(
+        overrides(tiny_models["neox"], killed, "resume=true", "trainer.max_steps=12", "resume_allow_drift=[max_steps]")
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     assert json.loads((killed / "run.json").read_text())["global_steps"] == 12
 
@@ -147,7 +164,9 @@ def test_resuming_a_completed_run_changes_nothing(reference, tiny_models, tmp_pa
     assert {p: p.stat().st_mtime_ns for p in run_dir.rglob("*") if p.is_file()} == before
 
 
-@pytest.mark.parametrize("fault", [("KILL_IN_SAVE", 10), ("KILL_AFTER_SAVE", 10)], ids=["during_last_save", "after_last_save"])
+@pytest.mark.parametrize(
+    "fault", [("KILL_IN_SAVE", 10), ("KILL_AFTER_SAVE", 10)], ids=["during_last_save", "after_last_save"]
+)
 def test_kill_at_the_last_save_then_resume_finishes_without_another_step(fault, tiny_models, reference, tmp_path):
     """The ends of a run: resuming from checkpoint-10 of 10 writes the final adapter, trains no step 11 (issue 20)."""
     run_dir = tmp_path / "run"

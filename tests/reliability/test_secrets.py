@@ -7,12 +7,12 @@ import shutil
 
 import pytest
 
-from finetune.config import credentials
 from finetune.adapters import push
-from finetune.runs import rundir
+from finetune.config import credentials
 from finetune.config.compose import compose
-from finetune.errors import EXIT_CONFIG, ConfigError, IntegrityError
 from finetune.config.validate import validate
+from finetune.errors import EXIT_CONFIG, ConfigError, IntegrityError
+from finetune.runs import rundir
 
 from helpers import run_cli
 
@@ -29,19 +29,29 @@ def problems_of(overrides: list[str], tmp_path) -> list[str]:
 def test_oc_env_of_a_secret_variable_is_refused_by_name_set_or_not(tmp_path, monkeypatch):
     monkeypatch.delenv("HF_TOKEN", raising=False)
     monkeypatch.setenv("WANDB_API_KEY", WANDB_KEY)
-    problems = problems_of(["card.description=${oc.env:HF_TOKEN}", "tracking.run_name=${oc.env:WANDB_API_KEY}"], tmp_path)
+    problems = problems_of(
+        ["card.description=${oc.env:HF_TOKEN}", "tracking.run_name=${oc.env:WANDB_API_KEY}"], tmp_path
+    )
     assert len(problems) == 2, problems
     assert problems[0].startswith("card.description: interpolates ${oc.env:HF_TOKEN}, a secret")
     assert problems[1].startswith("tracking.run_name: interpolates ${oc.env:WANDB_API_KEY}, a secret")
     assert WANDB_KEY not in "\n".join(problems)
     # with a default, in a list, or through an intermediate key of the user's own
-    problems = problems_of(["card.tags=[a,'${oc.env:AWS_SECRET_ACCESS_KEY,none}']", "card.license=${oc.env:MLFLOW_TRACKING_TOKEN,x}",
-                            "card.model_name=${card.license}"], tmp_path)
+    problems = problems_of(
+        [
+            "card.tags=[a,'${oc.env:AWS_SECRET_ACCESS_KEY,none}']",
+            "card.license=${oc.env:MLFLOW_TRACKING_TOKEN,x}",
+            "card.model_name=${card.license}",
+        ],
+        tmp_path,
+    )
     assert sorted(p.split(":")[0] for p in problems) == ["card.license", "card.tags[1]"], problems
 
 
 def test_cli_exits_2_and_writes_nothing(tmp_path):
-    out = run_cli("tracking.run_name=${oc.env:WANDB_API_KEY}", f"output_dir={tmp_path}/run", env={"WANDB_API_KEY": WANDB_KEY})
+    out = run_cli(
+        "tracking.run_name=${oc.env:WANDB_API_KEY}", f"output_dir={tmp_path}/run", env={"WANDB_API_KEY": WANDB_KEY}
+    )
     assert out.returncode == EXIT_CONFIG, out.stderr[-2000:]
     assert "tracking.run_name: interpolates ${oc.env:WANDB_API_KEY}" in out.stderr
     assert WANDB_KEY not in out.stdout + out.stderr
@@ -50,8 +60,15 @@ def test_cli_exits_2_and_writes_nothing(tmp_path):
 
 def test_a_secret_value_or_token_shape_in_any_key_is_refused(tmp_path, monkeypatch):
     monkeypatch.setenv("MY_DB_PASSWORD", "s3cret-Value-42")
-    problems = problems_of(["secret_env=[MY_DB_PASSWORD]", "card.description=pw s3cret-Value-42",
-                            f"card.model_name=x{HF_SHAPED}", "tracking.project=${oc.env:MY_DB_PASSWORD}"], tmp_path)
+    problems = problems_of(
+        [
+            "secret_env=[MY_DB_PASSWORD]",
+            "card.description=pw s3cret-Value-42",
+            f"card.model_name=x{HF_SHAPED}",
+            "tracking.project=${oc.env:MY_DB_PASSWORD}",
+        ],
+        tmp_path,
+    )
     assert [p.split(":")[0] for p in problems] == ["tracking.project", "card.model_name", "card.description"], problems
     assert "card.description: holds the value of $MY_DB_PASSWORD" in problems[2]
     assert "card.model_name: holds a Hugging Face token" in problems[1]
@@ -81,8 +98,11 @@ def test_push_scans_staged_files_for_every_set_secret_and_token_shapes(run_copy,
     monkeypatch.setenv("WANDB_API_KEY", WANDB_KEY)
     config.write_text(original.replace("description: null", f"description: key {WANDB_KEY[::-1]}"))
     assert _stage(run_copy)  # not a secret: nothing set holds it, and it has no token's shape
-    for leak, what in ((WANDB_KEY, r"the value of \$WANDB_API_KEY"), (HF_SHAPED, "a Hugging Face token"),
-                       ("AKIA" + "Q" * 16, "an AWS access key id")):
+    for leak, what in (
+        (WANDB_KEY, r"the value of \$WANDB_API_KEY"),
+        (HF_SHAPED, "a Hugging Face token"),
+        ("AKIA" + "Q" * 16, "an AWS access key id"),
+    ):
         config.write_text(original.replace("description: null", f"description: key {leak}"))
         with pytest.raises(IntegrityError, match=f"README.md holds {what}") as caught:
             _stage(run_copy)
@@ -95,8 +115,11 @@ def test_push_scans_for_the_runs_own_secret_env(run_copy, monkeypatch):
     config = run_copy / "config.yaml"
     text = config.read_text()
     assert "secret_env: []" in text
-    config.write_text(text.replace("description: null", "description: pw s3cret-Value-42")
-                      .replace("secret_env: []", "secret_env:\n- MY_DB_PASSWORD"))
+    config.write_text(
+        text.replace("description: null", "description: pw s3cret-Value-42").replace(
+            "secret_env: []", "secret_env:\n- MY_DB_PASSWORD"
+        )
+    )
     with pytest.raises(IntegrityError, match=r"README.md holds the value of \$MY_DB_PASSWORD"):
         _stage(run_copy)
 
@@ -110,8 +133,14 @@ def test_a_refused_value_is_never_quoted_back(tmp_path, monkeypatch):
     """A secret interpolated into a typed key also fails the type check, whose message quoted the value."""
     monkeypatch.setenv("WANDB_API_KEY", WANDB_KEY)
     monkeypatch.setenv("HF_TOKEN", HF_SHAPED)
-    problems = problems_of(["seed=${oc.env:WANDB_API_KEY}", "trainer.learning_rate=${oc.env:HF_TOKEN}",
-                            "data.path=${oc.env:WANDB_API_KEY}"], tmp_path)
+    problems = problems_of(
+        [
+            "seed=${oc.env:WANDB_API_KEY}",
+            "trainer.learning_rate=${oc.env:HF_TOKEN}",
+            "data.path=${oc.env:WANDB_API_KEY}",
+        ],
+        tmp_path,
+    )
     text = "\n".join(problems)
     assert "seed: interpolates ${oc.env:WANDB_API_KEY}" in text and "trainer.learning_rate: interpolates" in text
     assert WANDB_KEY not in text and HF_SHAPED not in text, text
@@ -120,8 +149,14 @@ def test_a_refused_value_is_never_quoted_back(tmp_path, monkeypatch):
 
 def test_a_variable_named_like_a_credential_is_a_secret(tmp_path, monkeypatch):
     monkeypatch.delenv("ACME_SERVICE_TOKEN", raising=False)
-    problems = problems_of(["card.description=${oc.env:ACME_SERVICE_TOKEN,none}", "card.license=${oc.env:DB_PASSWORD,x}",
-                            "card.model_name=${oc.env:TOKENIZERS_PARALLELISM,n}"], tmp_path)
+    problems = problems_of(
+        [
+            "card.description=${oc.env:ACME_SERVICE_TOKEN,none}",
+            "card.license=${oc.env:DB_PASSWORD,x}",
+            "card.model_name=${oc.env:TOKENIZERS_PARALLELISM,n}",
+        ],
+        tmp_path,
+    )
     assert sorted(p.split(":")[0] for p in problems) == ["card.description", "card.license"], problems
     assert credentials.is_secret("STRIPE_API_KEY") and not credentials.is_secret("HF_HUB_DISABLE_TELEMETRY")
 
@@ -135,7 +170,9 @@ def test_push_refuses_a_run_whose_overrides_interpolated_a_secret_unset_now(run_
     record_path.write_text(json.dumps({**record, "overrides": ["tracking.run_name=${oc.env:WANDB_API_KEY}"]}))
     config = run_copy / "config.yaml"
     config.write_text(config.read_text().replace("description: null", f"description: {WANDB_KEY}"))
-    with pytest.raises(IntegrityError, match=r"run's overrides \(run.json\) interpolate \$\{oc.env:WANDB_API_KEY\}") as caught:
+    with pytest.raises(
+        IntegrityError, match=r"run's overrides \(run.json\) interpolate \$\{oc.env:WANDB_API_KEY\}"
+    ) as caught:
         _stage(run_copy)
     assert WANDB_KEY not in str(caught.value)
     assert not (run_copy / "push_staging").exists()

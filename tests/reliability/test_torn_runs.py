@@ -16,19 +16,20 @@ from pathlib import Path
 import pytest
 import yaml
 
-from finetune.runs import checkpoints
 from finetune import console as cli
-from finetune.evaluate import run as evaluate
-from finetune.inference import generate
 from finetune.adapters import merge
 from finetune.errors import EXIT_INTEGRITY, ConfigError, DataError, IntegrityError
+from finetune.evaluate import run as evaluate
+from finetune.inference import generate
+from finetune.runs import checkpoints
 
 from harness import PROJECT
 
 
 def _tool(module: str, *args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", f"finetune.{module}", *args], cwd=PROJECT, capture_output=True, text=True,
-                          timeout=600)
+    return subprocess.run(
+        [sys.executable, "-m", f"finetune.{module}", *args], cwd=PROJECT, capture_output=True, text=True, timeout=600
+    )
 
 
 def _unseal(run_dir: Path) -> None:
@@ -50,8 +51,14 @@ def test_merge_and_generate_on_a_torn_run_exit_3_with_status_newest_checkpoint_a
         result = _tool(module, str(killed), *args)
         assert result.returncode == EXIT_INTEGRITY, result.stderr[-2000:]
         assert "Traceback" not in result.stderr
-        for said in ("the run did not finish", "status: running", "no final adapter/", "resume=true",
-                     "checkpoint-6 (step 6)", f"finetune.merge {killed / 'checkpoints' / 'checkpoint-6'} out=DIR"):
+        for said in (
+            "the run did not finish",
+            "status: running",
+            "no final adapter/",
+            "resume=true",
+            "checkpoint-6 (step 6)",
+            f"finetune.merge {killed / 'checkpoints' / 'checkpoint-6'} out=DIR",
+        ):
             assert said in result.stderr, (said, result.stderr[-2000:])
     # killed while the final adapter was written: adapter_config.json and half of the weights, no manifest
     adapter = killed / "adapter"
@@ -75,7 +82,9 @@ def test_merge_and_generate_on_a_torn_run_exit_3_with_status_newest_checkpoint_a
         generate.plan(killed / "checkpoints" / "checkpoint-3")
 
 
-def test_a_truncated_adapter_without_a_manifest_is_named_by_generate_not_a_safetensors_traceback(run_copy, tiny_models, tmp_path):
+def test_a_truncated_adapter_without_a_manifest_is_named_by_generate_not_a_safetensors_traceback(
+    run_copy, tiny_models, tmp_path
+):
     folder = Path(shutil.copytree(run_copy / "adapter", tmp_path / "adapter_copy"))  # given directly, no run
     (folder / checkpoints.MANIFEST).unlink()
     data = (folder / "adapter_model.safetensors").read_bytes()
@@ -107,8 +116,13 @@ def test_merge_removes_only_a_partial_folder_it_wrote_and_always_the_one_it_was_
 
 
 def _evaluate(run_dir: Path, *args: str) -> Path:
-    return evaluate.run(cli.parse([str(run_dir), "dtype=float32", "limit=2", "generate_rows=0", "samples=0", *args],
-                                  evaluate.OPTIONS, "target"))
+    return evaluate.run(
+        cli.parse(
+            [str(run_dir), "dtype=float32", "limit=2", "generate_rows=0", "samples=0", *args],
+            evaluate.OPTIONS,
+            "target",
+        )
+    )
 
 
 def test_evaluate_records_changed_heldout_data_in_the_report_and_the_card(run_copy, tmp_path):
@@ -125,7 +139,10 @@ def test_evaluate_records_changed_heldout_data_in_the_report_and_the_card(run_co
     check = report["data"]["heldout_check"]
     assert check["matches"] is False and check["dataset_fingerprint_at_training"] != check["dataset_fingerprint_now"]
     assert any("changed since training" in w for w in report["data"]["warnings"])
-    assert "**Warning:** the data named in the run's config.yaml changed since training" in (run_copy / "eval_report.md").read_text()
+    assert (
+        "**Warning:** the data named in the run's config.yaml changed since training"
+        in (run_copy / "eval_report.md").read_text()
+    )
     card = (run_copy / "adapter" / "README.md").read_text()
     assert "changed since training" in card and str(tmp_path) not in card
     assert checkpoints.verify(run_copy / "adapter") is None  # the refreshed card is recorded in the manifest
@@ -140,7 +157,9 @@ def test_evaluate_unchanged_heldout_data_is_recorded_as_matching(run_copy):
 
 def test_evaluate_lists_each_bad_row_once_with_a_fix_evaluate_takes(run_copy, tmp_path):
     bad = tmp_path / "bad.jsonl"
-    bad.write_text('{"instruction": "a", "output": "b"}\n{"instruction": "c"}\nnot json\n{"instruction": "d", "output": "e"}\n')
+    bad.write_text(
+        '{"instruction": "a", "output": "b"}\n{"instruction": "c"}\nnot json\n{"instruction": "d", "output": "e"}\n'
+    )
     with pytest.raises(DataError) as caught:
         _evaluate(run_copy, f"data={bad}")
     message = str(caught.value)
