@@ -108,10 +108,23 @@ def check(argv: list[str]) -> list[str]:
     return []
 
 
+def _kind(argv: list[str]) -> str:
+    """The subcommand a documented command runs, whichever spelling it uses (finetune X, python -m finetune[.X])."""
+    from finetune.cli import COMMANDS
+
+    words = argv[1:] if argv[0] == "finetune" else argv[2:] if argv[0] == "python" else []
+    if not words and argv[0] != "finetune":
+        return argv[0]
+    if argv[0] == "python" and words[0].startswith("finetune."):
+        return words[0].removeprefix("finetune.")
+    words = words[1:] if argv[0] == "python" else words
+    return words[0] if words and words[0] in COMMANDS else "train"
+
+
 def test_every_documented_command_parses():
     commands = documented_commands()
-    kinds = {argv[2] if argv[0] == "python" else argv[0] for _, argv in commands}
-    assert len(commands) > 60 and {"finetune", "finetune.plan", "finetune.evaluate", "finetune.push", "accelerate", "bash"} <= kinds
+    kinds = {_kind(argv) for _, argv in commands}
+    assert len(commands) > 60 and {"train", "plan", "evaluate", "push", "merge", "accelerate", "bash"} <= kinds, kinds
     problems = [f"{where}\n    -> {'; '.join(p)}" for where, argv in commands if (p := check(argv))]
     assert not problems, "commands in the docs that do not parse:\n" + "\n".join(problems)
 
