@@ -1,8 +1,8 @@
 """Measured peak memory of real training steps vs the estimate of `python -m finetune.plan`, case by case.
 
-    python benchmarks/plan_accuracy.py                    # CPU, fp32: tiny Neo/NeoX/GPT-J and GPT-Neo-125M / Pythia-160M shapes
+    python benchmarks/plan_accuracy.py                # CPU, fp32: tiny Neo/NeoX/GPT-J, GPT-Neo-125M / Pythia-160M
     python benchmarks/plan_accuracy.py --cases tiny       # the tiny models only (about a minute)
-    python benchmarks/plan_accuracy.py --device cuda      # GPU, bf16 autocast: GPT-Neo-1.3B and GPT-NeoX-20B shapes, LoRA
+    python benchmarks/plan_accuracy.py --device cuda  # GPU, bf16 autocast: GPT-Neo-1.3B and GPT-NeoX-20B, LoRA
 
 Each case is a config composed as training composes it (a preset plus overrides). The planner plans it on
 `gpu=cpu` (or the GPU named by --gpu); a fresh subprocess then builds the same architecture (tiny: the checkpoint
@@ -16,7 +16,8 @@ First, per layer: the bytes the tensors kept for backward occupy (torch.autograd
 storage once, parameters excluded; 4 layers minus 2, halved) in tiny Neo/NeoX/GPT-J models, full and LoRA, against
 the planner's layer term, on the chosen device and precision (CUDA: bf16 weights under bf16 autocast).
 
-Then the peaks. Measured: on CPU the rise of the process's peak resident memory (VmHWM, reset through /proc/self/clear_refs after
+Then the peaks. Measured: on CPU the rise of the process's peak resident memory (VmHWM, reset through
+/proc/self/clear_refs after
 the imports) over its resident memory just before the model is built; on CUDA torch.cuda.max_memory_allocated over
 the allocation before the model is built. The planner's fixed CUDA context is left out of the comparison (neither
 measure includes it). Prints a table with the error of each estimate; the target is within 15%.
@@ -67,8 +68,12 @@ TINY_CONFIG = {"neo": "tiny_neo", "neox": "tiny_neox", "gptj": "tiny_gptj"}
 PADDING = 16  # padding tokens at the end of each batch's last row
 # glibc keeps freed blocks below its (self-raising) mmap threshold in the heap, so resident memory stops tracking live
 # tensors; a fixed 64 KiB threshold hands every tensor-sized block back to the kernel when it is freed.
-WORKER_ENV = {"HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", "MALLOC_MMAP_THRESHOLD_": "65536",
-              "MALLOC_TRIM_THRESHOLD_": "131072"}
+WORKER_ENV = {
+    "HF_HUB_OFFLINE": "1",
+    "TOKENIZERS_PARALLELISM": "false",
+    "MALLOC_MMAP_THRESHOLD_": "65536",
+    "MALLOC_TRIM_THRESHOLD_": "131072",
+}
 
 
 def main() -> None:
@@ -98,21 +103,38 @@ def run_case(case: tuple, args, workdir: Path) -> dict:
     estimate = planner_estimate(overrides, args)
     spec = {"overrides": overrides, "device": args.device, "steps": args.steps, "accum": args.accum}
     started = time.perf_counter()
-    out = subprocess.run([sys.executable, __file__, "--worker", json.dumps(spec)], check=False, capture_output=True, text=True, cwd=PROJECT,
-                         env={**os.environ, **WORKER_ENV})
+    out = subprocess.run(
+        [sys.executable, __file__, "--worker", json.dumps(spec)],
+        check=False,
+        capture_output=True,
+        text=True,
+        cwd=PROJECT,
+        env={**os.environ, **WORKER_ENV},
+    )
     if out.returncode != 0:
         raise SystemExit(f"case {name} failed:\n{out.stderr[-3000:]}")
     measured = json.loads(out.stdout.strip().splitlines()[-1])
-    row = {"case": name, "tokens": f"{batch} x {length}", "estimate": estimate, **measured,
-           "seconds": round(time.perf_counter() - started, 1)}
+    row = {
+        "case": name,
+        "tokens": f"{batch} x {length}",
+        "estimate": estimate,
+        **measured,
+        "seconds": round(time.perf_counter() - started, 1),
+    }
     row["error"] = (estimate["total"] - measured["peak"]) / measured["peak"]
     row["forward_error"] = (estimate["after_forward"] - measured["after_forward"]) / measured["after_forward"]
-    print(f"{name}: estimate {estimate['total'] / 2**20:.0f} MiB, measured {measured['peak'] / 2**20:.0f} MiB "
-          f"({row['error']:+.1%}); end of forward {row['forward_error']:+.1%}; {row['seconds']} s", file=sys.stderr, flush=True)
+    print(
+        f"{name}: estimate {estimate['total'] / 2**20:.0f} MiB, measured {measured['peak'] / 2**20:.0f} MiB "
+        f"({row['error']:+.1%}); end of forward {row['forward_error']:+.1%}; {row['seconds']} s",
+        file=sys.stderr,
+        flush=True,
+    )
     return row
 
 
-def case_overrides(model: str, strategy: str, batch: int, length: int, checkpointing: bool, args, workdir: Path) -> list[str]:
+def case_overrides(
+    model: str, strategy: str, batch: int, length: int, checkpointing: bool, args, workdir: Path
+) -> list[str]:
     """The config of a case, as command-line overrides of the demo preset."""
     overrides = []
     if model.startswith("tiny:"):
@@ -125,11 +147,21 @@ def case_overrides(model: str, strategy: str, batch: int, length: int, checkpoin
         overrides += [f"model={TINY_CONFIG[arch]}", f"model.name_or_path={folder}", "model.tiny=null"]
     else:
         overrides.append(model)
-    precision = ["model.dtype=float32", "trainer.bf16=false"] if args.device == "cpu" else ["model.dtype=bfloat16", "trainer.bf16=true"]
-    return [*overrides, f"strategy={strategy}", *precision,
-            f"trainer.per_device_train_batch_size={batch}", f"trainer.gradient_accumulation_steps={args.accum}",
-            f"trainer.gradient_checkpointing={str(checkpointing).lower()}", f"data.max_length={length}",
-            f"output_dir={workdir / 'run'}"]
+    precision = (
+        ["model.dtype=float32", "trainer.bf16=false"]
+        if args.device == "cpu"
+        else ["model.dtype=bfloat16", "trainer.bf16=true"]
+    )
+    return [
+        *overrides,
+        f"strategy={strategy}",
+        *precision,
+        f"trainer.per_device_train_batch_size={batch}",
+        f"trainer.gradient_accumulation_steps={args.accum}",
+        f"trainer.gradient_checkpointing={str(checkpointing).lower()}",
+        f"data.max_length={length}",
+        f"output_dir={workdir / 'run'}",
+    ]
 
 
 def planner_estimate(overrides: list[str], args) -> dict:
@@ -140,8 +172,13 @@ def planner_estimate(overrides: list[str], args) -> dict:
     lines = {line.name: line.bytes for line in result.memory}
     context = lines.pop("CUDA context (fixed)", 0)
     static = result.total_bytes - context - lines["activations"]
-    return {"total": result.total_bytes - context, "activations": lines["activations"], "static": static,
-            "after_forward": static + result.activations_kept_after_forward, "peak_at": result.activation_peak_at}
+    return {
+        "total": result.total_bytes - context,
+        "activations": lines["activations"],
+        "static": static,
+        "after_forward": static + result.activations_kept_after_forward,
+        "peak_at": result.activation_peak_at,
+    }
 
 
 # --- the worker: one case in a fresh process ---------------------------------------------------------------------
@@ -152,8 +189,8 @@ def worker(spec: dict) -> dict:
     from omegaconf import OmegaConf
 
     from finetune import console as cli
-    from finetune.models import strategy
     from finetune.config.compose import compose, to_container
+    from finetune.models import strategy
     from finetune.plan.architecture import architecture_config
 
     cli.quiet_libraries()
@@ -165,10 +202,18 @@ def worker(spec: dict) -> dict:
     warm_up_imports(cfg, config)
     measure = Peak(device)
     model = build_model(cfg, config, device)
-    step_seconds, after_forward = train_steps(model, cfg, inputs.to(device), spec["steps"], spec["accum"], device, measure)
-    return {"peak": measure.rise(), "after_forward": after_forward, "step_seconds": round(step_seconds, 2),
-            "trainable": sum(p.numel() for p in model.parameters() if p.requires_grad),
-            "lora_dropout": cfg.strategy.get("lora_dropout") if strategy.peft_config(OmegaConf.to_container(cfg.strategy)) else None}
+    step_seconds, after_forward = train_steps(
+        model, cfg, inputs.to(device), spec["steps"], spec["accum"], device, measure
+    )
+    return {
+        "peak": measure.rise(),
+        "after_forward": after_forward,
+        "step_seconds": round(step_seconds, 2),
+        "trainable": sum(p.numel() for p in model.parameters() if p.requires_grad),
+        "lora_dropout": cfg.strategy.get("lora_dropout")
+        if strategy.peft_config(OmegaConf.to_container(cfg.strategy))
+        else None,
+    }
 
 
 def warm_up_imports(cfg, config) -> None:
@@ -275,8 +320,11 @@ def train_steps(model, cfg, input_ids, steps: int, accum: int, device: str, meas
 
     trainable = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(trainable, lr=2e-4, weight_decay=0.0, fused=True)
-    autocast = (torch.autocast("cuda", dtype=torch.bfloat16) if device == "cuda" and cfg.trainer.bf16
-                else contextlib.nullcontext())
+    autocast = (
+        torch.autocast("cuda", dtype=torch.bfloat16)
+        if device == "cuda" and cfg.trainer.bf16
+        else contextlib.nullcontext()
+    )
     mask = torch.ones_like(input_ids)
     mask[-1, -PADDING:] = 0  # a padded batch: transformers builds the attention mask a real SFT batch gets
     labels = input_ids.masked_fill(mask == 0, -100)
@@ -286,7 +334,9 @@ def train_steps(model, cfg, input_ids, steps: int, accum: int, device: str, meas
             started = time.perf_counter()
         for _ in range(accum):
             with autocast:
-                outputs = model(input_ids=input_ids, attention_mask=mask, labels=labels, use_cache=False, fused_lm_head=True)
+                outputs = model(
+                    input_ids=input_ids, attention_mask=mask, labels=labels, use_cache=False, fused_lm_head=True
+                )
                 loss = -outputs.log_probs.sum() / outputs.label_mask.sum().clamp(min=1) / accum
             after_forward = measure.now()
             loss.backward()
@@ -304,7 +354,10 @@ def print_layer_table(device: str) -> None:
     print("| layer of | strategy | planner (MiB) | saved tensors (MiB) | error |")
     print("|---|---|---:|---:|---:|")
     for arch, strategy, planned, measured in rows:
-        print(f"| tiny {arch} | {strategy} | {planned / 2**20:.3f} | {measured / 2**20:.3f} | {(planned - measured) / measured:+.2%} |")
+        print(
+            f"| tiny {arch} | {strategy} | {planned / 2**20:.3f} | {measured / 2**20:.3f} | "
+            f"{(planned - measured) / measured:+.2%} |"
+        )
     print(flush=True)
 
 
@@ -318,9 +371,18 @@ def layer_row(arch: str, strategy: str, device: str, batch: int = 4, length: int
     from finetune.plan.hardware import find_gpu
     from finetune.plan.setup import setup_of
 
-    precision = ["model.dtype=float32", "trainer.bf16=false"] if device == "cpu" else ["model.dtype=bfloat16", "trainer.bf16=true"]
-    overrides = [f"model={TINY_CONFIG[arch]}", f"strategy={strategy}", *precision, f"data.max_length={length}",
-                 f"trainer.per_device_train_batch_size={batch}"]
+    precision = (
+        ["model.dtype=float32", "trainer.bf16=false"]
+        if device == "cpu"
+        else ["model.dtype=bfloat16", "trainer.bf16=true"]
+    )
+    overrides = [
+        f"model={TINY_CONFIG[arch]}",
+        f"strategy={strategy}",
+        *precision,
+        f"data.max_length={length}",
+        f"trainer.per_device_train_batch_size={batch}",
+    ]
     resolved, _ = checked_config(compose("demo", overrides))
     gpu = find_gpu("cpu" if device == "cpu" else "h100-80gb")
     arch_facts = architecture(resolved["model"])
@@ -332,7 +394,8 @@ def layer_row(arch: str, strategy: str, device: str, batch: int = 4, length: int
 
 
 def saved_tensor_bytes(resolved: dict, arch: str, layers: int, batch: int, length: int, device: str) -> int:
-    """Bytes of the distinct storages autograd keeps after a forward of the backbone (parameters and buffers excluded)."""
+    """Bytes of the distinct storages autograd keeps after a forward of the backbone (parameters and buffers
+    excluded)."""
     import contextlib
 
     import torch
@@ -345,7 +408,11 @@ def saved_tensor_bytes(resolved: dict, arch: str, layers: int, batch: int, lengt
     dtype = getattr(torch, resolved["model"]["dtype"])
     torch.manual_seed(0)
     with torch.device(device):
-        model = AutoModelForCausalLM.from_config(config, dtype=dtype, attn_implementation=_loadable(resolved["model"]["attn_implementation"], resolved["model"]["family"]))
+        model = AutoModelForCausalLM.from_config(
+            config,
+            dtype=dtype,
+            attn_implementation=_loadable(resolved["model"]["attn_implementation"], resolved["model"]["family"]),
+        )
     neo_attention.enable(model)
     peft_config = strategy.peft_config(resolved["strategy"])
     if peft_config is not None:
@@ -375,24 +442,30 @@ def saved_tensor_bytes(resolved: dict, arch: str, layers: int, batch: int, lengt
 
 def print_table(rows: list[dict], args) -> None:
     what = "peak RSS rise (VmHWM)" if args.device == "cpu" else "torch.cuda.max_memory_allocated rise"
-    print(f"\n| case | tokens | peak: estimate (MiB) | peak: measured {what} (MiB) | error | end of forward: estimate / "
-          "measured (MiB) | error | planner's peak at |")
+    print(
+        f"\n| case | tokens | peak: estimate (MiB) | peak: measured {what} (MiB) | error | end of forward: estimate / "
+        "measured (MiB) | error | planner's peak at |"
+    )
     print("|---|---|---:|---:|---:|---:|---:|---|")
     for r in rows:
-        print(f"| {r['case']} | {r['tokens']} | {r['estimate']['total'] / 2**20:,.0f} | {r['peak'] / 2**20:,.0f} | "
-              f"{r['error']:+.1%} | {r['estimate']['after_forward'] / 2**20:,.0f} / {r['after_forward'] / 2**20:,.0f} | "
-              f"{r['forward_error']:+.1%} | {r['estimate']['peak_at']} |")
+        print(
+            f"| {r['case']} | {r['tokens']} | {r['estimate']['total'] / 2**20:,.0f} | {r['peak'] / 2**20:,.0f} | "
+            f"{r['error']:+.1%} | {r['estimate']['after_forward'] / 2**20:,.0f} / {r['after_forward'] / 2**20:,.0f} | "
+            f"{r['forward_error']:+.1%} | {r['estimate']['peak_at']} |"
+        )
     errors = [abs(r["error"]) for r in rows]
     within = sum(e <= TARGET_ERROR for e in errors)
-    print(f"\n{within} of {len(rows)} within ±{TARGET_ERROR:.0%}; mean |error| {sum(errors) / len(errors):.1%}, "
-          f"max {max(errors):.1%}")
-
+    print(
+        f"\n{within} of {len(rows)} within ±{TARGET_ERROR:.0%}; mean |error| {sum(errors) / len(errors):.1%}, "
+        f"max {max(errors):.1%}"
+    )
 
 
 def _loadable(attention: str, family: str) -> str:
     """transformers' name for the configured attention: GPT-Neo's `sdpa` is ours (finetune.neo_attention), loaded
     eager then enabled; NeoX's and GPT-J's are transformers' own."""
     return "eager" if family == "gpt_neo" and attention == "sdpa" else attention
+
 
 if __name__ == "__main__":
     main()

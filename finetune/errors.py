@@ -81,7 +81,13 @@ class Preempted(FinetuneError):
     reason = "preempted"
 
 
-HUB_UNREACHABLE = ("huggingface.co", "offline mode", "HF_HUB_OFFLINE", "LocalEntryNotFound", "cannot find the requested files")
+HUB_UNREACHABLE = (
+    "huggingface.co",
+    "offline mode",
+    "HF_HUB_OFFLINE",
+    "LocalEntryNotFound",
+    "cannot find the requested files",
+)
 
 
 def hub_unreachable(err: BaseException) -> ConfigError | None:
@@ -92,9 +98,11 @@ def hub_unreachable(err: BaseException) -> ConfigError | None:
     if not isinstance(err, OSError) or not any(marker in text for marker in HUB_UNREACHABLE):
         return None
     first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-    return ConfigError(f"the model files could not be read ({type(err).__name__}: {first}); give a local checkpoint folder "
-                       "(model.name_or_path=DIR for training and preview, base=DIR for merge/generate/evaluate), or make "
-                       "the Hub reachable (network, and HF_HUB_OFFLINE unset)")
+    return ConfigError(
+        f"the model files could not be read ({type(err).__name__}: {first}); give a local checkpoint folder "
+        "(model.name_or_path=DIR for training and preview, base=DIR for merge/generate/evaluate), or make "
+        "the Hub reachable (network, and HF_HUB_OFFLINE unset)"
+    )
 
 
 def closest(word: str, known, cutoff: float = 0.6, n: int = 1) -> list[str]:

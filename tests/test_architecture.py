@@ -23,7 +23,8 @@ SHIMS = {
     "finetune.sweep",
     "finetune.tiny",
 }
-MAX_LINES = 520  # STYLE.md: split a module past ~400 lines along a seam a reader would name; this is the hard stop
+MAX_LINES = 600  # STYLE.md: split a module past ~400 lines along a seam a reader would name; this is the hard stop
+# (counted as ruff formats the code: one argument per line where a call does not fit in 120 columns)
 
 
 def modules() -> dict[str, Path]:

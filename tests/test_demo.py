@@ -15,9 +15,18 @@ def test_demo_builds_tiny_base_trains_and_writes_a_self_describing_run(tmp_path)
     out = run_cli(f"output_dir={tmp_path / 'run'}", env=env)
     assert out.returncode == 0, out.stderr[-4000:]
     run_dir = tmp_path / "run"
-    for name in ("run.json", "config.yaml", "data_template.yaml", "metrics.json", "loss.png", "samples.json",
-                 "adapter/adapter_config.json", "adapter/adapter_model.safetensors", "adapter/tokenizer.json",
-                 "adapter/chat_template.jinja"):
+    for name in (
+        "run.json",
+        "config.yaml",
+        "data_template.yaml",
+        "metrics.json",
+        "loss.png",
+        "samples.json",
+        "adapter/adapter_config.json",
+        "adapter/adapter_model.safetensors",
+        "adapter/tokenizer.json",
+        "adapter/chat_template.jinja",
+    ):
         assert (run_dir / name).is_file(), name
     record = json.loads((run_dir / "run.json").read_text())
     assert record["status"] == "completed" and record["exit_code"] == 0

@@ -3,18 +3,20 @@
 from __future__ import annotations
 
 import pytest
+from omegaconf import OmegaConf
 
-from finetune.plan import planning as plan
 from finetune.config import precision
 from finetune.config.compose import compose
-from omegaconf import OmegaConf
+from finetune.plan import planning as plan
 
 XEON_NO_BF16 = "processor\t: 0\nflags\t\t: fpu sse avx2 avx512f avx512bw avx512_vnni\n"
 EPYC_BF16 = "processor\t: 0\nflags\t\t: fpu sse avx2 avx512f avx512_bf16 avx512_vnni\n"
 GRAVITON3 = "processor\t: 0\nFeatures\t: fp asimd sve bf16 i8mm\n"
 
 
-@pytest.mark.parametrize(("cpuinfo", "bf16"), [(XEON_NO_BF16, False), (EPYC_BF16, True), (GRAVITON3, True), ("", False)])
+@pytest.mark.parametrize(
+    ("cpuinfo", "bf16"), [(XEON_NO_BF16, False), (EPYC_BF16, True), (GRAVITON3, True), ("", False)]
+)
 def test_cpu_choice_follows_the_native_bf16_flags(tmp_path, cpuinfo, bf16):
     path = tmp_path / "cpuinfo"
     path.write_text(cpuinfo)
@@ -34,7 +36,9 @@ def test_resolve_replaces_auto_and_keeps_explicit_settings(bf16):
     assert resolved["model"]["dtype"] == "auto" and resolved["trainer"]["bf16"] == "auto"
     assert precision.resolve(resolved, bf16)
     assert resolved["model"]["dtype"] == ("bfloat16" if bf16 else "float32") and resolved["trainer"]["bf16"] is bf16
-    explicit = OmegaConf.to_container(compose("lora_neox20b", ["model.dtype=float32", "trainer.bf16=true"]), resolve=True)
+    explicit = OmegaConf.to_container(
+        compose("lora_neox20b", ["model.dtype=float32", "trainer.bf16=true"]), resolve=True
+    )
     assert not precision.resolve(explicit, bf16=False)
     assert explicit["model"]["dtype"] == "float32" and explicit["trainer"]["bf16"] is True
 

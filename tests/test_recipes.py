@@ -14,31 +14,45 @@ from pathlib import Path
 
 import pytest
 
+from finetune import console as cli
 from finetune.config.compose import split_preset
+from finetune.errors import ConfigError
 
 from helpers import PROJECT
-
-from finetune import console as cli
-from finetune.errors import ConfigError
 
 JOURNEYS = ["legal_assistant", "medical_assistant", "domain_pretraining", "many_adapters"]
 TOOLS = ("merge", "generate", "evaluate", "push", "embed")
 
 
 def documented_commands() -> list[tuple[str, list[str]]]:
-    """(where, argv) of every neo-finetune command in the docs: bash blocks of the READMEs and docs/, preset headers, the
+    """(where, argv) of every neo-finetune command in the docs: bash blocks of the READMEs and docs/, preset headers,
+    the
     SLURM script's usage lines, and the cpu_journey.sh scripts (expanded by their dry-run mode)."""
     found = []
-    for doc in [PROJECT / "README.md", *sorted((PROJECT / "docs").glob("*.md")), *sorted((PROJECT / "recipes").rglob("README.md"))]:
+    for doc in [
+        PROJECT / "README.md",
+        *sorted((PROJECT / "docs").glob("*.md")),
+        *sorted((PROJECT / "recipes").rglob("README.md")),
+    ]:
         for block in re.findall(r"```bash\n(.*?)```", doc.read_text(encoding="utf-8"), re.DOTALL):
             found += _commands(doc, block.replace("\\\n", " "))
     for path in [*sorted((PROJECT / "conf").glob("*.yaml")), *sorted((PROJECT / "recipes").rglob("*.sbatch"))]:
-        usage = [line.lstrip("#").strip() for line in path.read_text(encoding="utf-8").splitlines() if line.startswith("#   ")]
+        usage = [
+            line.lstrip("#").strip()
+            for line in path.read_text(encoding="utf-8").splitlines()
+            if line.startswith("#   ")
+        ]
         found += _commands(path, "\n".join(usage))
     for name in JOURNEYS:
         script = PROJECT / "recipes" / name / "cpu_journey.sh"
-        out = subprocess.run(["bash", str(script), "/tmp/run-a", "/tmp/run-b"], capture_output=True, text=True,
-                             env={**os.environ, "RECIPE_DRY_RUN": "1"}, stdin=subprocess.DEVNULL, check=True)
+        out = subprocess.run(
+            ["bash", str(script), "/tmp/run-a", "/tmp/run-b"],
+            capture_output=True,
+            text=True,
+            env={**os.environ, "RECIPE_DRY_RUN": "1"},
+            stdin=subprocess.DEVNULL,
+            check=True,
+        )
         found += _commands(script, out.stdout)
     return found
 
@@ -46,7 +60,9 @@ def documented_commands() -> list[tuple[str, list[str]]]:
 def _commands(where: Path, text: str) -> list[tuple[str, list[str]]]:
     commands = []
     for line in text.splitlines():
-        if not re.search(r"python -m finetune|(^\s*|&&\s*|\|\s*|;\s*)finetune\s|accelerate launch|^\s*(bash|sbatch) recipes/", line):
+        if not re.search(
+            r"python -m finetune|(^\s*|&&\s*|\|\s*|;\s*)finetune\s|accelerate launch|^\s*(bash|sbatch) recipes/", line
+        ):
             continue  # prose, pip, lm_eval, ...
         words = shlex.split(line, comments=True)
         while words:  # `a && b`, `a | b`
@@ -58,9 +74,15 @@ def _commands(where: Path, text: str) -> list[tuple[str, list[str]]]:
 
 
 def _ours(argv: list[str]) -> bool:
-    return argv[:1] == ["finetune"] or argv[:2] == ["python", "-m"] and argv[2].startswith("finetune") \
-        or argv[:2] == ["accelerate", "launch"] \
-        or argv[:1] in (["bash"], ["sbatch"]) and argv[1:2] and argv[1].startswith("recipes/")
+    return (
+        argv[:1] == ["finetune"]
+        or argv[:2] == ["python", "-m"]
+        and argv[2].startswith("finetune")
+        or argv[:2] == ["accelerate", "launch"]
+        or argv[:1] in (["bash"], ["sbatch"])
+        and argv[1:2]
+        and argv[1].startswith("recipes/")
+    )
 
 
 def check(argv: list[str]) -> list[str]:
@@ -145,8 +167,14 @@ def test_cpu_journeys_legal_medical_and_many_adapters(tmp_path):
     legal, medical = tmp_path / "legal", tmp_path / "medical"
 
     def journey(name: str, *args: Path) -> str:
-        out = subprocess.run(["bash", str(PROJECT / "recipes" / name / "cpu_journey.sh"), *map(str, args)],
-                             capture_output=True, text=True, env=env, timeout=900, check=False)
+        out = subprocess.run(
+            ["bash", str(PROJECT / "recipes" / name / "cpu_journey.sh"), *map(str, args)],
+            capture_output=True,
+            text=True,
+            env=env,
+            timeout=900,
+            check=False,
+        )
         assert out.returncode == 0, out.stderr[-4000:]
         assert re.search(r"\[recipe\] [\d.]+ s", out.stderr)
         return out.stdout + out.stderr

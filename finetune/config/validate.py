@@ -15,11 +15,12 @@ from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
 
-from finetune.config import credentials
 from finetune import ranks
-from finetune.runs import runlock
-from finetune.config.schema import FAMILIES, STRATEGIES, RunConfig
+from finetune.config import credentials
+from finetune.config.model_checks import check_model
+from finetune.config.schema import STRATEGIES, RunConfig
 from finetune.errors import ConfigError, Problem, did_you_mean, keeping_kinds
+from finetune.runs import runlock
 
 CARD_DOMAINS = ("general", "legal", "medical")
 BACKENDS = ("none", "ddp", "deepspeed", "fsdp")  # conf/distributed/: how the launched processes share the work
@@ -53,7 +54,11 @@ def validate(cfg: DictConfig) -> tuple[dict, list[str]]:
     except Exception as err:  # noqa: BLE001 - an interpolation error is a config problem, say so
         raise ConfigError(interpolated or credentials.redact([f"config does not resolve: {err}"])) from err
     schema_problems = check_schema(resolved, RunConfig, "")
-    problems = [*interpolated, *credentials.held(resolved, skip={p.split(":", 1)[0] for p in interpolated}), *schema_problems]
+    problems = [
+        *interpolated,
+        *credentials.held(resolved, skip={p.split(":", 1)[0] for p in interpolated}),
+        *schema_problems,
+    ]
     warnings: list[str] = []
     # strategy and trainer belong to peft and trl: checked against their classes whatever else is wrong
     if isinstance(resolved.get("strategy"), dict):
@@ -103,7 +108,9 @@ def _check_type(value, hint, key: str) -> list[str]:
         problems = [_check_type(value, arm, key) for arm in arms]
         if any(not p for p in problems):
             return []
-        return problems[0] if len(arms) == 1 else [f"{key}: expected {' or '.join(map(_type_name, arms))}, got {value!r}"]
+        return (
+            problems[0] if len(arms) == 1 else [f"{key}: expected {' or '.join(map(_type_name, arms))}, got {value!r}"]
+        )
     if origin is list:
         ok = isinstance(value, list) and all(isinstance(v, args[0]) for v in value)
         return [] if ok else [f"{key}: expected a list of {args[0].__name__}, got {value!r}"]
@@ -127,7 +134,11 @@ def unknown_library_keys(keys: list[str]) -> list[str]:
         "trainer": {f.name for f in dataclasses.fields(SFTConfig) if f.init} | set(OWNED_TRAINER_KEYS),
         "strategy": lora_fields() | set(OUR_KEYS),
     }
-    return [_unknown_key(key, key.split(".", 1)[1], known[key.split(".")[0]]) for key in keys if key.split(".", 1)[1] not in known[key.split(".")[0]]]
+    return [
+        _unknown_key(key, key.split(".", 1)[1], known[key.split(".")[0]])
+        for key in keys
+        if key.split(".", 1)[1] not in known[key.split(".")[0]]
+    ]
 
 
 def check_strategy(strategy: dict) -> list[str]:
@@ -137,22 +148,37 @@ def check_strategy(strategy: dict) -> list[str]:
     if name not in STRATEGIES:
         return [f"strategy.name: '{name}' is not one of {', '.join(STRATEGIES)} (strategy=NAME)"]
     if name not in ADAPTER_STRATEGIES:
-        return [("strategy.loraplus_lr_ratio: LoRA+ raises the learning rate of LoRA's B matrices; strategy=full has none "
-                 "(remove it, or use strategy=lora)") if k == "loraplus_lr_ratio"
-                else _unknown_key(f"strategy.{k}", k, ["name"]) + " (strategy=full has no options)" for k in strategy if k != "name"]
+        return [
+            (
+                "strategy.loraplus_lr_ratio: LoRA+ raises the learning rate of LoRA's B matrices; strategy=full has "
+                "none "
+                "(remove it, or use strategy=lora)"
+            )
+            if k == "loraplus_lr_ratio"
+            else _unknown_key(f"strategy.{k}", k, ["name"]) + " (strategy=full has no options)"
+            for k in strategy
+            if k != "name"
+        ]
     known = lora_fields() | set(OUR_KEYS)
     problems = [_unknown_key(f"strategy.{k}", k, known) for k in strategy if k not in known]
-    # what would change the base under the adapter, or what merging means, is refused with its reason (finetune.strategy)
+    # what would change the base under the adapter, or what merging means, is refused with its reason
+    # (finetune.strategy)
     problems += field_problems(strategy)
-    init = init_problem(strategy.get("init_lora_weights", True), "dora" if name == "dora" or strategy.get("use_dora") else name)
+    init = init_problem(
+        strategy.get("init_lora_weights", True), "dora" if name == "dora" or strategy.get("use_dora") else name
+    )
     problems += [init] if init else []
     ratio = strategy.get("loraplus_lr_ratio")
     if ratio is not None and (not isinstance(ratio, (int, float)) or isinstance(ratio, bool) or ratio <= 0):
-        problems.append(f"strategy.loraplus_lr_ratio: must be a positive number (B's learning rate is trainer.learning_rate "
-                        f"times it; the LoRA+ paper uses 2-16) or null, got {ratio!r}")
+        problems.append(
+            f"strategy.loraplus_lr_ratio: must be a positive number (B's learning rate is trainer.learning_rate "
+            f"times it; the LoRA+ paper uses 2-16) or null, got {ratio!r}"
+        )
     elif ratio is not None and strategy.get("init_lora_weights") == "mica":
-        problems.append("strategy.loraplus_lr_ratio: under init_lora_weights=mica the B matrices are frozen (only A trains), "
-                        "so LoRA+ has nothing to speed up; remove one of them")
+        problems.append(
+            "strategy.loraplus_lr_ratio: under init_lora_weights=mica the B matrices are frozen (only A trains), "
+            "so LoRA+ has nothing to speed up; remove one of them"
+        )
     r, alpha, dropout = strategy.get("r", 8), strategy.get("lora_alpha", 8), strategy.get("lora_dropout", 0.0)
     if not isinstance(r, int) or isinstance(r, bool) or r <= 0:
         problems.append(f"strategy.r: must be a positive integer, got {r!r}")
@@ -161,7 +187,9 @@ def check_strategy(strategy: dict) -> list[str]:
     if not isinstance(dropout, (int, float)) or not 0 <= dropout < 1:
         problems.append(f"strategy.lora_dropout: must be in [0, 1), got {dropout!r}")
     if strategy.get("fan_in_fan_out"):
-        problems.append("strategy.fan_in_fan_out: must be false for GPT-Neo/NeoX/J (their layers are nn.Linear, not GPT-2's Conv1D)")
+        problems.append(
+            "strategy.fan_in_fan_out: must be false for GPT-Neo/NeoX/J (their layers are nn.Linear, not GPT-2's Conv1D)"
+        )
     if "quantization" in strategy and name != "qlora":
         problems.append("strategy.quantization: only strategy=qlora quantizes the base")
     if name == "qlora":
@@ -211,13 +239,18 @@ def check_trainer(cfg: dict, warnings: list[str]) -> list[str]:
     problems += check_report_to(trainer.get("report_to", "none"))
     if trainer.get("push_to_hub"):
         repo = trainer.get("hub_model_id") or "NAME/REPO"
-        problems.append(f"trainer.push_to_hub: training never uploads (the Trainer would push checkpoints and its pickled "
-                        f"arguments, and fail at the end of the run when the Hub is out of reach); remove it and publish the "
-                        f"verified adapter after training: python -m finetune.push {cfg.get('output_dir') or 'RUN'} repo_id={repo}")
+        problems.append(
+            f"trainer.push_to_hub: training never uploads (the Trainer would push checkpoints and its pickled "
+            f"arguments, and fail at the end of the run when the Hub is out of reach); remove it and publish the "
+            f"verified adapter after training: python -m finetune.push {cfg.get('output_dir') or 'RUN'} repo_id={repo}"
+        )
     alpha = trainer.get("neftune_noise_alpha")
     if alpha is not None and (number("neftune_noise_alpha", None) is None or alpha <= 0):
-        problems.append(f"trainer.neftune_noise_alpha: must be a positive number (NEFTune's uniform noise on the input "
-                        f"embeddings in training, scaled by alpha / sqrt(length x hidden); the paper uses 5-15) or null, got {alpha!r}")
+        problems.append(
+            f"trainer.neftune_noise_alpha: must be a positive number (NEFTune's uniform noise on the input "
+            "embeddings in training, scaled by alpha / sqrt(length x hidden); the paper uses 5-15) or null, got "
+            f"{alpha!r}"
+        )
     fp16 = bool(trainer.get("fp16")) or (cfg.get("model") or {}).get("dtype") == "float16"
     if trainer.get("bf16") not in (True, False, "auto", None):
         problems.append(f"trainer.bf16: true, false or auto, got {trainer.get('bf16')!r}")
@@ -229,12 +262,19 @@ def check_trainer(cfg: dict, warnings: list[str]) -> list[str]:
             "(the default), or accept the risk with allow_fp16=true"
         )
     elif fp16 and not _has_cuda():
-        problems.append(Problem("trainer.fp16 / model.dtype=float16 on CPU: CPUs have no fast fp16 (1-2 GFLOP/s measured) "
-                                "and this family overflows in it; use trainer.bf16=auto model.dtype=auto (bf16 where native, "
-                                "else fp32)", Problem.MACHINE))
+        problems.append(
+            Problem(
+                "trainer.fp16 / model.dtype=float16 on CPU: CPUs have no fast fp16 (1-2 GFLOP/s measured) "
+                "and this family overflows in it; use trainer.bf16=auto model.dtype=auto (bf16 where native, "
+                "else fp32)",
+                Problem.MACHINE,
+            )
+        )
     elif fp16:
-        warnings.append("fp16 on GPT-Neo/NeoX: watch for overflow (inf/NaN loss) and the loss_scale in the logs "
-                        "(a scale that keeps halving means overflowing gradients); bf16 is safer where the GPU has it")
+        warnings.append(
+            "fp16 on GPT-Neo/NeoX: watch for overflow (inf/NaN loss) and the loss_scale in the logs "
+            "(a scale that keeps halving means overflowing gradients); bf16 is safer where the GPU has it"
+        )
     return problems
 
 
@@ -249,14 +289,18 @@ def check_loraplus(cfg: dict) -> list[str]:
     problems = []
     optim = str(cfg["trainer"].get("optim", "adamw_torch"))
     if any(kind in optim for kind in OWN_GROUP_OPTIMIZERS):
-        problems.append(f"strategy.loraplus_lr_ratio: trainer.optim={optim} builds its own parameter groups (GaLore, APOLLO "
-                        "and LOMO do), so LoRA+'s B-matrix learning rate cannot apply; use trainer.optim=adamw_torch (or "
-                        "another plain optimizer) or remove strategy.loraplus_lr_ratio")
+        problems.append(
+            f"strategy.loraplus_lr_ratio: trainer.optim={optim} builds its own parameter groups (GaLore, APOLLO "
+            "and LOMO do), so LoRA+'s B-matrix learning rate cannot apply; use trainer.optim=adamw_torch (or "
+            "another plain optimizer) or remove strategy.loraplus_lr_ratio"
+        )
     deepspeed = (cfg.get("distributed") or {}).get("deepspeed")
     if isinstance(deepspeed, dict) and deepspeed.get("optimizer"):
-        problems.append("strategy.loraplus_lr_ratio: distributed.deepspeed.optimizer makes DeepSpeed build its own optimizer "
-                        "over one parameter group, dropping LoRA+'s; remove distributed.deepspeed.optimizer (the "
-                        "Trainer's optimizer, with LoRA+'s groups, is then handed to DeepSpeed)")
+        problems.append(
+            "strategy.loraplus_lr_ratio: distributed.deepspeed.optimizer makes DeepSpeed build its own optimizer "
+            "over one parameter group, dropping LoRA+'s; remove distributed.deepspeed.optimizer (the "
+            "Trainer's optimizer, with LoRA+'s groups, is then handed to DeepSpeed)"
+        )
     return problems
 
 
@@ -270,14 +314,21 @@ def check_report_to(report_to) -> list[str]:
     if not isinstance(items, list) or not all(isinstance(item, str) for item in items):
         return [f"trainer.report_to: expected one of {allowed} or a list of them, got {report_to!r}"]
     if "all" in items:
-        return ["trainer.report_to: 'all' turns on every tracker that happens to be installed; name the ones you want, "
-                "e.g. trainer.report_to=[tensorboard,wandb]"]
-    problems = [f"trainer.report_to: '{name}' is not one of {allowed}" for name in items if name not in ("none", *BACKENDS)]
+        return [
+            "trainer.report_to: 'all' turns on every tracker that happens to be installed; name the ones you want, "
+            "e.g. trainer.report_to=[tensorboard,wandb]"
+        ]
+    problems = [
+        f"trainer.report_to: '{name}' is not one of {allowed}" for name in items if name not in ("none", *BACKENDS)
+    ]
     if problems:
         return problems
     missing = [name for name in backends(items) if importlib.util.find_spec(name) is None]
-    return [f"trainer.report_to: {name} is selected but not installed; pip install {PACKAGES[name]} "
-            '(or pip install -e ".[tracking]")' for name in missing]
+    return [
+        f"trainer.report_to: {name} is selected but not installed; pip install {PACKAGES[name]} "
+        '(or pip install -e ".[tracking]")'
+        for name in missing
+    ]
 
 
 def _type_name(hint) -> str:
@@ -285,8 +336,8 @@ def _type_name(hint) -> str:
 
 
 def check_data(data: dict) -> list[str]:
-    from finetune.data.tokenize import LENGTH_POLICIES
     from finetune.data import sources, templates
+    from finetune.data.tokenize import LENGTH_POLICIES
 
     problems = sources.missing_sources(data["path"], "data.path")
     if data["eval_path"]:
@@ -298,8 +349,12 @@ def check_data(data: dict) -> list[str]:
         problems += err.problems
     columns = data.get("columns") or {}
     if template and columns:
-        problems += [f"data.columns.{name}: the template '{template.name}' has no field '{name}'; its fields: {', '.join(template.fields)}"
-                     for name in columns if name not in template.fields]
+        problems += [
+            f"data.columns.{name}: the template '{template.name}' has no field '{name}'; its fields: "
+            f"{', '.join(template.fields)}"
+            for name in columns
+            if name not in template.fields
+        ]
     if not 0 <= data["eval_fraction"] < 1:
         problems.append(f"data.eval_fraction: must be in [0, 1), got {data['eval_fraction']}")
     if data["max_length"] <= 0:
@@ -311,7 +366,9 @@ def check_data(data: dict) -> list[str]:
     if not 0 <= data["max_dropped_fraction"] <= 1:
         problems.append(f"data.max_dropped_fraction: must be in [0, 1], got {data['max_dropped_fraction']}")
     if data["max_row_bytes"] <= 0:
-        problems.append(f"data.max_row_bytes: must be a positive number of bytes (default {8 * 2**20}), got {data['max_row_bytes']}")
+        problems.append(
+            f"data.max_row_bytes: must be a positive number of bytes (default {8 * 2**20}), got {data['max_row_bytes']}"
+        )
     return problems
 
 
@@ -325,14 +382,23 @@ def check_run(cfg: dict) -> list[str]:
     # Rank 0 alone judges the run directory: the other ranks of a distributed launch share it and may validate after
     # rank 0 has already written this very run's run.json (they would refuse their own run and leave rank 0 waiting).
     if (out / "run.json").exists() and not cfg["overwrite"] and not cfg["resume"] and ranks.is_main():
-        problems.append(Problem(f"output_dir: {out} already holds a run; continue it with resume=true, choose another "
-                                "output_dir=PATH or pass overwrite=true", Problem.MACHINE))
+        problems.append(
+            Problem(
+                f"output_dir: {out} already holds a run; continue it with resume=true, choose another "
+                "output_dir=PATH or pass overwrite=true",
+                Problem.MACHINE,
+            )
+        )
     if cfg["resume"] not in (False, True, "auto"):
         problems.append(f"resume: '{cfg['resume']}' is not one of false, true, auto")
     from finetune.models.fingerprint import RESUME_FIELDS
 
-    problems += [f"resume_allow_drift: {_unknown_key(name, name, RESUME_FIELDS)[len('unknown key '):]} is not a resume field; "
-                 f"fields: {', '.join(RESUME_FIELDS)}" for name in cfg["resume_allow_drift"] if name not in RESUME_FIELDS]
+    problems += [
+        f"resume_allow_drift: {_unknown_key(name, name, RESUME_FIELDS)[len('unknown key ') :]} is not a resume field; "
+        f"fields: {', '.join(RESUME_FIELDS)}"
+        for name in cfg["resume_allow_drift"]
+        if name not in RESUME_FIELDS
+    ]
     parent = next((p for p in [out, *out.parents] if p.exists()), None)
     if parent is not None and not _writable(parent):
         problems.append(Problem(f"output_dir: {parent} is not writable", Problem.MACHINE))
@@ -353,17 +419,24 @@ def check_distributed(cfg: dict, warnings: list[str]) -> list[str]:
     problems = []
     if backend == "deepspeed":
         if not isinstance(dist.get("deepspeed"), dict):
-            problems.append("distributed.deepspeed: backend deepspeed needs the DeepSpeed config (use distributed=zero2|zero3|zero3_offload)")
+            problems.append(
+                "distributed.deepspeed: backend deepspeed needs the DeepSpeed config (use "
+                "distributed=zero2|zero3|zero3_offload)"
+            )
         if importlib.util.find_spec("deepspeed") is None:
-            problems.append(Problem('distributed: DeepSpeed is not installed; pip install -e ".[deepspeed]"', Problem.MACHINE))
+            problems.append(
+                Problem('distributed: DeepSpeed is not installed; pip install -e ".[deepspeed]"', Problem.MACHINE)
+            )
     if backend == "fsdp" and not isinstance(dist.get("fsdp_config"), dict):
         problems.append("distributed.fsdp_config: backend fsdp needs its config (use distributed=fsdp)")
     if backend in ("ddp", "fsdp") and ranks.world_size() == 1:
         from finetune.config.compose import CONF_DIR  # the checkout's conf/, or the installed package's finetune/conf
 
-        warnings.append(f"distributed={backend} in a single process: start the processes with accelerate launch "
-                        f"--config_file {CONF_DIR / 'accelerate' / 'ddp.yaml'} --num_processes N -m finetune ... "
-                        "(README: Distributed training)")
+        warnings.append(
+            f"distributed={backend} in a single process: start the processes with accelerate launch "
+            f"--config_file {CONF_DIR / 'accelerate' / 'ddp.yaml'} --num_processes N -m finetune ... "
+            "(README: Distributed training)"
+        )
     return problems
 
 
@@ -377,12 +450,20 @@ def _check_early_stopping(cfg: dict) -> list[str]:
     problems = []
     evals, saves = trainer.get("eval_strategy", "no"), trainer.get("save_strategy", "steps")
     if evals == "no":
-        problems.append("early_stopping_patience: needs evaluations; set trainer.eval_strategy=steps (with trainer.eval_steps) or epoch")
+        problems.append(
+            "early_stopping_patience: needs evaluations; set trainer.eval_strategy=steps (with trainer.eval_steps) or "
+            "epoch"
+        )
     elif saves != evals or (evals == "steps" and trainer.get("save_steps") != trainer.get("eval_steps")):
-        problems.append(f"early_stopping_patience: checkpoints must be saved at every evaluation to keep the best one; set "
-                        f"trainer.save_strategy={evals}" + (" and trainer.save_steps equal to trainer.eval_steps" if evals == "steps" else ""))
+        problems.append(
+            f"early_stopping_patience: checkpoints must be saved at every evaluation to keep the best one; set "
+            f"trainer.save_strategy={evals}"
+            + (" and trainer.save_steps equal to trainer.eval_steps" if evals == "steps" else "")
+        )
     if not (data.get("eval_path") or data.get("eval_split") or data.get("eval_fraction")):
-        problems.append("early_stopping_patience: needs a held-out split; set data.eval_fraction (e.g. 0.05) or data.eval_path")
+        problems.append(
+            "early_stopping_patience: needs a held-out split; set data.eval_fraction (e.g. 0.05) or data.eval_path"
+        )
     if trainer.get("metric_for_best_model") not in (None, "eval_loss", "loss"):
         problems.append("early_stopping_patience: compares eval loss; leave trainer.metric_for_best_model unset")
     return problems
@@ -392,105 +473,3 @@ def _writable(path: Path) -> bool:
     import os
 
     return os.access(path, os.W_OK)
-
-
-def check_model(cfg: dict, warnings: list[str]) -> list[str]:
-    from finetune.models import load as models
-
-    model = cfg["model"]
-    family = model["family"]
-    problems = []
-    if family not in FAMILIES:
-        return [f"model.family: '{family}' is not one of {', '.join(FAMILIES)}"]
-    if model["dtype"] not in models.DTYPES:
-        problems.append(f"model.dtype: '{model['dtype']}' is not one of {', '.join(models.DTYPES)}")
-    attn = model["attn_implementation"]
-    if attn is not None and attn not in models.ATTENTION[family]:
-        why = " (its flash-attention-2 path ignores the local attention window)" if family == "gpt_neo" else ""
-        problems.append(f"model.attn_implementation: '{attn}' is not supported for {family}{why}; use one of {', '.join(models.ATTENTION[family])}")
-    if model["tiny"] is not None and model["tiny"] not in models.TINY_ARCH:
-        problems.append(f"model.tiny: '{model['tiny']}' is not one of {', '.join(models.TINY_ARCH)} (or null)")
-    if model["trust_remote_code"]:
-        warnings.append("model.trust_remote_code=true runs Python code shipped with the checkpoint; this family never needs it")
-    problems += _check_weights(model)
-    if problems:
-        return problems
-    try:
-        config = models.architecture_config(OmegaConf.create(model))
-    except Exception as err:  # noqa: BLE001 - report any reason the config cannot be read, with the fix
-        return [
-            f"model.name_or_path: cannot read the config of '{model['name_or_path']}' ({type(err).__name__}: {str(err).splitlines()[0]}); "
-            "give a local checkpoint directory (model.name_or_path=DIR) or make the Hub reachable"
-        ]
-    if config.model_type != models.MODEL_TYPES[family]:
-        problems.append(f"model.family: '{family}' but {model['name_or_path']} is a {config.model_type}; select the matching model= config")
-        return problems
-    positions = getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None)
-    if positions and cfg["data"]["max_length"] > positions:
-        problems.append(f"data.max_length: {cfg['data']['max_length']} exceeds the model's {positions} positions")
-    if cfg["strategy"].get("name") in ("lora", "dora", "qlora"):
-        problems += _check_targets(cfg["strategy"].get("target_modules"), models.linear_module_names(config), family)
-        if cfg["strategy"].get("lora_bias") and not problems:
-            problems += _check_lora_bias(cfg["strategy"], config, family)
-    return problems
-
-
-def _check_weights(model: dict) -> list[str]:
-    """A local base must hold safetensors weights the loader may read: training loads safetensors only (never
-    unpickles), and a shard index naming a file outside the folder is refused (finetune.shards: the rules merge
-    applies), before the data is prepared or any weights load. A tiny base not built yet and Hub ids are skipped."""
-    from finetune.models import shards
-    from finetune.errors import IntegrityError
-
-    folder = Path(model["name_or_path"]).expanduser()
-    if not (folder / "config.json").is_file():
-        return []
-    try:
-        shards.weight_files(folder)
-    except IntegrityError as err:
-        pickles = [p.name for p in folder.iterdir() if p.suffix in shards.PICKLE_SUFFIXES]
-        if not (folder / shards.SAFETENSORS_INDEX).is_file() and pickles:
-            return [f"model.name_or_path: {folder} holds only pickled weights ({', '.join(sorted(pickles))}); training loads "
-                    "safetensors only (unpickling can run code). Convert them once in a trusted environment: python -c \"from "
-                    f"transformers import AutoModelForCausalLM as M; M.from_pretrained('{folder}', use_safetensors=False)"
-                    f".save_pretrained('{folder}-safetensors')\" and set model.name_or_path={folder}-safetensors"]
-        return [f"model.name_or_path: {err}"]
-    return []
-
-
-def _check_lora_bias(strategy: dict, config, family: str) -> list[str]:
-    """lora_bias adds the adapter's bias to the base layer's bias when merging: every adapted layer needs one."""
-    import torch
-
-    from finetune.models.load import OUTPUT_EMBEDDINGS, meta_model
-
-    targets, excluded = strategy.get("target_modules"), strategy.get("exclude_modules") or []
-    excluded = [excluded] if isinstance(excluded, str) else excluded
-    model = meta_model(config)
-    biasless = sorted({name.rsplit(".", 1)[-1] for name, module in model.named_modules()
-                       if isinstance(module, torch.nn.Linear) and module.bias is None
-                       and (leaf := name.rsplit(".", 1)[-1]) not in OUTPUT_EMBEDDINGS and leaf not in excluded
-                       and (targets == "all-linear" or leaf in (targets or []))})
-    if not biasless:
-        return []
-    return [f"strategy.lora_bias: {', '.join(biasless)} of {family} have no bias, so the merge has nowhere to put the "
-            "adapter's bias; set strategy.target_modules (or strategy.exclude_modules) to layers with a bias, or remove lora_bias"]
-
-
-def _check_targets(targets, linear_names: set[str], family: str) -> list[str]:
-    from finetune.models.load import OUTPUT_EMBEDDINGS
-
-    if targets == "all-linear":  # peft's own shorthand; it already leaves the output layer out
-        return []
-    if isinstance(targets, str) or not targets:
-        return ["strategy.target_modules: give a list of module names or all-linear"]
-    available = sorted(linear_names - set(OUTPUT_EMBEDDINGS))
-    problems = []
-    for name in targets:
-        if name in OUTPUT_EMBEDDINGS:
-            problems.append(f"strategy.target_modules: '{name}' is the output embedding; it is never wrapped (huge, and tied on GPT-Neo)")
-        elif name not in linear_names:
-            hint = did_you_mean(name, available)
-            problems.append(f"strategy.target_modules: '{name}' is not a Linear layer of {family}{hint}; available: {', '.join(available)}")
-    return problems
-

@@ -38,7 +38,12 @@ HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 GLOB_CHARS = re.compile(r"[*?\[]")
 MAX_ROW_BYTES = 8 * 2**20  # data.max_row_bytes' default: about 2M tokens, far above any max_length short of chunking
 CHUNK_BYTES = 2**20  # JSONL is read in pieces of this size, so one huge line never sits in memory whole
-BOMS = ((codecs.BOM_UTF32_LE, "utf-32"), (codecs.BOM_UTF32_BE, "utf-32"), (codecs.BOM_UTF16_LE, "utf-16"), (codecs.BOM_UTF16_BE, "utf-16"))
+BOMS = (
+    (codecs.BOM_UTF32_LE, "utf-32"),
+    (codecs.BOM_UTF32_BE, "utf-32"),
+    (codecs.BOM_UTF16_LE, "utf-16"),
+    (codecs.BOM_UTF16_BE, "utf-16"),
+)
 
 
 @dataclass
@@ -86,7 +91,9 @@ def read_rows(
     result = ReadResult(rows=[], rejected=[], sources=[])
     for entry in entries:
         for source in _expand(entry, key):
-            rows, rejected = _read_source(source, columns or {}, hub_config, split, revision, key, max_row_bytes, result.notes)
+            rows, rejected = _read_source(
+                source, columns or {}, hub_config, split, revision, key, max_row_bytes, result.notes
+            )
             if not rows and not rejected:
                 raise DataError(f"{source}: no rows ({key})")
             result.rows.extend(rows)
@@ -138,8 +145,14 @@ def _is_hub_id(entry: str) -> bool:
 
 
 def _read_source(
-    source: str, columns: dict[str, str], hub_config: str | None, split: str, revision: str | None, key: str,
-    max_row_bytes: int = MAX_ROW_BYTES, notes: list[str] | None = None,
+    source: str,
+    columns: dict[str, str],
+    hub_config: str | None,
+    split: str,
+    revision: str | None,
+    key: str,
+    max_row_bytes: int = MAX_ROW_BYTES,
+    notes: list[str] | None = None,
 ) -> tuple[list[dict], list[Rejected]]:
     """Dispatch one source to its reader, hold its rows to the row rules (NUL, duplicate keys) and apply the column
     mapping."""
@@ -200,16 +213,25 @@ def _row_problem(value, at: str = "") -> tuple[str, str] | None:
     JSON object that repeated a key; None for a clean row. (A loop over plain values: it runs for every row.)"""
     if isinstance(value, str):
         if "\x00" in value:
-            return "nul_character", (f"NUL character (U+0000) in '{at}' at character {value.index(chr(0)) + 1}: the text is "
-                                     "binary or mis-encoded (UTF-16 read as UTF-8?); remove the NULs or fix the encoding")
+            return "nul_character", (
+                f"NUL character (U+0000) in '{at}' at character {value.index(chr(0)) + 1}: the text is "
+                "binary or mis-encoded (UTF-16 read as UTF-8?); remove the NULs or fix the encoding"
+            )
         return None
     if isinstance(value, dict):
         if isinstance(value, _Duplicated):
             inside = f" in '{at}'" if at else ""
-            return "duplicate_key", (f"duplicate key '{value.duplicate}'{inside}: JSON keeps only the last value; "
-                                     "remove or rename one of them")
+            return "duplicate_key", (
+                f"duplicate key '{value.duplicate}'{inside}: JSON keeps only the last value; "
+                "remove or rename one of them"
+            )
         for k, v in value.items():
-            if (type(v) is str and "\x00" not in v) or v is None or type(v) in (int, float, bool) or (k == "_where" and not at):
+            if (
+                (type(v) is str and "\x00" not in v)
+                or v is None
+                or type(v) in (int, float, bool)
+                or (k == "_where" and not at)
+            ):
                 continue
             problem = _row_problem(v, f"{at}.{k}" if at else str(k))
             if problem:
@@ -232,11 +254,11 @@ def _rename(row: dict, columns: dict[str, str]) -> dict:
 def _check_columns(source: str, header: list[str], columns: dict[str, str], key: str) -> None:
     """For sources with a header or schema: every mapped column must exist, else say which and what is close."""
     problems = []
-    for field, column in columns.items():
+    for name, column in columns.items():
         if column not in header:
             close = closest(column, header)
             hint = f"did you mean '{close[0]}'? " if close else ""
-            problems.append(f"data.columns.{field}: column '{column}' not found ({hint}columns: {', '.join(header)})")
+            problems.append(f"data.columns.{name}: column '{column}' not found ({hint}columns: {', '.join(header)})")
     if problems:
         raise DataError(f"{source} ({key}): " + "; ".join(problems))
 
@@ -255,7 +277,13 @@ def _bom_encoding(source: str, head: bytes, key: str) -> str | None:
     half = len(sample) // 2
     if half >= 2:
         even, odd = sample[0::2].count(0), sample[1::2].count(0)
-        order = "UTF-16LE" if odd >= 0.3 * half and even <= 0.02 * half else "UTF-16BE" if even >= 0.3 * half and odd <= 0.02 * half else None
+        order = (
+            "UTF-16LE"
+            if odd >= 0.3 * half and even <= 0.02 * half
+            else "UTF-16BE"
+            if even >= 0.3 * half and odd <= 0.02 * half
+            else None
+        )
         if order:
             fixed = Path(source).with_suffix(".utf8" + Path(source).suffix)
             raise DataError(
@@ -274,8 +302,10 @@ def _decode(source: str, data: bytes, key: str, notes: list[str] | None = None) 
         try:
             text = data.decode(encoding)  # the codec reads the mark and drops it
         except UnicodeDecodeError as err:
-            raise DataError(f"{source}: starts with a {encoding.upper()} byte-order mark but is not valid {encoding.upper()} "
-                            f"({err.reason} at byte {err.start}); re-save it as UTF-8 ({key})") from None
+            raise DataError(
+                f"{source}: starts with a {encoding.upper()} byte-order mark but is not valid {encoding.upper()} "
+                f"({err.reason} at byte {err.start}); re-save it as UTF-8 ({key})"
+            ) from None
         if notes is not None:
             notes.append(f"{source}: read as {encoding.upper()} (it starts with that byte-order mark)")
         return text
@@ -316,8 +346,10 @@ def _lines(source: str, max_bytes: int, key: str, notes: list[str]) -> Iterator[
                 try:
                     return text.readline(CHUNK_BYTES // 4).encode("utf-8", errors="surrogatepass")
                 except UnicodeDecodeError as err:
-                    raise DataError(f"{source}: not valid {encoding.upper()} after line {number} ({err.reason}); re-save "
-                                    f"it as UTF-8 ({key})") from None
+                    raise DataError(
+                        f"{source}: not valid {encoding.upper()} after line {number} ({err.reason}); re-save "
+                        f"it as UTF-8 ({key})"
+                    ) from None
         else:
             if file.read(3) != codecs.BOM_UTF8:
                 file.seek(0)
@@ -342,16 +374,19 @@ def _lines(source: str, max_bytes: int, key: str, notes: list[str]) -> Iterator[
             yield number, (bytes(line) if line is not None else None), size, head
 
 
-def _read_jsonl(source: str, max_bytes: int = MAX_ROW_BYTES, key: str = "data.path",
-                notes: list[str] | None = None) -> tuple[list[dict], list[Rejected]]:
+def _read_jsonl(
+    source: str, max_bytes: int = MAX_ROW_BYTES, key: str = "data.path", notes: list[str] | None = None
+) -> tuple[list[dict], list[Rejected]]:
     """One JSON object per line, decoded line by line so one bad line does not hide the rest."""
     rows, rejected = [], []
     for number, line, size, head in _lines(source, max_bytes, key, [] if notes is None else notes):
         where = f"{source}:{number}"
         if line is None:
             raw = head[:MAX_RAW].decode("utf-8", errors="replace")
-            reason = (f"line of {_mib(size)} exceeds data.max_row_bytes={max_bytes} ({_mib(max_bytes)}); raise "
-                      f"data.max_row_bytes to read it, or remove the line")
+            reason = (
+                f"line of {_mib(size)} exceeds data.max_row_bytes={max_bytes} ({_mib(max_bytes)}); raise "
+                f"data.max_row_bytes to read it, or remove the line"
+            )
             rejected.append(Rejected(where, reason, raw, "row_too_large"))
             continue
         try:
@@ -385,7 +420,9 @@ def _with_where(row: dict, where: str) -> dict:
     return {**row, "_where": where}
 
 
-def _read_json(source: str, columns: dict[str, str], key: str, notes: list[str] | None = None) -> tuple[list[dict], list[Rejected]]:
+def _read_json(
+    source: str, columns: dict[str, str], key: str, notes: list[str] | None = None
+) -> tuple[list[dict], list[Rejected]]:
     """An array of objects, or an object of equal-length column lists; anything else cannot be read at all."""
     with open(source, "rb") as file:
         text = _decode(source, file.read(), key, notes)
@@ -401,7 +438,9 @@ def _read_json(source: str, columns: dict[str, str], key: str, notes: list[str] 
                 rows.append(_with_where(row, where))
             else:
                 raw = json.dumps(row, ensure_ascii=False)[:MAX_RAW]
-                rejected.append(Rejected(where, f"expected a JSON object, got {type(row).__name__}", raw, "not_an_object"))
+                rejected.append(
+                    Rejected(where, f"expected a JSON object, got {type(row).__name__}", raw, "not_an_object")
+                )
         return rows, rejected
     if not isinstance(data, dict) or not all(isinstance(v, list) for v in data.values()):
         raise DataError(
@@ -409,8 +448,10 @@ def _read_json(source: str, columns: dict[str, str], key: str, notes: list[str] 
             f'({{"column": [values, ...]}}), got {type(data).__name__} ({key}); for one object per line use .jsonl'
         )
     if isinstance(data, _Duplicated):
-        raise DataError(f"{source}: column '{data.duplicate}' is given twice (JSON keeps only the last list); remove or "
-                        f"rename one ({key})")
+        raise DataError(
+            f"{source}: column '{data.duplicate}' is given twice (JSON keeps only the last list); remove or "
+            f"rename one ({key})"
+        )
     lengths = {name: len(values) for name, values in data.items()}
     if len(set(lengths.values())) > 1:
         listed = ", ".join(f"'{name}' has {n}" for name, n in lengths.items())
@@ -420,8 +461,14 @@ def _read_json(source: str, columns: dict[str, str], key: str, notes: list[str] 
     return [{**{name: data[name][i] for name in data}, "_where": f"{source}:[{i}]"} for i in range(count)], []
 
 
-def _read_csv(source: str, delimiter: str, columns: dict[str, str], key: str, max_bytes: int = MAX_ROW_BYTES,
-              notes: list[str] | None = None) -> tuple[list[dict], list[Rejected]]:
+def _read_csv(
+    source: str,
+    delimiter: str,
+    columns: dict[str, str],
+    key: str,
+    max_bytes: int = MAX_ROW_BYTES,
+    notes: list[str] | None = None,
+) -> tuple[list[dict], list[Rejected]]:
     """A header row, then one record per row; `_where` is the line a (possibly multi-line) record starts on. A record
     over `max_bytes` is a rejected record (the csv module's own 128 KiB field limit, which stops the whole file, is
     lifted while reading)."""
@@ -447,8 +494,10 @@ def _read_csv(source: str, delimiter: str, columns: dict[str, str], key: str, ma
             if sum(map(len, record_lines)) * 4 > max_bytes:  # a UTF-8 character is at most 4 bytes: count only then
                 size = sum(len(line.encode("utf-8", errors="surrogatepass")) for line in record_lines)
                 if size > max_bytes:
-                    reason = (f"record of {_mib(size)} exceeds data.max_row_bytes={max_bytes} ({_mib(max_bytes)}); raise "
-                              f"data.max_row_bytes to read it, or remove it")
+                    reason = (
+                        f"record of {_mib(size)} exceeds data.max_row_bytes={max_bytes} ({_mib(max_bytes)}); raise "
+                        f"data.max_row_bytes to read it, or remove it"
+                    )
                     rejected.append(Rejected(where, reason, record_lines[0][:MAX_RAW].rstrip("\r\n"), "row_too_large"))
                     continue
             if len(record) != len(header):

@@ -7,7 +7,8 @@ erase the EOS label the model needs to learn to stop.
 
 Accounting invariant, stored in run.json: rows_read = train_rows + eval_rows + rejected (by reason) + dropped (by
 reason). Rejected rows could not be read (not_utf8, invalid_json, not_an_object, bad_record, row_too_large,
-nul_character, duplicate_key: finetune.data.sources) or do not fit the template (missing_field, empty_field, wrong_type, bad_conversation); dropped rows were read but cannot be trained
+nul_character, duplicate_key: finetune.data.sources) or do not fit the template (missing_field, empty_field,
+wrong_type, bad_conversation); dropped rows were read but cannot be trained
 under the length policy (overlength, response_too_long, no_trainable_tokens).
 """
 
@@ -76,8 +77,13 @@ class PreparedData:
         from datasets import Dataset
 
         if self.packed is not None:
-            train = Dataset.from_dict({"input_ids": [r.input_ids for r in self.packed], "labels": [r.labels for r in self.packed],
-                                       "position_ids": [r.position_ids for r in self.packed]})
+            train = Dataset.from_dict(
+                {
+                    "input_ids": [r.input_ids for r in self.packed],
+                    "labels": [r.labels for r in self.packed],
+                    "position_ids": [r.position_ids for r in self.packed],
+                }
+            )
         else:
             train = _samples_dataset(self.train)
         return train, (_samples_dataset(self.eval) if self.eval else None)
@@ -125,8 +131,13 @@ def tokenize(tokenizer, template: Template, row: dict, train_on_inputs: bool = F
     return tokenize_many(tokenizer, template, [row], train_on_inputs)[0]
 
 
-def tokenize_many(tokenizer, template: Template, rows: list[dict], train_on_inputs: bool = False,
-                  on_rows: Callable[[int], None] | None = None) -> list[Sample]:
+def tokenize_many(
+    tokenizer,
+    template: Template,
+    rows: list[dict],
+    train_on_inputs: bool = False,
+    on_rows: Callable[[int], None] | None = None,
+) -> list[Sample]:
     """tokenize() for many rows: prefixes rendered by one `_ChatRenderer`, then batched tokenizer calls (the Rust
     tokenizer uses every core). Same ids and labels as tokenize() row by row (tests/test_data.py checks them against
     the plain apply_chat_template algorithm).
@@ -175,8 +186,14 @@ def _texts(pieces: list[list[tuple[str, bool]]]) -> list[str]:
     return [text for row_pieces in pieces for text, _ in row_pieces]
 
 
-def _assemble(template: Template, rows: list[dict], pieces: list[list[tuple[str, bool]]], encoded: list[list[int]], eos: int,
-              train_on_inputs: bool) -> list[Sample]:
+def _assemble(
+    template: Template,
+    rows: list[dict],
+    pieces: list[list[tuple[str, bool]]],
+    encoded: list[list[int]],
+    eos: int,
+    train_on_inputs: bool,
+) -> list[Sample]:
     """Samples from each row's pieces and their token ids (in order): trained pieces keep their ids as labels."""
     encoded, samples = iter(encoded), []
     for row, row_pieces in zip(rows, pieces):
@@ -185,8 +202,10 @@ def _assemble(template: Template, rows: list[dict], pieces: list[list[tuple[str,
             if trained:
                 final_response_start = len(ids)
                 if piece[-1] != eos:
-                    raise ConfigError(f"data.template {template.path}: an assistant message of {row.get('_where')} does not end "
-                                      f"with EOS; end it with {{{{ eos_token }}}} in the chat template")
+                    raise ConfigError(
+                        f"data.template {template.path}: an assistant message of {row.get('_where')} does not end "
+                        f"with EOS; end it with {{{{ eos_token }}}} in the chat template"
+                    )
                 labels += piece
             else:
                 labels += piece if train_on_inputs else [IGNORE_INDEX] * len(piece)
@@ -223,32 +242,54 @@ def _plain_backend(tokenizer):
     except ImportError:
         return None
     cls, backend = type(tokenizer), getattr(tokenizer, "_tokenizer", None)
-    if (not isinstance(tokenizer, TokenizersBackend) or backend is None or cls.__call__ is not PreTrainedTokenizerBase.__call__
-            or cls._encode_plus is not TokenizersBackend._encode_plus or hasattr(tokenizer, "_switch_to_input_mode")):
+    if (
+        not isinstance(tokenizer, TokenizersBackend)
+        or backend is None
+        or cls.__call__ is not PreTrainedTokenizerBase.__call__
+        or cls._encode_plus is not TokenizersBackend._encode_plus
+        or hasattr(tokenizer, "_switch_to_input_mode")
+    ):
         return None
-    if backend.truncation is not None or backend.padding is not None or backend.encode_special_tokens != bool(tokenizer.split_special_tokens):
+    if (
+        backend.truncation is not None
+        or backend.padding is not None
+        or backend.encode_special_tokens != bool(tokenizer.split_special_tokens)
+    ):
         return None
     return backend
 
 
-def _segments_many(renderer: _ChatRenderer, template: Template, conversations: list[list[dict]]) -> list[list[tuple[str, bool]]]:
+def _segments_many(
+    renderer: _ChatRenderer, template: Template, conversations: list[list[dict]]
+) -> list[list[tuple[str, bool]]]:
     """segments() of each conversation, with every prefix rendered in two batched renderer calls.
 
     For assistant message i: prompt = messages 0..i-1 with the generation prompt, upto = messages 0..i; the pieces
     are prompt minus the text before it (not trained) and upto minus prompt (trained). Empty pieces are left out.
     """
     turns = [[i for i, m in enumerate(conversation) if m["role"] == "assistant"] for conversation in conversations]
-    prepared = [renderer.prepare(conversation) if ix else (conversation, True) for conversation, ix in zip(conversations, turns)]
-    prompts = iter(renderer([(c[:i], plain) for (c, plain), ix in zip(prepared, turns) for i in ix], add_generation_prompt=True))
-    uptos = iter(renderer([(c[: i + 1], plain) for (c, plain), ix in zip(prepared, turns) for i in ix], add_generation_prompt=False))
+    prepared = [
+        renderer.prepare(conversation) if ix else (conversation, True) for conversation, ix in zip(conversations, turns)
+    ]
+    prompts = iter(
+        renderer([(c[:i], plain) for (c, plain), ix in zip(prepared, turns) for i in ix], add_generation_prompt=True)
+    )
+    uptos = iter(
+        renderer(
+            [(c[: i + 1], plain) for (c, plain), ix in zip(prepared, turns) for i in ix], add_generation_prompt=False
+        )
+    )
     result = []
     for ix in turns:
         pieces, done = [], ""
         for i in ix:
             prompt, upto = next(prompts), next(uptos)
             if not prompt.startswith(done) or not upto.startswith(prompt):
-                raise ConfigError(f"data.template {template.path}: rendering messages 0..{i} does not extend the text of the messages "
-                                  f"before it; a chat template must render a conversation as the concatenation of its turns")
+                raise ConfigError(
+                    f"data.template {template.path}: rendering messages 0..{i} does not extend the text of the "
+                    "messages "
+                    f"before it; a chat template must render a conversation as the concatenation of its turns"
+                )
             if len(prompt) > len(done):
                 pieces.append((prompt[len(done) :], False))
             if len(upto) > len(prompt):
@@ -276,18 +317,29 @@ class _ChatRenderer:
         self._library = chat_template_utils
         self._chat_template = tokenizer.get_chat_template(template.chat_template)
         self._kwargs = dict(tokenizer.special_tokens_map)
-        compile_template = getattr(chat_template_utils, "_compile_jinja_template", None)  # absent: everything takes the slow path
+        compile_template = getattr(
+            chat_template_utils, "_compile_jinja_template", None
+        )  # absent: everything takes the slow path
         self._render = compile_template(self._chat_template).render if compile_template else None
-        self._reasoning = frozenset(getattr(chat_template_utils, "_REASONING_FIELDS", ("reasoning_content", "thinking", "reasoning")))
+        self._reasoning = frozenset(
+            getattr(chat_template_utils, "_REASONING_FIELDS", ("reasoning_content", "thinking", "reasoning"))
+        )
 
     def prepare(self, conversation: list[dict]) -> tuple[list[dict], bool]:
         """The messages as apply_chat_template hands them over (keys whose value is None dropped), and whether they
         are plain: what transformers' conversion (`_plain_template_data`, `_alias_reasoning_fields`) would give back
         as equal dicts of the same strings, so they can be rendered as they are. Checked once per conversation, not
         per prefix."""
-        messages = [{k: v for k, v in m.items() if v is not None} if any(v is None for v in m.values()) else m for m in conversation]
+        messages = [
+            {k: v for k, v in m.items() if v is not None} if any(v is None for v in m.values()) else m
+            for m in conversation
+        ]
         plain = self._render is not None and all(
-            type(m) is dict and self._reasoning.isdisjoint(m) and all(type(k) is str and type(v) is str for k, v in m.items()) for m in messages)
+            type(m) is dict
+            and self._reasoning.isdisjoint(m)
+            and all(type(k) is str and type(v) is str for k, v in m.items())
+            for m in messages
+        )
         return messages, plain
 
     def __call__(self, conversations: list[tuple[list[dict], bool]], add_generation_prompt: bool = False) -> list[str]:
@@ -298,13 +350,25 @@ class _ChatRenderer:
             if not messages:
                 texts.append("")
             elif plain:
-                texts.append(render(messages=messages, tools=None, documents=None, add_generation_prompt=add_generation_prompt, **kwargs))
+                texts.append(
+                    render(
+                        messages=messages,
+                        tools=None,
+                        documents=None,
+                        add_generation_prompt=add_generation_prompt,
+                        **kwargs,
+                    )
+                )
             else:
                 slow.append((len(texts), messages))
                 texts.append(None)
         if slow:
-            rendered, _ = self._library.render_jinja_template(conversations=[m for _, m in slow], chat_template=self._chat_template,
-                                                              add_generation_prompt=add_generation_prompt, **kwargs)
+            rendered, _ = self._library.render_jinja_template(
+                conversations=[m for _, m in slow],
+                chat_template=self._chat_template,
+                add_generation_prompt=add_generation_prompt,
+                **kwargs,
+            )
             for (at, _), text in zip(slow, rendered):
                 texts[at] = text
         return texts
@@ -320,9 +384,13 @@ def fit_length(sample: Sample, max_length: int, policy: str) -> tuple[list[Sampl
         cut = len(sample.input_ids) - max_length
         if cut > sample.final_response_start:  # the final response must survive whole, never cut to nothing
             return [], "response_too_long"
-        return [Sample(sample.input_ids[cut:], sample.labels[cut:], sample.where, sample.final_response_start - cut)], None
-    pieces = [Sample(sample.input_ids[i : i + max_length], sample.labels[i : i + max_length], sample.where)
-              for i in range(0, len(sample.input_ids), max_length)]
+        return [
+            Sample(sample.input_ids[cut:], sample.labels[cut:], sample.where, sample.final_response_start - cut)
+        ], None
+    pieces = [
+        Sample(sample.input_ids[i : i + max_length], sample.labels[i : i + max_length], sample.where)
+        for i in range(0, len(sample.input_ids), max_length)
+    ]
     pieces = [p for p in pieces if p.trained]
     return pieces, (None if pieces else "no_trainable_tokens")
 
@@ -330,7 +398,8 @@ def fit_length(sample: Sample, max_length: int, policy: str) -> tuple[list[Sampl
 def prepare(data_cfg, tokenizer, template: Template, seed: int, progress=None, batch_size: int = 8) -> PreparedData:
     """Read, check, split, tokenize, length-fit and (optionally) pack the data named by `data_cfg` (conf/data).
 
-    `batch_size`: samples per device batch, which data.packing=auto weighs packing against (finetune.data.packing.choose).
+    `batch_size`: samples per device batch, which data.packing=auto weighs packing against
+    (finetune.data.packing.choose).
 
     `progress(total_rows)`: a context manager yielding `advance(n)`, told as rows are templated and tokenized (a bar:
     finetune.progress.rows_bar)."""
@@ -346,7 +415,13 @@ def prepare(data_cfg, tokenizer, template: Template, seed: int, progress=None, b
     eval_rows = _checked(eval_read.rows, template, columns, not_kept)
     rows_read = len(read.rows) + len(read.rejected) + len(eval_read.rows) + len(eval_read.rejected)
     if not_kept and not data_cfg.skip_invalid:
-        raise DataError(_listing(not_kept, "bad row(s)", "fix them, or set data.skip_invalid=true to drop them and list them in rejected_rows.jsonl"))
+        raise DataError(
+            _listing(
+                not_kept,
+                "bad row(s)",
+                "fix them, or set data.skip_invalid=true to drop them and list them in rejected_rows.jsonl",
+            )
+        )
     if not (data_cfg.eval_path or data_cfg.eval_split):
         train_rows, eval_rows = _split(train_rows, data_cfg.eval_fraction, seed)
 
@@ -355,19 +430,28 @@ def prepare(data_cfg, tokenizer, template: Template, seed: int, progress=None, b
         evals, kept_eval, truncated_eval = _tokenize_all(tokenizer, template, eval_rows, data_cfg, not_kept, advance)
     too_long = [n for n in not_kept if n.reason in ("overlength", "response_too_long")]
     if too_long and data_cfg.overlength == "error":
-        raise DataError(_listing(too_long, f"row(s) longer than data.max_length={data_cfg.max_length}",
-                                 "raise data.max_length, or set data.overlength=drop | truncate_prompt_left | chunk"))
+        raise DataError(
+            _listing(
+                too_long,
+                f"row(s) longer than data.max_length={data_cfg.max_length}",
+                "raise data.max_length, or set data.overlength=drop | truncate_prompt_left | chunk",
+            )
+        )
     dropped = len(not_kept)
     if rows_read and dropped / rows_read > data_cfg.max_dropped_fraction:
         reasons = ", ".join(f"{n} {r}" for r, n in Counter(n.reason for n in not_kept).items())
-        raise DataError(f"{dropped} of {rows_read} rows ({dropped / rows_read:.1%}) would not train ({reasons}), above "
-                        f"data.max_dropped_fraction={data_cfg.max_dropped_fraction}; fix the data, raise data.max_length, "
-                        f"or raise data.max_dropped_fraction")
+        raise DataError(
+            f"{dropped} of {rows_read} rows ({dropped / rows_read:.1%}) would not train ({reasons}), above "
+            f"data.max_dropped_fraction={data_cfg.max_dropped_fraction}; fix the data, raise data.max_length, "
+            f"or raise data.max_dropped_fraction"
+        )
     if not train:
         raise DataError(f"{data_cfg.path}: no training rows left after checks, split and length policy")
 
     packed, batching = packing.choose(train, data_cfg.max_length, data_cfg.packing, batch_size, seed)
-    accounting = _accounting(rows_read, not_kept, train, evals, kept_train, kept_eval, truncated + truncated_eval, packed, data_cfg)
+    accounting = _accounting(
+        rows_read, not_kept, train, evals, kept_train, kept_eval, truncated + truncated_eval, packed, data_cfg
+    )
     accounting["batching"] = batching
     kept_eval_rows = [row for row, kept in zip(eval_rows, kept_eval) if kept]
     return PreparedData(train, evals, kept_eval_rows, accounting, not_kept, packed, read.notes + eval_read.notes)
@@ -379,15 +463,21 @@ def describe(data: PreparedData) -> list[str]:
     not_kept = {**a["rows_rejected"], **a["rows_dropped"]}
     why = ", ".join(f"{n} {reason}" for reason, n in not_kept.items()) or "none"
     lines = [
-        f"data: {a['rows_read']} rows read = {a['train_rows']} train + {a['eval_rows']} held out + {sum(not_kept.values())} not kept ({why})"
+        f"data: {a['rows_read']} rows read = {a['train_rows']} train + {a['eval_rows']} held out + "
+        f"{sum(not_kept.values())} not kept ({why})"
         + (f"; {a['rows_truncated']} truncated from the left" if a["rows_truncated"] else ""),
-        f"data: {a['train_samples']} train samples, {a['train_tokens']:,} tokens, {a['train_trained_tokens']:,} trained; "
-        f"length p50 {a['token_length']['p50']}, p90 {a['token_length']['p90']}, p99 {a['token_length']['p99']}, max {a['token_length']['max']}",
+        f"data: {a['train_samples']} train samples, {a['train_tokens']:,} tokens, {a['train_trained_tokens']:,} "
+        "trained; "
+        f"length p50 {a['token_length']['p50']}, p90 {a['token_length']['p90']}, p99 {a['token_length']['p99']}, max "
+        f"{a['token_length']['max']}",
     ]
     lines.append(_batching_line(a))
     lines += [f"data: {note}" for note in data.notes]
     if a["duplicate_train_samples"] or a["eval_samples_in_train"]:
-        lines.append(f"warning: {a['duplicate_train_samples']} duplicate train samples, {a['eval_samples_in_train']} held-out samples also in train")
+        lines.append(
+            f"warning: {a['duplicate_train_samples']} duplicate train samples, {a['eval_samples_in_train']} held-out "
+            "samples also in train"
+        )
     return lines
 
 
@@ -395,16 +485,32 @@ def _batching_line(a: dict) -> str:
     """How the train set is batched and what the other choice would compute (data.packing=true | false | auto)."""
     b = a["batching"]
     padded = f"padded batches of {b['batch_size']} samples are {b['padded_efficiency']:.1%} tokens"
-    packed = f"batches of {b['batch_size']} packed rows ({b['packed_rows']:,} rows of {b['max_length']}) are {b['packed_efficiency']:.1%} tokens"
+    packed = (
+        f"batches of {b['batch_size']} packed rows ({b['packed_rows']:,} rows of {b['max_length']}) are "
+        f"{b['packed_efficiency']:.1%} tokens"
+    )
     gain = f"{packing.AUTO_MIN_GAIN - 1:.0%}"
-    why = f"data.packing=auto packs when that saves {gain} or more" if b["setting"] == "auto" else f"data.packing={str(b['setting']).lower()}"
+    why = (
+        f"data.packing=auto packs when that saves {gain} or more"
+        if b["setting"] == "auto"
+        else f"data.packing={str(b['setting']).lower()}"
+    )
     return f"data: {'packing' if b['packed'] else 'no packing'} ({why}): {packed}, {padded}"
 
 
 def _read(data_cfg, spec, split, key, columns) -> sources.ReadResult:
-    max_row_bytes = data_cfg.get("max_row_bytes") or sources.MAX_ROW_BYTES  # a run recorded before the key existed has none
-    return sources.read_rows(spec, columns=columns, hub_config=data_cfg.hub_config, split=split, revision=data_cfg.revision, key=key,
-                             max_row_bytes=max_row_bytes)
+    max_row_bytes = (
+        data_cfg.get("max_row_bytes") or sources.MAX_ROW_BYTES
+    )  # a run recorded before the key existed has none
+    return sources.read_rows(
+        spec,
+        columns=columns,
+        hub_config=data_cfg.hub_config,
+        split=split,
+        revision=data_cfg.revision,
+        key=key,
+        max_row_bytes=max_row_bytes,
+    )
 
 
 def _checked(rows: list[dict], template: Template, columns: dict, not_kept: list[NotKept]) -> list[dict]:
@@ -424,8 +530,17 @@ def _tokenize_all(tokenizer, template, rows, data_cfg, not_kept, on_rows=None) -
     for row, sample in zip(rows, tokenize_many(tokenizer, template, rows, data_cfg.train_on_inputs, on_rows)):
         fitted, reason = fit_length(sample, data_cfg.max_length, data_cfg.overlength)
         if reason:
-            not_kept.append(NotKept(sample.where, reason, f"{len(sample.input_ids)} tokens > data.max_length={data_cfg.max_length}", _raw(row)))
-        truncated += len(sample.input_ids) > data_cfg.max_length and data_cfg.overlength == "truncate_prompt_left" and not reason
+            not_kept.append(
+                NotKept(
+                    sample.where,
+                    reason,
+                    f"{len(sample.input_ids)} tokens > data.max_length={data_cfg.max_length}",
+                    _raw(row),
+                )
+            )
+        truncated += (
+            len(sample.input_ids) > data_cfg.max_length and data_cfg.overlength == "truncate_prompt_left" and not reason
+        )
         samples += fitted
         kept.append(not reason)
     return samples, kept, truncated
@@ -445,15 +560,21 @@ def _accounting(rows_read, not_kept, train, evals, kept_train, kept_eval, trunca
         "train_tokens": sum(lengths),
         "train_trained_tokens": sum(s.trained for s in train),
         "eval_tokens": sum(len(s.input_ids) for s in evals),
-        "token_length": {p: lengths[min(len(lengths) - 1, int(q * len(lengths)))] for p, q in (("p50", 0.5), ("p90", 0.9), ("p99", 0.99))}
+        "token_length": {
+            p: lengths[min(len(lengths) - 1, int(q * len(lengths)))]
+            for p, q in (("p50", 0.5), ("p90", 0.9), ("p99", 0.99))
+        }
         | {"max": lengths[-1] if lengths else 0},
         "duplicate_train_samples": len(train) - len(train_keys),
         "eval_samples_in_train": sum(1 for s in evals if tuple(s.input_ids) in train_keys),
         "packing": None,
     }
     if packed is not None:
-        accounting["packing"] = {"rows": len(packed), "max_length": data_cfg.max_length,
-                                 "efficiency": round(packing.efficiency(packed, data_cfg.max_length), 4)}
+        accounting["packing"] = {
+            "rows": len(packed),
+            "max_length": data_cfg.max_length,
+            "efficiency": round(packing.efficiency(packed, data_cfg.max_length), 4),
+        }
     return accounting
 
 

@@ -21,18 +21,25 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from finetune.runs import checkpoints, rundir
 from finetune import console as cli
 from finetune.console import Option
 from finetune.errors import ConfigError, IntegrityError
+from finetune.runs import checkpoints, rundir
 
 OPTIONS = [
     Option("prompt", str, None, "the text to complete (rendered with the run's chat template unless raw=true)"),
     Option("chat", bool, False, "interactive chat on stdin: /adapter NAME, /adapters, /reset, /exit"),
     Option("merged", bool, False, "use RUN/merged (python -m finetune.merge) instead of base + adapter"),
-    Option("adapters", list, [], "more adapters (run dirs or adapter folders) over the target's base, switchable in chat"),
+    Option(
+        "adapters", list, [], "more adapters (run dirs or adapter folders) over the target's base, switchable in chat"
+    ),
     Option("base", str, None, "base model folder or Hub id for an adapter (default: the run's model.name_or_path)"),
-    Option("dtype", str, None, "bfloat16 | float32 | float16 | auto (default: the run's model.dtype; float16 -> float32 on CPU)"),
+    Option(
+        "dtype",
+        str,
+        None,
+        "bfloat16 | float32 | float16 | auto (default: the run's model.dtype; float16 -> float32 on CPU)",
+    ),
     Option("raw", bool, False, "send the prompt unchanged, without the chat template"),
     Option("system", str, None, "system message (conversation templates: chatml, sharegpt)"),
     Option("input", str, None, "the user message's extra field (alpaca's input, dolly's context)"),
@@ -78,8 +85,10 @@ class Prompting:
         if system is None:
             return []
         if self.kind not in ("conversation", "chat"):
-            raise ConfigError(f"system=: {self.label} has no system message; drop system= "
-                              "(conversation templates such as chatml and sharegpt have one)")
+            raise ConfigError(
+                f"system=: {self.label} has no system message; drop system= "
+                "(conversation templates such as chatml and sharegpt have one)"
+            )
         return [{"role": "system", "content": system}]
 
     def user(self, text: str, input: str | None = None) -> dict:
@@ -87,24 +96,37 @@ class Prompting:
         extra = self.extra_fields or (("input",) if self.kind == "chat" and input is not None else ())
         if input is not None and not extra:
             raise ConfigError(f"input=: {self.label} has no extra field in its user message; put the text into prompt=")
-        message = {"role": "user", "content": text} | {name: "" for name in extra}  # "" as training rendered a missing field
+        message = {"role": "user", "content": text} | {
+            name: "" for name in extra
+        }  # "" as training rendered a missing field
         if input is not None:
             message[extra[0]] = input
         return message
 
-    def text(self, tokenizer, prompt: str | list[dict], raw: bool = False, system: str | None = None,
-             input: str | None = None) -> str:
+    def text(
+        self,
+        tokenizer,
+        prompt: str | list[dict],
+        raw: bool = False,
+        system: str | None = None,
+        input: str | None = None,
+    ) -> str:
         """The text the model continues: the rendered messages, or the prompt itself for raw prompts."""
         if isinstance(prompt, list):
             if raw or self.kind == "raw":
-                raise ConfigError(f"messages need a chat template and {self.label} continues raw text: give a prompt string")
-            return tokenizer.apply_chat_template(prompt, chat_template=self.chat_template, add_generation_prompt=True,
-                                                 tokenize=False)
+                raise ConfigError(
+                    f"messages need a chat template and {self.label} continues raw text: give a prompt string"
+                )
+            return tokenizer.apply_chat_template(
+                prompt, chat_template=self.chat_template, add_generation_prompt=True, tokenize=False
+            )
         if raw or self.kind == "raw":
             if system is not None or input is not None:
                 sender = "raw=true" if raw else self.label
-                raise ConfigError(f"system= and input= are rendered by a chat template, and {sender} sends the prompt "
-                                  "as is: drop them")
+                raise ConfigError(
+                    f"system= and input= are rendered by a chat template, and {sender} sends the prompt "
+                    "as is: drop them"
+                )
             return prompt
         return self.text(tokenizer, self.messages(prompt, system, input))
 
@@ -130,8 +152,11 @@ class Plan:
 
         device = "cuda" if torch.cuda.is_available() else "cpu"
         model = AutoModelForCausalLM.from_pretrained(
-            str(self.weights), dtype=self.dtype if self.dtype == "auto" else getattr(torch, self.dtype),
-            trust_remote_code=self.trust_remote_code, use_safetensors=True, device_map=device,
+            str(self.weights),
+            dtype=self.dtype if self.dtype == "auto" else getattr(torch, self.dtype),
+            trust_remote_code=self.trust_remote_code,
+            use_safetensors=True,
+            device_map=device,
         )
         neo_attention.enable(model)  # GPT-Neo: SDPA with its local window (a no-op for the other families)
         if self.adapters:
@@ -168,8 +193,16 @@ class Session:
         self.model.set_adapter(name)
         self.active = name
 
-    def generate(self, prompt: str | list[dict], *, raw: bool = False, system: str | None = None, input: str | None = None,
-                 stream: bool = False, **decoding) -> str:
+    def generate(
+        self,
+        prompt: str | list[dict],
+        *,
+        raw: bool = False,
+        system: str | None = None,
+        input: str | None = None,
+        stream: bool = False,
+        **decoding,
+    ) -> str:
         """The completion (new text only) of a prompt string or a list of messages, rendered for the active adapter."""
         return self.complete(self.prompting.text(self.tokenizer, prompt, raw, system, input), stream=stream, **decoding)
 
@@ -189,7 +222,7 @@ class Session:
         pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else eos
         with torch.no_grad():
             out = self.model.generate(**ids, **kwargs, eos_token_id=eos, pad_token_id=pad, streamer=streamer)
-        completion = self.tokenizer.decode(out[0, ids["input_ids"].shape[1]:], skip_special_tokens=True)
+        completion = self.tokenizer.decode(out[0, ids["input_ids"].shape[1] :], skip_special_tokens=True)
         if stream and not streams:
             print(completion, flush=True)
         return completion
@@ -197,13 +230,21 @@ class Session:
     def _check_length(self, prompt_tokens: int, max_new_tokens: int) -> None:
         context = getattr(self.model.config, "max_position_embeddings", None)
         if context and prompt_tokens + max_new_tokens > context:
-            raise ConfigError(f"the prompt is {prompt_tokens} tokens; with max_new_tokens={max_new_tokens} that exceeds the "
-                              f"model's context of {context} tokens: shorten the prompt or lower max_new_tokens "
-                              "(in chat: /reset)")
+            raise ConfigError(
+                f"the prompt is {prompt_tokens} tokens; with max_new_tokens={max_new_tokens} that exceeds the "
+                f"model's context of {context} tokens: shorten the prompt or lower max_new_tokens "
+                "(in chat: /reset)"
+            )
 
 
-def generation_kwargs(max_new_tokens: int = 256, temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0,
-                      num_beams: int = 1, repetition_penalty: float = 1.0) -> dict:
+def generation_kwargs(
+    max_new_tokens: int = 256,
+    temperature: float = 0.0,
+    top_k: int = 0,
+    top_p: float = 1.0,
+    num_beams: int = 1,
+    repetition_penalty: float = 1.0,
+) -> dict:
     """model.generate() arguments; temperature=0 is greedy, > 0 samples. Raises ConfigError naming each bad value."""
     problems = []
     if max_new_tokens < 1:
@@ -222,21 +263,32 @@ def generation_kwargs(max_new_tokens: int = 256, temperature: float = 0.0, top_k
         problems.append(f"repetition_penalty={repetition_penalty}: must be > 0 (1 is off)")
     if problems:
         raise ConfigError(problems)
-    kwargs = {"max_new_tokens": max_new_tokens, "num_beams": num_beams, "repetition_penalty": repetition_penalty,
-              "do_sample": temperature > 0}
+    kwargs = {
+        "max_new_tokens": max_new_tokens,
+        "num_beams": num_beams,
+        "repetition_penalty": repetition_penalty,
+        "do_sample": temperature > 0,
+    }
     if temperature > 0:
         kwargs.update(temperature=temperature, top_k=top_k, top_p=top_p)
     return kwargs
 
 
-def plan(target: str | Path, merged: bool = False, adapters: list | None = None, base: str | None = None,
-         dtype: str | None = None) -> Plan:
+def plan(
+    target: str | Path,
+    merged: bool = False,
+    adapters: list | None = None,
+    base: str | None = None,
+    dtype: str | None = None,
+) -> Plan:
     """Locate and check everything to load (bases of several adapters agree, the base is the one they trained on)."""
     located = rundir.locate(target, merged)
     if located.kind == "model":
         if adapters or base:
-            raise ConfigError(f"{located.weights}: full weights; adapters= and base= are for an adapter target (give the "
-                              "first adapter as the target and its base with base=)")
+            raise ConfigError(
+                f"{located.weights}: full weights; adapters= and base= are for an adapter target (give the "
+                "first adapter as the target and its base with base=)"
+            )
         checkpoints.check_final(located.weights)  # what training (model/) or merge (merged/) wrote: its MANIFEST.json
         check_weights(located)
         return _plan_model(located, dtype)
@@ -260,9 +312,15 @@ def check_weights(target: rundir.Target) -> None:
     folder = target.weights
     if target.kind == "adapter":
         if not (folder / "adapter_model.safetensors").is_file():
-            pickled = " (only a pickled adapter_model.bin, which generate does not load)" if (folder / "adapter_model.bin").is_file() else ""
-            raise IntegrityError(f"{folder}: no adapter_model.safetensors{pickled}: the adapter was not completely written "
-                                 "or copied; copy it again, or use the run's newest checkpoint (RUN/checkpoints/checkpoint-N)")
+            pickled = (
+                " (only a pickled adapter_model.bin, which generate does not load)"
+                if (folder / "adapter_model.bin").is_file()
+                else ""
+            )
+            raise IntegrityError(
+                f"{folder}: no adapter_model.safetensors{pickled}: the adapter was not completely written "
+                "or copied; copy it again, or use the run's newest checkpoint (RUN/checkpoints/checkpoint-N)"
+            )
         files = [folder / "adapter_model.safetensors"]
     else:
         files = [f for f in shards.weight_files(folder) if f.suffix == ".safetensors"]
@@ -271,8 +329,13 @@ def check_weights(target: rundir.Target) -> None:
             pass
 
 
-def load(target: str | Path, merged: bool = False, adapters: list | None = None, base: str | None = None,
-         dtype: str | None = None) -> Session:
+def load(
+    target: str | Path,
+    merged: bool = False,
+    adapters: list | None = None,
+    base: str | None = None,
+    dtype: str | None = None,
+) -> Session:
     """A ready Session: `target` (run dir, adapter or model folder) loaded, with `adapters` over the same base."""
     return plan(target, merged, adapters, base, dtype).load()
 
@@ -297,14 +360,27 @@ def _plan_adapters(targets: list[rundir.Target], base: str | None, dtype: str | 
     names = [_name(t) for t in targets]
     duplicates = sorted({n for n in names if names.count(n) > 1})
     if duplicates:
-        raise ConfigError(f"adapters=: several adapters are named {', '.join(duplicates)} (after their run or folder "
-                          "names); copy one under another name")
+        raise ConfigError(
+            f"adapters=: several adapters are named {', '.join(duplicates)} (after their run or folder "
+            "names); copy one under another name"
+        )
     trust = _trust_remote_code(first)
-    tokenizers = [AutoTokenizer.from_pretrained(str(t.weights if _has_tokenizer(t.weights) else base_dir), trust_remote_code=trust)
-                  for t in targets]
+    tokenizers = [
+        AutoTokenizer.from_pretrained(
+            str(t.weights if _has_tokenizer(t.weights) else base_dir), trust_remote_code=trust
+        )
+        for t in targets
+    ]
     prompting = {name: _prompting(t, tok.chat_template) for name, t, tok in zip(names, targets, tokenizers)}
-    return Plan(base_dir, {n: t.weights for n, t in zip(names, targets)}, prompting, names[0], tokenizers[0],
-                _dtype(dtype, first), trust)
+    return Plan(
+        base_dir,
+        {n: t.weights for n, t in zip(names, targets)},
+        prompting,
+        names[0],
+        tokenizers[0],
+        _dtype(dtype, first),
+        trust,
+    )
 
 
 def _unique(targets: list[rundir.Target]) -> list[rundir.Target]:
@@ -321,13 +397,16 @@ def _check_same_base(first: rundir.Target, other: rundir.Target) -> None:
     """Adapters share one base: refuse two trained on different ones (weights fingerprints, else the bases' names)."""
     (name_a, print_a), (name_b, print_b) = _recorded_base(first), _recorded_base(other)
     if (print_a != print_b) if print_a and print_b else (name_a != name_b):
-        raise ConfigError(f"adapters=: {_name(first)} ({first.weights}) was trained on {_base_label(name_a, print_a)}, "
-                          f"{_name(other)} ({other.weights}) on {_base_label(name_b, print_b)}: adapters switched in one "
-                          "session must share their base; try them in separate sessions")
+        raise ConfigError(
+            f"adapters=: {_name(first)} ({first.weights}) was trained on {_base_label(name_a, print_a)}, "
+            f"{_name(other)} ({other.weights}) on {_base_label(name_b, print_b)}: adapters switched in one "
+            "session must share their base; try them in separate sessions"
+        )
 
 
 def _recorded_base(target: rundir.Target) -> tuple[str, str | None]:
-    """The base an adapter names (adapter_config.json) and the weights fingerprint training recorded (base_model.json)."""
+    """The base an adapter names (adapter_config.json) and the weights fingerprint training recorded
+    (base_model.json)."""
     config = json.loads((target.weights / "adapter_config.json").read_text(encoding="utf-8"))
     return str(config.get("base_model_name_or_path")), (target.base or {}).get("weights_fingerprint")
 
@@ -343,7 +422,9 @@ def _prompting(target: rundir.Target, chat_template: str | None) -> Prompting:
     from finetune.data import templates
 
     template = templates.load(str(target.template_path))
-    name = Path(str((target.config or {}).get("data", {}).get("template") or template.name)).stem  # data_template.yaml is a copy
+    name = Path(
+        str((target.config or {}).get("data", {}).get("template") or template.name)
+    ).stem  # data_template.yaml is a copy
     chat_template = chat_template or template.chat_template
     if template.conversation_spec:
         return Prompting("conversation", chat_template, name)
@@ -386,7 +467,8 @@ def _has_tokenizer(folder: Path) -> bool:
 
 
 def chat(session: Session, decoding: dict, system: str | None = None, lines=None) -> None:
-    """Read user messages from `lines` (stdin), reply to each with the whole conversation rendered; commands start with /."""
+    """Read user messages from `lines` (stdin), reply to each with the whole conversation rendered; commands start
+    with /."""
     lines = sys.stdin if lines is None else lines
     decoding = dict(decoding)
     seed = decoding.pop("seed", None)
@@ -411,7 +493,9 @@ def _reply(session: Session, history: list[dict], text: str, decoding: dict) -> 
     raw = session.prompting.kind == "raw"
     turns = history if raw else history + [session.prompting.user(text)]
     try:
-        reply = session.complete(text if raw else session.prompting.text(session.tokenizer, turns), stream=True, **decoding)
+        reply = session.complete(
+            text if raw else session.prompting.text(session.tokenizer, turns), stream=True, **decoding
+        )
     except ConfigError as err:
         cli.say(f"error: {err}")
         return history
@@ -429,7 +513,9 @@ def _command(session: Session, text: str, history: list[dict], system: str | Non
         cli.say(f"adapters: {_adapter_list(session)}")
     elif command == "/adapter" and argument in session.adapters:
         session.use(argument)
-        cli.say(f"active adapter: {session.active} ({_describe_prompting(session.prompting)}); the conversation is kept")
+        cli.say(
+            f"active adapter: {session.active} ({_describe_prompting(session.prompting)}); the conversation is kept"
+        )
     elif command == "/adapter":
         cli.say(f"no adapter '{argument}'; adapters: {_adapter_list(session)}")
     else:
@@ -490,7 +576,6 @@ def run(opts: dict) -> str | None:
         return chat(session, decoding, opts["system"])
     cli.say(f"generating with {_describe(session)}")
     return session.complete(text, stream=True, **decoding)
-
 
 
 def main(argv: list[str] | None = None) -> None:

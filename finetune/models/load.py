@@ -85,7 +85,10 @@ def load_tokenizer(model_cfg):
         if model_cfg.pad_token not in tokenizer.get_vocab():
             from finetune.errors import ConfigError
 
-            raise ConfigError(f"model.pad_token: '{model_cfg.pad_token}' is not in the tokenizer of {model_cfg.name_or_path}; set model.pad_token=null")
+            raise ConfigError(
+                f"model.pad_token: '{model_cfg.pad_token}' is not in the tokenizer of {model_cfg.name_or_path}; set "
+                "model.pad_token=null"
+            )
         tokenizer.pad_token = model_cfg.pad_token
     else:
         tokenizer.pad_token = tokenizer.eos_token  # safe: labels of padding come from lengths, not token ids
@@ -103,7 +106,9 @@ def load_model(model_cfg, tokenizer, quantization: dict | None = None):
         from transformers import BitsAndBytesConfig
 
         compute = quantization.get("bnb_4bit_compute_dtype", "bfloat16")
-        kwargs["quantization_config"] = BitsAndBytesConfig(**{**quantization, "bnb_4bit_compute_dtype": getattr(torch, compute)})
+        kwargs["quantization_config"] = BitsAndBytesConfig(
+            **{**quantization, "bnb_4bit_compute_dtype": getattr(torch, compute)}
+        )
     if model_cfg.family == "gpt_neo":
         from finetune.models import neo_attention  # noqa: F401 - registers GPT-Neo's "sdpa" with transformers
 
@@ -129,7 +134,8 @@ def local_path(model_cfg) -> Path | None:
 
 
 def hub_id(model_cfg) -> str | None:
-    """The base's Hub id: model.hub_id, else name_or_path when that is not a local folder (None for a local-only base)."""
+    """The base's Hub id: model.hub_id, else name_or_path when that is not a local folder (None for a local-only
+    base)."""
     if model_cfg.get("hub_id"):
         return model_cfg.hub_id
     return None if Path(model_cfg.name_or_path).expanduser().exists() else model_cfg.name_or_path

@@ -63,10 +63,16 @@ def build(
 
     out = Path(out)
     tokenizer = train_tokenizer(arch, _corpus_texts(corpus), vocab_size, max_positions)
-    ids = {"bos_token_id": tokenizer.eos_token_id, "eos_token_id": tokenizer.eos_token_id, "pad_token_id": tokenizer.pad_token_id}
+    ids = {
+        "bos_token_id": tokenizer.eos_token_id,
+        "eos_token_id": tokenizer.eos_token_id,
+        "pad_token_id": tokenizer.pad_token_id,
+    }
     if model_vocab_size is not None and model_vocab_size < len(tokenizer):
         raise ValueError(f"model_vocab_size={model_vocab_size} is smaller than the tokenizer's {len(tokenizer)} tokens")
-    config = model_config(arch, model_vocab_size or len(tokenizer), hidden_size, layers, heads, max_positions, window_size, **ids)
+    config = model_config(
+        arch, model_vocab_size or len(tokenizer), hidden_size, layers, heads, max_positions, window_size, **ids
+    )
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(config)
     if pretrain_epochs:
@@ -80,7 +86,12 @@ def build(
     try:
         model.save_pretrained(staging)
         tokenizer.save_pretrained(staging)
-        (staging / MARKER).write_text(json.dumps(_fingerprint(arch, corpus, vocab_size, hidden_size, layers, seed, pretrain_epochs, model_vocab_size), indent=2))
+        (staging / MARKER).write_text(
+            json.dumps(
+                _fingerprint(arch, corpus, vocab_size, hidden_size, layers, seed, pretrain_epochs, model_vocab_size),
+                indent=2,
+            )
+        )
         if out.exists():
             shutil.rmtree(out)
         staging.rename(out)
@@ -89,18 +100,32 @@ def build(
     return out
 
 
-def ensure(arch: str, out: str | os.PathLike, corpus: str | os.PathLike = DEFAULT_CORPUS, pretrain_epochs: int = DEMO_PRETRAIN_EPOCHS) -> Path:
+def ensure(
+    arch: str,
+    out: str | os.PathLike,
+    corpus: str | os.PathLike = DEFAULT_CORPUS,
+    pretrain_epochs: int = DEMO_PRETRAIN_EPOCHS,
+) -> Path:
     """Build the (pretrained) tiny checkpoint unless `out` already holds one built the same way from the same corpus."""
     out = Path(out)
     marker = out / MARKER
-    wanted = {"version": BUILDER_VERSION, "arch": arch, "corpus_sha256": _sha256(corpus), "pretrain_epochs": pretrain_epochs,
-              "python": platform.python_version()}  # pydoc_data (the pretraining text) changes with Python
+    wanted = {
+        "version": BUILDER_VERSION,
+        "arch": arch,
+        "corpus_sha256": _sha256(corpus),
+        "pretrain_epochs": pretrain_epochs,
+        "python": platform.python_version(),
+    }  # pydoc_data (the pretraining text) changes with Python
     if marker.exists():
         built = json.loads(marker.read_text())
         if all(built.get(k) == v for k, v in wanted.items()):
             return out
-    print(f"[finetune] building tiny {arch} checkpoint at {out}: tokenizer on the demo's training file, "
-          f"{pretrain_epochs} epoch(s) of pretraining on general English (once, then cached)", file=sys.stderr, flush=True)
+    print(
+        f"[finetune] building tiny {arch} checkpoint at {out}: tokenizer on the demo's training file, "
+        f"{pretrain_epochs} epoch(s) of pretraining on general English (once, then cached)",
+        file=sys.stderr,
+        flush=True,
+    )
     return build(arch, out, corpus=corpus, pretrain_epochs=pretrain_epochs)
 
 
@@ -111,7 +136,9 @@ def general_english() -> list[str]:
     return [p.strip() for text in topics.values() for p in text.split("\n\n") if len(p.strip()) > 40]
 
 
-def pretrain(model, tokenizer, texts: list[str], epochs: int, seed: int, block: int = 128, batch: int = 16, lr: float = 3e-3) -> None:
+def pretrain(
+    model, tokenizer, texts: list[str], epochs: int, seed: int, block: int = 128, batch: int = 16, lr: float = 3e-3
+) -> None:
     """Causal-LM pretraining of the tiny base on raw text, packed into `block`-token rows (> the local window).
 
     A plain loop on purpose: this builds a test fixture, it is not the product's fine-tuning path (which is trl's).
@@ -151,7 +178,10 @@ def train_tokenizer(arch: str, texts: list[str], vocab_size: int, max_length: in
     bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     bpe.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
-        vocab_size=vocab_size, special_tokens=specials, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False
+        vocab_size=vocab_size,
+        special_tokens=specials,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
     )
     bpe.train_from_iterator(texts, trainer)
     return PreTrainedTokenizerFast(
@@ -204,7 +234,13 @@ def model_config(
         )
     if arch == "gptj":
         return GPTJConfig(
-            vocab_size=vocab_size, n_embd=hidden, n_layer=layers, n_head=heads, rotary_dim=hidden // heads // 2, n_positions=positions, **token_ids
+            vocab_size=vocab_size,
+            n_embd=hidden,
+            n_layer=layers,
+            n_head=heads,
+            rotary_dim=hidden // heads // 2,
+            n_positions=positions,
+            **token_ids,
         )
     raise ValueError(f"unknown tiny architecture {arch!r}; choose neo, neox or gptj")
 
@@ -226,9 +262,19 @@ def _sha256(path: str | os.PathLike) -> str:
     return hashlib.sha256(Path(path).read_bytes()).hexdigest()
 
 
-def _fingerprint(arch: str, corpus, vocab_size: int, hidden_size: int, layers: int, seed: int, pretrain_epochs: int,
-                 model_vocab_size: int | None = None) -> dict:
-    padded = {"model_vocab_size": model_vocab_size} if model_vocab_size else {}  # absent when unpadded: old caches stay valid
+def _fingerprint(
+    arch: str,
+    corpus,
+    vocab_size: int,
+    hidden_size: int,
+    layers: int,
+    seed: int,
+    pretrain_epochs: int,
+    model_vocab_size: int | None = None,
+) -> dict:
+    padded = (
+        {"model_vocab_size": model_vocab_size} if model_vocab_size else {}
+    )  # absent when unpadded: old caches stay valid
     return {
         **padded,
         "version": BUILDER_VERSION,
@@ -252,11 +298,30 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--hidden-size", type=int, default=128)
     parser.add_argument("--layers", type=int, default=4)
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--model-vocab-size", type=int, default=None, help="pad the embedding and LM head to this many rows (default: the tokenizer's size)")
-    parser.add_argument("--pretrain-epochs", type=int, default=0, help=f"causal-LM epochs on general English (the demo base uses {DEMO_PRETRAIN_EPOCHS})")
+    parser.add_argument(
+        "--model-vocab-size",
+        type=int,
+        default=None,
+        help="pad the embedding and LM head to this many rows (default: the tokenizer's size)",
+    )
+    parser.add_argument(
+        "--pretrain-epochs",
+        type=int,
+        default=0,
+        help=f"causal-LM epochs on general English (the demo base uses {DEMO_PRETRAIN_EPOCHS})",
+    )
     args = parser.parse_args(argv)
-    out = build(args.arch, args.out, args.corpus, args.vocab_size, args.hidden_size, args.layers, seed=args.seed, pretrain_epochs=args.pretrain_epochs,
-                model_vocab_size=args.model_vocab_size)
+    out = build(
+        args.arch,
+        args.out,
+        args.corpus,
+        args.vocab_size,
+        args.hidden_size,
+        args.layers,
+        seed=args.seed,
+        pretrain_epochs=args.pretrain_epochs,
+        model_vocab_size=args.model_vocab_size,
+    )
     print(f"wrote tiny {args.arch} checkpoint to {out}")
 
 
