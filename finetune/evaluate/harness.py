@@ -11,7 +11,7 @@ lm_eval CLI's `peft=` loads base + adapter, a second CLI run loads the base) cos
     run_tasks(model, tokenizer, names)   lm_eval's HFLM around the in-memory model (transformers or peft), results
     table(base, adapter)                 markdown: | task | metric | base | adapter | Δ |, stderr as ±
 
-Tasks are lm_eval's registered ones plus the local tasks shipped in finetune/harness_tasks (tag `neo_ft_local`:
+Tasks are lm_eval's registered ones plus the local tasks shipped in finetune/evaluate/harness_tasks (tag `neo_ft_local`:
 neo_ft_legal_mc, multiple choice; neo_ft_cloze, LAMBADA-style) plus any folder of task YAMLs given with
 harness_include=DIR. Registered tasks read Hub datasets: offline, only what the datasets cache already holds
 (resolve_tasks says which task, which dataset, and the two fixes).
@@ -27,8 +27,8 @@ and with this bridge, the base and a run's adapter from one load (`harness_inclu
     python -m finetune.evaluate RUN harness=lambada_openai,sciq,piqa,arc_challenge,triviaqa
 
 The shipped local tasks run with the plain CLI too (`lm_eval --model hf --model_args pretrained=MODEL --include_path
-finetune/harness_tasks --tasks neo_ft_local`). The paper used an older harness; today's task versions (triviaqa is
-now generated and exact-matched) can move the last digit, which is why each result records its task version.
+finetune/evaluate/harness_tasks --tasks neo_ft_local`). The paper used an older harness; today's task versions
+(triviaqa is now generated and exact-matched) can move the last digit, which is why each result records its task version.
 """
 
 from __future__ import annotations
@@ -211,7 +211,7 @@ def hub_unreachable_message(task: str, datasets: list[str], err: Exception) -> s
         f"downloadable: {why}. Either run this task once on a machine with Hub access, which "
         "fills the Hugging Face datasets cache, and copy that cache here (set HF_DATASETS_CACHE to the copy, or "
         "HF_HOME to a copied ~/.cache/huggingface); or write a local task YAML whose dataset reads local files "
-        "(as finetune/harness_tasks does) and pass its folder with harness_include=DIR"
+        "(as finetune/evaluate/harness_tasks does) and pass its folder with harness_include=DIR"
     )
 
 

@@ -79,8 +79,8 @@ def no_architecture_problem(model: dict) -> str:
     known = ", ".join(sorted(p.stem.replace("__", "/") for p in MODEL_CONFIGS_DIR.glob("*.json")))
     return (
         f"model.name_or_path: no architecture for '{model['name_or_path']}': not a local folder with config.json and "
-        f"not one of the Hub models shipped in finetune/model_configs/ ({known}); set model.name_or_path=DIR to a "
-        "checkpoint folder (its config.json is enough)"
+        f"not one of the Hub models shipped in finetune/models/model_configs/ ({known}); set model.name_or_path=DIR "
+        "to a checkpoint folder (its config.json is enough)"
     )
 
 
@@ -103,7 +103,7 @@ def architecture_config(model: dict):
     shipped = shipped_config_path(model)
     if shipped is None:
         raise ConfigError(no_architecture_problem(model))
-    return AutoConfig.from_pretrained(str(shipped)), f"finetune/model_configs/{shipped.name}"
+    return AutoConfig.from_pretrained(str(shipped)), f"finetune/models/model_configs/{shipped.name}"
 
 
 def architecture(model: dict) -> Architecture:

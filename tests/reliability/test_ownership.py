@@ -1,5 +1,5 @@
 """One run per output_dir, and a run deletes only what a run of ours wrote (issue 20 items 2 and 6;
-finetune/runlock.py).
+finetune/runs/runlock.py).
 
 Real `python -m finetune` processes on tiny GPT-NeoX (harness.py). The busy-directory test pauses the first run inside
 its first optimizer step until the second has been refused, so the two always overlap, whatever the machine's speed.
