@@ -28,7 +28,8 @@ and with this bridge, the base and a run's adapter from one load (`harness_inclu
 
 The shipped local tasks run with the plain CLI too (`lm_eval --model hf --model_args pretrained=MODEL --include_path
 finetune/evaluate/harness_tasks --tasks neo_ft_local`). The paper used an older harness; today's task versions
-(triviaqa is now generated and exact-matched) can move the last digit, which is why each result records its task version.
+(triviaqa is now generated and exact-matched) can move the last digit, which is why each result records its task
+version.
 """
 
 from __future__ import annotations
