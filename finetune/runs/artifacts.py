@@ -1,6 +1,6 @@
 """What a run directory holds besides the weights, so it describes itself.
 
-    run.json          status, timings, versions, seed, data accounting, before/after eval loss
+    run.json          status, timings, versions, seed, data accounting, before/after eval loss (finetune.runs.record)
     config.yaml       the fully resolved config the run used
     data_template.yaml the template the data was rendered with (also saved as the tokenizer's chat template)
     metrics.json      every logged value (train loss, eval loss, learning rate, ...) and the before/after evals
@@ -20,12 +20,9 @@ import json
 import os
 import platform
 import shutil
-import time
 from pathlib import Path
 
 import yaml
-
-from finetune.runs import rundir
 
 TRAINING_ARGS_PICKLE = "training_args.bin"
 
@@ -53,35 +50,22 @@ def versions() -> dict:
     from importlib.metadata import PackageNotFoundError, version
 
     found = {"python": platform.python_version()}
-    for package in ("neo-finetune", "torch", "transformers", "peft", "trl", "accelerate", "datasets", "hydra-core", "deepspeed"):
+    for package in (
+        "neo-finetune",
+        "torch",
+        "transformers",
+        "peft",
+        "trl",
+        "accelerate",
+        "datasets",
+        "hydra-core",
+        "deepspeed",
+    ):
         try:
             found[package] = version(package)
         except PackageNotFoundError:
             pass
     return found
-
-
-class RunRecord:
-    """run.json: written at start (status running) and rewritten at every change of state.
-
-    `enabled=False` keeps the record in memory only: the other ranks of a distributed run share rank 0's run
-    directory, and two processes renaming the same temporary file over run.json would fail or interleave."""
-
-    def __init__(self, run_dir: Path, enabled: bool = True, **fields):
-        self.path, self.enabled = run_dir / "run.json", enabled
-        self.data = {"status": "running", "started": _now(), "versions": versions(), **fields}
-        self._write()
-
-    def update(self, **fields) -> None:
-        self.data.update(fields)
-        self._write()
-
-    def _write(self) -> None:
-        if self.enabled:
-            write_json(self.path, self.data)
-
-    def finish(self, status: str, exit_code: int, **fields) -> None:
-        self.update(status=status, exit_code=exit_code, finished=_now(), **fields)
 
 
 def clean_weights_folder(directory: Path, args, local_base: Path | None, public_base: str) -> None:
@@ -103,10 +87,6 @@ def clean_weights_folder(directory: Path, args, local_base: Path | None, public_
             for local in sorted({str(local_base), str(local_base.resolve())}, key=len, reverse=True):
                 text = text.replace(json.dumps(local)[1:-1], public_base).replace(local, public_base)
             path.write_text(text, encoding="utf-8")
-
-
-def read_run_record(run_dir: Path) -> dict:
-    return rundir.read_json(run_dir / "run.json")
 
 
 def config_hash(resolved: dict) -> str:
@@ -141,7 +121,3 @@ def plot_loss(run_dir: Path, history: list[dict], eval_before: float | None = No
     fig.tight_layout()
     fig.savefig(run_dir / "loss.png")
     plt.close(fig)
-
-
-def _now() -> str:
-    return time.strftime("%Y-%m-%dT%H:%M:%S%z")

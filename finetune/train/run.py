@@ -1,15 +1,18 @@
-"""run(cfg): validate -> (find the checkpoint to resume) -> data -> training args -> model -> trainer -> before/after -> save.
-
-trl's SFTTrainer owns the loop (with our guards: finetune.trainer); this file only puts the pieces in the order
-that matters:
+"""run(cfg): one training run, told in the order it happens (`_run`): find the checkpoint to resume, open run.json
+(finetune.runs.record: it also records how the run ends), then the phases: prepare data -> training arguments -> load
+model -> build trainer -> measure before -> train -> measure after -> save results. Each phase takes the run's
+context (`Run`: one view of the config, the run directory, the checkpoint it resumes, run.json, the preemption flag)
+and returns what later phases need. trl's SFTTrainer owns the loop (with our guards: finetune.train.trainer); what
+matters here is the order:
 - every config problem is reported before any weights are read;
 - data is tokenized before the model loads, so bad rows fail in seconds, not after a 40 GB load;
 - SFTConfig (TrainingArguments) is built before `from_pretrained`: under DeepSpeed ZeRO-3 that is what makes
   transformers shard the weights while loading instead of materialising the whole model on every rank;
-- run.json is written before anything can fail and says at every exit how the run ended (errors.py's codes).
+- run.json is written before anything can fail, says at every exit how the run ended (errors.py's codes), and says
+  "completed" only once the final weights' card and manifest are written.
 
-Distributed runs (`accelerate launch` / torchrun, conf/distributed/): every rank runs this same function on the same
-`output_dir`; only rank 0 writes run files (finetune.ranks before the trainer exists, `is_world_process_zero` after).
+Distributed runs (finetune.train.launch): every rank runs this same function on the same `output_dir`; only rank 0
+writes run files (finetune.ranks before the trainer exists, `is_world_process_zero` after).
 """
 
 from __future__ import annotations
@@ -17,22 +20,33 @@ from __future__ import annotations
 import contextlib
 import shutil
 import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from functools import cached_property
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 from omegaconf import DictConfig, OmegaConf
 
-from finetune.runs import artifacts, checkpoints, rundir, runlock
+from finetune import console as cli
+from finetune import ranks
 from finetune.adapters import card
-from finetune import console as cli, ranks
-from finetune.models import fingerprint, load as models, strategy
-from finetune.train import oom, tracking
 from finetune.config import precision
-from finetune.data.tokenize import describe, prepare, prompt_text
+from finetune.config.validate import validate
 from finetune.data import packing
 from finetune.data import templates as data_templates
-from finetune.errors import EXIT_FAILURE, EXIT_OK, ConfigError, FinetuneError, IntegrityError, Preempted
-from finetune.train.guards import FlushStepLog, OnTrainBegin, PreemptionSignals, StepLog, StopBeforeTraining, StopOnPreemption, before_training
-from finetune.config.validate import validate
+from finetune.data.tokenize import PreparedData, describe, prepare, prompt_text
+from finetune.errors import ConfigError, FinetuneError, Preempted
+from finetune.models import fingerprint, strategy
+from finetune.models import load as models
+from finetune.runs import artifacts, checkpoints, record, rundir, runlock
+from finetune.train import guards, launch, oom, tracking
+
+if TYPE_CHECKING:
+    from trl import SFTConfig
+
+    from finetune.runs.record import RunRecord
+    from finetune.train.trainer import GuardedSFTTrainer
 
 LOG_FILE = "train.log"  # the run's log: our lines (cli.transcript) and, through Hydra's job logging, library warnings
 
@@ -44,23 +58,16 @@ def run(cfg: DictConfig) -> Path:
         problem = _held(cfg)
         if problem:
             raise ConfigError(problem)
-    resolved, warnings = validate(cfg)
-    for warning in warnings:
-        cli.say(f"warning: {warning}")
-    bf16, why = precision.choose()
-    chosen = precision.resolve(resolved, bf16)  # before the config is hashed and written: it records what ran
-    precision_used = f"{precision.describe(resolved)} ({why if chosen else 'as configured'})"
-    cli.say(f"precision: {precision_used}")
-    cfg = OmegaConf.create(resolved)
+    cfg, precision_used = _validated(cfg)
     run_dir = Path(cfg.output_dir).expanduser()
-    if cfg.resume and _already_complete(run_dir):  # nothing to do: nothing is written, not even the lock
+    if cfg.resume and record.already_complete(run_dir, cli.say):  # nothing to do: nothing is written, not even the lock
         return run_dir
     run_dir.mkdir(parents=True, exist_ok=True)
     with runlock.RunLock(run_dir, enabled=ranks.is_main(), say=cli.say):  # one run per output_dir, for its lifetime
         if ranks.is_main():
             cli.log_to(run_dir / LOG_FILE)  # our lines, also those said above, for post-mortems
         try:
-            return _run(cfg, resolved, run_dir, precision_used)
+            return _run(cfg, run_dir, precision_used)
         except FinetuneError as err:
             cli.transcript(f"error: {err}")
             raise
@@ -82,264 +89,374 @@ def _held(cfg) -> str | None:
     return None if runlock.unsafe_output_dir(value) else runlock.held_problem(Path(str(value)).expanduser())
 
 
-def _run(cfg, resolved: dict, run_dir: Path, precision_used: str) -> Path:
-    """The run, once rank 0 holds output_dir's lock."""
+def _validated(cfg: DictConfig) -> tuple[DictConfig, str]:
+    """Every config problem at once, before any weights are read; then `auto` precision chosen, before the config is
+    hashed and written (it records what ran). Returns the resolved config and the precision line for run.json."""
+    resolved, warnings = validate(cfg)
+    for warning in warnings:
+        cli.say(f"warning: {warning}")
+    bf16, why = precision.choose()
+    chosen = precision.resolve(resolved, bf16)
+    precision_used = f"{precision.describe(resolved)} ({why if chosen else 'as configured'})"
+    cli.say(f"precision: {precision_used}")
+    return OmegaConf.create(resolved), precision_used
+
+
+def _run(cfg: DictConfig, run_dir: Path, precision_used: str) -> Path:
+    """The run, once rank 0 holds output_dir's lock: where it starts (a checkpoint, or step 0), then its phases in
+    order, inside the record of how it ends (run.json: finetune.runs.record)."""
     cli.quiet_libraries()
-    checkpoints_dir = run_dir / "checkpoints"
-    resume_from = _resume_checkpoint(cfg, run_dir, checkpoints_dir) if cfg.resume else None
+    resume_from = record.resume_checkpoint(cfg.resume, run_dir, cli.say) if cfg.resume else None
     if resume_from == "completed":
         return run_dir
-    main = ranks.is_main()  # the other ranks of a distributed launch share this run directory and write nothing here
-    if main and resume_from is None:  # a fresh run (overwrite=true): old checkpoints would resume or rotate wrongly
-        runlock.clear_for_fresh_run(checkpoints_dir, cfg.allow_foreign_files, cli.say)  # ours only, by their manifests
-    if main:
-        checkpoints.clear_staging(checkpoints_dir)
-    previous = _previous_attempts(run_dir) if cfg.resume else []
-    record = artifacts.RunRecord(run_dir, enabled=main, preset=_preset_name(), overrides=given_overrides(), strategy=cfg.strategy.name, base_model=cfg.model.name_or_path,
-                                 revision=cfg.model.revision, seed=cfg.seed, config_hash=artifacts.config_hash(resolved),
-                                 resumed_from=resume_from.name if resume_from else None, previous_attempts=previous,
-                                 precision=precision_used)
-    with PreemptionSignals(deferred=ranks.world_size() > 1) as signals:
-        try:
-            with (tracking.session(cfg, run_dir, _preset_name(), resuming=resume_from is not None),  # report_to's environment, this run only
-                  oom.explained(cfg, checkpoints_dir)):
-                _train(cfg, resolved, run_dir, record, resume_from, signals)
-        except FinetuneError as err:
-            status = "preempted" if isinstance(err, Preempted) else f"failed:{err.reason}"
-            record.finish(status, err.exit_code, error=str(err))
-            _leave_process_group(wait=False)
-            raise
-        except BaseException as err:
-            record.finish(f"failed:{type(err).__name__}", EXIT_FAILURE, error=str(err)[:2000])
-            _leave_process_group(wait=False)
-            raise
-    _leave_process_group(wait=True)
+    if ranks.is_main():  # the other ranks share this run directory and write nothing here
+        if resume_from is None:  # a fresh run (overwrite=true): old checkpoints would resume or rotate wrongly
+            runlock.clear_for_fresh_run(run_dir / "checkpoints", cfg.allow_foreign_files, cli.say)  # ours only
+        checkpoints.clear_staging(run_dir / "checkpoints")
+    at_start = record.fields_at_start(cfg, run_dir, resume_from, _preset_name(), given_overrides(), precision_used)
+    with (
+        guards.PreemptionSignals(deferred=ranks.world_size() > 1) as signals,
+        launch.closed_on_error(),  # outside run_record: run.json says how the run ended first
+        record.run_record(run_dir, enabled=ranks.is_main(), **at_start) as run_json,
+        tracking.session(cfg, run_dir, _preset_name(), resuming=resume_from is not None),  # report_to's, this run only
+        oom.explained(cfg, run_dir / "checkpoints"),
+    ):
+        run = Run(cfg, run_dir, resume_from, run_json, signals)
+        inputs = _prepare_data(run)
+        arguments = _arguments(run, inputs)
+        model = _load_model(run, inputs)
+        trainer = _build_trainer(run, inputs, arguments, model)
+        measured = _measure_before(run, inputs, trainer)
+        _train(run, trainer, measured)
+        _measure_after(run, inputs, trainer, measured)
+        _save_results(run, inputs, trainer, measured)
+    launch.leave_process_group(wait=True)
     return run_dir
 
 
-def _leave_process_group(wait: bool) -> None:
-    """End a distributed launch's process group while Python is still whole. Left to interpreter teardown, gloo's
-    worker threads can still hold tensors when the interpreter is half gone: the rank dies with SIGABRT ("terminate
-    called without an active exception") after a finished run, and torchrun reports the launch failed (seen in CI on
-    a ZeRO-3 resume; pytorch/pytorch#190489). `wait`: on success, every rank first waits for rank 0's last writes,
-    so none tears down a connection another is still using; after an error, a peer may never arrive, so only this
-    rank's side is closed."""
-    import sys
+@dataclass
+class Run:
+    """What every phase of one run shares."""
 
-    if "torch.distributed" not in sys.modules:  # a single-process run never imported it
-        return
-    import torch.distributed as dist
+    cfg: DictConfig  # the resolved config (validate()'s, precision chosen): the one view of it
+    run_dir: Path
+    resume_from: Path | None  # the checkpoint this run continues; None: step 0
+    record: RunRecord  # run.json; run_record writes how the run ends
+    signals: guards.PreemptionSignals  # the preemption signal received, if any
 
-    if not (dist.is_available() and dist.is_initialized()):
-        return
-    if wait:
-        dist.barrier()
-        dist.destroy_process_group()
-        return
-    with contextlib.suppress(Exception):  # the error being raised is the one to report, not a teardown's
-        dist.destroy_process_group()
+    @cached_property
+    def resolved(self) -> dict:
+        """cfg as plain dicts and lists, the values validate() returned (cfg was made from them): what the run hashes,
+        writes to config.yaml and the card, and hands to peft and the fingerprints. One object for the whole run."""
+        return OmegaConf.to_container(self.cfg)
+
+    @property
+    def strategy(self) -> dict:
+        return self.resolved["strategy"]
+
+    @property
+    def checkpoints_dir(self) -> Path:
+        return self.run_dir / "checkpoints"
+
+    def stop_if_signalled(self, phase: str) -> None:
+        """Before the first optimizer step there is nothing to commit: a preemption signal stops the run at the next
+        safe point of whatever it is doing (data, loading, the measurements before training), not after a step."""
+        if self.signals.received:
+            raise Preempted(guards.before_training(self.signals.received, phase))
 
 
-def _train(cfg, resolved: dict, run_dir: Path, record, resume_from: Path | None, signals: PreemptionSignals) -> None:
-    import torch
+@dataclass
+class Inputs:
+    """What the data phase hands on: the tokenizer and template the rows were rendered with, the tokenized rows, and
+    the fingerprints of the base and the data (run.json, every checkpoint's manifest, the resume drift check)."""
+
+    tokenizer: Any
+    template: data_templates.Template
+    data: PreparedData
+    train_set: Any
+    eval_set: Any | None
+    base_folder: Path | None  # the base's local files (None: not found locally)
+    base_print: str
+    data_print: str
+
+
+@dataclass
+class Arguments:
+    """What the training-arguments phase settles, before any weights load."""
+
+    args: SFTConfig
+    keep_checkpoints: int | None  # trainer.save_total_limit: rotation is ours, after each commit (trainer.py)
+    facts: dict  # what must not change between a checkpoint and the run that resumes it (its manifest records them)
+
+
+@dataclass
+class Measurements:
+    """The numbers a run reports (metrics.json, samples.json, run.json, the closing summary), filled in by the phases
+    in order: the untouched base before training, the training itself, the trained model after."""
+
+    prompts: list[str]  # held-out prompts for the sample generations, before and after
+    eval_before: dict = field(default_factory=dict)
+    before: list[str] = field(default_factory=list)
+    result: Any = None  # trainer.train()'s TrainOutput
+    train_seconds: float = 0.0
+    eval_after: dict = field(default_factory=dict)
+    after: list[str] = field(default_factory=list)
+
+    @property
+    def samples(self) -> list[dict]:
+        return [{"prompt": p, "before": b, "after": a} for p, b, a in zip(self.prompts, self.before, self.after)]
+
+
+def _prepare_data(run: Run) -> Inputs:
+    """Data before the model: bad rows fail in seconds, not after a 40 GB load. The tokenizer takes the data
+    template's chat template (saved with it: inference renders as training did). Tokenizing runs to its end, then a
+    preemption signal stops the run. run.json learns the data accounting and the fingerprints of base and data."""
     from transformers import set_seed
-    from trl import SFTConfig
 
     from finetune.train.progress import rows_bar
-    from finetune.train.trainer import GuardedSFTTrainer, estimate_checkpoint_bytes
 
+    cfg = run.cfg
     set_seed(cfg.seed)
     models.ensure_available(cfg.model)
     tokenizer = models.load_tokenizer(cfg.model)
     template = data_templates.load(cfg.data.template)
     tokenizer.chat_template = template.chat_template  # saved with the tokenizer: inference renders as training did
-    data = prepare(cfg.data, tokenizer, template, cfg.seed, progress=rows_bar, batch_size=cfg.trainer.get("per_device_train_batch_size", 8))
-    _stop_if_signalled(signals, "data preparation")  # tokenizing runs to its end (seconds), then nothing else starts
+    batch_size = cfg.trainer.get("per_device_train_batch_size", 8)
+    data = prepare(cfg.data, tokenizer, template, cfg.seed, progress=rows_bar, batch_size=batch_size)
+    run.stop_if_signalled("data preparation")  # tokenizing runs to its end (seconds), then nothing else starts
     train_set, eval_set = data.as_datasets()
     for line in describe(data):
         cli.say(line)
     if data.not_kept and ranks.is_main():
-        artifacts.write_jsonl(run_dir / "rejected_rows.jsonl", [n.as_dict() for n in data.not_kept])
-        cli.say(f"rows that will not train, with reasons: {run_dir / 'rejected_rows.jsonl'}")
+        artifacts.write_jsonl(run.run_dir / "rejected_rows.jsonl", [n.as_dict() for n in data.not_kept])
+        cli.say(f"rows that will not train, with reasons: {run.run_dir / 'rejected_rows.jsonl'}")
     base_folder = fingerprint.model_files(cfg.model)
-    base_print = fingerprint.base_model(base_folder) if base_folder else f"unavailable:{cfg.model.name_or_path}@{cfg.model.revision}"
+    unavailable = f"unavailable:{cfg.model.name_or_path}@{cfg.model.revision}"
+    base_print = fingerprint.base_model(base_folder) if base_folder else unavailable
     data_print = fingerprint.dataset(data.train + data.eval, data.packed is not None)
-    record.update(data=data.accounting, dataset_fingerprint=data_print, base_model_fingerprint=base_print)
+    run.record.update(data=data.accounting, dataset_fingerprint=data_print, base_model_fingerprint=base_print)
+    return Inputs(tokenizer, template, data, train_set, eval_set, base_folder, base_print, data_print)
 
-    training_args = _training_arguments(cfg, run_dir, has_eval=eval_set is not None, cuda=torch.cuda.is_available())
+
+def _arguments(run: Run, inputs: Inputs) -> Arguments:
+    """trl's SFTConfig, built before `from_pretrained`: under DeepSpeed ZeRO-3 that is what makes transformers shard
+    the weights while loading instead of materialising the whole model on every rank. Building it starts a
+    distributed launch's process group: from then on a preemption signal is ours to handle (PreemptionSignals.arm)."""
+    import torch
+    from trl import SFTConfig
+
+    cfg = run.cfg
+    has_eval = inputs.eval_set is not None
+    training_args = _training_arguments(cfg, run.run_dir, has_eval=has_eval, cuda=torch.cuda.is_available())
     keep_checkpoints = training_args.pop("save_total_limit", None)
     args = SFTConfig(**training_args, save_total_limit=None)  # rotation is ours, after each commit (trainer.py)
     distributed = args.world_size > 1  # the process group exists from here on
-    signals.arm()
+    run.signals.arm()
     if distributed and cfg.distributed.backend == "deepspeed":
-        _start_deepspeed_comm()
-    if distributed:
-        _same_on_every_rank(f"config {artifacts.config_hash(resolved)[:12]}, data {data_print[:12]}, "
-                            f"resume from {resume_from.name if resume_from else 'step 0'}")
-    facts = fingerprint.run_facts(cfg, resolved["strategy"], base_print, data_print, args.world_size)
-    if resume_from is not None:
-        _check_drift(resume_from, facts, list(cfg.resume_allow_drift), base_folder)
+        launch.start_deepspeed_comm()
+    facts = _agreed_facts(run, inputs, args)  # the ranks agree, a resume continues the same run
+    return Arguments(args, keep_checkpoints, facts)
+
+
+def _agreed_facts(run: Run, inputs: Inputs, args: SFTConfig) -> dict:
+    """Before any weights load, this run must be one run: every rank of a launch on the same config, data and
+    checkpoint; a resume continuing the run its checkpoint recorded (but for the fields resume_allow_drift names).
+    config.yaml and data_template.yaml then record what runs. Returns the facts each checkpoint's manifest records."""
+    cfg = run.cfg
+    if args.world_size > 1:
+        launch.same_on_every_rank(
+            f"config {artifacts.config_hash(run.resolved)[:12]}, data {inputs.data_print[:12]}, "
+            f"resume from {run.resume_from.name if run.resume_from else 'step 0'}"
+        )
+    facts = fingerprint.run_facts(cfg, run.strategy, inputs.base_print, inputs.data_print, args.world_size)
+    if run.resume_from is not None:
+        record.check_drift(run.resume_from, facts, list(cfg.resume_allow_drift), inputs.base_folder)
     if ranks.is_main():
-        artifacts.write_config(run_dir, resolved, template.path)
-    _stop_if_signalled(signals, "fingerprinting the base and the data")
-    with oom.explained(cfg, run_dir / "checkpoints", loading=True):
-        model = models.load_model(cfg.model, tokenizer, strategy.quantization(resolved["strategy"]))
-    _stop_if_signalled(signals, "loading the model")
-    collator = None
-    if data.packed is not None:
+        artifacts.write_config(run.run_dir, run.resolved, inputs.template.path)
+    run.stop_if_signalled("fingerprinting the base and the data")
+    return facts
+
+
+def _load_model(run: Run, inputs: Inputs):
+    """The weights, read only once everything that can be refused has been (out of memory while loading: the fixes
+    for the load's peak). Packed rows: a probe checks that this model keeps the samples sharing a row apart."""
+    cfg = run.cfg
+    with oom.explained(cfg, run.checkpoints_dir, loading=True):
+        model = models.load_model(cfg.model, inputs.tokenizer, strategy.quantization(run.strategy))
+    run.stop_if_signalled("loading the model")
+    if inputs.data.packed is not None:
         model.config.use_cache = False  # a KV cache turns off transformers' packed-sequence masks
         leak = packing.verify_isolation(model, model.config.vocab_size, cfg.data.max_length)
         cli.say(f"packing: samples isolated in this model (probe difference {leak:.1e})")
-        collator = packing.PackedCollator(tokenizer.pad_token_id)
+    return model
+
+
+def _build_trainer(run: Run, inputs: Inputs, arguments: Arguments, model) -> GuardedSFTTrainer:
+    """trl's SFTTrainer with our guards (finetune.train.trainer): checkpoints committed with a manifest of the run's
+    facts, rotated by us and cleaned to be shareable (no pickles, no local paths); train_steps.jsonl, which proves a
+    resume exact; the preemption, early-stopping and tracking callbacks. run.json learns the optimizer and the
+    parameter counts; a disk that cannot hold two checkpoints is refused now, not at the first save."""
+    from finetune.train.trainer import GuardedSFTTrainer, estimate_checkpoint_bytes
+
+    cfg, args = run.cfg, arguments.args
+    collator = packing.PackedCollator(inputs.tokenizer.pad_token_id) if inputs.data.packed is not None else None
     public_base = _public_name(cfg.model)
-    step_log = StepLog(run_dir / "train_steps.jsonl", checkpoints.step_of(resume_from) if resume_from else 0, enabled=args.should_save)
+    resume_step = checkpoints.step_of(run.resume_from) if run.resume_from else 0
+    step_log = guards.StepLog(run.run_dir / "train_steps.jsonl", resume_step, enabled=args.should_save)
     trainer = GuardedSFTTrainer(
         model=model,
         args=args,
-        train_dataset=train_set,
-        eval_dataset=eval_set,
-        processing_class=tokenizer,
+        train_dataset=inputs.train_set,
+        eval_dataset=inputs.eval_set,
+        processing_class=inputs.tokenizer,
         data_collator=collator,
-        peft_config=strategy.peft_config(resolved["strategy"]),
-        callbacks=[StopOnPreemption(signals), StopBeforeTraining(signals), FlushStepLog(step_log), *_early_stopping(cfg, eval_set), *tracking.callbacks(args.report_to)],
-        keep_checkpoints=keep_checkpoints,
-        run_facts=facts,
+        peft_config=strategy.peft_config(run.strategy),
+        callbacks=[
+            guards.StopOnPreemption(run.signals),
+            guards.StopBeforeTraining(run.signals),
+            guards.FlushStepLog(step_log),
+            *_early_stopping(cfg, inputs.eval_set),
+            *tracking.callbacks(args.report_to),
+        ],
+        keep_checkpoints=arguments.keep_checkpoints,
+        run_facts=arguments.facts,
         step_log=step_log,
-        after_save=lambda folder: artifacts.clean_weights_folder(folder, args, models.local_path(cfg.model), public_base),
-        loraplus_lr_ratio=resolved["strategy"].get("loraplus_lr_ratio"),  # LoRA+: B matrices at lr x ratio (trainer.py)
+        after_save=lambda folder: artifacts.clean_weights_folder(
+            folder, args, models.local_path(cfg.model), public_base
+        ),
+        loraplus_lr_ratio=run.strategy.get("loraplus_lr_ratio"),  # LoRA+: B matrices at lr x ratio (trainer.py)
     )
-    loraplus = resolved["strategy"].get("loraplus_lr_ratio")
-    record.update(optimizer={"name": str(getattr(args.optim, "value", args.optim)), **({"loraplus_lr_ratio": loraplus} if loraplus else {})})
+    optimizer = {"name": str(getattr(args.optim, "value", args.optim))}
+    if loraplus := run.strategy.get("loraplus_lr_ratio"):
+        optimizer["loraplus_lr_ratio"] = loraplus
+    run.record.update(optimizer=optimizer)
     trainable, total = _count_parameters(trainer.model)
-    cli.say(f"model: {cfg.model.name_or_path} ({cfg.model.family}), {cfg.strategy.name}: {trainable:,} of {total:,} parameters train ({trainable / total:.2%})")
-    record.update(trainable_parameters=trainable, total_parameters=total)
-    _check_free_space(run_dir, estimate_checkpoint_bytes(trainer.model), args)
+    cli.say(
+        f"model: {cfg.model.name_or_path} ({cfg.model.family}), {cfg.strategy.name}: {trainable:,} of {total:,} "
+        f"parameters train ({trainable / total:.2%})"
+    )
+    run.record.update(trainable_parameters=trainable, total_parameters=total)
+    _check_free_space(run.run_dir, estimate_checkpoint_bytes(trainer.model), args)
+    return trainer
 
-    prompts = [prompt_text(tokenizer, template, row) for row in data.eval_rows[: cfg.sample_generations]]
-    eval_before, before = {}, []
+
+def _measure_before(run: Run, inputs: Inputs, trainer: GuardedSFTTrainer) -> Measurements:
+    """The untouched base, the "before" of the comparison: its held-out loss (eval_before_training) and its sample
+    generations (sample_generations). A preemption signal stops the run between them: nothing has trained yet.
+    A distributed launch measures inside train() instead (_measure_in_loop)."""
+    cfg = run.cfg
+    rows = inputs.data.eval_rows[: cfg.sample_generations]
+    measured = Measurements([prompt_text(inputs.tokenizer, inputs.template, row) for row in rows])
 
     def measure_base() -> None:
-        """The "before" numbers: held-out loss and sample generations of the untouched base."""
-        if eval_set is not None and cfg.eval_before_training:
-            eval_before.update(trainer.evaluate(metric_key_prefix="eval"))  # StopBeforeTraining ends it at a signal
-        for prompt in prompts:
-            _stop_if_signalled(signals, "the sample generations before training")
-            before.append(_generate(trainer.model, tokenizer, prompt, cfg.max_new_tokens))
+        if inputs.eval_set is not None and cfg.eval_before_training:  # StopBeforeTraining ends it at a signal
+            measured.eval_before.update(trainer.evaluate(metric_key_prefix="eval"))
+        for prompt in measured.prompts:
+            run.stop_if_signalled("the sample generations before training")
+            measured.before.append(_generate(trainer.model, inputs.tokenizer, prompt, cfg.max_new_tokens))
 
-    if not distributed:
-        measure_base()
-        _stop_if_signalled(signals, "the measurements before training")
+    if trainer.args.world_size > 1:
+        _measure_in_loop(run, trainer, measured, measure_base)
     else:
-        # trainer.evaluate() before trainer.train() breaks distributed training in transformers 5.23 + accelerate
-        # 1.15. DDP: evaluate() marks the bare model as prepared, train() then skips the DDP wrapper, gradients are
-        # never averaged and the ranks silently train apart (measured: adapter 0.039 off a single-process run, vs 5e-6
-        # without it). DeepSpeed: train() finds evaluate()'s inference engine and fails in backward. So the base is
-        # measured inside train(), once the model is wrapped, before the first step, with the adapter switched off
-        # (the untouched base also on a resume). A resumed full fine-tune holds the checkpoint's weights by then.
-        def measure_base_in_loop() -> None:
-            if cfg.strategy.name == "full" and resume_from is not None:
-                cli.say("before-training numbers: not measured on a resumed distributed full fine-tune (the weights are the checkpoint's)")
-                return
-            with trainer.model.disable_adapter() if cfg.strategy.name != "full" else contextlib.nullcontext():
-                measure_base()
-            if eval_before:  # a baseline, not a point of this run's curve (single-process runs start a fresh log too)
-                trainer.state.log_history.pop()
+        measure_base()
+        run.stop_if_signalled("the measurements before training")
+    return measured
 
-        trainer.add_callback(OnTrainBegin(measure_base_in_loop))
 
+def _measure_in_loop(run: Run, trainer: GuardedSFTTrainer, measured: Measurements, measure_base: Callable) -> None:
+    """trainer.evaluate() before trainer.train() breaks distributed training in transformers 5.23 + accelerate 1.15.
+    DDP: evaluate() marks the bare model as prepared, train() then skips the DDP wrapper, gradients are never averaged
+    and the ranks silently train apart (measured: adapter 0.039 off a single-process run, vs 5e-6 without it).
+    DeepSpeed: train() finds evaluate()'s inference engine and fails in backward. So the base is measured inside
+    train(), once the model is wrapped, before the first step, with the adapter switched off (the untouched base also
+    on a resume). A resumed full fine-tune holds the checkpoint's weights by then."""
+    full = run.cfg.strategy.name == "full"
+
+    def measure_base_in_loop() -> None:
+        if full and run.resume_from is not None:
+            cli.say(
+                "before-training numbers: not measured on a resumed distributed full fine-tune "
+                "(the weights are the checkpoint's)"
+            )
+            return
+        with trainer.model.disable_adapter() if not full else contextlib.nullcontext():
+            measure_base()
+        if measured.eval_before:  # a baseline, not a point of this run's curve (single-process runs: a fresh log)
+            trainer.state.log_history.pop()
+
+    trainer.add_callback(guards.OnTrainBegin(measure_base_in_loop))
+
+
+def _train(run: Run, trainer: GuardedSFTTrainer, measured: Measurements) -> None:
+    """trl's loop, from run.resume_from when there is one. A preemption signal during training stops after that
+    optimizer step, with a committed checkpoint: Preempted (exit 75); the same command with resume=true continues."""
+    cfg = run.cfg
     started = time.perf_counter()
-    with oom.explained(cfg, run_dir / "checkpoints", step=lambda: trainer.state.global_step):
-        result = trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
-    train_seconds = time.perf_counter() - started
+    with oom.explained(cfg, run.checkpoints_dir, step=lambda: trainer.state.global_step):
+        measured.result = trainer.train(resume_from_checkpoint=str(run.resume_from) if run.resume_from else None)
+    measured.train_seconds = time.perf_counter() - started
     if cfg.distributed.backend == "fsdp":
         from finetune.train import fsdp
 
-        record.update(fsdp_sharded_parameters=fsdp.sharded_parameters(trainer.model_wrapped))
-    if signals.received:
-        raise Preempted(f"{signals.received}: stopped at step {trainer.state.global_step} with a committed checkpoint in "
-                        f"{run_dir / 'checkpoints'}; run the same command with resume=true to continue")
+        run.record.update(fsdp_sharded_parameters=fsdp.sharded_parameters(trainer.model_wrapped))
+    if run.signals.received:
+        raise Preempted(
+            f"{run.signals.received}: stopped at step {trainer.state.global_step} with a committed checkpoint in "
+            f"{run.checkpoints_dir}; run the same command with resume=true to continue"
+        )
 
-    eval_after = trainer.evaluate(metric_key_prefix="eval") if eval_set is not None else {}
-    after = [_generate(trainer.model, tokenizer, p, cfg.max_new_tokens) for p in prompts]
+
+def _measure_after(run: Run, inputs: Inputs, trainer: GuardedSFTTrainer, measured: Measurements) -> None:
+    """The trained model on the held-out rows and prompts the base was measured on (on every rank: they all take
+    part in a distributed evaluation)."""
+    measured.eval_after = trainer.evaluate(metric_key_prefix="eval") if inputs.eval_set is not None else {}
+    measured.after = [_generate(trainer.model, inputs.tokenizer, p, run.cfg.max_new_tokens) for p in measured.prompts]
+
+
+def _save_results(run: Run, inputs: Inputs, trainer: GuardedSFTTrainer, measured: Measurements) -> None:
+    """The final weights, adapter/ or model/ (every rank: save_model gathers ZeRO-3 / FSDP shards; adapter only for
+    PEFT models). Then rank 0 makes the folder shareable as every checkpoint is, and writes the base it needs,
+    metrics.json, loss.png, samples.json, run.json's results, the card, and the manifest that seals the folder (merge,
+    generate, evaluate and push verify it). Completed only then: a run killed while writing its card or manifest is
+    still "running", and resume finishes it."""
+    cfg, run_dir = run.cfg, run.run_dir
     weights_dir = run_dir / (rundir.ADAPTER_DIR if cfg.strategy.name != "full" else rundir.MODEL_DIR)
     trainer.save_model(str(weights_dir))  # gathers ZeRO-3 / FSDP shards; adapter only for PEFT models
-    if trainer.is_world_process_zero():
-        artifacts.clean_weights_folder(weights_dir, args, models.local_path(cfg.model), public_base)
-        base = fingerprint.base_record(cfg.model, base_folder, models.hub_id(cfg.model), base_print, strategy.quantization(resolved["strategy"]))
-        artifacts.write_json(weights_dir / rundir.BASE_RECORD, base)
-        history = trainer.state.log_history
-        artifacts.write_metrics(run_dir, history, eval_before=eval_before, eval_after=eval_after, train=result.metrics)
-        artifacts.plot_loss(run_dir, history, eval_before.get("eval_loss"))
-        samples = [{"prompt": p, "before": b, "after": a} for p, b, a in zip(prompts, before, after)]
-        artifacts.write_json(run_dir / "samples.json", {"samples": samples})
-        record.update(train_seconds=round(train_seconds, 2), global_steps=result.global_step,
-                      train_loss=result.training_loss, eval_loss_before=eval_before.get("eval_loss"),
-                      eval_loss_after=eval_after.get("eval_loss"), **_best(trainer.state),
-                      weights_manifest=f"{weights_dir.name}/{checkpoints.MANIFEST}")  # a folder missing it is refused
-        card.write(weights_dir, run_dir, resolved, "adapter" if weights_dir.name == rundir.ADAPTER_DIR else "model")
-        checkpoints.seal(weights_dir, weights_dir.name)  # merge, generate, evaluate and push verify it
-        # completed only now: a run killed while writing its card or manifest is still "running", and resume finishes it
-        record.finish("completed", EXIT_OK)
-        _summary(run_dir, eval_before, eval_after, samples, train_seconds)
-
-
-def _stop_if_signalled(signals: PreemptionSignals, phase: str) -> None:
-    """Before the first optimizer step there is nothing to commit: a preemption signal stops the run at the next safe
-    point of whatever it is doing (data, loading, the measurements before training), not after a step."""
-    if signals.received:
-        raise Preempted(before_training(signals.received, phase))
-
-
-def _resume_checkpoint(cfg, run_dir: Path, checkpoints_dir: Path):
-    """The newest complete checkpoint (torn ones set aside), "completed" for a finished run, or None (auto: fresh)."""
-    if _already_complete(run_dir):
-        return "completed"
-    found, set_aside = checkpoints.latest_complete(checkpoints_dir, lambda message: cli.say(f"warning: {message}"))
-    if found is not None:
-        cli.say(f"resuming from {found}")
-        return found
-    if cfg.resume == "auto":
-        cli.say(f"no complete checkpoint in {checkpoints_dir}: starting from step 0 (resume=auto)")
-        return None
-    torn = f"; set aside as torn or corrupt: {'; '.join(set_aside)}" if set_aside else ""
-    raise IntegrityError(f"resume=true: no complete checkpoint in {checkpoints_dir}{torn}. Start again with overwrite=true, "
-                         "or use resume=auto to start from step 0 when there is nothing to resume")
-
-
-def _already_complete(run_dir: Path) -> bool:
-    if artifacts.read_run_record(run_dir).get("status") != "completed":
-        return False
-    cli.say(f"run already complete ({run_dir / 'run.json'}): nothing to resume; use overwrite=true to train again")
-    return True
-
-
-def _check_drift(checkpoint: Path, facts: dict, allowed: list[str], base_folder: Path | None) -> None:
-    saved = checkpoints.manifest_of(checkpoint).get("run", {})
-    recorded = str(saved.get("base_model", ""))
-    if base_folder and recorded and recorded != facts["base_model"] and not recorded.startswith("unavailable:"):
-        # a checkpoint from before the full-file fingerprint: compare the base the way it was fingerprinted then
-        facts = {**facts, "base_model": fingerprint.in_format_of(recorded, base_folder) or facts["base_model"]}
-    changes = fingerprint.drift(saved, facts, allowed)
-    if changes:
-        raise ConfigError([f"resume: {line}" for line in changes]
-                          + [f"resuming {checkpoint} with these changes would not continue the same run; undo them, or allow "
-                             f"named fields with resume_allow_drift=[{','.join(dict.fromkeys(c.split(':')[0].split('.')[0] for c in changes))}]"])
+    if not trainer.is_world_process_zero():
+        return
+    trainer.after_save(weights_dir)  # as every checkpoint (_build_trainer): no pickled arguments, no local paths
+    base = fingerprint.base_record(
+        cfg.model, inputs.base_folder, models.hub_id(cfg.model), inputs.base_print, strategy.quantization(run.strategy)
+    )
+    artifacts.write_json(weights_dir / rundir.BASE_RECORD, base)
+    history, result = trainer.state.log_history, measured.result
+    before, after = measured.eval_before, measured.eval_after
+    artifacts.write_metrics(run_dir, history, eval_before=before, eval_after=after, train=result.metrics)
+    artifacts.plot_loss(run_dir, history, before.get("eval_loss"))
+    artifacts.write_json(run_dir / "samples.json", {"samples": measured.samples})
+    run.record.update(
+        train_seconds=round(measured.train_seconds, 2),
+        global_steps=result.global_step,
+        train_loss=result.training_loss,
+        eval_loss_before=before.get("eval_loss"),
+        eval_loss_after=after.get("eval_loss"),
+        **_best(trainer.state),
+        weights_manifest=f"{weights_dir.name}/{checkpoints.MANIFEST}",  # a folder missing it is refused
+    )
+    card.write(weights_dir, run_dir, run.resolved, "adapter" if weights_dir.name == rundir.ADAPTER_DIR else "model")
+    checkpoints.seal(weights_dir, weights_dir.name)  # merge, generate, evaluate and push verify it
+    run.record.complete()  # only now: a run killed while writing its card or manifest is still "running"
+    _summary(run_dir, measured)
 
 
 def _check_free_space(run_dir: Path, checkpoint_bytes: int, args) -> None:
     free = shutil.disk_usage(run_dir).free
     if args.save_strategy != "no" and free < 2 * checkpoint_bytes:
-        raise ConfigError(f"output_dir: {free / 2**20:.1f} MiB free on the device of {run_dir}, but one checkpoint needs about "
-                          f"{checkpoint_bytes / 2**20:.1f} MiB (twice that is required to replace one safely); free space or "
-                          "choose another output_dir")
-
-
-def _previous_attempts(run_dir: Path) -> list[dict]:
-    state = artifacts.read_run_record(run_dir)
-    attempts = state.get("previous_attempts", [])
-    if state:
-        attempts.append({k: state.get(k) for k in ("status", "started", "finished", "exit_code", "resumed_from")})
-    return attempts
+        raise ConfigError(
+            f"output_dir: {free / 2**20:.1f} MiB free on the device of {run_dir}, but one checkpoint needs about "
+            f"{checkpoint_bytes / 2**20:.1f} MiB (twice that is required to replace one safely); free space or "
+            "choose another output_dir"
+        )
 
 
 def _public_name(model_cfg) -> str:
@@ -369,7 +486,7 @@ def _training_arguments(cfg: DictConfig, run_dir: Path, has_eval: bool, cuda: bo
         logging_nan_inf_filter=False,  # log losses raw; the trainer stops on a non-finite one (trainer.py)
         **tracking.trainer_arguments(cfg, run_dir),  # report_to, run_name (finetune.tracking)
     )
-    if cfg.early_stopping_patience and has_eval:  # the best checkpoint becomes the result (validate.py checked the rest)
+    if cfg.early_stopping_patience and has_eval:  # the best checkpoint is the result (validate.py checked the rest)
         kwargs.update(load_best_model_at_end=True, metric_for_best_model="eval_loss", greater_is_better=False)
     # distributed=...: the launcher starts the processes; none and ddp need nothing here (transformers runs DDP over
     # whatever processes were launched, NCCL on GPUs, gloo on CPU). use_cpu stays as set above on CPU under DeepSpeed
@@ -381,8 +498,10 @@ def _training_arguments(cfg: DictConfig, run_dir: Path, has_eval: bool, cuda: bo
     return _checkpointing_renamed(kwargs)
 
 
-_CHECKPOINTING_NAMES = (("gradient_checkpointing", "activation_checkpointing"),
-                        ("gradient_checkpointing_kwargs", "activation_checkpointing_kwargs"))
+_CHECKPOINTING_NAMES = (
+    ("gradient_checkpointing", "activation_checkpointing"),
+    ("gradient_checkpointing_kwargs", "activation_checkpointing_kwargs"),
+)
 
 
 def _checkpointing_renamed(kwargs: dict) -> dict:
@@ -400,33 +519,15 @@ def _checkpointing_renamed(kwargs: dict) -> dict:
     return kwargs
 
 
-def _start_deepspeed_comm() -> None:
-    """On CPU, accelerate starts torch.distributed (gloo) but not deepspeed.comm, and ZeRO-3's zero.Init inside
-    from_pretrained then sizes its batch for one process and fails ("train_batch_size ... 8 != 2 * 2 * 1"). This wraps
-    the existing process group; on GPUs accelerate has already done it and this is a no-op."""
-    import deepspeed
-
-    deepspeed.init_distributed()
-
-
-def _same_on_every_rank(summary: str) -> None:
-    """Ranks that disagree on the config, the data or the checkpoint would train different things (or wait for each
-    other forever): compare once, and let every rank stop with the same error."""
-    import torch.distributed as dist
-
-    summaries = [None] * dist.get_world_size()
-    dist.all_gather_object(summaries, summary)
-    if len(set(summaries)) > 1:
-        raise ConfigError(f"the ranks of this launch disagree ({'; '.join(f'rank {i}: {s}' for i, s in enumerate(summaries))}); "
-                          "every rank must see the same config, data files and run directory")
-
-
 def _best(state) -> dict:
     """Which checkpoint had the lowest eval loss, and whether early stopping ended the run before max_steps."""
     if state.best_model_checkpoint is None:
         return {}
-    return {"best_checkpoint": Path(state.best_model_checkpoint).name, "best_eval_loss": state.best_metric,
-            "stopped_early": state.global_step < state.max_steps}
+    return {
+        "best_checkpoint": Path(state.best_model_checkpoint).name,
+        "best_eval_loss": state.best_metric,
+        "stopped_early": state.global_step < state.max_steps,
+    }
 
 
 def _early_stopping(cfg, eval_set) -> list:
@@ -471,11 +572,14 @@ def given_overrides() -> list[str]:
     return list(HydraConfig.get().overrides.task) if HydraConfig.initialized() else []
 
 
-def _summary(run_dir: Path, before: dict, after: dict, samples: list[dict], seconds: float) -> None:
+def _summary(run_dir: Path, measured: Measurements) -> None:
+    """The closing lines: the held-out loss before -> after, and each sample generation before and after."""
+    before, after = measured.eval_before, measured.eval_after
     if "eval_loss" in before and "eval_loss" in after:
         b, a = before["eval_loss"], after["eval_loss"]
+        seconds = measured.train_seconds
         cli.say(f"held-out eval loss: {b:.3f} -> {a:.3f} ({(a - b) / b:+.1%}) after {seconds:.0f} s of training")
-    for sample in samples:
+    for sample in measured.samples:
         cli.say("held-out prompt:\n" + _indent(sample["prompt"]))
         cli.say("before training:\n" + _indent(sample["before"] or "(empty)"))
         cli.say("after training:\n" + _indent(sample["after"] or "(empty)"))
@@ -484,4 +588,3 @@ def _summary(run_dir: Path, before: dict, after: dict, samples: list[dict], seco
 
 def _indent(text: str) -> str:
     return "\n".join(f"    | {line}" for line in text.strip().splitlines())
-

@@ -19,7 +19,7 @@ import signal
 import sys
 
 from finetune.runs import checkpoints
-from finetune.train.run import trainer as guarded
+from finetune.train import trainer as guarded
 
 fault, at, overrides = sys.argv[1], int(sys.argv[2]), sys.argv[3:]
 
@@ -42,7 +42,7 @@ elif fault == "KILL_AFTER_SAVE":
 
     checkpoints.commit = dying_commit
 elif fault in ("KILL_IN_DATA", "KILL_IN_EVAL", "KILL_IN_FINAL_SAVE", "KILL_IN_CARD"):
-    import finetune.train.run.run as training
+    import finetune.train.run as training
 
     def dying(function, when=lambda *args, **kwargs: True):
         def wrapper(*args, **kwargs):
@@ -55,14 +55,17 @@ elif fault in ("KILL_IN_DATA", "KILL_IN_EVAL", "KILL_IN_FINAL_SAVE", "KILL_IN_CA
     if fault == "KILL_IN_DATA":
         training.prepare = dying(training.prepare)
     elif fault == "KILL_IN_EVAL":
-        guarded.GuardedSFTTrainer.evaluate = dying(guarded.GuardedSFTTrainer.evaluate, lambda self, *a, **k: self.state.global_step == 0)
+        guarded.GuardedSFTTrainer.evaluate = dying(
+            guarded.GuardedSFTTrainer.evaluate, lambda self, *a, **k: self.state.global_step == 0
+        )
     elif fault == "KILL_IN_FINAL_SAVE":  # the final folder is cleaned right after trainer.save_model wrote it
-        training.artifacts.clean_weights_folder = dying(training.artifacts.clean_weights_folder,
-                                                        lambda folder, *a, **k: "checkpoint" not in str(folder))
+        training.artifacts.clean_weights_folder = dying(
+            training.artifacts.clean_weights_folder, lambda folder, *a, **k: "checkpoint" not in str(folder)
+        )
     else:
         training.card.write = dying(training.card.write)
 elif fault == "TERM_IN_DATA":
-    import finetune.train.run.run as training
+    import finetune.train.run as training
 
     prepare = training.prepare
 
@@ -87,7 +90,9 @@ elif fault == "OOM":
 
     def running_out(self, *args, **kwargs):
         if self.state.global_step == at:
-            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB. GPU 0 has a total capacity of 79.19 GiB")
+            raise torch.OutOfMemoryError(
+                "CUDA out of memory. Tried to allocate 2.00 GiB. GPU 0 has a total capacity of 79.19 GiB"
+            )
         return training_step(self, *args, **kwargs)
 
     guarded.GuardedSFTTrainer.training_step = running_out
