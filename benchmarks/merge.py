@@ -40,7 +40,7 @@ PEFT_SIDE = """
 import json, sys, time, torch
 from peft import PeftModel
 from transformers import AutoModelForCausalLM
-from finetune.merge import peak_rss_bytes
+from finetune.adapters.merge import peak_rss_bytes
 base, adapter, out, shard = sys.argv[1:5]
 t = time.perf_counter()
 model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.bfloat16)
@@ -188,7 +188,7 @@ def idle_rss() -> int:
     """RSS of a process that has imported what a merge imports, before touching weights (the fixed overhead)."""
     code = (
         "import torch, transformers, peft, safetensors\n"
-        "from finetune.merge import peak_rss_bytes\nprint(peak_rss_bytes())"
+        "from finetune.adapters.merge import peak_rss_bytes\nprint(peak_rss_bytes())"
     )
     return int(
         subprocess.run(

@@ -27,7 +27,7 @@ from harness import PROJECT, finetune, overrides
 PAUSED_RUN = """
 import sys, time
 from pathlib import Path
-from finetune import trainer as guarded
+from finetune.train import trainer as guarded
 
 paused, resume_when = Path(sys.argv[1]), Path(sys.argv[2])
 training_step = guarded.GuardedSFTTrainer.training_step
