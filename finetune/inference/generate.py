@@ -24,6 +24,8 @@ from pathlib import Path
 from finetune import console as cli
 from finetune.console import Option
 from finetune.errors import ConfigError, IntegrityError
+from finetune.inference import placement
+from finetune.inference.prompting import Prompting
 from finetune.runs import checkpoints, rundir
 
 OPTIONS = [
@@ -39,6 +41,16 @@ OPTIONS = [
         str,
         None,
         "bfloat16 | float32 | float16 | auto (default: the run's model.dtype; float16 -> float32 on CPU)",
+    ),
+    Option(
+        "quant",
+        str,
+        None,
+        "4bit | 8bit | none: load the base quantized with bitsandbytes (default: a QLoRA adapter over the 4-bit base "
+        "it trained on, else full weights; none: full weights)",
+    ),
+    Option(
+        "device_map", str, None, "cpu | cuda | auto (spread over GPUs, then CPU) (default: cuda when there is a GPU)"
     ),
     Option("raw", bool, False, "send the prompt unchanged, without the chat template"),
     Option("system", str, None, "system message (conversation templates: chatml, sharegpt)"),
@@ -56,81 +68,6 @@ DTYPES = ("bfloat16", "float32", "float16", "auto")
 CHAT_COMMANDS = "/adapter NAME, /adapters, /reset, /exit"
 
 
-@dataclass(frozen=True)
-class Prompting:
-    """How prompts for one model are written: its chat template and what its data template's messages allow.
-
-    kind: "conversation" (system message, multi-turn), "fields" (a user message with named extra fields, e.g.
-    alpaca's input), "raw" (completion template or no chat template: text is continued as is), "chat" (a chat
-    template without a known data template: messages are passed to it as given).
-    """
-
-    kind: str
-    chat_template: str | None = None
-    template: str | None = None  # the data template's name, for messages
-    extra_fields: tuple[str, ...] = ()
-
-    @property
-    def label(self) -> str:
-        if self.template:
-            return f"the {self.template} template"
-        return "the tokenizer's chat template" if self.chat_template else "this model (no chat template)"
-
-    def messages(self, prompt: str, system: str | None = None, input: str | None = None) -> list[dict]:
-        """One user turn (with a system message first when given) as chat-template messages."""
-        return self.start(system) + [self.user(prompt, input)]
-
-    def start(self, system: str | None) -> list[dict]:
-        """The messages a conversation starts with: the system message, where the template has one."""
-        if system is None:
-            return []
-        if self.kind not in ("conversation", "chat"):
-            raise ConfigError(
-                f"system=: {self.label} has no system message; drop system= "
-                "(conversation templates such as chatml and sharegpt have one)"
-            )
-        return [{"role": "system", "content": system}]
-
-    def user(self, text: str, input: str | None = None) -> dict:
-        """A user message; `input` fills the template's first extra field (alpaca: input, dolly: context)."""
-        extra = self.extra_fields or (("input",) if self.kind == "chat" and input is not None else ())
-        if input is not None and not extra:
-            raise ConfigError(f"input=: {self.label} has no extra field in its user message; put the text into prompt=")
-        message = {"role": "user", "content": text} | {
-            name: "" for name in extra
-        }  # "" as training rendered a missing field
-        if input is not None:
-            message[extra[0]] = input
-        return message
-
-    def text(
-        self,
-        tokenizer,
-        prompt: str | list[dict],
-        raw: bool = False,
-        system: str | None = None,
-        input: str | None = None,
-    ) -> str:
-        """The text the model continues: the rendered messages, or the prompt itself for raw prompts."""
-        if isinstance(prompt, list):
-            if raw or self.kind == "raw":
-                raise ConfigError(
-                    f"messages need a chat template and {self.label} continues raw text: give a prompt string"
-                )
-            return tokenizer.apply_chat_template(
-                prompt, chat_template=self.chat_template, add_generation_prompt=True, tokenize=False
-            )
-        if raw or self.kind == "raw":
-            if system is not None or input is not None:
-                sender = "raw=true" if raw else self.label
-                raise ConfigError(
-                    f"system= and input= are rendered by a chat template, and {sender} sends the prompt "
-                    "as is: drop them"
-                )
-            return prompt
-        return self.text(tokenizer, self.messages(prompt, system, input))
-
-
 @dataclass
 class Plan:
     """What to load, checked before any weights are read: the model folder or base + adapters, tokenizer, prompting."""
@@ -142,21 +79,26 @@ class Plan:
     tokenizer: object
     dtype: str
     trust_remote_code: bool
+    quant: str | None = None  # "4bit" | "8bit" (bitsandbytes) | None: full weights (finetune.inference.placement)
+    device_map: str | None = None  # "auto" | "cpu" | "cuda" | None: cuda when there is a GPU, else cpu
+    quantization: dict | None = None  # the BitsAndBytesConfig kwargs for quant (a QLoRA run's own, or the defaults)
 
     def load(self) -> Session:
-        """Read the weights (safetensors only) onto the GPU when there is one, adapters over the base with peft."""
+        """Read the weights (safetensors only) where device_map says (default: the GPU when there is one), quantized
+        as quant says, adapters over the base with peft."""
         import torch
         from transformers import AutoModelForCausalLM
 
-        from finetune.models import neo_attention
+        from finetune.models import load, neo_attention
 
-        device = "cuda" if torch.cuda.is_available() else "cpu"
+        quantized = {"quantization_config": load.bnb_config(self.quantization)} if self.quantization else {}
         model = AutoModelForCausalLM.from_pretrained(
             str(self.weights),
             dtype=self.dtype if self.dtype == "auto" else getattr(torch, self.dtype),
             trust_remote_code=self.trust_remote_code,
             use_safetensors=True,
-            device_map=device,
+            device_map=placement.device_map_for(self.device_map),
+            **quantized,
         )
         neo_attention.enable(model)  # GPT-Neo: SDPA with its local window (a no-op for the other families)
         if self.adapters:
@@ -280,8 +222,13 @@ def plan(
     adapters: list | None = None,
     base: str | None = None,
     dtype: str | None = None,
+    quant: str | None = None,
+    device_map: str | None = None,
 ) -> Plan:
-    """Locate and check everything to load (bases of several adapters agree, the base is the one they trained on)."""
+    """Locate and check everything to load (bases of several adapters agree, the base is the one they trained on).
+    quant: "4bit" | "8bit" | "none" | None, device_map: "auto" | "cpu" | "cuda" | None (finetune.inference.placement);
+    unknown values are a ConfigError before anything is read."""
+    placement.check(quant, device_map)
     located = rundir.locate(target, merged)
     if located.kind == "model":
         if adapters or base:
@@ -291,7 +238,7 @@ def plan(
             )
         checkpoints.check_final(located.weights)  # what training (model/) or merge (merged/) wrote: its MANIFEST.json
         check_weights(located)
-        return _plan_model(located, dtype)
+        return _placed(_plan_model(located, dtype), quant, None, device_map)
     targets = _unique([located, *(rundir.locate(a) for a in adapters or [])])
     for each in targets:
         checkpoints.check_final(each.weights)  # each adapter is what training wrote: its MANIFEST.json
@@ -300,7 +247,14 @@ def plan(
         if other.kind != "adapter":
             raise ConfigError(f"adapters=: {other.weights} holds full weights, not an adapter")
         _check_same_base(targets[0], other)
-    return _plan_adapters(targets, base, dtype)
+    return _placed(_plan_adapters(targets, base, dtype), quant, (targets[0].base or {}).get("quantization"), device_map)
+
+
+def _placed(loading: Plan, quant: str | None, recorded: dict | None, device_map: str | None) -> Plan:
+    """The plan with its precision (quant, or a QLoRA run's own 4-bit base) and placement."""
+    precision = placement.resolve(quant, recorded, loading.dtype, device_map)
+    loading.quant, loading.quantization, loading.device_map = precision.quant, precision.quantization, device_map
+    return loading
 
 
 def check_weights(target: rundir.Target) -> None:
@@ -335,9 +289,11 @@ def load(
     adapters: list | None = None,
     base: str | None = None,
     dtype: str | None = None,
+    quant: str | None = None,
+    device_map: str | None = None,
 ) -> Session:
     """A ready Session: `target` (run dir, adapter or model folder) loaded, with `adapters` over the same base."""
-    return plan(target, merged, adapters, base, dtype).load()
+    return plan(target, merged, adapters, base, dtype, quant, device_map).load()
 
 
 def _plan_model(target: rundir.Target, dtype: str | None) -> Plan:
@@ -562,7 +518,10 @@ def run(opts: dict) -> str | None:
     if opts["temperature"] > 0 and opts["seed"] is None:
         decoding["seed"] = random.SystemRandom().randrange(2**31)
         cli.say(f"sampling with seed={decoding['seed']} (pass it to repeat this sample)")
-    loading = plan(opts["target"], opts["merged"], opts["adapters"], opts["base"], opts["dtype"])
+    placement.check(opts["quant"], opts["device_map"])  # before locating anything
+    loading = plan(
+        opts["target"], opts["merged"], opts["adapters"], opts["base"], opts["dtype"], opts["quant"], opts["device_map"]
+    )
     first = loading.prompting_by_name[loading.first]
     if opts["chat"]:
         first.start(opts["system"])  # a system message the template cannot render fails here, not after loading
@@ -570,7 +529,8 @@ def run(opts: dict) -> str | None:
         text = first.text(loading.tokenizer, opts["prompt"], opts["raw"], opts["system"], opts["input"])
     cli.quiet_libraries()
     adapters = f" with adapters {', '.join(loading.adapters)}" if loading.adapters else ""
-    cli.say(f"loading {loading.weights}{adapters} ({loading.dtype})")
+    precision = f", {placement.describe(loading.quantization)}" if loading.quantization else ""
+    cli.say(f"loading {loading.weights}{adapters} ({loading.dtype}{precision})")
     session = loading.load()
     if opts["chat"]:
         return chat(session, decoding, opts["system"])

@@ -101,14 +101,7 @@ def load_model(model_cfg, tokenizer, quantization: dict | None = None):
     import torch
     from transformers import AutoModelForCausalLM
 
-    kwargs = {}
-    if quantization:
-        from transformers import BitsAndBytesConfig
-
-        compute = quantization.get("bnb_4bit_compute_dtype", "bfloat16")
-        kwargs["quantization_config"] = BitsAndBytesConfig(
-            **{**quantization, "bnb_4bit_compute_dtype": getattr(torch, compute)}
-        )
+    kwargs = {"quantization_config": bnb_config(quantization)} if quantization else {}
     if model_cfg.family == "gpt_neo":
         from finetune.models import neo_attention  # noqa: F401 - registers GPT-Neo's "sdpa" with transformers
 
@@ -125,6 +118,16 @@ def load_model(model_cfg, tokenizer, quantization: dict | None = None):
     model.generation_config.pad_token_id = tokenizer.pad_token_id
     model.generation_config.eos_token_id = tokenizer.eos_token_id
     return model
+
+
+def bnb_config(quantization: dict):
+    """A transformers.BitsAndBytesConfig from the kwargs a run records (strategy.quantization: dtype names as
+    strings, as YAML and JSON hold them). Training (QLoRA), generate and the server all build it here."""
+    import torch
+    from transformers import BitsAndBytesConfig
+
+    compute = quantization.get("bnb_4bit_compute_dtype") or "bfloat16"
+    return BitsAndBytesConfig(**{**quantization, "bnb_4bit_compute_dtype": getattr(torch, compute)})
 
 
 def local_path(model_cfg) -> Path | None:
