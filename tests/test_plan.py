@@ -294,3 +294,119 @@ def test_preset_headers_state_the_current_plan():
         "preset header lines differ from the planner's result; regenerate them with "
         f"`{headers.COMMAND}`:\n" + "\n".join(stale)
     )
+
+
+# Serving (finetune.plan.serving): numbers computed here from the published architecture, not read back from the planner
+NEOX20B = {"params": 20_554_567_680, "layers": 44, "hidden": 6144}
+GPTJ6B = {"layers": 28, "hidden": 4096}
+
+
+def serve_of(preset: str, *overrides: str, **options):
+    return planning.serve_preset(preset, list(overrides), **options)
+
+
+def choice(result, name: str):
+    return next(c for c in result.choices if c.choice == name)
+
+
+def test_serving_neox20b_counts_weights_kv_cache_and_adapters_from_the_architecture():
+    result = serve_of("lora_neox20b", gpu="h100-80gb", batch=16, context=2048)
+    per_token = 2 * NEOX20B["layers"] * NEOX20B["hidden"] * 2  # K and V, every layer, bf16
+    assert result.kv_bytes_per_token == per_token == 1_081_344
+    bf16, fp32, four, eight = (choice(result, c) for c in ("bf16", "fp32", "4bit", "8bit"))
+    assert bf16.weights_bytes == NEOX20B["params"] * 2 and fp32.weights_bytes == NEOX20B["params"] * 4
+    assert bf16.kv_cache_bytes == 16 * 2048 * per_token and fp32.kv_cache_bytes == 2 * bf16.kv_cache_bytes
+    assert bf16.adapter_bytes == 69_206_016 * 4  # r=16 on the four projections of 44 layers, fp32 as peft loads it
+    assert 0.25 < four.weights_bytes / bf16.weights_bytes < 0.30  # NF4 + constants; embeddings and head stay bf16
+    assert 0.50 < eight.weights_bytes / bf16.weights_bytes < 0.53
+    for c in result.choices:
+        parts = (c.weights_bytes, c.adapter_bytes, c.kv_cache_bytes, c.prefill_bytes, c.context_bytes)
+        assert c.total_bytes == sum(parts)
+    # 38.3 GiB of bf16 weights + 33 GiB of KV cache: over one H100's 71.6 GiB limit, two with device_map=auto
+    assert result.default == "bf16" and bf16.fits is False and bf16.gpus_needed == 2
+    assert four.fits and four.gpus_needed == 1 and eight.fits
+
+
+def test_serving_gptj6b_in_bf16_fits_one_h100():
+    result = serve_of("lora_gptj6b", gpu="h100-80gb", batch=16, context=2048)
+    assert result.kv_bytes_per_token == 2 * GPTJ6B["layers"] * GPTJ6B["hidden"] * 2
+    bf16 = choice(result, "bf16")
+    assert bf16.fits and bf16.gpus_needed == 1 and bf16.max_batch > 16
+    assert bf16.weights_bytes == result.total_params * 2
+
+
+def test_max_batch_is_the_largest_batch_that_fits():
+    most = choice(serve_of("lora_neox20b", batch=1, context=2048), "bf16").max_batch
+    assert 0 < most < 16
+    assert choice(serve_of("lora_neox20b", batch=most, context=2048), "bf16").fits
+    assert not choice(serve_of("lora_neox20b", batch=most + 1, context=2048), "bf16").fits
+
+
+def test_device_map_auto_spreads_weights_one_gpu_cannot_hold():
+    result = serve_of("lora_neox20b", gpu="a100-40gb", batch=1, context=2048)  # 38.3 GiB of bf16 weights > 36 GiB
+    assert choice(result, "bf16").gpus_needed == 2 and choice(result, "fp32").gpus_needed == 3
+    assert choice(result, "4bit").gpus_needed == 1
+
+
+def test_a_qlora_preset_is_served_4bit_by_default():
+    result = serve_of("qlora_neox20b")
+    assert result.default == "4bit" and any("4-bit base by default" in n for n in result.notes)
+
+
+@pytest.mark.parametrize("arch", ["neox", "gptj"])
+def test_quantized_weight_bytes_are_what_bitsandbytes_holds(tiny_models, arch):
+    import bitsandbytes as bnb
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from finetune.models import load
+    from finetune.plan.serving import weight_bytes
+
+    planned = architecture({"name_or_path": str(tiny_models[arch]), "family": TINY_FAMILY[arch], "tiny": None})
+    quantization = {
+        "4bit": {"load_in_4bit": True, "bnb_4bit_quant_type": "nf4", "bnb_4bit_use_double_quant": True},
+        "8bit": {"load_in_8bit": True},
+    }
+    for quant, settings in quantization.items():
+        model = AutoModelForCausalLM.from_pretrained(
+            tiny_models[arch], dtype=torch.bfloat16, quantization_config=load.bnb_config(settings), device_map="cpu"
+        )
+        held = sum(p.numel() * p.element_size() for p in model.parameters())
+        for module in model.modules():  # the quantization constants: NF4 absmax (8-bit, with fp32 ones on top), SCB
+            if isinstance(module, bnb.nn.Linear4bit):
+                state = module.weight.quant_state
+                held += state.absmax.numel() * state.absmax.element_size()
+                held += state.state2.absmax.numel() * state.state2.absmax.element_size() if state.nested else 0
+            elif isinstance(module, bnb.nn.Linear8bitLt):
+                held += module.weight.SCB.numel() * module.weight.SCB.element_size()
+        assert weight_bytes(quant, planned)[0] == held, quant
+
+
+def test_kv_cache_per_token_is_what_the_model_caches(tiny_models):
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from finetune.plan.serving import kv_bytes_per_token
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_models["neox"], dtype=torch.bfloat16).eval()
+    with torch.no_grad():
+        cache = model(torch.ones(2, 10, dtype=torch.long), use_cache=True).cache
+    cached = sum(t.numel() * t.element_size() for layer in cache.layers for t in (layer.keys, layer.values))
+    planned = architecture({"name_or_path": str(tiny_models["neox"]), "family": "gpt_neox", "tiny": None})
+    assert cached == 2 * 10 * kv_bytes_per_token(planned, 2)
+
+
+def test_serve_mode_cli_prints_every_choice_and_refuses_serve_options_without_it(capsys):
+    from finetune.errors import ConfigError
+    from finetune.plan import cli
+
+    cli.main(["conf=lora_neox20b", "serve=true", "serve_batch=16", "serve_context=2048"])
+    out = capsys.readouterr().out
+    assert "KV cache: 2 (K, V) x 44 layers x 6144 x 2 B = 1,081,344 B per token" in out
+    assert all(f"  {c}" in out for c in ("bf16*", "fp16", "fp32", "4bit", "8bit"))
+    assert "2 x h100-80gb (more than num_gpus=1)" in out
+    with pytest.raises(ConfigError, match="serve_batch=: only with serve=true"):
+        cli.parse_args(["conf=lora_neox20b", "serve_batch=4"])
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main(["conf=lora_neox20b", "serve=true", "serve_context=4096"])
+    assert exit_info.value.code == 2 and "has a context of 2048 tokens" in capsys.readouterr().err

@@ -19,9 +19,15 @@ the GPU's dense peak, seconds per optimizer step and for the whole run (rows pad
 
 Validated against measured peaks on CPU (fp32) only: benchmarks/plan_accuracy.py, benchmarks/RESULTS.md.
 
+`serve=true` plans serving instead (finetune generate, the server): for bf16, fp16, fp32 and bitsandbytes 4bit / 8bit
+(generate's quant=), the weights, `serve_adapters` LoRA adapters, the KV cache of `serve_batch` concurrent sequences of
+`serve_context` tokens (2 x layers x hidden x bytes per token) and the prefill working memory; whether that fits one
+GPU, the largest batch that does, and how many GPUs device_map=auto needs (finetune.plan.serving).
+
     python -m finetune.plan conf=lora_neox20b gpu=h100-80gb
     python -m finetune.plan conf=full_neox20b gpu=h100-80gb num_gpus=8 --json
     python -m finetune.plan conf=lora_neo2.7b gpu=l4-24gb trainer.per_device_train_batch_size=8 data.max_length=2048
+    python -m finetune.plan conf=lora_neox20b serve=true serve_batch=16 serve_context=2048 gpu=h100-80gb
 
 The `# plan (...)` line at the top of every preset (and in the recipes) is rewritten by a developer script:
 python benchmarks/sync_plan_headers.py (--check lists the stale ones).
@@ -38,8 +44,9 @@ from finetune import console
 from finetune.config.compose import CONF_DIR
 from finetune.console import Option
 from finetune.errors import ConfigError, FinetuneError, did_you_mean
+from finetune.plan import serving
 from finetune.plan.hardware import GPUS
-from finetune.plan.planning import plan_preset
+from finetune.plan.planning import plan_preset, serve_preset
 from finetune.plan.render import as_json, gib_or_dash, render, tflops
 
 OPTIONS = [
@@ -48,7 +55,12 @@ OPTIONS = [
     Option("mfu", float, 0.4, "share of the GPU's dense peak sustained on the FLOPs executed (recompute included)"),
     Option("headroom", float, 0.1, "share of GPU memory left free for allocator fragmentation and spikes"),
     Option("format", str, "text", "text | json (the same as --json)"),
+    Option("serve", bool, False, "plan serving the preset's model (generate, the server) instead of training it"),
+    Option("serve_batch", int, 16, "serve: concurrent sequences, each with its own KV cache"),
+    Option("serve_context", int, None, "serve: tokens per sequence, prompt + generated (default: the model's context)"),
+    Option("serve_adapters", int, None, "serve: LoRA adapters loaded at once (default: 1 for adapter strategies)"),
 ]
+SERVE_OPTIONS = ("serve_batch", "serve_context", "serve_adapters")
 FLAGS = ("--json",)
 MOVED_FLAGS = {  # flags of the planner that became a developer script
     "--sync-headers": "python benchmarks/sync_plan_headers.py",
@@ -63,8 +75,23 @@ def main(argv: list[str] | None = None) -> None:
         return
     try:
         preset, options, overrides = parse_args(args)
+        serve = {key: options.pop(key, None) for key in ("serve", *SERVE_OPTIONS)}
+        as_text = options_format(args, options) != "json"
+        if serve["serve"]:
+            result = serve_preset(
+                preset,
+                overrides,
+                options["gpu"],
+                options["num_gpus"],
+                options["headroom"],
+                serve["serve_batch"],
+                serve["serve_context"],
+                serve["serve_adapters"],
+            )
+            print(serving.render(result) if as_text else json.dumps(serving.as_json(result), indent=2))
+            return
         result = plan_preset(preset, overrides, **options)
-        print(json.dumps(as_json(result), indent=2) if options_format(args, options) == "json" else render(result))
+        print(render(result) if as_text else json.dumps(as_json(result), indent=2))
     except FinetuneError as err:
         print(f"error: {err}", file=sys.stderr)
         sys.exit(err.exit_code)
@@ -120,6 +147,12 @@ def parse_args(args: list[str]) -> tuple[str | None, dict, list[str]]:
     if problems:
         raise ConfigError(problems)
     options = console.parse(ours, OPTIONS)
+    stray = [arg.split("=", 1)[0] + "=" for arg in ours if arg.split("=", 1)[0] in SERVE_OPTIONS]
+    if stray and not options["serve"]:
+        raise ConfigError(f"{', '.join(stray)}: only with serve=true (the serving plan)")
+    if not options["serve"]:  # the training plan's options are plan_preset's keywords (benchmarks/sync_plan_headers.py)
+        for key in ("serve", *SERVE_OPTIONS):
+            del options[key]
     if options["format"] not in ("text", "json"):
         raise ConfigError(f"format={options['format']}: choose text or json")
     return preset, options, overrides

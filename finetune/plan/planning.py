@@ -14,11 +14,13 @@ from dataclasses import dataclass, field
 
 from finetune.config import precision
 from finetune.errors import ConfigError
+from finetune.plan import serving
 from finetune.plan.activations import activations
 from finetune.plan.architecture import adapter, architecture
 from finetune.plan.checks import checked_config, setup_notes
 from finetune.plan.hardware import Gpu, find_gpu
 from finetune.plan.memory import GIB, MemoryLine, memory_lines
+from finetune.plan.serving import ServePlan
 from finetune.plan.setup import distributed_name, precision_name, setup_of
 from finetune.plan.suggestions import suggestions
 from finetune.plan.throughput import flops_per_token, peak_tflops, run_length
@@ -78,12 +80,35 @@ def plan_preset(
     format: str = "text",
 ) -> Plan:
     """Compose `conf=preset` with overrides as training does, then plan it."""
+    find_gpu(gpu)  # an unknown GPU fails before any composition
+    check_options(num_gpus, mfu, headroom)
+    return plan(compose_preset(preset, overrides), gpu, num_gpus, mfu, headroom, preset=preset)
+
+
+def serve_preset(
+    preset: str,
+    overrides: list[str],
+    gpu: str = "h100-80gb",
+    num_gpus: int = 1,
+    headroom: float = 0.1,
+    batch: int = 16,
+    context: int | None = None,
+    adapters: int | None = None,
+) -> ServePlan:
+    """Compose `conf=preset` with overrides as training does, then plan serving its model (finetune.plan.serving)."""
+    device = find_gpu(gpu)
+    check_options(num_gpus, 0.4, headroom)
+    serving.check_options(batch, context, adapters)
+    resolved, notes = checked_config(compose_preset(preset, overrides))
+    return serving.serve_plan(resolved, device, num_gpus, headroom, batch, context, adapters, preset, notes)
+
+
+def compose_preset(preset: str, overrides: list[str]):
+    """`conf=preset` with overrides, composed as training composes it; ConfigError naming what does not compose."""
     from hydra.errors import ConfigCompositionException, MissingConfigException
 
     from finetune.config.compose import compose_with_overrides, preflight, presets
 
-    find_gpu(gpu)  # an unknown GPU fails before any composition
-    check_options(num_gpus, mfu, headroom)
     if preset not in presets():
         raise ConfigError(preflight(preset, overrides)[0])
     try:
@@ -92,7 +117,7 @@ def plan_preset(
         raise ConfigError(
             preflight(preset, overrides)[0] or [f"cannot compose conf={preset} with {overrides}"]
         ) from None
-    return plan(cfg, gpu, num_gpus, mfu, headroom, preset=preset)
+    return cfg
 
 
 def plan(
