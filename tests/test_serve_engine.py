@@ -219,3 +219,21 @@ def test_a_failing_request_gets_an_error_and_the_engine_keeps_serving(model):
         assert good.last.finish_reason == "length" and good.last.completion_tokens == N
     finally:
         engine.close(1)
+
+
+def test_a_callback_that_raises_does_not_stop_the_engine(model):
+    peft_model, tokenizer = model
+    engine = engine_for(model)
+
+    def gone(update):
+        raise RuntimeError("Event loop is closed")  # what call_soon_threadsafe raises after the server's loop ended
+
+    try:
+        request = Request(encode(tokenizer, PROMPTS[0]), N, gone, adapter="a")
+        engine.submit(request)
+        good = Collected()
+        engine.submit(Request(encode(tokenizer, PROMPTS[2]), N, good, adapter="b"))
+        assert good.last.finish_reason == "length" and good.last.completion_tokens == N
+        assert request.cancelled.is_set()  # its row was dropped, not decoded to the end for nobody
+    finally:
+        engine.close(1)

@@ -163,7 +163,7 @@ class Engine:
             except queue.Empty:
                 break
             if request.cancelled.is_set():
-                request.emit(Update("", 0, "cancelled"))
+                _send(request, Update("", 0, "cancelled"))
             else:
                 taken.append(request)
         return taken
@@ -186,7 +186,7 @@ class Engine:
             logits = self._forward(ids, mask, _positions(mask), cache, [r.adapter for r in requests])
         except Exception as error:  # noqa: BLE001 - these requests are in no row yet: answer them here
             for request in requests:
-                request.emit(Update("", 0, "error", f"{type(error).__name__}: {error}"))
+                _send(request, Update("", 0, "error", f"{type(error).__name__}: {error}"))
             raise
         rows = [_Row(r, _generator(r), len(r.prompt_ids)) for r in requests]
         self._join(rows, cache, mask)
@@ -247,7 +247,7 @@ class Engine:
         for i in range(start, len(self._rows)):
             row = self._rows[i]
             if row.request.cancelled.is_set():
-                row.request.emit(Update("", len(row.generated), "cancelled"))
+                _send(row.request, Update("", len(row.generated), "cancelled"))
                 continue
             token = int(self._next[i])
             row.generated.append(token)
@@ -255,7 +255,7 @@ class Engine:
                 keep.append(i)
         for i in range(start):  # rows not sampled this call (admission) may still have lost their client
             if self._rows[i].request.cancelled.is_set():
-                self._rows[i].request.emit(Update("", len(self._rows[i].generated), "cancelled"))
+                _send(self._rows[i].request, Update("", len(self._rows[i].generated), "cancelled"))
                 keep.remove(i)
         if len(keep) < len(self._rows):
             self._select(keep)
@@ -278,10 +278,10 @@ class Engine:
             while safe > row.sent and text[safe - 1] == "\ufffd":  # half of a multi-byte character
                 safe -= 1
             if safe > row.sent:
-                request.emit(Update(text[row.sent : safe], len(row.generated)))
+                _send(request, Update(text[row.sent : safe], len(row.generated)))
                 row.sent = safe
             return True
-        request.emit(Update(text[row.sent :], len(row.generated), finish))
+        _send(request, Update(text[row.sent :], len(row.generated), finish))
         return False
 
     def _select(self, keep: list[int]) -> None:
@@ -301,14 +301,23 @@ class Engine:
     def _cancel_all(self, reason: str, error: str | None = None) -> None:
         """End every running and queued request with `reason` (a failed step, or shutdown)."""
         for row in self._rows:
-            row.request.emit(Update("", len(row.generated), reason, error))
+            _send(row.request, Update("", len(row.generated), reason, error))
         self._rows, self._cache, self._mask, self._next = [], None, None, None
         while True:
             try:
                 request = self._pending.get_nowait()
             except queue.Empty:
                 return
-            request.emit(Update("", 0, reason, error))
+            _send(request, Update("", 0, reason, error))
+
+
+def _send(request: Request, update: Update) -> None:
+    """Hand `update` to the request's callback; a callback that fails (its event loop closed at shutdown) is the
+    server's problem, and must not stop the engine serving the others."""
+    try:
+        request.emit(update)
+    except Exception:  # noqa: BLE001
+        request.cancelled.set()
 
 
 def _positions(mask: torch.Tensor) -> torch.Tensor:
