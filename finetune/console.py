@@ -25,8 +25,9 @@ class Option:
     help: str
 
 
-def parse(argv: list[str], options: list[Option], positional: str | None = None) -> dict:
-    """Typed values for every option (defaults filled in); the positional argument under its name.
+def parse(argv: list[str], options: list[Option], positional: str | None = None, many: bool = False) -> dict:
+    """Typed values for every option (defaults filled in); the positional argument under its name (with many=True:
+    one or more positional arguments, as a list).
 
     Raises ConfigError naming each bad argument and the fix.
     """
@@ -50,7 +51,12 @@ def parse(argv: list[str], options: list[Option], positional: str | None = None)
             values[key] = _convert(raw, option.type)
         except ValueError as err:
             problems.append(f"{key}={raw}: {err}")
-    if positional is not None:
+    if positional is not None and many:
+        if given_positional:
+            values[positional] = given_positional
+        else:
+            problems.append(f"expected one or more {positional} before the key=value options (none given)")
+    elif positional is not None:
         if len(given_positional) != 1:
             found = f"got {given_positional}" if given_positional else "none given"
             problems.append(f"expected exactly one {positional} before the key=value options ({found})")
@@ -97,14 +103,19 @@ def usage(doc: str, options: list[Option]) -> str:
 
 
 def main(
-    run: Callable[[dict], Any], doc: str, options: list[Option], positional: str | None, argv: list[str] | None = None
+    run: Callable[[dict], Any],
+    doc: str,
+    options: list[Option],
+    positional: str | None,
+    argv: list[str] | None = None,
+    many: bool = False,
 ):
     """Parse argv (or sys.argv), print help on -h/--help, run, and exit with the error's code on failure."""
     args = list(sys.argv[1:] if argv is None else argv)
     if any(a in ("-h", "--help", "help") for a in args):
         print(usage(doc, options))
         return None
-    return exiting_on_errors(lambda: run(parse(args, options, positional)))
+    return exiting_on_errors(lambda: run(parse(args, options, positional, many)))
 
 
 def exiting_on_errors(work: Callable[[], Any]):

@@ -69,7 +69,17 @@ def test_serving_report_sends_what_engines_cannot_load_to_merge():
     assert adapter["PEFT"]["loads"] == "yes" and adapter["transformers"]["loads"] == "no"  # DoRA: PEFT only
     assert all("merge" in adapter[e]["note"] for e in ("transformers", "vLLM", "TGI", "llama.cpp"))
     merged = {r["engine"]: r["loads"] for r in serving.report("gpt_neo", "merged")}
-    assert merged == {"transformers": "yes", "PEFT": "n/a", "vLLM": "no", "TGI": "caveat", "llama.cpp": "no"}
+    assert merged == {
+        "transformers": "yes",
+        "PEFT": "n/a",
+        "vLLM": "no",
+        "TGI": "caveat",
+        "llama.cpp": "no",
+        "finetune serve": "yes",
+    }
+    lora = {r["engine"]: r["loads"] for r in serving.report("gptj", "adapter")}
+    assert lora["vLLM"] == lora["TGI"] == lora["llama.cpp"] == "no" and lora["finetune serve"] == "yes"
+    assert adapter["finetune serve"]["loads"] == "no" and "merge" in adapter["finetune serve"]["note"]  # DoRA
 
 
 def test_medical_card_carries_its_caution():

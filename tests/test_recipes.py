@@ -21,7 +21,7 @@ from finetune.errors import ConfigError
 from helpers import PROJECT
 
 JOURNEYS = ["legal_assistant", "medical_assistant", "domain_pretraining", "many_adapters"]
-TOOLS = ("merge", "generate", "evaluate", "push", "embed")
+TOOLS = ("merge", "generate", "evaluate", "push", "embed", "serve")
 
 
 def documented_commands() -> list[tuple[str, list[str]]]:
@@ -123,8 +123,12 @@ def check(argv: list[str]) -> list[str]:
     tool = module.removeprefix("finetune.")
     if tool not in TOOLS:
         return [f"unknown module {module}"]
+    module = importlib.import_module(COMMANDS[tool].module)
     try:
-        cli.parse(args, importlib.import_module(COMMANDS[tool].module).OPTIONS, positional="target")
+        if tool == "serve":  # one or more RUNs
+            module.parse(args)
+        else:
+            cli.parse(args, module.OPTIONS, positional="target")
     except ConfigError as err:
         return [str(err)]
     return []

@@ -279,6 +279,13 @@ def _serving_section(family: str, kind: str, strategy: dict) -> list[str]:
             "",
             "Engines that cannot load the adapter can serve the merged model: `python -m finetune.merge RUN_DIR`.",
         ]
+    if any(r["engine"] == serving.SERVE and r["loads"] == "yes" for r in rows):
+        lines += [
+            "",
+            "`finetune serve` (neo-finetune's OpenAI-compatible server) serves it as it is: `finetune serve FOLDER` "
+            "(the run directory, or this folder downloaded), then any OpenAI client with "
+            "`base_url=http://127.0.0.1:8000/v1`.",
+        ]
     return lines + [""]
 
 

@@ -4,12 +4,14 @@ Checked in November 2026 against vLLM 0.33 (model registry, LoRA and DoRA checks
 server code, llama.cpp's converters (commit 0c1e57098bba) and transformers 5.23 / peft 0.21 (loaded on tiny
 models). Update the tables with the engines. What users need most: vLLM and TGI cannot serve a LoRA adapter for
 these architectures, and nothing but PEFT loads a DoRA adapter correctly, so such exports are served merged
-(python -m finetune.merge).
+(python -m finetune.merge). `finetune serve` (this toolkit's OpenAI-compatible server) serves LoRA and QLoRA adapters
+of all three families as they are, several over one base, and any merged or fully fine-tuned model.
 """
 
 from __future__ import annotations
 
-ENGINES = ("transformers", "PEFT", "vLLM", "TGI", "llama.cpp")
+ENGINES = ("transformers", "PEFT", "vLLM", "TGI", "llama.cpp", "finetune serve")
+SERVE = "finetune serve"  # this toolkit's own server (finetune.inference.serve): an OpenAI-compatible API
 FAMILIES = ("gpt_neo", "gptj", "gpt_neox")
 
 # (engine, family) -> (loads, note) for full weights (a merged model or a full fine-tune)
@@ -29,6 +31,7 @@ MERGED = {
         "convert_hf_to_gguf.py converts it, run in llama.cpp's own environment "
         "(it pins transformers 4.x; with 5.x it fails on rotary_pct)",
     ),
+    **{(SERVE, f): ("yes", "finetune serve MODEL_DIR: OpenAI-compatible API, batched requests") for f in FAMILIES},
 }
 
 # (engine, family) -> (loads, note) for a LoRA adapter in PEFT layout (DoRA: see report())
@@ -48,12 +51,22 @@ ADAPTER = {
         "caveat",
         "convert_lora_to_gguf.py --base BASE, over a GGUF of the base; merging is simpler",
     ),
+    **{
+        (SERVE, f): (
+            "yes",
+            "finetune serve RUN_DIR [RUN_DIR ...]: OpenAI-compatible API; adapters over one base share it, requests "
+            "for different adapters batched together",
+        )
+        for f in FAMILIES
+    },
 }
 DORA = {  # a DoRA adapter where the LoRA table says yes/caveat
     "transformers": "transformers 5.23 misreads DoRA magnitudes and silently loads a different model: use PEFT, or "
     "merge",
     "llama.cpp": "convert_lora_to_gguf.py rejects lora_magnitude_vector (no DoRA): merge first",
     "vLLM": "vLLM does not support DoRA: merge first",
+    SERVE: "peft cannot batch DoRA adapters with others (finetune serve refuses them): merge, then finetune serve "
+    "RUN_DIR/merged",
 }
 SOURCES = {
     "vLLM": "https://docs.vllm.ai/en/latest/models/supported_models.html",
