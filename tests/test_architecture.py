@@ -16,6 +16,7 @@ TOP = {"finetune.__main__", "finetune.cli"}  # the command line: imports everyth
 SHIMS = {
     "finetune.merge",
     "finetune.generate",
+    "finetune.serve",
     "finetune.embed",
     "finetune.push",
     "finetune.preview",

@@ -237,3 +237,20 @@ def test_a_callback_that_raises_does_not_stop_the_engine(model):
         assert request.cancelled.is_set()  # its row was dropped, not decoded to the end for nobody
     finally:
         engine.close(1)
+
+
+def test_incremental_decoding_equals_decoding_the_whole_text(model):
+    """Random token streams (split multi-byte characters and invalid bytes included): the text the engine builds a
+    token at a time is the whole decode, and each prefix it reports is a prefix of it."""
+    import random
+
+    peft_model, tokenizer = model
+    engine = Engine(*model)
+    rng = random.Random(0)
+    for _ in range(20):
+        row = batching._Row(Request([1], 10, Collected()), None, 1)
+        for _ in range(rng.randrange(1, 80)):
+            row.generated.append(rng.randrange(len(tokenizer)))
+            text = engine._text(row)
+            assert tokenizer.decode(row.generated, skip_special_tokens=True).startswith(text.rstrip("\ufffd"))
+        assert engine._text(row) == tokenizer.decode(row.generated, skip_special_tokens=True)

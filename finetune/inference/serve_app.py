@@ -90,17 +90,13 @@ class _Job:
         for ids, budget in zip(prompts, budgets):
             for choice in range(body.n):
                 seed = None if body.seed is None else body.seed + choice
-                request = batching.Request(
-                    ids,
-                    budget,
-                    self._emit(len(self.requests)),
-                    served.adapter,
-                    body.temperature,
-                    body.top_p,
-                    seed,
-                    stop,
+                index = len(self.requests)
+                self.requests.append(
+                    batching.Request(
+                        ids, budget, self._emit(index), served.adapter, body.temperature, body.top_p, seed, stop
+                    )
                 )
-                self._submit(served, request)
+        self._submit(served)
         self.texts, self.finish, self.tokens = [""] * len(self), [None] * len(self), [0] * len(self)
 
     def __len__(self) -> int:
@@ -115,18 +111,16 @@ class _Job:
 
         return emit
 
-    def _submit(self, served: Served, request: batching.Request) -> None:
+    def _submit(self, served: Served) -> None:
+        """All the job's requests join the queue, or none do (no choice left running for a refused request)."""
         try:
-            served.engine.submit(request)
+            served.engine.submit(*self.requests)
         except batching.QueueFull as err:
-            self.cancel()
             raise APIError(
                 429, f"the server is busy ({err}); retry shortly", None, "queue_full", headers={"Retry-After": "1"}
             ) from None
         except batching.Closed:
-            self.cancel()
             raise APIError(503, "the server is shutting down", None, "shutting_down") from None
-        self.requests.append(request)
 
     def cancel(self) -> None:
         """Ends every request of the job: the engine drops their rows at its next step (a no-op for finished ones)."""
@@ -333,12 +327,12 @@ class _API:
     def health(self) -> JSONResponse:
         engines = self.engines.values()
         body = {
-            "status": "shutting down" if self.closing else "ok",
+            "status": "shutting down" if self.closing else "ok" if all(e.alive for e in engines) else "engine stopped",
             "models": list(self.models),
             "queue_depth": sum(e.queue_depth for e in engines),
             "running": sum(e.running for e in engines),
         }
-        return JSONResponse(body, status_code=503 if self.closing else 200)
+        return JSONResponse(body, status_code=200 if body["status"] == "ok" else 503)
 
 
 def _render(served: Served, messages: list[Message]) -> str:
