@@ -16,3 +16,26 @@ step() {
   end=$(date +%s.%N)
   awk -v s="$start" -v e="$end" 'BEGIN { printf "[recipe] %.1f s\n", e - s }' >&2
 }
+
+# serve_in_background CMD...: start a server (its pid in $SERVER, stopped with SIGTERM when the script exits);
+# with RECIPE_DRY_RUN=1, print its command like step does.
+serve_in_background() {
+  if [[ -n "${RECIPE_DRY_RUN:-}" ]]; then
+    printf '%q ' "$@"; echo
+    return
+  fi
+  echo "[recipe] \$ $* &" >&2
+  "$@" & SERVER=$!
+  trap '[[ -n "${SERVER:-}" ]] && kill -TERM "$SERVER" 2>/dev/null; true' EXIT
+}
+
+# stop_server: SIGTERM, and the server's own exit status (0: it drained and stopped cleanly)
+stop_server() {
+  [[ -n "${RECIPE_DRY_RUN:-}" ]] && return
+  kill -TERM "$SERVER"
+  local status=0
+  wait "$SERVER" || status=$?
+  SERVER=
+  echo "[recipe] server exited with $status" >&2
+  return "$status"
+}

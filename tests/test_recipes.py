@@ -199,3 +199,8 @@ def test_cpu_journeys_legal_medical_and_many_adapters(tmp_path):
 
     out = journey("many_adapters", legal, medical)
     assert "adapters legal, medical" in out and "active adapter: medical" in out
+    served = re.search(r"served: (.*)", out).group(1).split(", ")  # then one server, both adapters, the openai client
+    assert {"legal", "medical"} <= set(served) and len(served) == 3  # and their base
+    assert re.search(r"^legal \(\d+ tokens, (stop|length)\): ", out, re.MULTILINE)
+    assert re.search(r"^medical \(\d+ tokens, (stop|length)\): ", out, re.MULTILINE)
+    assert "server exited with 0" in out

@@ -413,6 +413,16 @@ def test_refusals_at_start(runs, tiny_models, capsys, tmp_path):
     with pytest.raises(SystemExit) as exit_info:
         serve.main([str(dora)])
     assert exit_info.value.code == 2 and "DoRA" in capsys.readouterr().err
+    corrupt = tmp_path / "corrupt"  # a copy whose weights changed after training sealed them: refused, unloaded
+    shutil.copytree(runs["beta"], corrupt)
+    weights = corrupt / "adapter" / "adapter_model.safetensors"
+    data = bytearray(weights.read_bytes())
+    data[-1] ^= 0xFF
+    weights.write_bytes(bytes(data))
+    with pytest.raises(SystemExit) as exit_info:
+        serve.main([str(runs["alpha"]), str(corrupt)])
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 3 and "adapter_model.safetensors" in err and "loading" not in err
 
 
 def test_cli_serves_until_sigterm_finishing_the_request_in_flight(runs, tmp_path):
