@@ -2,7 +2,7 @@
 
     python benchmarks/serve.py                        # tiny GPT-Neo and a GPT-Neo-125M-shaped model, CPU
     python benchmarks/serve.py --shapes tiny --clients 1,4  # a quick check of the script itself
-    python benchmarks/serve.py --shapes pythia-1.4b --dtype bfloat16 --device cuda   # on a GPU
+    python benchmarks/serve.py --shapes pythia-1.4b --dtype bfloat16   # on a GPU (serve and generate use it)
 
 Builds each base (random weights, the tiny offline tokenizer) and two random LoRA adapters (r=16 on every
 attention and MLP projection, sealed with a MANIFEST.json as training writes them), then:
