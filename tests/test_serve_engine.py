@@ -254,3 +254,32 @@ def test_incremental_decoding_equals_decoding_the_whole_text(model):
             text = engine._text(row)
             assert tokenizer.decode(row.generated, skip_special_tokens=True).startswith(text.rstrip("\ufffd"))
         assert engine._text(row) == tokenizer.decode(row.generated, skip_special_tokens=True)
+
+
+def test_a_4bit_base_batches_mixed_adapters_as_exactly(tiny_models):
+    """QLoRA serving: over a bitsandbytes NF4 base (CPU kernels), a mixed batch equals one request at a time."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig
+
+    folder = tiny_models["neox"]
+    quantization = BitsAndBytesConfig(
+        load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.float32
+    )
+    base = AutoModelForCausalLM.from_pretrained(folder, quantization_config=quantization, device_map="cpu")
+    assert type(base.gpt_neox.layers[0].mlp.dense_h_to_4h).__name__ == "Linear4bit"
+    torch.manual_seed(0)
+    lora = dict(r=4, lora_alpha=8, init_lora_weights=False, target_modules="all-linear")
+    peft_model = get_peft_model(base, LoraConfig(**lora), adapter_name="a")
+    peft_model.add_adapter("b", LoraConfig(**lora))
+    peft_model.eval()
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    ids = [encode(tokenizer, p) for p in PROMPTS]
+    want = [tokenizer.decode(one_at_a_time(peft_model, i, a), skip_special_tokens=True) for i, a in zip(ids, ADAPTERS)]
+    engine = engine_for((peft_model, tokenizer))
+    try:
+        got = [Collected() for _ in PROMPTS]
+        engine.submit(*(Request(i, N, g, adapter=a) for i, g, a in zip(ids, got, ADAPTERS)))
+        assert [g.last.finish_reason for g in got] == ["length"] * 4
+        assert [g.text for g in got] == want
+    finally:
+        engine.close(1)
