@@ -58,6 +58,15 @@ def test_wrong_types_and_ranges_are_all_reported_together():
     assert problems_of(["data.packing=sometimes"]) == ["data.packing: 'sometimes' is not one of true, false, auto"]
 
 
+def test_sample_repetition_penalty_must_be_positive_and_the_message_says_what_to_set():
+    (problem,) = problems_of(["sample_repetition_penalty=0"])
+    assert problem.startswith("sample_repetition_penalty=0: must be > 0")
+    assert "sample_repetition_penalty=1 (off)" in problem  # the fix
+    assert problems_of(["sample_repetition_penalty=-1.2"])[0].startswith("sample_repetition_penalty=-1.2: must be > 0")
+    assert problems_of(["sample_repetition_penalty=high"])[0].startswith("sample_repetition_penalty: expected float")
+    validate(compose("demo", ["sample_repetition_penalty=1"]))  # accepted: an int is a float here
+
+
 def test_lora_targets_must_exist_in_the_architecture():
     problems = problems_of(["model=tiny_neox", "strategy.target_modules=[query_key_value,q_proj]"])
     assert len(problems) == 1

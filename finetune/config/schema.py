@@ -184,9 +184,12 @@ class RunConfig:
     early_stopping_threshold: float = 0.0
     """How much lower the eval loss must be to count as better."""
     sample_generations: int = 1
-    """Held-out prompts generated before and after training, shown and saved in samples.json (0: none)."""
+    """The first N held-out rows (in the held-out file's order), generated before and after training, shown and saved
+    in samples.json (0: none)."""
     max_new_tokens: int = 48
     """Length limit of those sample generations, in tokens."""
+    sample_repetition_penalty: float = 1.0
+    """Those generations are greedy; > 1 discourages repeated tokens (1: off; `finetune generate` takes the same)."""
     secret_env: list[str] = field(default_factory=list)
     """Your own secret environment variables, never to be written (finetune.credentials lists the known ones:
     HF_TOKEN, WANDB_API_KEY, AWS/Azure/GCP keys, ...): validation refuses them in the config, push in staged files."""

@@ -404,6 +404,11 @@ def check_run(cfg: dict) -> list[str]:
         problems.append(Problem(f"output_dir: {parent} is not writable", Problem.MACHINE))
     if cfg["sample_generations"] < 0 or cfg["max_new_tokens"] <= 0:
         problems.append("sample_generations must be >= 0 and max_new_tokens > 0")
+    if not cfg["sample_repetition_penalty"] > 0:
+        problems.append(
+            f"sample_repetition_penalty={cfg['sample_repetition_penalty']}: must be > 0; set "
+            "sample_repetition_penalty=1 (off) or a little above 1, e.g. 1.2, to discourage repeated tokens"
+        )
     problems += _check_early_stopping(cfg)
     if cfg["tracking"]["offline"] not in (True, False, "auto"):
         problems.append(f"tracking.offline: '{cfg['tracking']['offline']}' is not one of true, false, auto")

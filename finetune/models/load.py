@@ -47,8 +47,8 @@ def architecture_config(model_cfg):
     from transformers import AutoConfig
 
     path = Path(model_cfg.name_or_path).expanduser()
-    if model_cfg.tiny and not (path / "config.json").exists():
-        return tiny.model_config(model_cfg.tiny)  # what ensure_available() will build
+    if model_cfg.tiny and not tiny.is_current(model_cfg.tiny, path):
+        return tiny.model_config(model_cfg.tiny)  # what ensure_available() will build (a stale cache is rebuilt)
     return AutoConfig.from_pretrained(
         str(path) if path.exists() else model_cfg.name_or_path,
         revision=model_cfg.revision,

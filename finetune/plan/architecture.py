@@ -89,16 +89,13 @@ def architecture_config(model: dict):
     reads them (finetune.models.load.architecture_config), else the copy shipped for the model's Hub id."""
     from transformers import AutoConfig
 
-    from finetune.models import load
+    from finetune.models import load, tiny
 
     path = Path(model["name_or_path"]).expanduser()
     if (path / "config.json").is_file() or model.get("tiny"):
         config = load.architecture_config(SimpleNamespace(**{"revision": None, "trust_remote_code": False, **model}))
-        where = (
-            f"{path / 'config.json'}"
-            if (path / "config.json").is_file()
-            else f"the tiny {model['tiny']} recipe (finetune.tiny)"
-        )
+        recipe = model.get("tiny") and not tiny.is_current(model["tiny"], path)  # not built yet, or to be rebuilt
+        where = f"the tiny {model['tiny']} recipe (finetune.models.tiny)" if recipe else f"{path / 'config.json'}"
         return config, where
     shipped = shipped_config_path(model)
     if shipped is None:

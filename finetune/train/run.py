@@ -37,7 +37,7 @@ from finetune.data import packing
 from finetune.data import templates as data_templates
 from finetune.data.tokenize import PreparedData, describe, prepare, prompt_text
 from finetune.errors import ConfigError, FinetuneError, Preempted
-from finetune.models import fingerprint, strategy
+from finetune.models import fingerprint, strategy, tiny
 from finetune.models import load as models
 from finetune.runs import artifacts, checkpoints, record, rundir, runlock
 from finetune.train import guards, launch, oom, tracking
@@ -194,7 +194,8 @@ class Measurements:
     """The numbers a run reports (metrics.json, samples.json, run.json, the closing summary), filled in by the phases
     in order: the untouched base before training, the training itself, the trained model after."""
 
-    prompts: list[str]  # held-out prompts for the sample generations, before and after
+    prompts: list[str]  # the first sample_generations held-out rows (in the held-out set's order), before and after
+    decoding: dict  # generate()'s settings for them (greedy), recorded in samples.json
     eval_before: dict = field(default_factory=dict)
     before: list[str] = field(default_factory=list)
     result: Any = None  # trainer.train()'s TrainOutput
@@ -346,14 +347,15 @@ def _measure_before(run: Run, inputs: Inputs, trainer: GuardedSFTTrainer) -> Mea
     A distributed launch measures inside train() instead (_measure_in_loop)."""
     cfg = run.cfg
     rows = inputs.data.eval_rows[: cfg.sample_generations]
-    measured = Measurements([prompt_text(inputs.tokenizer, inputs.template, row) for row in rows])
+    greedy = dict(do_sample=False, max_new_tokens=cfg.max_new_tokens, repetition_penalty=cfg.sample_repetition_penalty)
+    measured = Measurements([prompt_text(inputs.tokenizer, inputs.template, row) for row in rows], greedy)
 
     def measure_base() -> None:
         if inputs.eval_set is not None and cfg.eval_before_training:  # StopBeforeTraining ends it at a signal
             measured.eval_before.update(trainer.evaluate(metric_key_prefix="eval"))
         for prompt in measured.prompts:
             run.stop_if_signalled("the sample generations before training")
-            measured.before.append(_generate(trainer.model, inputs.tokenizer, prompt, cfg.max_new_tokens))
+            measured.before.append(_generate(trainer.model, inputs.tokenizer, prompt, measured.decoding))
 
     if trainer.args.world_size > 1:
         _measure_in_loop(run, trainer, measured, measure_base)
@@ -410,7 +412,7 @@ def _measure_after(run: Run, inputs: Inputs, trainer: GuardedSFTTrainer, measure
     """The trained model on the held-out rows and prompts the base was measured on (on every rank: they all take
     part in a distributed evaluation)."""
     measured.eval_after = trainer.evaluate(metric_key_prefix="eval") if inputs.eval_set is not None else {}
-    measured.after = [_generate(trainer.model, inputs.tokenizer, p, run.cfg.max_new_tokens) for p in measured.prompts]
+    measured.after = [_generate(trainer.model, inputs.tokenizer, p, measured.decoding) for p in measured.prompts]
 
 
 def _save_results(run: Run, inputs: Inputs, trainer: GuardedSFTTrainer, measured: Measurements) -> None:
@@ -433,7 +435,7 @@ def _save_results(run: Run, inputs: Inputs, trainer: GuardedSFTTrainer, measured
     before, after = measured.eval_before, measured.eval_after
     artifacts.write_metrics(run_dir, history, eval_before=before, eval_after=after, train=result.metrics)
     artifacts.plot_loss(run_dir, history, before.get("eval_loss"))
-    artifacts.write_json(run_dir / "samples.json", {"samples": measured.samples})
+    artifacts.write_json(run_dir / "samples.json", {"samples": measured.samples, "decoding": measured.decoding})
     run.record.update(
         train_seconds=round(measured.train_seconds, 2),
         global_steps=result.global_step,
@@ -446,7 +448,7 @@ def _save_results(run: Run, inputs: Inputs, trainer: GuardedSFTTrainer, measured
     card.write(weights_dir, run_dir, run.resolved, "adapter" if weights_dir.name == rundir.ADAPTER_DIR else "model")
     checkpoints.seal(weights_dir, weights_dir.name)  # merge, generate, evaluate and push verify it
     run.record.complete()  # only now: a run killed while writing its card or manifest is still "running"
-    _summary(run_dir, measured)
+    _summary(run_dir, measured, tiny.WHAT_IT_SHOWS if cfg.model.tiny else None)
 
 
 def _check_free_space(run_dir: Path, checkpoint_bytes: int, args) -> None:
@@ -538,15 +540,15 @@ def _early_stopping(cfg, eval_set) -> list:
     return [EarlyStoppingCallback(cfg.early_stopping_patience, cfg.early_stopping_threshold)]
 
 
-def _generate(model, tokenizer, prompt: str, max_new_tokens: int) -> str:
-    """Greedy continuation of a prompt (the completion only)."""
+def _generate(model, tokenizer, prompt: str, decoding: dict) -> str:
+    """Continuation of a prompt (the completion only) with generate()'s `decoding` settings (Measurements.decoding)."""
     import torch
 
     ids = tokenizer(prompt, add_special_tokens=False, return_tensors="pt").to(model.device)
     was_training = model.training
     model.eval()
     with torch.no_grad():
-        out = model.generate(**ids, max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=tokenizer.pad_token_id)
+        out = model.generate(**ids, **decoding, pad_token_id=tokenizer.pad_token_id)
     model.train(was_training)
     return tokenizer.decode(out[0, ids["input_ids"].shape[1] :], skip_special_tokens=True).strip()
 
@@ -572,17 +574,22 @@ def given_overrides() -> list[str]:
     return list(HydraConfig.get().overrides.task) if HydraConfig.initialized() else []
 
 
-def _summary(run_dir: Path, measured: Measurements) -> None:
-    """The closing lines: the held-out loss before -> after, and each sample generation before and after."""
+def _summary(run_dir: Path, measured: Measurements, note: str | None = None) -> None:
+    """The closing lines: the held-out loss before -> after, each sample generation before and after, and a note on
+    what such a run can show (a tiny base: that fine-tuning worked, not knowledge)."""
     before, after = measured.eval_before, measured.eval_after
     if "eval_loss" in before and "eval_loss" in after:
         b, a = before["eval_loss"], after["eval_loss"]
         seconds = measured.train_seconds
         cli.say(f"held-out eval loss: {b:.3f} -> {a:.3f} ({(a - b) / b:+.1%}) after {seconds:.0f} s of training")
-    for sample in measured.samples:
-        cli.say("held-out prompt:\n" + _indent(sample["prompt"]))
+    penalty = measured.decoding["repetition_penalty"]
+    decoding = "greedy decoding" + (f", repetition_penalty={penalty:g}" if penalty != 1 else "")
+    for i, sample in enumerate(measured.samples, 1):
+        cli.say(f"held-out prompt (row {i} of the held-out set; {decoding}):\n" + _indent(sample["prompt"]))
         cli.say("before training:\n" + _indent(sample["before"] or "(empty)"))
         cli.say("after training:\n" + _indent(sample["after"] or "(empty)"))
+    if note:
+        cli.say(note)
     cli.say(f"run directory: {run_dir}")
 
 

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Continued pretraining on the bundled corpus, merge, then instruction tuning on the merged model: the tiny GPT-Neo
 # stands in for GPT-Neo 1.3B, one epoch each. Every other argument is the GPU recipe's (README.md here).
-#   bash recipes/domain_pretraining/cpu_journey.sh [RUN_DIR]   (about 2 minutes on 2 cores, plus 1 to build the tiny model once)
+#   bash recipes/domain_pretraining/cpu_journey.sh [RUN_DIR]   (about 2 minutes on 2 cores, plus about 2 to build the tiny model once)
 source "$(dirname "$0")/../journey.sh"
 RUN=${1:-runs/dapt-cpu}
 

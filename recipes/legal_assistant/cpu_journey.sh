@@ -2,7 +2,7 @@
 # The legal-assistant journey on CPU, offline, end to end: preview -> LoRA -> evaluate against the base -> model
 # card with the legal cautions -> push (dry run). The tiny GPT-NeoX (built once, cached) stands in for GPT-NeoX-20B,
 # contracts_qa.csv for your own contract Q&A, one epoch for three; every other argument is the GPU recipe's (README.md).
-#   bash recipes/legal_assistant/cpu_journey.sh [RUN_DIR]   (about 2 minutes on 2 cores, plus 1 to build the tiny model once)
+#   bash recipes/legal_assistant/cpu_journey.sh [RUN_DIR]   (about 2 minutes on 2 cores, plus about 2 to build the tiny model once)
 source "$(dirname "$0")/../journey.sh"
 RUN=${1:-runs/legal-cpu}
 DATA=(data=alpaca data.path=recipes/legal_assistant/contracts_qa.csv

@@ -3,7 +3,7 @@
 # -> merged export for serving (vLLM cannot load a LoRA adapter for NeoX/GPT-J) -> generate from it -> push (dry run).
 # The tiny GPT-NeoX (Pythia's architecture; built once, cached) stands in for Pythia-6.9B, medical_qa.jsonl for your
 # data, one epoch for three; every other argument is the GPU recipe's (README.md here).
-#   bash recipes/medical_assistant/cpu_journey.sh [RUN_DIR]   (about 2 minutes on 2 cores, plus 1 to build the tiny model once)
+#   bash recipes/medical_assistant/cpu_journey.sh [RUN_DIR]   (about 2 minutes on 2 cores, plus about 2 to build the tiny model once)
 source "$(dirname "$0")/../journey.sh"
 RUN=${1:-runs/medical-cpu}
 
