@@ -93,7 +93,15 @@ class _Job:
                 index = len(self.requests)
                 self.requests.append(
                     batching.Request(
-                        ids, budget, self._emit(index), served.adapter, body.temperature, body.top_p, seed, stop
+                        ids,
+                        budget,
+                        self._emit(index),
+                        served.adapter,
+                        body.temperature,
+                        body.top_p,
+                        seed,
+                        stop,
+                        stream=body.stream,  # a whole answer needs no update per token
                     )
                 )
         self._submit(served)
