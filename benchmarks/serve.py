@@ -87,10 +87,13 @@ def build_adapter(base: Path, folder: Path, seed: int) -> Path:
 
 def prompts(tokenizer, count: int) -> list[str]:
     """`count` different texts of exactly PROMPT_TOKENS tokens each."""
+    import random
+
     words = "the court held that a contract requires an offer acceptance and consideration patients with".split()
     out = []
     for i in range(count):
-        text = " ".join(words[(i + k) % len(words)] for k in range(PROMPT_TOKENS * 2))
+        rng = random.Random(i)  # a different word order for each prompt
+        text = " ".join(rng.choice(words) for _ in range(PROMPT_TOKENS * 2))
         ids = tokenizer(text, add_special_tokens=False)["input_ids"][:PROMPT_TOKENS]
         out.append(tokenizer.decode(ids))
     return out

@@ -138,9 +138,37 @@ class Engine:
         return self._alive() and not self._stop.is_set()
 
     def start(self) -> Engine:
-        self._thread = threading.Thread(target=self._loop, name="finetune-serve-engine", daemon=True)
-        self._thread.start()
+        """Run the engine on a thread of its own (a no-op for an engine made by `spawn`, already running)."""
+        if self._thread is None:
+            self._thread = threading.Thread(target=self._loop, name="finetune-serve-engine", daemon=True)
+            self._thread.start()
         return self
+
+    @classmethod
+    def spawn(cls, build: Callable[[], Engine]) -> Engine:
+        """`build()` (load the model, make its Engine) and run the engine, both on one new thread; what build raises
+        is raised here. Why: torch's CPU kernels keep a pool of OpenMP threads per calling thread, and a model loaded
+        on one thread and run on another had two pools competing for the cores: 2.6x slower decoding on 2 cores
+        (benchmarks/RESULTS.md, serve)."""
+        built, ready = {}, threading.Event()
+
+        def main():
+            try:
+                engine = build()
+            except BaseException as error:  # noqa: BLE001 - handed to the caller, raised there
+                built["error"] = error
+                ready.set()
+                return
+            engine._thread = threading.current_thread()
+            built["engine"] = engine
+            ready.set()
+            engine._loop()
+
+        threading.Thread(target=main, name="finetune-serve-engine", daemon=True).start()
+        ready.wait()
+        if "error" in built:
+            raise built["error"]
+        return built["engine"]
 
     def close(self, timeout: float = 30.0) -> None:
         """Take no new requests, let the queued and running ones finish for up to `timeout` s, cancel the rest."""

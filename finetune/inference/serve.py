@@ -145,7 +145,7 @@ def _check_names(names: list[str]) -> None:
 
 
 def load(found: list[Group], opts: dict) -> dict:
-    """The served models by name, each base loaded once with its adapters, on an engine of its own (not yet started)."""
+    """The served models by name, each base loaded once with its adapters, on an engine of its own (running)."""
     from transformers import AutoTokenizer
 
     from finetune.inference.batching import BASE, Engine
@@ -158,12 +158,9 @@ def load(found: list[Group], opts: dict) -> dict:
         adapters = f" with adapters {', '.join(plan.adapters)}" if plan.adapters else ""
         precision = f", {placement.describe(plan.quantization)}" if plan.quantization else ""
         cli.say(f"loading {plan.weights}{adapters} ({plan.dtype}{precision})")
-        session = plan.load()
-        context = getattr(session.model.config, "max_position_embeddings", None) or 2048
-        engine = Engine(
-            session.model, session.tokenizer, max_batch=opts["max_batch"], max_queue=opts["max_queue"], context=context
-        )
-        tokenizer = copy.deepcopy(session.tokenizer)  # the event loop's: the engine thread decodes with the original
+        engine = Engine.spawn(lambda plan=plan: _engine(plan, opts))  # loaded on the thread that runs it
+        context = engine.context
+        tokenizer = copy.deepcopy(engine.tokenizer)  # the event loop's: the engine thread decodes with the original
         if group.base is not None:
             chat_template = AutoTokenizer.from_pretrained(str(plan.weights)).chat_template  # the base's own, if any
             prompting = Prompting("chat", chat_template) if chat_template else Prompting("raw")
@@ -172,6 +169,17 @@ def load(found: list[Group], opts: dict) -> dict:
             adapter = key if plan.adapters else BASE
             served[name] = Served(name, engine, adapter, tokenizer, plan.prompting_by_name[key], context, group.base)
     return served
+
+
+def _engine(plan: generate.Plan, opts: dict):
+    """Load the plan's model and make its engine (called on the engine's own thread)."""
+    from finetune.inference.batching import Engine
+
+    session = plan.load()
+    context = getattr(session.model.config, "max_position_embeddings", None) or 2048
+    return Engine(
+        session.model, session.tokenizer, max_batch=opts["max_batch"], max_queue=opts["max_queue"], context=context
+    )
 
 
 def build(opts: dict):
