@@ -28,6 +28,7 @@ from dataclasses import dataclass, field
 from typing import Callable
 
 import torch
+from transformers import DynamicCache
 
 BASE = "__base__"  # peft's name for "no adapter" in a mixed batch
 
@@ -64,7 +65,6 @@ class Request:
     stop: tuple[str, ...] = ()
     stream: bool = True  # False: one update when it ends (no per-token traffic to the server's event loop)
     cancelled: threading.Event = field(default_factory=threading.Event)  # set by the server: the client has gone
-    submitted: float = field(default_factory=time.monotonic)
 
 
 @dataclass
@@ -222,8 +222,6 @@ class Engine:
         requests = self._take()
         if not requests:
             return False
-        from transformers import DynamicCache
-
         device = self.model.device
         width = max(len(r.prompt_ids) for r in requests)
         ids = torch.tensor([[self.pad] * (width - len(r.prompt_ids)) + r.prompt_ids for r in requests], device=device)
