@@ -32,6 +32,9 @@ COMMANDS = {
         "finetune.inference.generate", "talk to a run in the terminal (generate chat=true)", ("chat=true",)
     ),
     "evaluate": Command("finetune.evaluate.run", "base vs fine-tuned on held-out data and harness tasks"),
+    "export": Command(
+        "finetune.export.command", "GGUF / CTranslate2 / ONNX for local inference, checked in its runtime"
+    ),
     "serve": Command("finetune.inference.serve", "an OpenAI-compatible HTTP server for runs, many adapters per base"),
     "embed": Command("finetune.inference.embed", "sentence vectors from a run or a base model"),
     "push": Command("finetune.adapters.push", "publish an adapter or merged model to the Hugging Face Hub"),

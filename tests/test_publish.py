@@ -75,6 +75,8 @@ def test_serving_report_sends_what_engines_cannot_load_to_merge():
         "vLLM": "no",
         "TGI": "caveat",
         "llama.cpp": "no",
+        "CTranslate2": "no",
+        "ONNX Runtime": "export",
         "finetune serve": "yes",
     }
     lora = {r["engine"]: r["loads"] for r in serving.report("gptj", "adapter")}

@@ -12,6 +12,7 @@ evaluation has run) each time it is written: at the end of training, by the merg
 
 from __future__ import annotations
 
+import contextlib
 import json
 import re
 from pathlib import Path
@@ -32,7 +33,8 @@ CAUTIONS = {
         "review anything it writes before it reaches a patient. In an emergency, contact emergency services."
     ),
 }
-RELATION = {"adapter": "adapter", "merged": "merge", "model": "finetune"}
+RELATION = {"adapter": "adapter", "merged": "merge", "model": "finetune", "export": "quantized"}
+LIBRARY = {"gguf": "gguf", "ctranslate2": "ctranslate2", "onnx": "onnx"}  # an export's Hub library_name
 
 
 class _Dumper(yaml.SafeDumper):
@@ -48,7 +50,8 @@ _Dumper.add_representer(str, _represent_str)
 
 
 def metadata(config: dict, kind: str) -> dict:
-    """Hub YAML metadata for an adapter ("adapter"), a full fine-tune ("model") or a merged model ("merged")."""
+    """Hub YAML metadata for an adapter ("adapter"), a full fine-tune ("model"), a merged model ("merged") or an
+    export (finetune export: library_name and a tag set by render from its record)."""
     card, model = config.get("card", {}), config.get("model", {})
     hub_id = model.get("hub_id") or (None if _looks_local(model.get("name_or_path", "")) else model.get("name_or_path"))
     strategy = config.get("strategy", {}).get("name", "lora")
@@ -79,6 +82,10 @@ def metadata(config: dict, kind: str) -> dict:
 def render(run_dir: Path | None, config: dict, kind: str, extra: dict | None = None, repo_id: str | None = None) -> str:
     """The whole README.md: front matter, then the card body."""
     meta = metadata(config, kind)
+    export = (extra or {}).get("export")
+    if export:
+        meta["library_name"] = LIBRARY[export["format"]]
+        meta["tags"] = list(dict.fromkeys([*meta["tags"], export["format"], export["quant"]]))
     front = yaml.dump(meta, Dumper=_Dumper, sort_keys=False, allow_unicode=True, width=float("inf"))
     record = _read_json(run_dir / "run.json") if run_dir else {}
     body = _body(run_dir, config, kind, meta, record, extra or {}, repo_id or "YOUR_NAME/THIS_REPO")
@@ -90,11 +97,30 @@ def write(folder: Path, run_dir: Path | None, config: dict, kind: str, extra: di
     family = config.get("model", {}).get("family", "")
     dora = config.get("strategy", {}).get("name") == "dora" or bool(config.get("strategy", {}).get("use_dora"))
     (folder / "serving.json").write_text(
-        json.dumps(serving.report(family, kind, dora), indent=2) + "\n", encoding="utf-8"
+        json.dumps(serving.report(family, kind, dora, _exports(run_dir, extra)), indent=2) + "\n", encoding="utf-8"
     )
     path = folder / "README.md"
     path.write_text(render(run_dir, config, kind, extra), encoding="utf-8")
     return path
+
+
+def refresh(run_dir: Path | None, config: dict | None) -> None:
+    """Rebuild the cards and serving.json of a run's weights and merged model (after an evaluation or an export):
+    their manifests record these two files' new hashes and nothing else."""
+    from finetune.runs import checkpoints, rundir
+
+    if not run_dir or not config:
+        return
+    for folder, kind in (
+        (run_dir / rundir.ADAPTER_DIR, "adapter"),
+        (run_dir / rundir.MODEL_DIR, "model"),
+        (run_dir / rundir.MERGED_DIR, "merged"),
+    ):
+        if (folder / "README.md").is_file():
+            extra = rundir.read_json(folder / "merge_report.json") if kind == "merged" else None
+            with contextlib.suppress(OSError):
+                write(folder, run_dir, config, kind, extra=extra)
+                checkpoints.update_manifest(folder, ["README.md", "serving.json"])  # only these two changed
 
 
 def _body(run_dir, config: dict, kind: str, meta: dict, record: dict, extra: dict, repo: str) -> str:
@@ -108,6 +134,7 @@ def _body(run_dir, config: dict, kind: str, meta: dict, record: dict, extra: dic
         "adapter": f"A {strategy.get('name', 'lora').upper()} adapter for {base}",
         "merged": f"{base} with a {strategy.get('name', 'lora').upper()} adapter merged into its weights",
         "model": f"A full fine-tune of {base}",
+        "export": f"A fine-tune of {base} exported with `finetune export`",
     }[kind]
     description = _line(
         card.get("description")
@@ -117,8 +144,9 @@ def _body(run_dir, config: dict, kind: str, meta: dict, record: dict, extra: dic
     parts = [f"# {title}", "", description, ""]
     if card.get("domain") in CAUTIONS:
         parts += [f"> **Caution — {card['domain']} use.** {CAUTIONS[card['domain']]}", ""]
-    parts += _usage(kind, meta, repo) + _training(config, record) + _results(run_dir, record, extra)
-    parts += _serving_section(model.get("family", ""), kind, strategy)
+    usage = _export_usage(extra["export"]) if kind == "export" else _usage(kind, meta, repo)
+    parts += usage + _training(config, record) + _results(run_dir, record, extra)
+    parts += _serving_section(model.get("family", ""), kind, strategy, _exports(run_dir, extra))
     parts += _limitations(card.get("domain", "general"))
     parts += [
         "## Resolved training config",
@@ -174,6 +202,47 @@ def _usage(kind: str, meta: dict, repo: str) -> list[str]:
         ),
         "",
     ]
+
+
+def _export_usage(export: dict) -> list[str]:
+    """How to run an export in its own runtime (the files are the ones listed in its export.json)."""
+    files = [f["name"] for f in export["files"]]
+    if export["format"] == "gguf":
+        gguf = next(n for n in files if n.endswith(".gguf"))
+        lines = [
+            "```sh",
+            f"llama-cli -m {gguf} -cnv   # the training chat template is in the GGUF metadata",
+            "ollama create my-model -f Modelfile && ollama run my-model   # TEMPLATE and stop tokens as in training",
+            "```",
+        ]
+    elif export["format"] == "ctranslate2":
+        lines = [
+            "```python",
+            "import ctranslate2, transformers",
+            'generator = ctranslate2.Generator(".", device="cpu")',
+            'tokenizer = transformers.AutoTokenizer.from_pretrained(".")  # carries the training chat template',
+            'prompt = tokenizer.apply_chat_template([{"role": "user", "content": "..."}], tokenize=False, '
+            "add_generation_prompt=True)",
+            "tokens = tokenizer.convert_ids_to_tokens(tokenizer(prompt).input_ids)",
+            "result = generator.generate_batch([tokens], max_length=200, sampling_topk=1, "
+            "include_prompt_in_result=False)",
+            "print(tokenizer.decode(result[0].sequences_ids[0]))",
+            "```",
+        ]
+    else:
+        lines = [
+            "```python",
+            "from finetune.export import onnx_model  # or onnxruntime: inputs and outputs in onnx_config.json",
+            'runtime = onnx_model.load(".")',
+            "```",
+        ]
+    return ["## Use it", "", f"Runs with {export['runs_with']}.", "", *lines, ""]
+
+
+def _exports(run_dir: Path | None, extra: dict | None) -> list[dict]:
+    """The run's exports, and the one this card is written for (not yet in the run's exports/)."""
+    current = (extra or {}).get("export")
+    return [*(r for r in serving.exports_of(run_dir) if r != current), *([current] if current else [])]
 
 
 def _training(config: dict, record: dict) -> list[str]:
@@ -266,12 +335,19 @@ def _results(run_dir, record: dict, extra: dict) -> list[str]:
             ),
             "",
         ]
+    if extra.get("export"):
+        from finetune.export import gate as export_gate
+
+        export = extra["export"]
+        verdict = "passed" if export["valid"] else "FAILED"
+        check = export_gate.summary(export["gate"])
+        lines += [f"Export check ({export['format']} {export['quant']}): {check} — {verdict}.", ""]
     return lines if len(lines) > 2 else lines + ["No held-out evaluation was run.", ""]
 
 
-def _serving_section(family: str, kind: str, strategy: dict) -> list[str]:
+def _serving_section(family: str, kind: str, strategy: dict, exports: list[dict]) -> list[str]:
     dora = strategy.get("name") == "dora" or bool(strategy.get("use_dora"))
-    rows = serving.report(family, kind, dora)
+    rows = serving.report(family, kind, dora, exports)
     lines = ["## Serving", "", "| engine | loads this as is | note |", "|---|---|---|"]
     lines += [f"| {r['engine']} | {r['loads']} | {_cell(r['note'])} |" for r in rows]
     if kind == "adapter" and any(r["loads"] == "no" for r in rows):

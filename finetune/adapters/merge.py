@@ -310,6 +310,11 @@ def base_folder(source: str, revision: str | None) -> Path:
     path = Path(source).expanduser()
     if path.is_dir():
         return path
+    if path.is_absolute() or source.startswith((".", "~")) or source.count("/") > 1:
+        raise ConfigError(
+            f"base={source}: no such folder (the base the run trained on has moved or was removed); pass "
+            "base=PATH to a local copy of it"
+        )
     from huggingface_hub import snapshot_download
     from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError
 

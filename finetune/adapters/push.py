@@ -4,7 +4,10 @@ adapter (or the merged model) to the Hugging Face Hub in one commit.
 Only an explicit allowlist of files is staged (weights in safetensors, their configs, the tokenizer with the
 training chat template, the model card and serving.json): never optimizer state, checkpoints, logs, run records or
 pickles. The card is rebuilt at staging time, so it carries the latest evaluation. `dry_run=true` stages exactly
-the folder that would be uploaded and prints its files; nothing touches the network.
+the folder that would be uploaded and prints its files; nothing touches the network. `export=NAME` publishes an
+export (finetune export, RUN/exports/NAME) instead: its runtime's files, export.json, serving.json, the tokenizer
+and its card; one that failed its gate is never pushed. Secrets are looked for in every file's text (for a GGUF,
+ONNX or CTranslate2 file: its first BINARY_TEXT_BYTES, where its metadata lies).
 
 The folder pushed is verified against its MANIFEST.json first (finetune.checkpoints.check_final; exit 3 naming the
 file that differs). The staging folder (staging=, default RUN/push_staging) is marked as push's (STAGING_MARKER):
@@ -37,6 +40,12 @@ from finetune.runs import checkpoints, rundir
 OPTIONS = [
     Option("repo_id", str, None, "Hub repository, NAME/REPO (created if missing)"),
     Option("merged", bool, False, "push RUN/merged (from python -m finetune.merge) instead of the adapter"),
+    Option(
+        "export",
+        str,
+        None,
+        "push an export instead (finetune export): its folder under RUN/exports (e.g. gguf-q8_0) or its path",
+    ),
     Option("private", bool, True, "create the repository private (an existing repository keeps its visibility)"),
     Option("dry_run", bool, False, "stage the upload folder and print its files; upload nothing"),
     Option("revision", str, "main", "branch to commit to"),
@@ -68,6 +77,12 @@ MODEL_FILES = (
     *TOKENIZER_FILES,
 )
 SHARD_NAME = re.compile(r"^model-\d{5}-of-\d{5}\.safetensors$")
+# an export's files (finetune.export): its runtime's model files, their configs and the tokenizer
+EXPORT_FILE = re.compile(
+    r"^([\w.-]+\.gguf|Modelfile|model\.bin|config\.json|generation_config\.json|vocabulary\.(json|txt)"
+    r"|[\w.-]+\.onnx|[\w.-]+\.onnx\.data|onnx_config\.json|export\.json|serving\.json)$"
+)
+BINARY_TEXT_BYTES = 64 * 2**20  # a GGUF's metadata (tokenizer, template) lies before its tensors: scanned for secrets
 REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]{0,95}/[A-Za-z0-9][\w.-]{0,95}$")
 TOKEN_ARGS = ("token=", "hub_token=", "hf_token=", "--token")
 STAGING_MARKER = ".neo-finetune-push-staging"  # in a staging folder push made: the only kind it ever empties
@@ -91,8 +106,12 @@ def run(opts: dict) -> Path:
         raise ConfigError("repo_id=NAME/REPO is required (or dry_run=true to stage only)")
     if repo_id and not REPO_ID.match(repo_id):
         raise ConfigError(f"repo_id={repo_id}: expected NAME/REPO (letters, digits, '-', '_', '.')")
+    if opts["export"] and opts["merged"]:
+        raise ConfigError("export= and merged=true: choose one (an export is made from the merged model already)")
     target = rundir.locate(opts["target"], merged=opts["merged"])
     kind = "adapter" if target.kind == "adapter" else ("merged" if opts["merged"] else "model")
+    if opts["export"]:
+        target, kind = _export_target(target, opts["export"]), "export"
     default = (target.run_dir or target.weights.parent) / "push_staging"
     staging = Path(opts["staging"]).expanduser() if opts["staging"] else default
     files = stage(target, kind, staging, repo_id, legacy_default=staging == default)
@@ -128,7 +147,11 @@ def stage(
     allowed = ADAPTER_FILES if kind == "adapter" else MODEL_FILES
     checkpoints.check_final(source)  # what training or merge wrote: its MANIFEST.json, before anything is staged
     names = [n for n in allowed if (source / n).is_file()]
-    if kind != "adapter":
+    if kind == "export":
+        names = sorted(
+            p.name for p in source.iterdir() if p.is_file() and (EXPORT_FILE.match(p.name) or p.name in TOKENIZER_FILES)
+        )
+    elif kind != "adapter":
         names += sorted(p.name for p in source.iterdir() if SHARD_NAME.match(p.name))
     _check_complete(source, kind, names)
     created = _prepare_staging(staging, source, legacy_default)
@@ -136,6 +159,8 @@ def stage(
         _link_or_copy(source / name, staging / name)
     config = target.config or {}
     extra = _read_json(source / "merge_report.json") if kind == "merged" else None
+    if kind == "export":
+        extra = {"export": _read_json(source / "export.json")}
     (staging / "README.md").write_text(card.render(target.run_dir, config, kind, extra, repo_id), encoding="utf-8")
     files = sorted(p for p in staging.iterdir() if p.name != STAGING_MARKER)
     try:
@@ -194,7 +219,29 @@ def _only_staged_files(folder: Path) -> bool:
     )
 
 
+def _export_target(run: rundir.Target, export: str) -> rundir.Target:
+    """The export folder named by export= (a name under RUN/exports, or a path) as what is pushed."""
+    folder = Path(export).expanduser()
+    if not folder.is_dir() and run.run_dir is not None:
+        folder = run.run_dir / "exports" / export
+    if not (folder / "export.json").is_file():
+        found = sorted(p.parent.name for p in (run.run_dir or run.weights).glob("exports/*/export.json"))
+        raise ConfigError(
+            f"export={export}: no export there (no export.json in {folder}); "
+            + (f"this run has: {', '.join(found)}" if found else "make one with finetune export RUN format=...")
+        )
+    return rundir.Target("export", folder, run.run_dir, run.config, run.base)
+
+
 def _check_complete(source: Path, kind: str, names: list[str]) -> None:
+    if kind == "export":
+        record = json.loads((source / "export.json").read_text(encoding="utf-8"))
+        if not record.get("valid"):
+            raise IntegrityError(f"{source}: this export failed its gate (export.json valid: false); never published")
+        missing = [f["name"] for f in record.get("files", []) if "/" not in f["name"] and f["name"] not in names]
+        if missing:
+            raise IntegrityError(f"{source}: missing {', '.join(missing)} (listed in export.json)")
+        return
     if kind == "adapter":
         required = ("adapter_config.json", "adapter_model.safetensors", "tokenizer_config.json")
     else:
@@ -225,7 +272,7 @@ def _check_safe(staging: Path, files: list[Path], kind: str) -> None:
             )
     token = _token()
     if token:
-        leaked = [p.name for p in files if token.encode() in p.read_bytes()]
+        leaked = [p.name for p in files if token.encode() in _text_part(p)]
         if leaked:
             raise IntegrityError(
                 f"the Hub token appears in {', '.join(leaked)}; refusing to publish it. Remove it from "
@@ -247,7 +294,7 @@ def _check_secrets(files: list[Path], extra: list[str], record: dict) -> None:
         )
     known = credentials.values(extra)
     for path in files:
-        data = path.read_bytes() if path.suffix != ".safetensors" else _safetensors_header(path)
+        data = _safetensors_header(path) if path.suffix == ".safetensors" else _text_part(path)
         what = credentials.find(data, known=known)
         if what:
             raise IntegrityError(
@@ -261,6 +308,12 @@ def _safetensors_header(path: Path) -> bytes:
     with path.open("rb") as file:
         (length,) = struct.unpack("<Q", file.read(8))
         return file.read(min(length, shards.MAX_HEADER_BYTES))
+
+
+def _text_part(path: Path) -> bytes:
+    """What of a file can hold text: all of it, except the tensor data after a large binary's first bytes."""
+    with path.open("rb") as file:
+        return file.read(BINARY_TEXT_BYTES if path.suffix in (".gguf", ".bin", ".onnx", ".data") else -1)
 
 
 def upload(staging: Path, repo_id: str, private: bool, revision: str, message: str) -> str:

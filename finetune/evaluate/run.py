@@ -21,7 +21,6 @@ fine-tune or merged model is compared with its base loaded next to it.
 
 from __future__ import annotations
 
-import contextlib
 import math
 import re
 from dataclasses import dataclass, field
@@ -120,7 +119,9 @@ def run(opts: dict) -> Path:
     written = eval_report.write(out_dir, report)
     if out_dir.resolve() == target.weights.resolve():  # written into a sealed folder: recorded in its manifest
         checkpoints.update_manifest(out_dir, [Path(p).name for p in written])
-    _refresh_cards(target)
+    from finetune.adapters import card
+
+    card.refresh(target.run_dir, target.config)
     for line in eval_report.console_lines(report):
         cli.say(line)
     cli.say("report: " + ", ".join(str(p) for p in written))
@@ -386,24 +387,6 @@ def _load_base(target: rundir.Target, override: str | None, dtype: str):
     )
     neo_attention.enable(model)  # the same attention as the fine-tuned side
     return model.eval()
-
-
-def _refresh_cards(target: rundir.Target) -> None:
-    """The cards of the run's weights (and merged model) carry the new report."""
-    from finetune.adapters import card
-
-    if not target.run_dir or not target.config:
-        return
-    for folder, kind in (
-        (target.run_dir / rundir.ADAPTER_DIR, "adapter"),
-        (target.run_dir / rundir.MODEL_DIR, "model"),
-        (target.run_dir / rundir.MERGED_DIR, "merged"),
-    ):
-        if (folder / "README.md").is_file():
-            extra = rundir.read_json(folder / "merge_report.json") if kind == "merged" else None
-            with contextlib.suppress(OSError):
-                card.write(folder, target.run_dir, target.config, kind, extra=extra)
-                checkpoints.update_manifest(folder, ["README.md", "serving.json"])  # only these two changed
 
 
 def _reference(template, row: dict) -> str:

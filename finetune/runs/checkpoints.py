@@ -82,14 +82,17 @@ def verify(directory: Path) -> str | None:
     return None
 
 
-# Files in a final weights folder that a loader (transformers, peft, tokenizers) or push reads: one of these that is
-# not in the manifest was added after the folder was sealed, and is refused; any other stray file is only named.
+# Files in a final weights folder that a loader (transformers, peft, tokenizers, an export's runtime) or push reads:
+# one of these that is not in the manifest was added after the folder was sealed, and is refused; any other stray
+# file is only named.
 _READ_BY_LOADERS = re.compile(r"""(?x)^(
     adapter_config\.json | adapter_model\.(safetensors|bin) | config\.json | generation_config\.json
   | (model|pytorch_model)(-\d{5}-of-\d{5})?\.(safetensors|bin) | (model\.safetensors|pytorch_model\.bin)\.index\.json
   | tokenizer\.json | tokenizer_config\.json | special_tokens_map\.json | added_tokens\.json | vocab\.(json|txt)
   | merges\.txt | tokenizer\.model | chat_template\.(jinja|json) | base_model\.json | serving\.json | README\.md
-  | merge_report\.json | .*\.safetensors | .*\.py )$""")
+  | merge_report\.json | .*\.safetensors | .*\.py
+  | .*\.gguf | Modelfile | model\.bin | vocabulary\.(json|txt) | .*\.onnx | .*\.onnx\.data | onnx_config\.json
+  | export\.json )$""")
 _checked: dict[Path, tuple] = {}  # folder -> the (name, size, mtime_ns) of its files when it last verified
 
 
@@ -193,10 +196,12 @@ def _split_strays(folder: Path) -> tuple[str | None, list[str]]:
 
 
 def _recorded_manifest(folder: Path) -> str | None:
-    """Which record says this folder was sealed: run.json (`weights_manifest`) or its merge_report.json."""
+    """Which record says this folder was sealed: run.json (`weights_manifest`), its merge_report.json or its
+    export.json."""
     for record, key, expected in (
         (folder.parent / "run.json", "weights_manifest", f"{folder.name}/{MANIFEST}"),
         (folder / "merge_report.json", "manifest", MANIFEST),
+        (folder / "export.json", "manifest", MANIFEST),
     ):
         try:
             data = json.loads(record.read_text(encoding="utf-8")) if record.is_file() else {}
