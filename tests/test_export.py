@@ -68,7 +68,7 @@ def test_gguf_export_of_a_run_merges_on_the_fly_passes_its_gate_and_records_it(r
     # the run's own serving.json now says what was measured, and its manifest still verifies
     adapter_rows = {r["engine"]: r for r in json.loads((run_copy / "adapter" / "serving.json").read_text())}
     assert adapter_rows["llama.cpp"]["measured"] and adapter_rows["CTranslate2"]["loads"] == "export"
-    assert adapter_rows["ONNX Runtime"]["loads"] == "no"
+    assert adapter_rows["ONNX Runtime"]["loads"] == "export" and adapter_rows["vLLM"]["loads"] == "no"
     assert checkpoints.verify(run_copy / "adapter") is None
 
     # push stages the export with its card, through the allowlist, and nothing else
@@ -161,7 +161,8 @@ def test_a_full_disk_mid_export_leaves_nothing_half_written(tiny_models, tmp_pat
 
 def test_serving_rows_for_export_engines_come_from_the_formats_and_measurements():
     rows = {r["engine"]: r for r in serving.report("gpt_neo", "merged")}
-    assert rows["ONNX Runtime"]["loads"] == "export" and rows["llama.cpp"]["loads"] == "no"
+    assert rows["ONNX Runtime"]["loads"] == "export" and rows["llama.cpp"]["loads"] == rows["CTranslate2"]["loads"]
+    assert rows["llama.cpp"]["loads"] == "no" and "no llama.cpp runtime for GPT-Neo" in rows["llama.cpp"]["note"]
     record = {
         "engine": "ONNX Runtime",
         "format": "onnx",

@@ -33,13 +33,13 @@ from finetune.export import formats
 from finetune.runs import artifacts, checkpoints, rundir
 
 OPTIONS = [
-    Option("format", str, None, "gguf (GPT-NeoX/Pythia) | ctranslate2 (GPT-J, GPT-NeoX) | onnx (GPT-Neo)"),
+    Option("format", str, None, "gguf (GPT-NeoX/Pythia) | ctranslate2 (GPT-J, GPT-NeoX) | onnx (all three)"),
     Option(
         "quant",
         str,
         None,
-        "weights' type (default: full precision): gguf f32|f16|q8_0, ctranslate2 float32|float16|int8|int8_float16, "
-        "onnx fp32|int8",
+        "weights' type (default: full precision): gguf f32|f16|bf16|q8_0, ctranslate2 float32|float16|bfloat16|int8|"
+        "int8_float16|int8_bfloat16, onnx fp32|int8",
     ),
     Option("out", str, None, "output folder (default: RUN/exports/FORMAT-QUANT)"),
     Option("base", str, None, "base model folder or Hub id when merging an adapter (default: the run's model)"),
@@ -72,6 +72,11 @@ def run(opts: dict) -> Path:
     family = _family(target)
     fmt = formats.choose(opts["format"], family)
     quant = formats.check_quant(fmt, opts["quant"])
+    if target.checkpoint and not opts["out"]:
+        raise ConfigError(
+            f"{target.weights} is a training checkpoint, not the run's final weights: name a folder outside the run "
+            f"for its export with out=DIR ({target.run_dir / EXPORTS_DIR} holds the final weights' exports)"
+        )
     out = _out(opts["out"], target, fmt, quant)
     invalid = out.with_name(out.name + rundir.INVALID_SUFFIX)
     staging, merging = (out.with_name(out.name + s) for s in (PARTIAL_SUFFIX, MERGING_SUFFIX))
@@ -96,9 +101,8 @@ def run(opts: dict) -> Path:
             if fmt.name == "gguf":
                 from finetune.export import modelfile
 
-                files.append(
-                    modelfile.write(staging, files[0].name, tokenizer.chat_template, tokenizer.eos_token, _template(target))
-                )
+                eos, template = tokenizer.eos_token, _template(target)
+                files.append(modelfile.write(staging, files[0].name, tokenizer.chat_template, eos, template))
             result = _gate(module, staging, model_dir, target, quant, opts)
             record = _record(fmt, quant, family, target, source, staging, files, result, started)
             _finish(staging, target, record)

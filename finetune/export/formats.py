@@ -2,7 +2,8 @@
 runtime is loaded), read by the export command before any model loads and by serving.json for every run.
 
 llama.cpp has runtimes for GPT-NeoX/Pythia only (no GPT-Neo, no GPT-J graph); CTranslate2 has loaders for GPT-J and
-GPT-NeoX, not GPT-Neo; ONNX is the one format that runs GPT-Neo outside PyTorch (local window included). Each
+GPT-NeoX, not GPT-Neo; ONNX is the one format that runs GPT-Neo outside PyTorch (local window included), and takes
+GPT-J and GPT-NeoX too. Each
 format module (finetune.export.<module>) declares the same FAMILIES and its QUANTS; tests/test_export.py checks
 that this table agrees with them.
 """
@@ -46,7 +47,7 @@ FORMATS = {
         "onnx",
         "finetune.export.onnx_model",
         "ONNX Runtime",
-        ("gpt_neo",),
+        ("gpt_neo", "gptj", "gpt_neox"),
         "fp32",
         "onnxruntime.InferenceSession with the KV cache inputs (Optimum naming)",
     ),
