@@ -93,6 +93,17 @@ def runtime_speed(module, folder: Path, ids: list[int]) -> float:
     return best
 
 
+def measured(record: dict) -> str:
+    """The gate's numbers in a few words: logit difference at full precision, agreement and gap when quantized."""
+    gate = record["gate"]
+    if gate["precision"] == "full":
+        return f"max |dlogit| {gate['max_abs_diff']:.1e}, greedy {gate['greedy_identical']}/{len(gate['prompts'])}"
+    return (
+        f"top-1 {gate['top1_agreement']:.1%} ({gate['top1_agreement_all_positions']:.1%} all), "
+        f"gap {gate['mean_logprob_gap']:.3f}"
+    )
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--shapes", default="gpt-neo-125m,pythia-160m")
@@ -112,7 +123,7 @@ def main() -> None:
             ids = prompt_ids(folder)
             baseline = transformers_speed(folder, ids)
             size = sum(p.stat().st_size for p in folder.glob("*.safetensors"))
-            rows.append((shape, "transformers", "fp32", size, baseline, 1.0, "reference"))
+            rows.append((shape, "transformers", "fp32", size, baseline, 1.0, "reference", ""))
             for name in formats.available(family_of[SHAPES[shape][0]]):
                 fmt = formats.FORMATS[name]
                 module = formats.module(fmt)
@@ -134,11 +145,19 @@ def main() -> None:
                     record = json.loads((out / "export.json").read_text())
                     exported = sum(f["bytes"] for f in record["files"] if not f["name"].startswith("tokenizer"))
                     speed = runtime_speed(module, out, ids)
-                    rows.append((shape, fmt.engine, quant, exported, speed, speed / baseline, verdict))
+                    rows.append(
+                        (shape, fmt.engine, quant, exported, speed, speed / baseline, verdict, measured(record))
+                    )
     print(f"\nbatch 1, {PROMPT_TOKENS}-token prompt, {NEW_TOKENS} greedy tokens, best of {REPEATS}, CPU")
-    print(f"{'shape':<14} {'runtime':<14} {'type':<13} {'size MiB':>9} {'tok/s':>8} {'vs transformers':>16}  gate")
-    for shape, engine, quant, size, speed, ratio, verdict in rows:
-        print(f"{shape:<14} {engine:<14} {quant:<13} {size / 2**20:>9.1f} {speed:>8.1f} {ratio:>15.2f}x  {verdict}")
+    print(
+        f"{'shape':<14} {'runtime':<14} {'type':<13} {'size MiB':>9} {'tok/s':>8} {'vs transformers':>16}  "
+        "gate: what it measured"
+    )
+    for shape, engine, quant, size, speed, ratio, verdict, measure in rows:
+        print(
+            f"{shape:<14} {engine:<14} {quant:<13} {size / 2**20:>9.1f} {speed:>8.1f} {ratio:>15.2f}x  {verdict}"
+            + (f": {measure}" if measure else "")
+        )
     for shape in args.shapes.split(","):
         best = max(
             (r for r in rows if r[0] == shape and r[1] != "transformers" and r[6] == "passed"), key=lambda r: r[4]

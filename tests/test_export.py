@@ -81,6 +81,20 @@ def test_gguf_export_of_a_run_merges_on_the_fly_passes_its_gate_and_records_it(r
     with pytest.raises(ConfigError, match="already exists; choose another out= or pass overwrite=true"):
         export(str(run_copy), "format=gguf", "tokens=8")
     assert export(str(run_copy), "format=gguf", "tokens=4", "overwrite=true") == out
+    # a quantized type is judged on agreement and log-prob gap, against thresholds that can be raised
+    q8 = export(str(run_copy), "format=gguf", "quant=q8_0", "tokens=4")
+    gate = json.loads((q8 / "export.json").read_text())["gate"]
+    assert gate["precision"] == "8-bit" and gate["thresholds"] == {
+        "min_top1_agreement": 0.9,
+        "max_mean_logprob_gap": 0.1,
+    }
+    assert gate["top1_agreement"] >= 0.9 and 0 < gate["mean_logprob_gap"] <= 0.1 and gate["tie_margin"] == 0.05
+    with pytest.raises(IntegrityError, match="mean log-probability gap .* exceeds 1e-06"):
+        export(str(run_copy), "format=gguf", "quant=q8_0", "tokens=4", "overwrite=true", "max_logprob_gap=1e-6")
+    assert (q8.parent / "gguf-q8_0.invalid" / "export.json").is_file()
+    assert json.loads((q8 / "export.json").read_text())["valid"]  # the earlier good export is kept
+    rows = {r["engine"]: r for r in json.loads((run_copy / "adapter" / "serving.json").read_text())}
+    assert "gguf q8_0 (passed)" in rows["llama.cpp"]["note"] and "FAILED" not in rows["llama.cpp"]["note"]
     # verify=true re-runs the gate on what is there (the merged source was temporary: said so)
     with pytest.raises(ConfigError, match="merged on the fly and removed"):
         export(str(run_copy), "format=gguf", "verify=true")

@@ -7,7 +7,7 @@ merged/ (or a full fine-tune's model/, or any merged model folder) is exported a
 `<out>.partial`, loaded in its real runtime and compared with transformers (finetune.export.gate) on the run's
 held-out prompts rendered with its training template. Passed: export.json (what was measured), serving.json, the
 model card (README.md), an Ollama Modelfile for GGUF and MANIFEST.json are added and the folder becomes `<out>`.
-Failed: it is moved to `<out>.invalid` and the command exits 3, as merge does. `verify=true` re-runs the gate on an
+Failed: it is moved to `<out>.invalid` (an earlier export at `<out>` stays) and the command exits 3. `verify=true` re-runs the gate on an
 existing export.
 
 Refused before any model loads (exit 2): a format the architecture has no runtime for (naming the ones it has), an
@@ -47,7 +47,10 @@ OPTIONS = [
     Option("verify", bool, False, "only re-run the gate on an existing export (out=, or the default folder)"),
     Option("tokens", int, None, "greedy tokens compared with transformers per prompt (default 32)"),
     Option(
-        "tolerance", float, None, "full precision: max abs logit difference (default 1e-4 x the largest logit, >= 1e-3)"
+        "tolerance",
+        float,
+        None,
+        "full precision: max abs logit difference (default x the largest logit, >= 10 units: gguf 1e-3, others 1e-4)",
     ),
     Option("min_top1", float, None, "quantized: minimum top-1 agreement (default: 16-bit 0.97, 8-bit 0.90)"),
     Option("max_logprob_gap", float, None, "quantized: max mean log-prob gap, nats (default: 16-bit 0.02, 8-bit 0.1)"),
@@ -103,7 +106,7 @@ def run(opts: dict) -> Path:
 
                 eos, template = tokenizer.eos_token, _template(target)
                 files.append(modelfile.write(staging, files[0].name, tokenizer.chat_template, eos, template))
-            result = _gate(module, staging, model_dir, target, quant, opts)
+            result = _gate(fmt, staging, model_dir, target, quant, opts)
             record = _record(fmt, quant, family, target, source, staging, files, result, started)
             _finish(staging, target, record)
     except BaseException:
@@ -112,13 +115,15 @@ def run(opts: dict) -> Path:
     finally:
         if source.get("merged_on_the_fly"):
             shutil.rmtree(merging, ignore_errors=True)
-    for stale in (out, invalid):
-        shutil.rmtree(stale, ignore_errors=True)
-    os.replace(staging, out)
-    _conclude(out, invalid, record)
+    if record["valid"]:
+        for stale in (out, invalid):
+            shutil.rmtree(stale, ignore_errors=True)
     from finetune.adapters import card
 
-    card.refresh(target.run_dir, target.config)  # the run's serving.json and card now carry what was measured
+    try:
+        _conclude(staging, out, invalid, record)  # a failed export goes to <out>.invalid; an earlier good <out> stays
+    finally:
+        card.refresh(target.run_dir, target.config)  # the run's serving.json and card carry what was measured
     return out
 
 
@@ -139,18 +144,18 @@ def _verify(out: Path, invalid: Path, target, fmt, quant: str, opts: dict) -> Pa
             f"verify=true compares with the model the export came from, {model_dir}, which is gone "
             "(merged on the fly and removed): export again with overwrite=true instead"
         )
-    record["gate"] = _gate(formats.module(fmt), out, model_dir, target, quant, opts)
+    record["gate"] = _gate(fmt, out, model_dir, target, quant, opts)
     record["valid"] = record["gate"]["passed"]
     artifacts.write_json(out / RECORD, record)
     checkpoints.update_manifest(out, [RECORD])
-    return _conclude(out, invalid, record)
+    return _conclude(out, out, invalid, record)
 
 
-def _gate(module, folder: Path, model_dir: Path, target, quant: str, opts: dict) -> dict:
+def _gate(fmt, folder: Path, model_dir: Path, target, quant: str, opts: dict) -> dict:
     from finetune.export import gate
 
     prompts = gate.prompts_for(model_dir, target.run_dir)
-    runtime = module.load(folder, opts["threads"])
+    runtime = formats.module(fmt).load(folder, opts["threads"])
     try:
         return gate.check(
             model_dir,
@@ -161,6 +166,7 @@ def _gate(module, folder: Path, model_dir: Path, target, quant: str, opts: dict)
             opts["tolerance"],
             opts["min_top1"],
             opts["max_logprob_gap"],
+            fmt.tolerance,
         )
     finally:
         runtime.close()
@@ -200,17 +206,21 @@ def _finish(staging: Path, target, record: dict) -> None:
     checkpoints.seal(staging, "export")
 
 
-def _conclude(out: Path, invalid: Path, record: dict) -> Path:
+def _conclude(folder: Path, out: Path, invalid: Path, record: dict) -> Path:
+    """Passed: `folder` becomes `out`, said with the gate's numbers. Failed: it becomes `invalid` (nothing loads it
+    by mistake; any earlier `out` is left as it was) and the command exits 3."""
     from finetune.export import gate
 
     line = gate.summary(record["gate"])
     if not record["gate"]["passed"]:
         shutil.rmtree(invalid, ignore_errors=True)
-        os.replace(out, invalid)
+        os.replace(folder, invalid)
         raise IntegrityError(
             f"{line}: {'; '.join(record['gate']['reasons'])}. The export does not answer as the trained model does; "
             f"moved to {invalid} (see its {RECORD})"
         )
+    if folder != out:
+        os.replace(folder, out)
     cli.say(f"{line}: passed")
     size = sum(f["bytes"] for f in record["files"])
     cli.say(f"exported: {out} ({size / 2**20:.1f} MiB; load it with {record['runs_with']})")

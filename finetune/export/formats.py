@@ -24,6 +24,7 @@ class Format:
     families: tuple[str, ...]
     default_quant: str
     runs_with: str  # one line for users: what loads this format
+    tolerance: float  # full precision: max abs logit difference per unit of the largest logit (export.gate)
 
 
 FORMATS = {
@@ -34,6 +35,7 @@ FORMATS = {
         ("gpt_neox",),
         "f32",
         "llama.cpp (llama-cli, llama-server, llama-cpp-python), Ollama (the Modelfile beside it), LM Studio",
+        1e-3,  # llama.cpp's CPU GELU rounds its input to f16 and reads a table: 5e-4 (tiny) to 1.8e-3 (160M)
     ),
     "ctranslate2": Format(
         "ctranslate2",
@@ -42,6 +44,7 @@ FORMATS = {
         ("gptj", "gpt_neox"),
         "float32",
         "ctranslate2.Generator (CPU int8/float32, CUDA float16/int8_float16)",
+        1e-4,  # measured ~1e-6
     ),
     "onnx": Format(
         "onnx",
@@ -50,6 +53,7 @@ FORMATS = {
         ("gpt_neo", "gptj", "gpt_neox"),
         "fp32",
         "onnxruntime.InferenceSession with the KV cache inputs (Optimum naming)",
+        1e-4,  # measured ~1e-6
     ),
 }
 FAMILY_NAMES = {"gpt_neo": "GPT-Neo", "gptj": "GPT-J", "gpt_neox": "GPT-NeoX/Pythia"}
