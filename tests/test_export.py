@@ -155,6 +155,10 @@ def test_out_must_not_replace_what_export_did_not_write(run_copy, tmp_path):
         export(str(run_copy), "format=gguf", f"out={run_copy / 'adapter' / 'x'}")
     with pytest.raises(ConfigError, match="inside the run directory only"):
         export(str(run_copy), "format=gguf", f"out={run_copy / 'logs'}")
+    base = Path(yaml.safe_load((run_copy / "config.yaml").read_text())["model"]["name_or_path"])
+    with pytest.raises(ConfigError, match="overlaps the base model"):
+        export(str(run_copy), "format=gguf", f"out={base / 'gguf'}")
+    assert not (base / "gguf").exists() and not (base / "gguf.merging").exists()
     assert (theirs / "notes.txt").read_text() == "keep me"
 
 

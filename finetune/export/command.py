@@ -7,8 +7,8 @@ merged/ (or a full fine-tune's model/, or any merged model folder) is exported a
 `<out>.partial`, loaded in its real runtime and compared with transformers (finetune.export.gate) on the run's
 held-out prompts rendered with its training template. Passed: export.json (what was measured), serving.json, the
 model card (README.md), an Ollama Modelfile for GGUF and MANIFEST.json are added and the folder becomes `<out>`.
-Failed: it is moved to `<out>.invalid` (an earlier export at `<out>` stays) and the command exits 3. `verify=true` re-runs the gate on an
-existing export.
+Failed: it is moved to `<out>.invalid` (an earlier export at `<out>` stays) and the command exits 3.
+`verify=true` re-runs the gate on an existing export.
 
 Refused before any model loads (exit 2): a format the architecture has no runtime for (naming the ones it has), an
 unknown quant type, an out= that exists (overwrite=true replaces only an export this command wrote), an out= that
@@ -70,7 +70,7 @@ def run(opts: dict) -> Path:
     started = time.perf_counter()
     cli.quiet_libraries()
     if not opts["format"]:
-        raise ConfigError(f"format= is required: {', '.join(formats.FORMATS)} ({formats._by_family()})")
+        raise ConfigError(f"format= is required: {', '.join(formats.FORMATS)} ({formats.by_family()})")
     target = rundir.locate(opts["target"])
     family = _family(target)
     fmt = formats.choose(opts["format"], family)
@@ -86,8 +86,9 @@ def run(opts: dict) -> Path:
     _check_out(out, target)
     if opts["verify"]:
         return _verify(out, invalid, target, fmt, quant, opts)
-    if (out.exists() or invalid.exists()) and not opts["overwrite"]:
-        raise ConfigError(f"out={out}: already exists; choose another out= or pass overwrite=true")
+    existing = next((folder for folder in (out, invalid) if folder.exists()), None)
+    if existing is not None and not opts["overwrite"]:
+        raise ConfigError(f"out={out}: {existing} already exists; choose another out= or pass overwrite=true")
     for folder in (out, invalid, staging, merging):
         _check_ours(folder, out)
     model_dir, source = _source_model(target, opts, merging, quant, fmt)  # loads nothing for a merged model
@@ -249,9 +250,7 @@ def _out(given: str | None, target, fmt, quant: str) -> Path:
 def _check_out(out: Path, target) -> None:
     """out= never is, holds or lies inside the weights it exports or the run; inside a run only RUN/exports/NAME."""
     resolved = out.resolve()
-    weights = target.weights.resolve()
-    if resolved == weights or weights.is_relative_to(resolved) or resolved.is_relative_to(weights):
-        raise ConfigError(f"out={out}: overlaps the weights it exports ({weights}); choose a folder outside them")
+    _check_apart(out, target.weights, "the weights it exports")
     if target.run_dir:
         run_dir = target.run_dir.resolve()
         if run_dir.is_relative_to(resolved) or (
@@ -262,6 +261,13 @@ def _check_out(out: Path, target) -> None:
                 f"(default {_out(None, target, formats.FORMATS['gguf'], 'f32').parent}/FORMAT-QUANT); "
                 "choose such a folder or one outside the run"
             )
+
+
+def _check_apart(out: Path, folder: Path, what: str) -> None:
+    """out= (and the folders beside it) must neither be, hold nor lie inside `folder`."""
+    resolved, folder = out.resolve(), Path(folder).resolve()
+    if resolved == folder or folder.is_relative_to(resolved) or resolved.is_relative_to(folder):
+        raise ConfigError(f"out={out}: overlaps {what} ({folder}); choose a folder outside it")
 
 
 def _check_ours(folder: Path, out: Path) -> None:
@@ -294,6 +300,7 @@ def _source_model(target, opts: dict, merging: Path, quant: str, fmt) -> tuple[P
     base_dir = merge.base_folder(
         rundir.base_source(target, opts["base"]), ((target.config or {}).get("model") or {}).get("revision")
     )
+    _check_apart(merging.with_name(merging.name.removesuffix(MERGING_SUFFIX)), base_dir, "the base model")
     merge.check_base(target, base_dir)
     dtype = "float32" if formats.full_precision(fmt) == quant else merge._training_dtype(target)
     cli.say(f"merging {target.weights} into {base_dir} ({dtype}) on the fly -> {merging} (removed afterwards)")

@@ -75,7 +75,7 @@ def choose(name: str, family: str) -> Format:
             f"format={name}: {fmt.engine} has no runtime for {FAMILY_NAMES.get(family, family)} models, so no "
             f"{name} export of one could be checked or run; "
             + (f"use format={' or format='.join(works)}" if works else "no export format supports it")
-            + f" (formats by architecture: {_by_family()})"
+            + f" (formats by architecture: {by_family()})"
         )
     return fmt
 
@@ -105,5 +105,6 @@ def check_quant(fmt: Format, quant: str | None) -> str:
     return quant
 
 
-def _by_family() -> str:
+def by_family() -> str:
+    """Which formats each architecture has, in one line (for messages)."""
     return "; ".join(f"{label}: {', '.join(available(f)) or 'none'}" for f, label in FAMILY_NAMES.items())
