@@ -59,6 +59,19 @@ def test_gguf_export_of_a_run_merges_on_the_fly_passes_its_gate_and_records_it(r
     assert all(p["tokenizer_equal"] for p in gate["prompts"])  # llama.cpp's own tokenizer, on the rendered prompts
     assert gate["max_abs_diff"] <= gate["tolerance"]
     assert checkpoints.verify(out) is None  # sealed: every file in MANIFEST.json
+    # llama-cpp-python's own chat API, fed the template stored in the GGUF, writes the prompt training wrote
+    import llama_cpp
+    from llama_cpp.llama_chat_format import Jinja2ChatFormatter
+    from transformers import AutoTokenizer
+
+    stored = llama_cpp.Llama(str(out / "model-f32.gguf"), vocab_only=True, verbose=False).metadata
+    trained = AutoTokenizer.from_pretrained(run_copy / "adapter")
+    assert stored["tokenizer.chat_template"] == trained.chat_template
+    messages = [{"role": "user", "content": "What is a tort?"}]
+    formatter = Jinja2ChatFormatter(stored["tokenizer.chat_template"], trained.eos_token, trained.eos_token)
+    assert formatter(messages=messages).prompt == trained.apply_chat_template(
+        messages, tokenize=False, add_generation_prompt=True
+    )
     modelfile = (out / "Modelfile").read_text()
     assert "FROM ./" in modelfile and 'PARAMETER stop "<|endoftext|>"' in modelfile
     llama = {r["engine"]: r for r in json.loads((out / "serving.json").read_text())}["llama.cpp"]
