@@ -35,6 +35,9 @@ COMMANDS = {
     "export": Command(
         "finetune.export.command", "GGUF / CTranslate2 / ONNX for local inference, checked in its runtime"
     ),
+    "inspect": Command(
+        "finetune.inspect.command", "attention maps of a prompt, per layer and head; base vs fine-tuned"
+    ),
     "serve": Command("finetune.inference.serve", "an OpenAI-compatible HTTP server for runs, many adapters per base"),
     "embed": Command("finetune.inference.embed", "sentence vectors from a run or a base model"),
     "push": Command("finetune.adapters.push", "publish an adapter or merged model to the Hugging Face Hub"),

@@ -21,7 +21,7 @@ from finetune.errors import ConfigError
 from helpers import PROJECT
 
 JOURNEYS = ["legal_assistant", "medical_assistant", "domain_pretraining", "many_adapters"]
-TOOLS = ("merge", "generate", "evaluate", "push", "embed", "serve", "export")
+TOOLS = ("merge", "generate", "evaluate", "push", "embed", "serve", "export", "inspect")
 
 
 def documented_commands() -> list[tuple[str, list[str]]]:
@@ -127,6 +127,8 @@ def check(argv: list[str]) -> list[str]:
     try:
         if tool == "serve":  # one or more RUNs
             module.parse(args)
+        elif tool == "inspect":  # a sub-command, then the RUN
+            cli.parse(args, module.OPTIONS, positional="words", many=True)
         else:
             cli.parse(args, module.OPTIONS, positional="target")
     except ConfigError as err:

@@ -77,13 +77,13 @@ def test_final_adapter_is_sealed_and_a_flipped_bit_is_refused_by_merge_generate_
 
 
 def test_merged_folder_is_sealed_verified_and_kept_valid_when_cards_are_refreshed(run_copy):
-    from finetune.evaluate import run as evaluate
+    from finetune.adapters import card
 
     merged = _merge(str(run_copy))
     assert json.loads((merged / "merge_report.json").read_text())["manifest"] == checkpoints.MANIFEST
     assert "model.safetensors" in checkpoints.manifest_of(merged)["files"] and checkpoints.verify(merged) is None
     generate.plan(run_copy, merged=True)  # verifies
-    evaluate._refresh_cards(rundir.locate(run_copy))  # evaluate rewrites the cards: the manifests follow
+    card.refresh(run_copy, rundir.locate(run_copy).config)  # evaluate and export rewrite the cards: manifests follow
     assert checkpoints.verify(merged) is None and checkpoints.verify(run_copy / "adapter") is None
     _merge(str(run_copy), "verify=true")  # the gate again, merge_report.json updated and recorded
     assert checkpoints.verify(merged) is None
