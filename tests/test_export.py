@@ -146,6 +146,10 @@ def test_onnx_export_of_gpt_neo_passes_with_a_prompt_longer_than_its_window(tiny
     window = json.loads((model / "config.json").read_text())["window_size"]
     assert record["valid"] and max(p["prompt_tokens"] for p in record["gate"]["prompts"]) > window
     assert record["gate"]["greedy_identical"] == len(record["gate"]["prompts"])
+    # verify=true re-runs the gate against the model it came from; the record, card and manifest follow
+    assert export(str(model), "format=onnx", f"out={out}", "tokens=4", "verify=true") == out
+    assert json.loads((out / "export.json").read_text())["gate"]["tokens"] == 4
+    assert "Export check (onnx fp32)" in (out / "README.md").read_text() and checkpoints.verify(out) is None
 
 
 def test_a_run_whose_base_is_gone_is_refused_naming_base(run_copy, tmp_path):

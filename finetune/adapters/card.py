@@ -1,4 +1,4 @@
-"""The model card (README.md) that goes with every adapter, full model and merged model.
+"""The model card (README.md) that goes with every adapter, full model, merged model and export.
 
 Hub metadata is a YAML mapping built as data and dumped with a dumper that double-quotes any string with a line
 break or a non-printable character, so a hostile name cannot close the front matter or add keys: the YAML parses

@@ -148,7 +148,10 @@ def _verify(out: Path, invalid: Path, target, fmt, quant: str, opts: dict) -> Pa
     record["gate"] = _gate(fmt, out, model_dir, target, quant, opts)
     record["valid"] = record["gate"]["passed"]
     artifacts.write_json(out / RECORD, record)
-    checkpoints.update_manifest(out, [RECORD])
+    from finetune.adapters import card
+
+    card.write(out, target.run_dir, _card_config(target, record), "export", extra={"export": record})
+    checkpoints.update_manifest(out, [RECORD, "README.md", "serving.json"])  # the card says what was measured now
     return _conclude(out, out, invalid, record)
 
 
@@ -200,11 +203,16 @@ def _finish(staging: Path, target, record: dict) -> None:
     from finetune.adapters import card
 
     artifacts.write_json(staging / RECORD, record)
-    config = dict(target.config or {})
-    config.setdefault("model", {}).setdefault("family", record["family"])
-    card.write(staging, target.run_dir, config, "export", extra={"export": record})
+    card.write(staging, target.run_dir, _card_config(target, record), "export", extra={"export": record})
     (staging / MARKER).unlink(missing_ok=True)
     checkpoints.seal(staging, "export")
+
+
+def _card_config(target, record: dict) -> dict:
+    """The run's config for the card, with the family known even for a model folder outside a run."""
+    config = dict(target.config or {})
+    config["model"] = {"family": record["family"], **(config.get("model") or {})}
+    return config
 
 
 def _conclude(folder: Path, out: Path, invalid: Path, record: dict) -> Path:
