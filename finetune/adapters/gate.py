@@ -3,7 +3,7 @@
 Two ways, chosen by `gate=` (auto picks full up to FULL_GATE_MAX_BYTES of base weights, layers above):
 - full: fixed probe prompts through base + adapter (unmerged, fp32: peft's own LoRA/DoRA layer on each adapted
   module) and through the merged model as written to disk (in the merged dtype); the measure is the max abs logit
-  difference. Both models run streamed (`_streamed`): transformers' disk offload over the safetensors files as they
+  difference. Both models run streamed (`streamed`): transformers' disk offload over the safetensors files as they
   are, one module's weights in memory at a time, so the gate's peak stays within the streaming merge's bound (one
   tensor plus the adapter) instead of holding a whole model, let alone two (tests/test_gate_memory.py).
 - layers: for models too big to load twice, a sample of adapted layers (first, middle and last block): a fixed
@@ -58,7 +58,7 @@ def check(
     merged into `merged_dir`; allow_pickle as the merge was given it; `quantization`: the QLoRA base's
     BitsAndBytesConfig kwargs (base_model.json), which adds "trained_model" (passed is then both checks)."""
     if mode == "auto":
-        mode = "full" if _weight_bytes(base_dir, allow_pickle) <= FULL_GATE_MAX_BYTES else "layers"
+        mode = "full" if weight_bytes(base_dir, allow_pickle) <= FULL_GATE_MAX_BYTES else "layers"
     if mode == "full":
         result = _full(base_dir, adapter, merged_dir, dtype, allow_pickle)
     else:
@@ -158,7 +158,7 @@ def _full(base_dir: Path, adapter, merged_dir: Path, dtype: str, allow_pickle: b
     tokenizer = AutoTokenizer.from_pretrained(merged_dir)
     probes = [tokenizer(p, return_tensors="pt").input_ids[:, :PROBE_TOKENS] for p in PROBES]
     with tempfile.TemporaryDirectory(prefix="finetune-gate-") as offload:  # stays empty for safetensors weights
-        base = _streamed(base_dir, torch.float32, offload, allow_pickle)
+        base = streamed(base_dir, torch.float32, offload, allow_pickle)
         finder = _TensorFinder(base_dir, allow_pickle)
         try:
             modules = dict(base.named_modules())
@@ -174,16 +174,16 @@ def _full(base_dir: Path, adapter, merged_dir: Path, dtype: str, allow_pickle: b
                 base_fp32 = _logits(base, probes)
                 del base
                 gap = _max_diff(
-                    _logits(_streamed(base_dir, getattr(torch, dtype), offload, allow_pickle), probes), base_fp32
+                    _logits(streamed(base_dir, getattr(torch, dtype), offload, allow_pickle), probes), base_fp32
                 )
         finally:
             finder.close()
-        merged = _streamed(merged_dir, getattr(torch, dtype), offload, False)
+        merged = streamed(merged_dir, getattr(torch, dtype), offload, False)
         diff = _max_diff(_logits(merged, probes), reference)
     return {"max_abs_diff": diff, "reference_gap": gap, "measure": "logits", "probes": len(probes)}
 
 
-def _streamed(folder: Path, dtype, offload: str, allow_pickle: bool = False):
+def streamed(folder: Path, dtype, offload: str, allow_pickle: bool = False):
     """The model in `folder` for inference with every module offloaded to disk: transformers' own disk offload, which
     reads safetensors weights in place (nothing is copied to `offload`) and loads each module's weights only while it
     runs, so memory holds one module's weights (in `dtype`) at a time, never the model. A pickled base (allow_pickle)
@@ -337,5 +337,5 @@ class _TensorFinder:
             reader.close()
 
 
-def _weight_bytes(folder: Path, allow_pickle: bool) -> int:
+def weight_bytes(folder: Path, allow_pickle: bool) -> int:
     return sum(path.stat().st_size for path in shards.weight_files(folder, allow_pickle))

@@ -14,7 +14,7 @@ from, on the run's held-out prompts rendered with its training template.
   barely trained weights have many; the agreement over all positions is reported beside it).
 A GPT-Neo model gets one prompt longer than its local window, so an export that treats local layers as global fails.
 The reference is transformers' eager attention in float32 (the exact path), whole when it fits in
-IN_MEMORY_MAX_BYTES, else streamed from disk one module at a time (adapters.gate._streamed) with fewer greedy
+IN_MEMORY_MAX_BYTES, else streamed from disk one module at a time (adapters.gate.streamed) with fewer greedy
 tokens (each token is one pass over the weights).
 """
 
@@ -173,7 +173,7 @@ class Reference:
             import tempfile
 
             self._offload = tempfile.TemporaryDirectory(prefix="finetune-export-gate-")
-            self.model = merge_gate._streamed(model_dir, torch.float32, self._offload.name)
+            self.model = merge_gate.streamed(model_dir, torch.float32, self._offload.name)
         else:
             self.model = AutoModelForCausalLM.from_pretrained(
                 model_dir, dtype=torch.float32, attn_implementation="eager"
@@ -250,7 +250,7 @@ def _log_softmax(logits: np.ndarray) -> np.ndarray:
 
 
 def _fp32_bytes(model_dir: Path) -> int:
-    from finetune.adapters.gate import _weight_bytes
+    from finetune.adapters.gate import weight_bytes
 
-    size, dtype = _weight_bytes(model_dir, False), json.loads((model_dir / "config.json").read_text()).get("dtype")
+    size, dtype = weight_bytes(model_dir, False), json.loads((model_dir / "config.json").read_text()).get("dtype")
     return size * (2 if dtype in ("bfloat16", "float16") else 1)
