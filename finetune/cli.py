@@ -42,6 +42,7 @@ COMMANDS = {
     "embed": Command("finetune.inference.embed", "sentence vectors from a run or a base model"),
     "push": Command("finetune.adapters.push", "publish an adapter or merged model to the Hugging Face Hub"),
     "sweep": Command("finetune.train.sweep", "summarise a sweep directory into a table"),
+    "report": Command("finetune.runs.report", "report.html: a run (or a sweep) on one self-contained page"),
     "checkpoints": Command("finetune.runs.checkpoints", "seal or verify a weights folder's manifest"),
     "tiny": Command("finetune.models.tiny", "build a tiny offline model of a family (tests, demos)"),
 }

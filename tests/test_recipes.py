@@ -21,7 +21,7 @@ from finetune.errors import ConfigError
 from helpers import PROJECT
 
 JOURNEYS = ["legal_assistant", "medical_assistant", "domain_pretraining", "many_adapters"]
-TOOLS = ("merge", "generate", "evaluate", "push", "embed", "serve", "export", "inspect")
+TOOLS = ("merge", "generate", "evaluate", "push", "embed", "serve", "export", "inspect", "report")
 
 
 def documented_commands() -> list[tuple[str, list[str]]]:

@@ -120,8 +120,10 @@ def run(opts: dict) -> Path:
     if out_dir.resolve() == target.weights.resolve():  # written into a sealed folder: recorded in its manifest
         checkpoints.update_manifest(out_dir, [Path(p).name for p in written])
     from finetune.adapters import card
+    from finetune.runs import report as run_page
 
     card.refresh(target.run_dir, target.config)
+    run_page.refresh(target.run_dir)  # the run's report.html shows the evaluation
     for line in eval_report.console_lines(report):
         cli.say(line)
     cli.say("report: " + ", ".join(str(p) for p in written))

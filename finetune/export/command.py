@@ -30,7 +30,7 @@ from finetune import console as cli
 from finetune.console import Option
 from finetune.errors import ConfigError, DiskFullError, IntegrityError
 from finetune.export import formats
-from finetune.runs import artifacts, checkpoints, rundir
+from finetune.runs import artifacts, checkpoints, report, rundir
 
 OPTIONS = [
     Option("format", str, None, "gguf (GPT-NeoX/Pythia) | ctranslate2 (GPT-J, GPT-NeoX) | onnx (all three)"),
@@ -125,6 +125,7 @@ def run(opts: dict) -> Path:
         _conclude(staging, out, invalid, record)  # a failed export goes to <out>.invalid; an earlier good <out> stays
     finally:
         card.refresh(target.run_dir, target.config)  # the run's serving.json and card carry what was measured
+        report.refresh(target.run_dir)  # and its report.html
     return out
 
 
@@ -152,6 +153,7 @@ def _verify(out: Path, invalid: Path, target, fmt, quant: str, opts: dict) -> Pa
 
     card.write(out, target.run_dir, _card_config(target, record), "export", extra={"export": record})
     checkpoints.update_manifest(out, [RECORD, "README.md", "serving.json"])  # the card says what was measured now
+    report.refresh(target.run_dir)  # the run's report.html too
     return _conclude(out, out, invalid, record)
 
 

@@ -25,7 +25,7 @@ from finetune.console import Option
 from finetune.errors import ConfigError, did_you_mean
 from finetune.inference import generate, placement
 from finetune.inspect import attention
-from finetune.runs import artifacts, rundir
+from finetune.runs import artifacts, report, rundir
 
 OPTIONS = [
     Option("prompt", str, None, "the text to read (rendered with the run's chat template unless raw=true)"),
@@ -95,7 +95,9 @@ def run(opts: dict) -> Path:
     }
     where = "/".join(target.weights.parts[-2:])
     heading = f"{where} ({config.model_type}, {dtype}): {len(ids)} tokens of {_excerpt(opts['prompt'])}"
-    return _write(out, maps, attention.token_labels(pieces), heading, record)
+    written = _write(out, maps, attention.token_labels(pieces), heading, record)
+    report.refresh(target.run_dir)  # the run's report.html shows the maps
+    return written
 
 
 def _target(words: list[str]) -> str:

@@ -52,6 +52,7 @@ TRAINING_WRITES = frozenset(
         "rejected_rows.jsonl",
         "train_steps.jsonl",
         "tracking.json",
+        "report.html",
         "adapter",
         "model",
         "checkpoints",

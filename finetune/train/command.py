@@ -244,12 +244,13 @@ after training (each takes --help):
   finetune evaluate RUN_DIR [data=FILE] [harness=lambada_openai,sciq]   base vs fine-tuned -> eval_report.md/json/png
   finetune embed RUN_DIR input=texts.txt [pooling=mean|last] [adapter=false]   vectors -> RUN_DIR/embeddings/
   finetune push RUN_DIR repo_id=NAME/REPO [merged=true] [dry_run=true]
+  finetune report RUN_DIR                              report.html: the run on one offline page (training writes it)
 
 exit codes: 0 done, 1 failure, 2 config or data problem, 3 corrupt, unsafe or mismatched input (or a failed merge gate),
 75 preempted (resume=true).
 sweeps: finetune conf=demo -m strategy.r=8,16,32 trainer.learning_rate=1e-4,3e-4
   each job in runs/sweeps/PRESET/TIME/N/ (output_dir=DIR: DIR/N/), table in sweep_summary.md (finetune sweep DIR);
-  exit code: the worst job's.
+  exit code: the worst job's. finetune report DIR: the jobs compared on one page.
 Hydra's own flags: --cfg job|all, --resolve, -m (multirun), --hydra-help.
 
 {listing(preset, everything="all" in args)}"""

@@ -39,7 +39,7 @@ from finetune.data.tokenize import PreparedData, describe, prepare, prompt_text
 from finetune.errors import ConfigError, FinetuneError, Preempted
 from finetune.models import fingerprint, strategy, tiny
 from finetune.models import load as models
-from finetune.runs import artifacts, checkpoints, record, rundir, runlock
+from finetune.runs import artifacts, checkpoints, record, report, rundir, runlock
 from finetune.train import guards, launch, oom, tracking
 
 if TYPE_CHECKING:
@@ -448,6 +448,7 @@ def _save_results(run: Run, inputs: Inputs, trainer: GuardedSFTTrainer, measured
     card.write(weights_dir, run_dir, run.resolved, "adapter" if weights_dir.name == rundir.ADAPTER_DIR else "model")
     checkpoints.seal(weights_dir, weights_dir.name)  # merge, generate, evaluate and push verify it
     run.record.complete()  # only now: a run killed while writing its card or manifest is still "running"
+    report.refresh(run_dir)  # report.html, the run on one page; a failure is said, the run stays completed
     _summary(run_dir, measured, tiny.WHAT_IT_SHOWS if cfg.model.tiny else None)
 
 
