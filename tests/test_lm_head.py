@@ -93,3 +93,51 @@ def test_all_masked_micro_batch_is_a_differentiable_zero(tiny_models):
     out = model(**batch, fused_lm_head=True)
     out.loss.backward()
     assert out.loss.item() == 0.0 and all(p.grad is not None for p in model.parameters() if p.requires_grad)
+
+
+@pytest.mark.parametrize("arch", ["neo", "gptj"])
+def test_compact_head_gives_the_fields_the_trainer_asked_for(tiny_models, arch):
+    """DPO asks trl's head for mean_logits and is_top1 (and log_sum_sq_probs with use_weighting), KTO for
+    mean_logits, and indexes them: the compact path computes what was asked, equal to trl's own path (GPT-J: a head
+    with a bias)."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+    from trl.trainer.utils import add_fused_lm_head
+
+    asked = ("log_probs", "entropy", "mean_logits", "is_top1", "log_sum_sq_probs")  # DPO with use_weighting
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_pretrained(tiny_models[arch], dtype=torch.float32)
+    model = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, target_modules="all-linear", init_lora_weights=False))
+    add_fused_lm_head(model.get_base_model(), outputs=asked)
+    trl_forward = model.get_base_model().forward
+    assert lm_head.compact_everywhere(model)
+    batch = _batch(model.config.vocab_size)
+    with torch.no_grad():
+        theirs, ours = trl_forward(**batch, fused_lm_head=True), model(**batch, fused_lm_head=True)
+    for field in ("log_probs", "entropy", "mean_logits", "log_sum_sq_probs"):
+        assert getattr(ours, field) is not None, field
+        torch.testing.assert_close(getattr(ours, field), getattr(theirs, field), rtol=0, atol=1e-5, msg=field)
+    assert torch.equal(ours.is_top1, theirs.is_top1)
+
+    # mean_logits is the per-position mean over the vocabulary of the plain logits, on the trained positions
+    with torch.no_grad():
+        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[:, :-1]
+    mask = batch["labels"][:, 1:] != IGNORE
+    torch.testing.assert_close(ours.mean_logits, logits.mean(-1) * mask, rtol=0, atol=1e-5)
+
+
+def test_compact_head_on_a_reference_model(tiny_models):
+    """A separate ref_model gets trl's head with its default outputs (log-probs only): the wrapper applies to it as
+    to a policy, and computes only that."""
+    from transformers import AutoModelForCausalLM
+    from trl.trainer.utils import add_fused_lm_head
+
+    ref = AutoModelForCausalLM.from_pretrained(tiny_models["neox"], dtype=torch.float32).eval()
+    add_fused_lm_head(ref)  # as DPOTrainer / KTOTrainer do for ref_model
+    trl_forward = ref.forward
+    assert lm_head.compact_everywhere(ref)
+    batch = _batch(ref.config.vocab_size)
+    with torch.no_grad():
+        theirs, ours = trl_forward(**batch, fused_lm_head=True), ref(**batch, fused_lm_head=True)
+    torch.testing.assert_close(ours.log_probs, theirs.log_probs, rtol=0, atol=1e-5)
+    assert ours.entropy is None and ours.mean_logits is None and ours.is_top1 is None
