@@ -81,13 +81,14 @@ def help_text() -> str:
     from finetune.config.compose import group_options, presets
 
     groups = "\n".join(
-        f"  {g:<12} {', '.join(group_options(g))}" for g in ("model", "strategy", "data", "trainer", "distributed")
+        f"  {g:<12} {', '.join(group_options(g))}"
+        for g in ("model", "strategy", "objective", "data", "trainer", "distributed")
     )
     width = max(map(len, COMMANDS))
     listing = "\n".join(f"  {name:<{width}}  {command.summary}" for name, command in COMMANDS.items())
     return f"""usage: finetune [COMMAND] [ARGS ...]     (python -m finetune works the same)
 
-Fine-tune GPT-Neo, GPT-J, Pythia and GPT-NeoX with LoRA, DoRA, QLoRA or full SFT.
+Fine-tune GPT-Neo, GPT-J, Pythia and GPT-NeoX with LoRA, DoRA, QLoRA or full SFT, then DPO, ORPO, KTO or SimPO.
 With no arguments: the offline CPU demo (finetune train conf=demo).
 
 commands:

@@ -25,6 +25,11 @@ EXPECTED_PRESETS = {
     "qlora_neox20b",
     "full_neo125m",
     "full_neox20b",
+    "dpo_demo",
+    "dpo_neox20b",
+    "dpo_qlora_neox20b",
+    "dpo_neo1.3b",
+    "dpo_pythia1b",
 }
 TARGETS = {
     "gpt_neo": ["q_proj", "k_proj", "v_proj", "out_proj", "c_fc", "c_proj"],
@@ -37,7 +42,7 @@ def test_every_preset_is_found_by_recursive_glob():
     found = {p.stem for p in CONF_DIR.rglob("*.yaml") if p.parent == CONF_DIR and p.stem != "config"}
     assert found == EXPECTED_PRESETS
     assert set(presets()) == EXPECTED_PRESETS
-    assert len(presets()) == 11
+    assert len(presets()) == 16
 
 
 @pytest.mark.parametrize("name", sorted(EXPECTED_PRESETS))
@@ -52,13 +57,13 @@ def test_preset_composes_and_resolves(name):
 
 def test_every_group_option_composes():
     count = 0
-    for group in ("model", "strategy", "data", "trainer", "distributed"):
+    for group in ("model", "strategy", "objective", "data", "trainer", "distributed"):
         for option in group_options(group):
             overrides = [f"{group}={option}"] + (["data.path=x.jsonl"] if option == "alpaca" else [])
             compose("demo", overrides)
             count += 1
-    # models, strategies, data (demo + one per template), trainers, distributed backends
-    assert count == 16 + 4 + 7 + 2 + 6
+    # models, strategies, objectives, data (demo, demo_prefs + one per template), trainers, distributed backends
+    assert count == 16 + 4 + 5 + 8 + 2 + 6
 
 
 @pytest.mark.parametrize("option", [o for o in group_options("model")])
@@ -138,7 +143,8 @@ def test_own_data_path_is_held_out_from_itself_not_from_the_demo_rows(preset, tm
     evaluated on legal/medical rows it was never about); an explicit data.eval_path is kept."""
     mine, theirs = tmp_path / "mine.jsonl", tmp_path / "held.jsonl"
     default = to_container(compose(preset))["data"]
-    assert default["eval_path"] is None or Path(default["eval_path"]).name == "legal_medical_qa_heldout.jsonl"
+    bundled = ("legal_medical_qa_heldout.jsonl", "legal_medical_prefs_heldout.jsonl")
+    assert default["eval_path"] is None or Path(default["eval_path"]).name in bundled
     own = to_container(compose(preset, [f"data.path={mine}"]))["data"]
     assert own["path"] == str(mine) and own["eval_path"] is None and own["eval_fraction"] > 0
     both = to_container(compose(preset, [f"data.path={mine}", f"data.eval_path={theirs}"]))["data"]

@@ -60,7 +60,9 @@ def metadata(config: dict, kind: str) -> dict:
     for path in data_path if isinstance(data_path, list) else [data_path]:
         if isinstance(path, str) and _is_hub_id(path) and path not in datasets:
             datasets.append(path)
+    objective = (config.get("objective") or {}).get("name", "sft")
     tags = ["neo-finetune", strategy, model.get("family", "")] + [t for t in card.get("tags") or [] if t]
+    tags += [objective] if objective != "sft" else []
     if card.get("domain", "general") != "general":
         tags.append(card["domain"])
     meta = {}
@@ -251,6 +253,7 @@ def _training(config: dict, record: dict) -> list[str]:
         ("base", _line(model.get("hub_id") or Path(str(model.get("name_or_path", ""))).name)),
         ("revision", _line(model.get("revision"))),
         ("strategy", _line(strategy.get("name"))),
+        *_objective_rows(config.get("objective") or {}),
     ]
     if strategy.get("name") != "full":
         rows += [
@@ -289,6 +292,18 @@ def _training(config: dict, record: dict) -> list[str]:
     return lines + [""]
 
 
+def _objective_rows(objective: dict) -> list[tuple[str, str]]:
+    """What the run optimised, with the objective's own keys; the run it started from by name (never a path)."""
+    name = objective.get("name", "sft")
+    if name == "sft":
+        return []
+    settings = ", ".join(f"{k}={v}" for k, v in objective.items() if k not in ("name", "init_from"))
+    rows = [("objective", _line(f"{name.upper()}" + (f" ({settings})" if settings else "")))]
+    if objective.get("init_from"):
+        rows.append(("started from the adapter of run", _line(Path(str(objective["init_from"])).name)))
+    return rows
+
+
 def _modules(targets) -> str:
     # "all-linear" is peft's shorthand
     return targets if isinstance(targets, str) else ", ".join(map(str, targets or []))
@@ -299,7 +314,19 @@ def _results(run_dir, record: dict, extra: dict) -> list[str]:
 
     lines = ["## Results", ""]
     before, after = record.get("eval_loss_before"), record.get("eval_loss_after")
-    if before is not None and after is not None:
+    preference = record.get("preference_eval") or {}
+    if before is not None and after is not None and preference:
+        lines += [
+            "| held-out pairs | before training | after |",
+            "|---|---|---|",
+            f"| {_cell(preference.get('objective', ''))} loss | {before:.4f} | {after:.4f} |",
+            *(
+                f"| {label} | {_number(values.get('before'))} | {_number(values.get('after'))} |"
+                for label, values in preference.get("metrics", {}).items()
+            ),
+            "",
+        ]
+    elif before is not None and after is not None:
         lines += [
             "| held-out | base | fine-tuned |",
             "|---|---|---|",
@@ -407,6 +434,10 @@ def _data_name(data: dict) -> str:
     names = path if isinstance(path, list) else [path]
     shown = [f"`{_line(p)}`" if _is_hub_id(str(p)) else f"`{_line(Path(str(p)).name)}`" for p in names if p]
     return ", ".join(shown) or "its data"
+
+
+def _number(value) -> str:
+    return f"{value:.4f}" if isinstance(value, (int, float)) else "-"
 
 
 def _line(value) -> str:

@@ -21,8 +21,25 @@ from functools import cache
 from pathlib import Path
 
 SCHEMA_FILE = Path(__file__).with_name("schema.py")
-SECTIONS = ("", "model", "data", "strategy", "trainer", "distributed", "card", "tracking")  # "": top-level keys
-GROUPS = ("model", "strategy", "data", "trainer", "distributed")  # conf/GROUP/OPTION.yaml: keys are GROUP.KEY
+SECTIONS = (
+    "",
+    "model",
+    "data",
+    "strategy",
+    "objective",
+    "trainer",
+    "distributed",
+    "card",
+    "tracking",
+)  # "": top-level keys
+GROUPS = (
+    "model",
+    "strategy",
+    "objective",
+    "data",
+    "trainer",
+    "distributed",
+)  # conf/GROUP/OPTION.yaml: keys are GROUP.KEY
 NOT_GROUPS = ("accelerate",)  # conf/accelerate/: `accelerate launch --config_file` configs, not Hydra's
 HYDRA_INTERNALS = ("defaults", "hydra", "_target_")  # Hydra's own keys in a conf file, never config keys
 
@@ -36,6 +53,17 @@ LIBRARIES = {
             ("trl", "trainer/sft_config.py", "SFTConfig"),
             ("trl", "trainer/base_config.py", "_BaseConfig"),
             ("transformers", "training_args.py", "TrainingArguments"),
+        ),
+    ),
+    "objective": (  # each objective's trl config: its own method fields (TrainingArguments' are trainer.*)
+        "trl's DPOConfig / KTOConfig / ORPOConfig / CPOConfig",
+        "trl",
+        "DPOConfig",
+        (
+            ("trl", "trainer/dpo_config.py", "DPOConfig"),
+            ("trl", "trainer/kto_config.py", "KTOConfig"),
+            ("trl", "experimental/orpo/orpo_config.py", "ORPOConfig"),
+            ("trl", "experimental/cpo/cpo_config.py", "CPOConfig"),
         ),
     ),
     "strategy": (
@@ -107,7 +135,7 @@ def _section_classes() -> dict[str, str]:
     """Section -> the schema class holding its keys: RunConfig's fields typed by a schema class, and StrategyKeys."""
     classes = _schema_classes()
     sections = {name: annotation for name, annotation, _ in classes["RunConfig"] if annotation in classes}
-    return {**sections, "strategy": "StrategyKeys"}
+    return {**sections, "strategy": "StrategyKeys", "objective": "ObjectiveKeys"}
 
 
 def schema_keys() -> dict[str, str]:
@@ -269,10 +297,12 @@ def _imported_fields(section: str) -> dict[str, str | None]:
 
 def _library_extras(section: str) -> dict[str, str]:
     """Library fields whose doc is ours (`--help all`): trainer keys another key owns, strategy fields we refuse."""
-    if section == "trainer":
+    if section in ("trainer", "objective"):
+        from finetune.config.objective_checks import OWNED_OBJECTIVE_KEYS
         from finetune.config.validate import OWNED_TRAINER_KEYS
 
-        return {name: f"Ours: set through {where} instead." for name, where in OWNED_TRAINER_KEYS.items()}
+        owned = OWNED_TRAINER_KEYS if section == "trainer" else OWNED_OBJECTIVE_KEYS
+        return {name: f"Ours: set through {where} instead." for name, where in owned.items()}
     from finetune.models.strategy import REFUSED_FIELDS
 
     return {name: f"Refused: {one_line(reason).split(';')[0]}." for name, reason in REFUSED_FIELDS.items()}

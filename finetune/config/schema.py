@@ -10,6 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 FAMILIES = ("gpt_neo", "gpt_neox", "gptj")
+OBJECTIVES = ("sft", "dpo", "orpo", "kto", "simpo")
 STRATEGIES = ("lora", "dora", "qlora", "full")
 
 
@@ -144,6 +145,18 @@ class StrategyKeys:
 
 
 @dataclass
+class ObjectiveKeys:
+    """Our keys under `objective:`, beside the fields of the objective's trl config (DPOConfig, KTOConfig, ORPOConfig,
+    CPOConfig): validation checks objective.* against that class in finetune.config.validate."""
+
+    name: str = "sft"
+    """sft | dpo | orpo | kto | simpo: what the run optimises (objective=NAME, conf/objective/)."""
+    init_from: str | None = None
+    """A finished run directory to continue from: its adapter trains on (DPO/KTO: and is the frozen reference), with
+    the same base and data template (checked); null: a fresh adapter on the base."""
+
+
+@dataclass
 class RunConfig:
     """The root of a composed config: our run-level keys plus the groups."""
 
@@ -158,6 +171,9 @@ class RunConfig:
     (StrategyKeys)."""
     trainer: dict
     """trl.SFTConfig's fields (transformers TrainingArguments), passed on unchanged (trainer=OPTION, conf/trainer/)."""
+    objective: dict = field(default_factory=lambda: {"name": "sft"})
+    """What the run optimises: sft, or a preference objective (dpo, orpo, kto, simpo) with trl's own keys for it
+    (objective=NAME, conf/objective/): ObjectiveKeys plus the trl config's method fields (beta, loss_type, ...)."""
     distributed: DistributedConfig = field(default_factory=DistributedConfig)
     """How training is spread over processes (distributed=OPTION, conf/distributed/)."""
     card: CardConfig = field(default_factory=CardConfig)

@@ -18,6 +18,7 @@ from omegaconf import DictConfig, OmegaConf
 from finetune import ranks
 from finetune.config import credentials
 from finetune.config.model_checks import check_model
+from finetune.config.objective_checks import check_objective
 from finetune.config.schema import STRATEGIES, RunConfig
 from finetune.errors import ConfigError, Problem, did_you_mean, keeping_kinds
 from finetune.runs import runlock
@@ -65,6 +66,7 @@ def validate(cfg: DictConfig) -> tuple[dict, list[str]]:
         problems += check_strategy(resolved["strategy"])
     if isinstance(resolved.get("trainer"), dict):
         problems += check_trainer(resolved, warnings)
+    problems += check_objective(resolved, warnings)
     if isinstance(resolved.get("strategy"), dict) and isinstance(resolved.get("trainer"), dict):
         problems += check_loraplus(resolved)
     if not schema_problems:  # the checks below read typed values of our own keys

@@ -40,6 +40,7 @@ RESUME_FIELDS = (
     "max_length",
     "packing",
     "dtype",
+    "objective",
     "learning_rate",
     "lr_scheduler_type",
     "max_steps",
@@ -186,8 +187,15 @@ def base_mismatch(recorded: dict, folder: Path, warn=None) -> list[str]:
 def dataset(samples: list, packed: bool) -> str:
     digest = hashlib.sha256(b"packed" if packed else b"unpacked")
     for sample in samples:
-        digest.update(json.dumps([sample.input_ids, sample.labels]).encode())
+        digest.update(json.dumps(_token_fields(sample)).encode())
     return digest.hexdigest()
+
+
+def _token_fields(sample) -> list:
+    """What a sample trains on: SFT's ids and labels; a preference pair's or KTO row's ids (and label)."""
+    if hasattr(sample, "labels"):
+        return [sample.input_ids, sample.labels]
+    return [value for key, value in vars(sample).items() if key != "where"]
 
 
 def run_facts(cfg, strategy: dict, base: str, data: str, world_size: int) -> dict:
@@ -202,11 +210,23 @@ def run_facts(cfg, strategy: dict, base: str, data: str, world_size: int) -> dic
         "max_length": cfg.data.max_length,
         "packing": cfg.data.packing,
         "dtype": cfg.model.dtype,
+        "objective": _objective(cfg),
     }
     for key in RESUME_FIELDS:
         if key not in facts:
             facts[key] = trainer.get(key)
     return json.loads(json.dumps(facts, default=str))
+
+
+def _objective(cfg) -> dict | None:
+    """The preference objective and its keys (init_from included); None for SFT, as checkpoints before objectives
+    recorded it."""
+    from omegaconf import OmegaConf
+
+    objective = cfg.get("objective") or {}
+    if objective.get("name", "sft") == "sft":
+        return None
+    return OmegaConf.to_container(objective) if OmegaConf.is_config(objective) else dict(objective)
 
 
 def drift(saved: dict, current: dict, allowed: list[str]) -> list[str]:

@@ -74,6 +74,8 @@ def input_tokens(inputs: dict):
     mask = inputs.get("attention_mask")
     if mask is not None:
         return mask.sum()
+    if "input_ids" not in inputs:  # ORPO / SimPO batches: prompt+chosen and prompt+rejected rows
+        return sum(inputs[f"{side}_attention_mask"].sum() for side in ("chosen", "rejected"))
     ids, positions, labels = inputs["input_ids"], inputs.get("position_ids"), inputs.get("labels")
     if positions is None or labels is None or positions.dim() != 2 or positions.shape != labels.shape:
         return ids.numel()
@@ -153,6 +155,7 @@ class TrainingProgress(TrainerCallback):
                 line.append(f"grad-norm {logs['grad_norm']:.3g}")
             if "loss_scale" in logs:
                 line.append(f"loss-scale {logs['loss_scale']:g}")
+            line += _preference(logs, "")
             if rate is not None:
                 line.append(f"{rate:,.0f} tok/s")
             if self.bar is None and state.global_step < state.max_steps:
@@ -172,7 +175,7 @@ class TrainingProgress(TrainerCallback):
                 when = f"at step {state.global_step}"
             perplexity = logs.get("eval_perplexity")
             ppl = f", perplexity {_number(perplexity)}" if isinstance(perplexity, (int, float)) else ""
-            self._say(f"eval {when}: loss {logs['eval_loss']:.4g}{ppl}")
+            self._say("  ".join([f"eval {when}: loss {logs['eval_loss']:.4g}{ppl}", *_preference(logs, "eval_")]))
 
     def on_save(self, args, state, control, **kwargs):
         self._exclude_since_step()
@@ -266,6 +269,23 @@ class TrainingProgress(TrainerCallback):
             tqdm.write(PREFIX + message, file=sys.stderr)
         else:
             print(PREFIX + message, file=sys.stderr, flush=True)
+
+
+PREFERENCE_METRICS = (  # trl's preference trainers log these (KTO has no accuracy: its data is unpaired)
+    ("rewards/chosen", "chosen"),
+    ("rewards/rejected", "rejected"),
+    ("rewards/margins", "margin"),
+    ("rewards/accuracies", "accuracy"),
+)
+
+
+def _preference(logs: dict, prefix: str) -> list[str]:
+    """The reward columns of a preference objective's log line (nothing for SFT)."""
+    return [
+        f"{label} {logs[prefix + key]:.3g}"
+        for key, label in PREFERENCE_METRICS
+        if isinstance(logs.get(prefix + key), float)
+    ]
 
 
 def _length(loader) -> int | None:

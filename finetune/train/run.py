@@ -35,12 +35,12 @@ from finetune.config import precision
 from finetune.config.validate import validate
 from finetune.data import packing
 from finetune.data import templates as data_templates
-from finetune.data.tokenize import PreparedData, describe, prepare, prompt_text
+from finetune.data.tokenize import PreparedData, prompt_text
 from finetune.errors import ConfigError, FinetuneError, Preempted
 from finetune.models import fingerprint, strategy, tiny
 from finetune.models import load as models
 from finetune.runs import artifacts, checkpoints, record, report, rundir, runlock
-from finetune.train import guards, launch, oom, tracking
+from finetune.train import guards, launch, objectives, oom, summary, tracking
 
 if TYPE_CHECKING:
     from trl import SFTConfig
@@ -223,10 +223,10 @@ def _prepare_data(run: Run) -> Inputs:
     template = data_templates.load(cfg.data.template)
     tokenizer.chat_template = template.chat_template  # saved with the tokenizer: inference renders as training did
     batch_size = cfg.trainer.get("per_device_train_batch_size", 8)
-    data = prepare(cfg.data, tokenizer, template, cfg.seed, progress=rows_bar, batch_size=batch_size)
+    data = objectives.prepare(cfg, tokenizer, template, progress=rows_bar, batch_size=batch_size)  # SFT or pairs
     run.stop_if_signalled("data preparation")  # tokenizing runs to its end (seconds), then nothing else starts
     train_set, eval_set = data.as_datasets()
-    for line in describe(data):
+    for line in objectives.describe(cfg, data):
         cli.say(line)
     if data.not_kept and ranks.is_main():
         artifacts.write_jsonl(run.run_dir / "rejected_rows.jsonl", [n.as_dict() for n in data.not_kept])
@@ -244,13 +244,12 @@ def _arguments(run: Run, inputs: Inputs) -> Arguments:
     the weights while loading instead of materialising the whole model on every rank. Building it starts a
     distributed launch's process group: from then on a preemption signal is ours to handle (PreemptionSignals.arm)."""
     import torch
-    from trl import SFTConfig
 
     cfg = run.cfg
     has_eval = inputs.eval_set is not None
     training_args = _training_arguments(cfg, run.run_dir, has_eval=has_eval, cuda=torch.cuda.is_available())
     keep_checkpoints = training_args.pop("save_total_limit", None)
-    args = SFTConfig(**training_args, save_total_limit=None)  # rotation is ours, after each commit (trainer.py)
+    args = objectives.training_config(cfg, {**training_args, "save_total_limit": None})  # rotation: trainer.py
     distributed = args.world_size > 1  # the process group exists from here on
     run.signals.arm()
     if distributed and cfg.distributed.backend == "deepspeed":
@@ -297,21 +296,24 @@ def _build_trainer(run: Run, inputs: Inputs, arguments: Arguments, model) -> Gua
     facts, rotated by us and cleaned to be shareable (no pickles, no local paths); train_steps.jsonl, which proves a
     resume exact; the preemption, early-stopping and tracking callbacks. run.json learns the optimizer and the
     parameter counts; a disk that cannot hold two checkpoints is refused now, not at the first save."""
-    from finetune.train.trainer import GuardedSFTTrainer, estimate_checkpoint_bytes
+    from finetune.train.trainer import estimate_checkpoint_bytes
 
     cfg, args = run.cfg, arguments.args
+    model, peft_config = objectives.starting_point(cfg, model, run.strategy)  # init_from: that run's adapter
     collator = packing.PackedCollator(inputs.tokenizer.pad_token_id) if inputs.data.packed is not None else None
     public_base = _public_name(cfg.model)
     resume_step = checkpoints.step_of(run.resume_from) if run.resume_from else 0
     step_log = guards.StepLog(run.run_dir / "train_steps.jsonl", resume_step, enabled=args.should_save)
-    trainer = GuardedSFTTrainer(
+    reference = objectives.reference_model(cfg, inputs.tokenizer, strategy.quantization(run.strategy))
+    trainer = objectives.trainer_class(cfg)(
         model=model,
+        **({"ref_model": reference} if reference is not None else {}),
         args=args,
         train_dataset=inputs.train_set,
         eval_dataset=inputs.eval_set,
         processing_class=inputs.tokenizer,
         data_collator=collator,
-        peft_config=strategy.peft_config(run.strategy),
+        peft_config=peft_config,
         callbacks=[
             guards.StopOnPreemption(run.signals),
             guards.StopBeforeTraining(run.signals),
@@ -373,6 +375,9 @@ def _measure_in_loop(run: Run, trainer: GuardedSFTTrainer, measured: Measurement
     train(), once the model is wrapped, before the first step, with the adapter switched off (the untouched base also
     on a resume). A resumed full fine-tune holds the checkpoint's weights by then."""
     full = run.cfg.strategy.name == "full"
+    # DPO/KTO switch the adapter off for their reference themselves, and switch it back on when done: nested in ours,
+    # that would measure the policy. Before the first step the policy is the reference anyway.
+    keep_adapter = full or (objectives.is_preference(run.cfg) and not objectives.spec(run.cfg).reference_free)
 
     def measure_base_in_loop() -> None:
         if full and run.resume_from is not None:
@@ -381,7 +386,7 @@ def _measure_in_loop(run: Run, trainer: GuardedSFTTrainer, measured: Measurement
                 "(the weights are the checkpoint's)"
             )
             return
-        with trainer.model.disable_adapter() if not full else contextlib.nullcontext():
+        with trainer.model.disable_adapter() if not keep_adapter else contextlib.nullcontext():
             measure_base()
         if measured.eval_before:  # a baseline, not a point of this run's curve (single-process runs: a fresh log)
             trainer.state.log_history.pop()
@@ -442,6 +447,7 @@ def _save_results(run: Run, inputs: Inputs, trainer: GuardedSFTTrainer, measured
         train_loss=result.training_loss,
         eval_loss_before=before.get("eval_loss"),
         eval_loss_after=after.get("eval_loss"),
+        **summary.preference_record(objectives.name(cfg), before, after),
         **_best(trainer.state),
         weights_manifest=f"{weights_dir.name}/{checkpoints.MANIFEST}",  # a folder missing it is refused
     )
@@ -449,7 +455,7 @@ def _save_results(run: Run, inputs: Inputs, trainer: GuardedSFTTrainer, measured
     checkpoints.seal(weights_dir, weights_dir.name)  # merge, generate, evaluate and push verify it
     run.record.complete()  # only now: a run killed while writing its card or manifest is still "running"
     report.refresh(run_dir)  # report.html, the run on one page; a failure is said, the run stays completed
-    _summary(run_dir, measured, tiny.WHAT_IT_SHOWS if cfg.model.tiny else None)
+    summary.closing_lines(run_dir, measured, tiny.WHAT_IT_SHOWS if cfg.model.tiny else None)
 
 
 def _check_free_space(run_dir: Path, checkpoint_bytes: int, args) -> None:
@@ -573,26 +579,3 @@ def given_overrides() -> list[str]:
     from hydra.core.hydra_config import HydraConfig
 
     return list(HydraConfig.get().overrides.task) if HydraConfig.initialized() else []
-
-
-def _summary(run_dir: Path, measured: Measurements, note: str | None = None) -> None:
-    """The closing lines: the held-out loss before -> after, each sample generation before and after, and a note on
-    what such a run can show (a tiny base: that fine-tuning worked, not knowledge)."""
-    before, after = measured.eval_before, measured.eval_after
-    if "eval_loss" in before and "eval_loss" in after:
-        b, a = before["eval_loss"], after["eval_loss"]
-        seconds = measured.train_seconds
-        cli.say(f"held-out eval loss: {b:.3f} -> {a:.3f} ({(a - b) / b:+.1%}) after {seconds:.0f} s of training")
-    penalty = measured.decoding["repetition_penalty"]
-    decoding = "greedy decoding" + (f", repetition_penalty={penalty:g}" if penalty != 1 else "")
-    for i, sample in enumerate(measured.samples, 1):
-        cli.say(f"held-out prompt (row {i} of the held-out set; {decoding}):\n" + _indent(sample["prompt"]))
-        cli.say("before training:\n" + _indent(sample["before"] or "(empty)"))
-        cli.say("after training:\n" + _indent(sample["after"] or "(empty)"))
-    if note:
-        cli.say(note)
-    cli.say(f"run directory: {run_dir}")
-
-
-def _indent(text: str) -> str:
-    return "\n".join(f"    | {line}" for line in text.strip().splitlines())

@@ -1,4 +1,8 @@
-"""trl's SFTTrainer plus the guarantees it leaves out; each override is small and says which defect it fixes.
+"""trl's trainers plus the guarantees they leave out; each override is small and says which defect it fixes.
+
+`Guards` holds them and goes in front of a trl trainer: `GuardedSFTTrainer` (SFT) here, the preference objectives'
+in finetune.train.preference_trainers. Preference batches have no `labels` (DPO/KTO: `completion_mask`; ORPO/SimPO:
+`chosen_*` / `rejected_*` rows), so the guards read the batch through `trained_tokens` and `batch_ids`.
 
 - `_run_epoch`: resuming from checkpoint-N of N trains no step N+1 (transformers steps before it checks max_steps).
 - `_save_checkpoint`: transformers writes checkpoint-N in place, so a crash mid-save leaves a torn folder that
@@ -38,7 +42,11 @@ from finetune.train import fsdp, progress
 from finetune.train.guards import StepLog
 
 
-class GuardedSFTTrainer(SFTTrainer):
+class Guards:
+    """The overrides every trainer of ours carries; put it first in the bases (`class X(Guards, trl.XTrainer)`)."""
+
+    perplexity = True  # eval_perplexity beside eval_loss: a language-model loss (not a preference objective's)
+
     def __init__(
         self,
         *args,
@@ -52,10 +60,12 @@ class GuardedSFTTrainer(SFTTrainer):
         self.loraplus_lr_ratio = loraplus_lr_ratio  # before super().__init__: it may build the optimizer
         super().__init__(*args, **kwargs)
         lm_head.compact_everywhere(self.model)  # trl's fused head projects every position off CUDA; only trained ones
+        if getattr(self, "ref_model", None) is not None:  # DPO/KTO with a frozen copy as the reference
+            lm_head.compact_everywhere(self.ref_model)
         self.keep_checkpoints = keep_checkpoints
         self.run_facts = run_facts
         self.step_log = step_log
-        self.after_save = after_save  # callable(folder): replace pickles, scrub local paths
+        self.after_save = lambda folder: (_drop_reference_adapter(folder), after_save(folder))  # pickles, paths
         self.remove_callback(ProgressCallback)  # whichever of the two the Trainer added (disable_tqdm picks)
         self.remove_callback(PrinterCallback)
         self.progress = progress.TrainingProgress()
@@ -132,7 +142,7 @@ class GuardedSFTTrainer(SFTTrainer):
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
         """Perplexity beside every eval loss, fp16's loss scale beside every loss (train.log, metrics.json,
         TensorBoard/W&B alike)."""
-        if isinstance(logs.get("eval_loss"), float):
+        if self.perplexity and isinstance(logs.get("eval_loss"), float):
             logs["eval_perplexity"] = math.exp(min(logs["eval_loss"], 50.0))
         scaler = getattr(self.accelerator, "scaler", None)
         if "loss" in logs and scaler is not None and scaler.is_enabled():  # fp16: a halving scale means overflow
@@ -141,7 +151,8 @@ class GuardedSFTTrainer(SFTTrainer):
 
     def training_step(self, model, inputs, num_items_in_batch=None):
         step = self.state.global_step + 1
-        if num_items_in_batch is not None and int(num_items_in_batch) == 0:
+        trained = num_items_in_batch if num_items_in_batch is not None else trained_tokens(inputs)
+        if trained is not None and int(trained) == 0:
             raise NonFiniteError(
                 f"optimizer step {step} has no trained token (every label in its batches is masked): "
                 "the loss would be NaN or 0.0; check data.template and data.overlength"
@@ -153,7 +164,7 @@ class GuardedSFTTrainer(SFTTrainer):
                 f"the loss is {value} at optimizer step {step}; stopped before the update, the last "
                 "checkpoint is intact. Lower trainer.learning_rate, keep bf16/fp32 (not fp16), check the data"
             )
-        self.step_log.add(inputs["input_ids"], value)
+        self.step_log.add(batch_ids(inputs), value)
         return loss
 
     def _track_num_input_tokens(self, inputs) -> None:
@@ -172,6 +183,39 @@ class GuardedSFTTrainer(SFTTrainer):
                 "the update, the last checkpoint is intact. Lower trainer.learning_rate or keep bf16/fp32"
             )
         return norm
+
+
+class GuardedSFTTrainer(Guards, SFTTrainer):
+    """trl's SFTTrainer with our guards."""
+
+
+REFERENCE_ADAPTER = "ref"  # trl's copy of the starting adapter (a PeftModel given to DPO/KTO): the frozen reference
+
+
+def _drop_reference_adapter(folder: Path) -> None:
+    """peft saves every adapter of a model, so trl's frozen reference lands in `ref/` beside the trained adapter;
+    a resume rebuilds it from init_from, and a published adapter must be the trained one alone."""
+    ref = Path(folder) / REFERENCE_ADAPTER
+    if (ref / "adapter_config.json").is_file() and (Path(folder) / "adapter_config.json").is_file():
+        shutil.rmtree(ref)
+
+
+def trained_tokens(inputs: dict):
+    """The tokens one micro-batch trains, from whichever mask its trainer's collator built (None: no such mask)."""
+    if "labels" in inputs:
+        return (inputs["labels"] != -100).sum()
+    if "completion_mask" in inputs:  # DPO / KTO
+        return inputs["completion_mask"].sum()
+    if "chosen_labels" in inputs:  # ORPO / SimPO
+        return sum((inputs[f"{side}_labels"] != -100).sum() for side in ("chosen", "rejected"))
+    return None
+
+
+def batch_ids(inputs: dict) -> torch.Tensor:
+    """Every token id of one micro-batch, flattened in a fixed order: what train_steps.jsonl hashes per step."""
+    if "input_ids" in inputs:
+        return inputs["input_ids"]
+    return torch.cat([inputs[key].flatten() for key in sorted(inputs) if key.endswith("input_ids")])
 
 
 def _is_disk_full(err: BaseException, free: int, need: int) -> bool:

@@ -53,10 +53,11 @@ elif fault in ("KILL_IN_DATA", "KILL_IN_EVAL", "KILL_IN_FINAL_SAVE", "KILL_IN_CA
         return wrapper
 
     if fault == "KILL_IN_DATA":
-        training.prepare = dying(training.prepare)
+        training.objectives.prepare = dying(training.objectives.prepare)
     elif fault == "KILL_IN_EVAL":
-        guarded.GuardedSFTTrainer.evaluate = dying(
-            guarded.GuardedSFTTrainer.evaluate, lambda self, *a, **k: self.state.global_step == 0
+        guarded.Guards.evaluate = dying(
+            lambda self, *a, **k: super(guarded.Guards, self).evaluate(*a, **k),
+            lambda self, *a, **k: self.state.global_step == 0,
         )
     elif fault == "KILL_IN_FINAL_SAVE":  # the final folder is cleaned right after trainer.save_model wrote it
         training.artifacts.clean_weights_folder = dying(
@@ -67,26 +68,24 @@ elif fault in ("KILL_IN_DATA", "KILL_IN_EVAL", "KILL_IN_FINAL_SAVE", "KILL_IN_CA
 elif fault == "TERM_IN_DATA":
     import finetune.train.run as training
 
-    prepare = training.prepare
+    prepare = training.objectives.prepare
 
     def signalled_prepare(*args, **kwargs):
         os.kill(os.getpid(), signal.SIGTERM)
         return prepare(*args, **kwargs)
 
-    training.prepare = signalled_prepare
+    training.objectives.prepare = signalled_prepare
 elif fault == "TERM_IN_EVAL":
-    evaluate = guarded.GuardedSFTTrainer.evaluate
-
     def signalled_evaluate(self, *args, **kwargs):
         if self.state.global_step == 0:
             os.kill(os.getpid(), signal.SIGTERM)
-        return evaluate(self, *args, **kwargs)
+        return super(guarded.Guards, self).evaluate(*args, **kwargs)
 
-    guarded.GuardedSFTTrainer.evaluate = signalled_evaluate
+    guarded.Guards.evaluate = signalled_evaluate
 elif fault == "OOM":
     import torch
 
-    training_step = guarded.GuardedSFTTrainer.training_step
+    training_step = guarded.Guards.training_step
 
     def running_out(self, *args, **kwargs):
         if self.state.global_step == at:
@@ -95,16 +94,16 @@ elif fault == "OOM":
             )
         return training_step(self, *args, **kwargs)
 
-    guarded.GuardedSFTTrainer.training_step = running_out
+    guarded.Guards.training_step = running_out
 else:
-    training_step = guarded.GuardedSFTTrainer.training_step
+    training_step = guarded.Guards.training_step
 
     def faulty_training_step(self, model, inputs, num_items_in_batch=None):
         if self.state.global_step == at:
             os.kill(os.getpid(), getattr(signal, f"SIG{fault}"))
         return training_step(self, model, inputs, num_items_in_batch)
 
-    guarded.GuardedSFTTrainer.training_step = faulty_training_step
+    guarded.Guards.training_step = faulty_training_step
 
 from finetune.cli import main  # noqa: E402 - after the fault is in place
 
