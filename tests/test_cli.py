@@ -23,9 +23,9 @@ from finetune.config.compose import CONF_DIR
 
 from helpers import PROJECT
 
-GROUPS = ("model", "strategy", "data", "trainer", "distributed")  # conf/GROUP/*.yaml: Hydra config groups
+GROUPS = ("model", "strategy", "objective", "data", "trainer", "distributed")  # conf/GROUP/*.yaml: Hydra config groups
 NOT_GROUPS = ("accelerate",)  # conf/accelerate/: configs for `accelerate launch`, not Hydra's
-SECTIONS = ("model", "data", "strategy", "trainer", "distributed", "card", "tracking")
+SECTIONS = ("model", "data", "strategy", "objective", "trainer", "distributed", "card", "tracking")
 HYDRA_INTERNALS = ("defaults", "hydra", "_target_")
 
 
@@ -74,9 +74,10 @@ def schema_keys() -> list[str]:
         kind = hints[field.name]
         if dataclasses.is_dataclass(kind):
             found += [f"{field.name}.{f.name}" for f in dataclasses.fields(kind)]
-        elif field.name not in ("strategy", "trainer"):  # peft's and trl's, plus StrategyKeys
+        elif field.name not in ("strategy", "trainer", "objective"):  # peft's and trl's, plus ours beside them
             found.append(field.name)
-    return found + [f"strategy.{f.name}" for f in dataclasses.fields(schema.StrategyKeys)]
+    ours = [f"strategy.{f.name}" for f in dataclasses.fields(schema.StrategyKeys)]
+    return found + ours + [f"objective.{f.name}" for f in dataclasses.fields(schema.ObjectiveKeys)]
 
 
 def test_conf_has_no_directory_the_walk_would_miss():

@@ -76,6 +76,7 @@ elif fault == "TERM_IN_DATA":
 
     training.objectives.prepare = signalled_prepare
 elif fault == "TERM_IN_EVAL":
+
     def signalled_evaluate(self, *args, **kwargs):
         if self.state.global_step == 0:
             os.kill(os.getpid(), signal.SIGTERM)
