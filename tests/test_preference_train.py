@@ -182,3 +182,44 @@ def test_sft_config_keeps_validating_and_hashing_as_before():
     from finetune.models.fingerprint import run_facts
 
     assert run_facts(cfg, resolved["strategy"], "b", "d", 1)["objective"] is None  # old checkpoints still resume
+
+
+def test_a_dpo_adapter_merges_through_the_gate_and_generates(dpo_run, tmp_path):
+    """The DPO adapter is a standard one: merged with the numerical gate (finetune merge), then generated from."""
+    import shutil
+
+    run_dir = Path(shutil.copytree(dpo_run, tmp_path / "run"))
+    merged = subprocess.run(
+        [sys.executable, "-m", "finetune", "merge", str(run_dir)],
+        cwd=PROJECT,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert merged.returncode == 0, merged.stderr[-3000:]
+    report = json.loads((run_dir / "merged" / "merge_report.json").read_text())
+    assert report["valid"] and report["gate"]["max_abs_diff"] <= report["gate"]["tolerance"]
+    generated = subprocess.run(
+        [sys.executable, "-m", "finetune", "generate", str(run_dir), "prompt=What is a lease?", "max_new_tokens=4"],
+        cwd=PROJECT,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert generated.returncode == 0, generated.stderr[-3000:]
+    assert generated.stdout.strip()
+
+
+def test_preview_shows_chosen_and_rejected_side_by_side_without_loading_the_model(tiny_models):
+    from finetune.data.preview import preview
+
+    text = preview("dpo_demo", [f"model.name_or_path={tiny_models['neo']}", "model.tiny=null"], n=2)
+    assert text.startswith("objective dpo, template alpaca")
+    pair = text.split("--- ", 2)[1]
+    assert "legal_medical_prefs.jsonl:1: prompt" in pair and "### Response:" in pair
+    header = next(line for line in pair.splitlines() if line.startswith("chosen ("))
+    assert " | rejected (" in header  # the two answers in two columns
+    assert pair.count("<|endoftext|>]]") == 2  # each answer trained up to and including its EOS
+    assert "data: 288 train pairs" in text
+    kto = preview("dpo_demo", [f"model.name_or_path={tiny_models['neo']}", "model.tiny=null", "objective=kto"], n=4)
+    assert "desirable completion" in kto and "undesirable completion" in kto  # shuffled: both kinds come early

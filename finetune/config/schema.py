@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 
 FAMILIES = ("gpt_neo", "gpt_neox", "gptj")
 OBJECTIVES = ("sft", "dpo", "orpo", "kto", "simpo")
+UNPAIRED_OBJECTIVES = ("kto",)  # desirable / undesirable completions; the others read chosen / rejected pairs
 STRATEGIES = ("lora", "dora", "qlora", "full")
 
 

@@ -63,6 +63,9 @@ def preview(config_name: str, overrides: list[str], n: int = 5, color: bool = Fa
     models.ensure_available(cfg.model)
     tokenizer = models.load_tokenizer(cfg.model)
     template = data_templates.load(cfg.data.template)
+    objective = (cfg.get("objective") or {}).get("name", "sft")
+    if objective != "sft":
+        return _preference_preview(cfg, tokenizer, template, objective, n, color)
     data = prepare(
         cfg.data, tokenizer, template, cfg.seed, batch_size=cfg.trainer.get("per_device_train_batch_size", 8)
     )
@@ -82,6 +85,54 @@ def preview(config_name: str, overrides: list[str], n: int = 5, color: bool = Fa
     out.append("")
     out += describe(data)
     return "\n".join(out)
+
+
+COLUMN = 58  # characters per side of a chosen | rejected pair
+
+
+def _preference_preview(cfg, tokenizer, template, objective: str, n: int, color: bool) -> str:
+    """Preference rows as they will train: the prompt once (masked), then the two completions side by side, each
+    wholly trained (EOS included); KTO rows: the completion with its label."""
+    from finetune.config.schema import UNPAIRED_OBJECTIVES
+    from finetune.data.preference import describe_preferences, prepare_preferences
+
+    kind = "unpaired" if objective in UNPAIRED_OBJECTIVES else "paired"
+    data = prepare_preferences(cfg.data, tokenizer, template, cfg.seed, kind)
+    mark = (lambda text: f"{GREEN}{text}{RESET}") if color else (lambda text: f"{TRAINED_OPEN}{text}{TRAINED_CLOSE}")
+    out = [f"objective {objective}, template {template.name} ({template.path}); the prompt is masked, answers trained"]
+    for row in data.train[:n]:
+        prompt = tokenizer.decode(row.prompt_ids)
+        out += [
+            "",
+            f"--- {row.where}: prompt {len(row.prompt_ids)} tokens",
+            f"{DIM}{prompt}{RESET}" if color else prompt,
+        ]
+        if kind == "paired":
+            sides = [(f"chosen ({len(row.chosen_ids)} tokens)", row.chosen_ids)]
+            sides.append((f"rejected ({len(row.rejected_ids)} tokens)", row.rejected_ids))
+        else:
+            label = "desirable" if row.label else "undesirable"
+            sides = [(f"{label} completion ({len(row.completion_ids)} tokens)", row.completion_ids)]
+        out += _columns(
+            [(title, f"{TRAINED_OPEN}{tokenizer.decode(ids)}{TRAINED_CLOSE}") for title, ids in sides], color, mark
+        )
+    out.append("")
+    out += describe_preferences(data)
+    return "\n".join(out)
+
+
+def _columns(sides: list[tuple[str, str]], color: bool, mark) -> list[str]:
+    """Texts side by side, wrapped to COLUMN characters each (the markers wrap with the text; colour applied after)."""
+    import textwrap
+
+    wrapped = [[title.ljust(COLUMN)] + textwrap.wrap(text.replace("\n", " ⏎ "), COLUMN) for title, text in sides]
+    lines = []
+    for row in range(max(map(len, wrapped))):
+        cells = [(column[row] if row < len(column) else "").ljust(COLUMN) for column in wrapped]
+        if color:
+            cells = [c.replace(TRAINED_OPEN, GREEN).replace(TRAINED_CLOSE, RESET) for c in cells]
+        lines.append(" | ".join(cells).rstrip())
+    return lines
 
 
 def show(sample, tokenizer, color: bool) -> str:

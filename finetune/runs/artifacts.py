@@ -98,8 +98,17 @@ def write_metrics(run_dir: Path, history: list[dict], **evals) -> None:
     write_json(run_dir / "metrics.json", {**evals, "history": history})
 
 
+REWARD_CURVES = (  # trl's preference metrics in the log history -> the legend of loss.png's second panel
+    ("rewards/margins", "train margin"),
+    ("rewards/accuracies", "train accuracy"),
+    ("eval_rewards/margins", "eval margin"),
+    ("eval_rewards/accuracies", "eval accuracy"),
+)
+
+
 def plot_loss(run_dir: Path, history: list[dict], eval_before: float | None = None) -> None:
-    """loss.png: train loss per logging step, eval loss per evaluation (the untouched base at step 0)."""
+    """loss.png: train loss per logging step, eval loss per evaluation (the untouched base at step 0); a preference
+    objective's run adds a panel of its reward margin and preference accuracy (train and held-out)."""
     import matplotlib
 
     matplotlib.use("Agg")  # no display on training machines
@@ -108,16 +117,30 @@ def plot_loss(run_dir: Path, history: list[dict], eval_before: float | None = No
     train = [(h["step"], h["loss"]) for h in history if "loss" in h]
     evals = [(0, eval_before)] if eval_before is not None else []  # train() starts a fresh log history
     evals += [(h["step"], h["eval_loss"]) for h in history if "eval_loss" in h]
-    fig, ax = plt.subplots(figsize=(7, 4), dpi=100)
+    rewards = {
+        label: [(h["step"], h[key]) for h in history if isinstance(h.get(key), (int, float))]
+        for key, label in REWARD_CURVES
+    }
+    rewards = {label: points for label, points in rewards.items() if points}
+    fig, axes = plt.subplots(1, 2 if rewards else 1, figsize=(12 if rewards else 7, 4), dpi=100, squeeze=False)
+    ax = axes[0][0]
     if train:
         ax.plot(*zip(*train), label="train loss")
     if evals:
         ax.plot(*zip(*evals), "o-", label="eval loss")
     ax.set_xlabel("optimizer step")
-    ax.set_ylabel("cross-entropy (nats/token)")
+    ax.set_ylabel("loss" if rewards else "cross-entropy (nats/token)")
     ax.set_title(run_dir.name)
     ax.grid(alpha=0.3)
     ax.legend()
+    if rewards:
+        panel = axes[0][1]
+        for label, points in rewards.items():
+            panel.plot(*zip(*points), "o-" if label.startswith("eval") else "-", label=label)
+        panel.set_xlabel("optimizer step")
+        panel.set_title("reward margin (chosen - rejected) and preference accuracy")
+        panel.grid(alpha=0.3)
+        panel.legend()
     fig.tight_layout()
     fig.savefig(run_dir / "loss.png")
     plt.close(fig)

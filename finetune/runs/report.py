@@ -184,8 +184,12 @@ def _evaluation(run_dir: Path, record: dict) -> str:
     before, after = record.get("eval_loss_before"), record.get("eval_loss_after")
     if isinstance(before, (int, float)) and isinstance(after, (int, float)):
         change = f"{(after - before) / before:+.1%}" if before else ""
-        perplexity = [f"{math.exp(min(loss, 50)):.2f}" for loss in (before, after)]
-        rows = [["loss", f"{before:.4f}", f"{after:.4f}", change], ["perplexity", *perplexity, ""]]
+        preference = record.get("preference_eval") or {}
+        rows = [[f"{preference.get('objective', '')} loss".strip(), f"{before:.4f}", f"{after:.4f}", change]]
+        if preference:  # a preference objective's loss is no language-model loss: its reward numbers instead
+            rows += [[label, *_before_after(values)] for label, values in (preference.get("metrics") or {}).items()]
+        else:
+            rows.append(["perplexity", *[f"{math.exp(min(loss, 50)):.2f}" for loss in (before, after)], ""])
         parts += ["<p>Held-out split, measured by training (run.json):</p>"]
         parts += [page.table(["", "base", "fine-tuned", "change"], rows)]
     report = _json(run_dir / "eval_report.json")
@@ -199,6 +203,13 @@ def _evaluation(run_dir: Path, record: dict) -> str:
         parts.append(page.markdown("\n".join(eval_report.harness_table(report))))
     parts.append(page.image(run_dir / "eval_report.png", "base and fine-tuned side by side"))
     return "".join(parts)
+
+
+def _before_after(values) -> list[str]:
+    values = values if isinstance(values, dict) else {}
+    return [f"{v:.4f}" if isinstance(v, (int, float)) else "-" for v in (values.get("before"), values.get("after"))] + [
+        ""
+    ]
 
 
 def _samples(run_dir: Path) -> str:
