@@ -101,6 +101,8 @@ def load_model(model_cfg, tokenizer, quantization: dict | None = None):
     import torch
     from transformers import AutoModelForCausalLM
 
+    from finetune.models.activations import fuse_gelu
+
     kwargs = {"quantization_config": bnb_config(quantization)} if quantization else {}
     if model_cfg.family == "gpt_neo":
         from finetune.models import neo_attention  # noqa: F401 - registers GPT-Neo's "sdpa" with transformers
@@ -114,6 +116,7 @@ def load_model(model_cfg, tokenizer, quantization: dict | None = None):
         use_safetensors=True,  # never unpickle weights
         **kwargs,
     )
+    fuse_gelu(model)  # GPT-Neo / GPT-J: gelu_new in one kernel (finetune.models.activations)
     model.config.pad_token_id = tokenizer.pad_token_id
     model.generation_config.pad_token_id = tokenizer.pad_token_id
     model.generation_config.eos_token_id = tokenizer.eos_token_id

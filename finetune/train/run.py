@@ -415,8 +415,9 @@ def _train(run: Run, trainer: GuardedSFTTrainer, measured: Measurements) -> None
 
 def _measure_after(run: Run, inputs: Inputs, trainer: GuardedSFTTrainer, measured: Measurements) -> None:
     """The trained model on the held-out rows and prompts the base was measured on (on every rank: they all take
-    part in a distributed evaluation)."""
-    measured.eval_after = trainer.evaluate(metric_key_prefix="eval") if inputs.eval_set is not None else {}
+    part in a distributed evaluation). An evaluation the loop already ran on the final weights is not run again."""
+    if inputs.eval_set is not None:
+        measured.eval_after = summary.final_evaluation(trainer) or trainer.evaluate(metric_key_prefix="eval")
     measured.after = [_generate(trainer.model, inputs.tokenizer, p, measured.decoding) for p in measured.prompts]
 
 

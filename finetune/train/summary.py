@@ -13,6 +13,19 @@ PREFERENCE_LINES = (
 )
 
 
+def final_evaluation(trainer) -> dict:
+    """The held-out metrics the training loop logged at its last step (eval_strategy=epoch ends every run with one),
+    when the weights it measured are the final ones: no best checkpoint was loaded back over them. {}: evaluate."""
+    state, args = trainer.state, trainer.args
+    last = next((h for h in reversed(state.log_history) if "eval_loss" in h), None)
+    if last is None or last.get("step") != state.global_step:
+        return {}
+    best = state.best_model_checkpoint
+    if args.load_best_model_at_end and best and not best.endswith(f"checkpoint-{state.global_step}"):
+        return {}
+    return {k: v for k, v in last.items() if k.startswith("eval_") or k == "epoch"}
+
+
 def preference_record(objective: str, before: dict, after: dict) -> dict:
     """run.json's `preference_eval` (the card's table): the held-out reward numbers before and after training."""
     metrics = {
