@@ -21,7 +21,15 @@ from dataclasses import dataclass, field
 
 from finetune.data import sources
 from finetune.data.templates import _FIELD_ONLY, ROLES, Template
-from finetune.data.tokenize import DROP_REASONS, NotKept, _listing, _raw, _read, _split, tokenize_many
+from finetune.data.tokenize import (
+    DROP_REASONS,
+    NotKept,
+    _listing,
+    _raw,
+    _split,
+    refuse_not_kept,
+    tokenize_many,
+)
 from finetune.errors import ConfigError, DataError
 
 KINDS = ("paired", "unpaired")
@@ -139,14 +147,9 @@ def prepare_preferences(data_cfg, tokenizer, template: Template, seed: int, kind
         )
     _check_template(template)
     columns = dict(data_cfg.columns or {})
-    read = _read(data_cfg, data_cfg.path, data_cfg.split, "data.path", columns)
-    held_out = bool(data_cfg.eval_path or data_cfg.eval_split)
-    if held_out:
-        source = data_cfg.eval_path or data_cfg.path
-        eval_read = _read(data_cfg, source, data_cfg.eval_split or data_cfg.split, "data.eval_path", columns)
-    else:
-        eval_read = sources.ReadResult([], [], [])
+    read, eval_read = sources.read_train_and_held_out(data_cfg, columns)
     not_kept = [NotKept(r.where, r.kind, r.reason, r.raw) for r in read.rejected + eval_read.rejected]
+    held_out = bool(data_cfg.eval_path or data_cfg.eval_split)
     train_rows = _checked(read.rows, template, kind, not_kept)
     eval_rows = _checked(eval_read.rows, template, kind, not_kept)
     rows_read = len(read.rows) + len(read.rejected) + len(eval_read.rows) + len(eval_read.rejected)
@@ -165,22 +168,7 @@ def prepare_preferences(data_cfg, tokenizer, template: Template, seed: int, kind
     with progress(total) if progress else contextlib.nullcontext() as advance:
         train, kept_train, truncated = _tokenized(tokenizer, template, train_rows, kind, data_cfg, not_kept, advance)
         evals, kept_eval, truncated_eval = _tokenized(tokenizer, template, eval_rows, kind, data_cfg, not_kept, advance)
-    too_long = [n for n in not_kept if n.reason in ("overlength", "response_too_long")]
-    if too_long and data_cfg.overlength == "error":
-        raise DataError(
-            _listing(
-                too_long,
-                f"row(s) longer than data.max_length={data_cfg.max_length}",
-                "raise data.max_length, or set data.overlength=drop | truncate_prompt_left",
-            )
-        )
-    if rows_read and len(not_kept) / rows_read > data_cfg.max_dropped_fraction:
-        reasons = ", ".join(f"{n} {r}" for r, n in Counter(n.reason for n in not_kept).items())
-        raise DataError(
-            f"{len(not_kept)} of {rows_read} rows ({len(not_kept) / rows_read:.1%}) would not train ({reasons}), above "
-            f"data.max_dropped_fraction={data_cfg.max_dropped_fraction}; fix the data, raise data.max_length, "
-            f"or raise data.max_dropped_fraction"
-        )
+    refuse_not_kept(not_kept, rows_read, data_cfg, LENGTH_POLICIES)
     if not train:
         raise DataError(f"{data_cfg.path}: no preference rows left after checks, split and length policy")
     if kind == "unpaired":

@@ -102,6 +102,27 @@ def read_rows(
     return result
 
 
+def read_train_and_held_out(data_cfg, columns: dict) -> tuple[ReadResult, ReadResult]:
+    """data.path's rows and the held-out source's (data.eval_path or data.eval_split of data.path; none: empty)."""
+    train = _read_configured(data_cfg, data_cfg.path, data_cfg.split, "data.path", columns)
+    if not (data_cfg.eval_path or data_cfg.eval_split):
+        return train, ReadResult([], [], [])
+    source, split = data_cfg.eval_path or data_cfg.path, data_cfg.eval_split or data_cfg.split
+    return train, _read_configured(data_cfg, source, split, "data.eval_path", columns)
+
+
+def _read_configured(data_cfg, spec, split, key, columns) -> ReadResult:
+    return read_rows(
+        spec,
+        columns=columns,
+        hub_config=data_cfg.hub_config,
+        split=split,
+        revision=data_cfg.revision,
+        key=key,
+        max_row_bytes=data_cfg.get("max_row_bytes") or MAX_ROW_BYTES,  # a run recorded before the key has none
+    )
+
+
 def missing_sources(spec: str | list[str], key: str = "data.path") -> list[str]:
     """One problem per entry that cannot name any data, so config validation can fail before anything loads."""
     entries = [spec] if isinstance(spec, str) else list(spec)

@@ -404,12 +404,7 @@ def prepare(data_cfg, tokenizer, template: Template, seed: int, progress=None, b
     `progress(total_rows)`: a context manager yielding `advance(n)`, told as rows are templated and tokenized (a bar:
     finetune.progress.rows_bar)."""
     columns = dict(data_cfg.columns or {})
-    read = _read(data_cfg, data_cfg.path, data_cfg.split, "data.path", columns)
-    if data_cfg.eval_path or data_cfg.eval_split:
-        eval_source = data_cfg.eval_path or data_cfg.path
-        eval_read = _read(data_cfg, eval_source, data_cfg.eval_split or data_cfg.split, "data.eval_path", columns)
-    else:
-        eval_read = sources.ReadResult([], [], [])
+    read, eval_read = sources.read_train_and_held_out(data_cfg, columns)
     not_kept = [NotKept(r.where, r.kind, r.reason, r.raw) for r in read.rejected + eval_read.rejected]
     train_rows = _checked(read.rows, template, columns, not_kept)
     eval_rows = _checked(eval_read.rows, template, columns, not_kept)
@@ -428,23 +423,7 @@ def prepare(data_cfg, tokenizer, template: Template, seed: int, progress=None, b
     with progress(len(train_rows) + len(eval_rows)) if progress else contextlib.nullcontext() as advance:
         train, kept_train, truncated = _tokenize_all(tokenizer, template, train_rows, data_cfg, not_kept, advance)
         evals, kept_eval, truncated_eval = _tokenize_all(tokenizer, template, eval_rows, data_cfg, not_kept, advance)
-    too_long = [n for n in not_kept if n.reason in ("overlength", "response_too_long")]
-    if too_long and data_cfg.overlength == "error":
-        raise DataError(
-            _listing(
-                too_long,
-                f"row(s) longer than data.max_length={data_cfg.max_length}",
-                "raise data.max_length, or set data.overlength=drop | truncate_prompt_left | chunk",
-            )
-        )
-    dropped = len(not_kept)
-    if rows_read and dropped / rows_read > data_cfg.max_dropped_fraction:
-        reasons = ", ".join(f"{n} {r}" for r, n in Counter(n.reason for n in not_kept).items())
-        raise DataError(
-            f"{dropped} of {rows_read} rows ({dropped / rows_read:.1%}) would not train ({reasons}), above "
-            f"data.max_dropped_fraction={data_cfg.max_dropped_fraction}; fix the data, raise data.max_length, "
-            f"or raise data.max_dropped_fraction"
-        )
+    refuse_not_kept(not_kept, rows_read, data_cfg, LENGTH_POLICIES)
     if not train:
         raise DataError(f"{data_cfg.path}: no training rows left after checks, split and length policy")
 
@@ -498,19 +477,25 @@ def _batching_line(a: dict) -> str:
     return f"data: {'packing' if b['packed'] else 'no packing'} ({why}): {packed}, {padded}"
 
 
-def _read(data_cfg, spec, split, key, columns) -> sources.ReadResult:
-    max_row_bytes = (
-        data_cfg.get("max_row_bytes") or sources.MAX_ROW_BYTES
-    )  # a run recorded before the key existed has none
-    return sources.read_rows(
-        spec,
-        columns=columns,
-        hub_config=data_cfg.hub_config,
-        split=split,
-        revision=data_cfg.revision,
-        key=key,
-        max_row_bytes=max_row_bytes,
-    )
+def refuse_not_kept(not_kept: list[NotKept], rows_read: int, data_cfg, policies: tuple[str, ...]) -> None:
+    """data.overlength=error with rows too long, or more rows not kept than data.max_dropped_fraction: DataError."""
+    too_long = [n for n in not_kept if n.reason in ("overlength", "response_too_long")]
+    if too_long and data_cfg.overlength == "error":
+        raise DataError(
+            _listing(
+                too_long,
+                f"row(s) longer than data.max_length={data_cfg.max_length}",
+                f"raise data.max_length, or set data.overlength={' | '.join(p for p in policies if p != 'error')}",
+            )
+        )
+    dropped = len(not_kept)
+    if rows_read and dropped / rows_read > data_cfg.max_dropped_fraction:
+        reasons = ", ".join(f"{n} {r}" for r, n in Counter(n.reason for n in not_kept).items())
+        raise DataError(
+            f"{dropped} of {rows_read} rows ({dropped / rows_read:.1%}) would not train ({reasons}), above "
+            f"data.max_dropped_fraction={data_cfg.max_dropped_fraction}; fix the data, raise data.max_length, "
+            f"or raise data.max_dropped_fraction"
+        )
 
 
 def _checked(rows: list[dict], template: Template, columns: dict, not_kept: list[NotKept]) -> list[dict]:
