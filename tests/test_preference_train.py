@@ -223,3 +223,17 @@ def test_preview_shows_chosen_and_rejected_side_by_side_without_loading_the_mode
     assert "data: 288 train pairs" in text
     kto = preview("dpo_demo", [f"model.name_or_path={tiny_models['neo']}", "model.tiny=null", "objective=kto"], n=4)
     assert "desirable completion" in kto and "undesirable completion" in kto  # shuffled: both kinds come early
+
+
+def test_init_from_an_adapter_changed_after_training_is_refused_before_it_trains(tiny_run, tiny_models, tmp_path):
+    import shutil
+
+    sft = Path(shutil.copytree(tiny_run, tmp_path / "sft"))
+    weights = sft / "adapter" / "adapter_model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:-8] + b"\0" * 8)  # same size, other bytes
+    result = finetune(
+        preference_overrides("neox", tiny_models["neox"], tmp_path / "dpo", "dpo", f"objective.init_from={sft}")
+    )
+    assert result.returncode == 3, result.stderr[-3000:]
+    assert "objective.init_from:" in result.stderr and "adapter_model.safetensors" in result.stderr
+    assert not (tmp_path / "dpo" / "adapter").exists()

@@ -99,10 +99,13 @@ def starting_point(cfg, model, strategy_cfg: dict) -> tuple[Any, Any]:
         return model, strategy.peft_config(strategy_cfg)
     from peft import PeftModel
 
+    from finetune.errors import IntegrityError
     from finetune.runs import checkpoints, rundir
 
     target = rundir.locate(init_from)
-    checkpoints.verify(target.weights)  # a tampered or torn adapter is refused before it trains on
+    problem = checkpoints.verify(target.weights)  # a tampered or torn adapter is refused before it trains on
+    if problem:
+        raise IntegrityError(f"objective.init_from: {problem}; train that run again or point init_from elsewhere")
     cli.say(f"objective: continuing the adapter of {target.run_dir or target.weights} (init_from)")
     model = PeftModel.from_pretrained(model, str(target.weights), is_trainable=True)
     return model, None
