@@ -175,6 +175,20 @@ def test_gradient_checkpointing_reduces_activations():
     assert without.activations_with_checkpointing == line(with_, "activations")
 
 
+def test_preference_objectives_plan_two_sequences_per_row_and_the_reference():
+    sft = plan_of("lora_neox20b", "data=demo_prefs", "trainer.gradient_checkpointing=false")
+    dpo = plan_of("lora_neox20b", "data=demo_prefs", "objective=dpo", "trainer.gradient_checkpointing=false")
+    orpo = plan_of("lora_neox20b", "data=demo_prefs", "objective=orpo", "trainer.gradient_checkpointing=false")
+    assert line(dpo, "activations") == pytest.approx(2 * line(sft, "activations"), rel=0.02)  # chosen + rejected
+    assert dpo.tokens_per_second < orpo.tokens_per_second == sft.tokens_per_second  # DPO adds the reference forward
+    assert not any(m.name.startswith("reference model") for m in dpo.memory)  # LoRA: the adapter switched off
+    full = plan_of("full_neo125m", "data=demo_prefs", "objective=dpo")
+    precomputed = plan_of("full_neo125m", "data=demo_prefs", "objective=dpo", "objective.precompute_ref_log_probs=true")
+    assert line(full, "reference model") == full.total_params * 2  # a frozen bf16 copy (H100: bf16 weights)
+    assert not any(m.name.startswith("reference model") for m in precomputed.memory)
+    assert any("each row is 2 sequences" in note for note in dpo.notes)
+
+
 def test_zero3_on_two_gpus_halves_the_training_state():
     def state(result):
         return sum(line(result, name) for name in ("trainable weights", "gradients", "optimizer states"))

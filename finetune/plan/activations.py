@@ -42,7 +42,7 @@ def activations(arch: Architecture, adapter_: Adapter | None, setup: Setup) -> A
 def _activation_phases(
     arch: Architecture, adapter_: Adapter | None, setup: Setup, checkpointing: bool
 ) -> tuple[int, str, int]:
-    tokens = setup.micro_batch * setup.max_length
+    tokens = setup.forward_rows * setup.max_length
     wrapped = adapter_.wrapped if adapter_ else [()] * arch.layers
     per_layer = [layer_saved_bytes(arch, adapter_, set(names), setup) for names in wrapped]
     backward = max(layer_backward_bytes(arch, setup))
@@ -74,7 +74,7 @@ def layer_saved_bytes(arch: Architecture, adapter_: Adapter | None, wrapped: set
     """Bytes one layer keeps for backward at the config's micro-batch and length. Each term names the op that keeps
     it; the bytes follow the dtypes autocast (CUDA) or plain fp32 (CPU) give those tensors."""
     h, f, heads = arch.hidden, arch.inner, arch.heads
-    tokens = setup.micro_batch * setup.max_length
+    tokens = setup.forward_rows * setup.max_length
     norms = 1 if arch.family == "gptj" else 2
     per_token = 8 * norms  # fp32 mean and rstd of each LayerNorm
     if setup.norm_input_copy:
@@ -88,7 +88,7 @@ def layer_saved_bytes(arch: Architecture, adapter_: Adapter | None, wrapped: set
     act_saved, act_out = activation_function_bytes(arch.activation, setup)
     per_token += act_saved * f
     per_token += linear_inputs_saved(arch, adapter_, wrapped, setup, act_out)
-    scores = (scores_per_head_pair * heads + mask_per_pair) * setup.micro_batch * setup.max_length**2
+    scores = (scores_per_head_pair * heads + mask_per_pair) * setup.forward_rows * setup.max_length**2
     rotary_tables = (
         16 * arch.rotary_dim * setup.max_length if arch.family == "gptj" else 0
     )  # GPT-J: sin/cos per layer, fp32
@@ -172,25 +172,25 @@ def layer_backward_bytes(arch: Architecture, setup: Setup) -> tuple[int, int]:
     """Working set of one layer's backward: gradients of the MLP's widest tensors (3 of them, fp32 or compute dtype)
     and, for eager attention, the softmax backward's fp32 gradient in and out (plus the gradient of the scores'
     bf16 copy under autocast)."""
-    tokens = setup.micro_batch * setup.max_length
+    tokens = setup.forward_rows * setup.max_length
     grad = max(setup.compute_bytes, 4 if setup.autocast else setup.compute_bytes)
     mlp = 3 * grad * arch.inner * tokens + 2 * setup.weight_bytes * arch.hidden * tokens
     score_grads = 2 * 4 + (setup.compute_bytes if setup.compute_bytes != 4 else 0)
-    scores = score_grads * setup.micro_batch * arch.heads * setup.max_length**2 if setup.attention == "eager" else 0
+    scores = score_grads * setup.forward_rows * arch.heads * setup.max_length**2 if setup.attention == "eager" else 0
     return mlp, scores + 2 * setup.weight_bytes * arch.hidden * tokens
 
 
 def model_saved_bytes(arch: Architecture, setup: Setup) -> int:
     """Outside the layers: input ids, labels and mask (int64), the final LayerNorm's input and statistics, NeoX's
     rotary cos/sin, the attention mask transformers builds once per forward and GPT-Neo's two shared additive masks."""
-    tokens = setup.micro_batch * setup.max_length
+    tokens = setup.forward_rows * setup.max_length
     final_norm = (4 if setup.norm_input_copy else setup.weight_bytes) * arch.hidden + 8
     rotary = 2 * arch.rotary_dim * setup.compute_bytes if arch.family == "gpt_neox" else 0
-    mask = setup.micro_batch * setup.max_length**2 * (1 if setup.attention != "eager" else setup.weight_bytes)
+    mask = setup.forward_rows * setup.max_length**2 * (1 if setup.attention != "eager" else setup.weight_bytes)
     if (
         arch.family == "gpt_neo" and setup.attention != "eager"
     ):  # one additive mask per layer type, shared (global, local)
-        mask += 2 * setup.micro_batch * setup.max_length**2 * setup.compute_bytes
+        mask += 2 * setup.forward_rows * setup.max_length**2 * setup.compute_bytes
     return tokens * (24 + final_norm + rotary) + mask
 
 
@@ -198,7 +198,7 @@ def head_bytes(arch: Architecture, setup: Setup, full: bool) -> tuple[int, int, 
     """trl's fused LM head (trl.trainer.utils.add_fused_lm_head): (kept for backward, forward working set, backward
     working set). It projects 4096 tokens x 32768 vocabulary entries at a time; on CUDA a Triton kernel folds each tile
     in place, without Triton (CPU) torch keeps a few fp32 copies of the tile. The b x s x vocab logits never exist."""
-    tokens = setup.micro_batch * setup.max_length
+    tokens = setup.forward_rows * setup.max_length
     rows, cols = min(tokens, HEAD_TILE_ROWS), min(arch.vocab, HEAD_TILE_COLS)
     buffer = rows * cols * setup.compute_bytes
     fp32_tile = rows * cols * 4

@@ -90,6 +90,16 @@ def setup_notes(arch: Architecture, setup: Setup, device: Gpu, num_gpus: int, re
             f"num_gpus={num_gpus} with distributed=none is plain DDP: every GPU holds everything; "
             "distributed=zero2|zero3 shard the training state"
         )
+    if setup.sequences > 1:
+        reference = (
+            "; the reference scores every batch too (one more forward, no gradients)" if setup.reference_forward else ""
+        )
+        copy = "; full fine-tuning keeps a frozen copy as the reference" if setup.reference_copy else ""
+        notes.append(
+            f"objective={(resolved.get('objective') or {}).get('name')}: each row is 2 sequences (chosen and "
+            f"rejected, or KTO's completion and its KL pair), so activations and tokens are planned for "
+            f"{setup.forward_rows} sequences per micro-batch{reference}{copy}"
+        )
     if setup.offload_optimizer or setup.offload_params:
         notes.append(
             "CPU offload: tokens/s is an upper bound; CPU Adam and PCIe transfers usually make steps several times "
@@ -121,9 +131,9 @@ def setup_notes(arch: Architecture, setup: Setup, device: Gpu, num_gpus: int, re
         "activations assume every row is max_length tokens long (padding to the longest row of a batch can "
         "only make them smaller)"
     )
-    logits = setup.micro_batch * setup.max_length * arch.vocab * (setup.compute_bytes + 4 + 4)
+    logits = setup.forward_rows * setup.max_length * arch.vocab * (setup.compute_bytes + 4 + 4)
     notes.append(
-        f"trl's fused LM head never builds the {setup.micro_batch} x {setup.max_length} x {arch.vocab} logits; "
+        f"trl's fused LM head never builds the {setup.forward_rows} x {setup.max_length} x {arch.vocab} logits; "
         f"a plain transformers loss would add about {gib(logits)} GiB (logits, their fp32 copy and gradient)"
     )
     return notes

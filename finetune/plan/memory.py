@@ -88,6 +88,15 @@ def memory_lines(arch: Architecture, adapter_: Adapter | None, setup: Setup, num
         )
     if setup.backend in ("deepspeed", "fsdp") and setup.zero_stage >= 2:
         lines.append(MemoryLine("sharding buffers", zero_buffer_bytes(arch, setup), zero_buffer_detail(setup)))
+    if setup.reference_copy:
+        lines.append(
+            MemoryLine(
+                "reference model (frozen copy)",
+                arch.total_params * setup.weight_bytes // shards,
+                f"DPO / KTO full fine-tuning: {arch.total_params:,} x {setup.weight_bytes} B; "
+                "objective.precompute_ref_log_probs=true drops it" + _shard_note(shards),
+            )
+        )
     if arch.buffer_bytes >= 2**20:
         lines.append(
             MemoryLine("model buffers", arch.buffer_bytes, "causal-mask and rotary tables the model registers")

@@ -175,7 +175,7 @@ def plan_resolved(
         MemoryLine(
             "activations",
             acts.peak,
-            f"{setup.micro_batch} x {setup.max_length} tokens, {where}; peak at {acts.peak_at}",
+            f"{setup.forward_rows} x {setup.max_length} tokens, {where}; peak at {acts.peak_at}",
         ),
     )
     total = sum(line.bytes for line in lines)
@@ -184,7 +184,7 @@ def plan_resolved(
     flops, terms = flops_per_token(arch, adapter_, setup)
     peak = peak_tflops(device, setup)
     tokens_per_second = mfu * peak * 1e12 * num_gpus / flops if peak else None
-    tokens_per_step = setup.micro_batch * setup.grad_accum * num_gpus * setup.max_length
+    tokens_per_step = setup.forward_rows * setup.grad_accum * num_gpus * setup.max_length
     steps, run_tokens, basis = run_length(resolved, setup, num_gpus)
     result = Plan(
         preset=preset,

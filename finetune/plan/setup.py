@@ -32,6 +32,18 @@ class Setup:
     deepspeed_bf16: bool
     packing: bool
     quant_double: bool
+    sequences: int = 1
+    """Sequences per row in a forward pass: 2 for preference objectives (chosen and rejected; KTO's completion and
+    its KL mismatch), 1 for SFT."""
+    reference_forward: bool = False
+    """DPO / KTO score every batch with the frozen reference too: one more forward, without gradients."""
+    reference_copy: bool = False
+    """Full fine-tuning with DPO / KTO: a frozen copy of the model is the reference (no precomputed log-probs)."""
+
+    @property
+    def forward_rows(self) -> int:
+        """The sequences of one micro-batch's forward pass."""
+        return self.micro_batch * self.sequences
 
     @property
     def compute_bytes(self) -> int:
@@ -118,7 +130,26 @@ def setup_of(resolved: dict, device: Gpu) -> Setup:
         deepspeed_bf16=ds_bf16,
         packing=data.get("packing") is True,  # auto packs only rows that gain; unpacked is the upper bound
         quant_double=bool(quantization.get("bnb_4bit_use_double_quant", False)),
+        **_objective(resolved.get("objective") or {}, strategy["name"]),
     )
+
+
+REFERENCE_FREE = ("orpo", "simpo")
+
+
+def _objective(objective: dict, strategy: str) -> dict:
+    """What a preference objective adds to a step: two sequences per row, and for DPO / KTO a reference forward
+    (full fine-tuning: on a frozen copy, unless its log-probs are precomputed before training)."""
+    name = objective.get("name", "sft")
+    if name == "sft":
+        return {}
+    reference = name not in REFERENCE_FREE
+    precomputed = bool(objective.get("precompute_ref_log_probs"))
+    return {
+        "sequences": 2,
+        "reference_forward": reference and not precomputed,
+        "reference_copy": reference and not precomputed and strategy == "full",
+    }
 
 
 def adapter_bytes(setup: Setup) -> int:

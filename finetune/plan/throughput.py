@@ -31,6 +31,9 @@ def flops_per_token(arch: Architecture, adapter_: Adapter | None, setup: Setup) 
             f"6 x {adapter_.trainable / 1e6:.3g}M adapter"
         )
     terms.append(f"attention 12*L*s*h = {attention / 1e9:.3g} GFLOP")
+    if setup.reference_forward:
+        total += 2 * n + 4 * layers * s * h
+        terms.append("+2N the reference's forward (DPO / KTO)")
     if setup.checkpointing:
         total += 2 * (n - head) + 4 * layers * s * h
         terms.append("+2N recompute (gradient checkpointing)")
@@ -53,9 +56,10 @@ def run_length(resolved: dict, setup: Setup, num_gpus: int) -> tuple[int | None,
     """(optimizer steps or None, tokens, how they were found) for the whole run."""
     trainer, data = resolved["trainer"], resolved["data"]
     rows_per_step = setup.micro_batch * setup.grad_accum * num_gpus
+    tokens_per_row = setup.sequences * setup.max_length  # a preference row is two sequences
     max_steps = int(trainer_setting(trainer, "max_steps") or -1)
     if max_steps > 0:
-        return max_steps, max_steps * rows_per_step * setup.max_length, f"trainer.max_steps={max_steps}"
+        return max_steps, max_steps * rows_per_step * tokens_per_row, f"trainer.max_steps={max_steps}"
     rows = None if setup.packing else count_rows(data["path"])
     if rows is None:
         why = "packed rows" if setup.packing else "the data is not a local file whose rows can be counted"
@@ -69,7 +73,7 @@ def run_length(resolved: dict, setup: Setup, num_gpus: int) -> tuple[int | None,
     basis = f"{epochs:g} epochs of {train_rows:,} rows, {steps} optimizer steps, every row padded to max_length "
     basis += "(an upper bound"
     basis += "; data.packing=auto can only make fewer rows)" if data.get("packing") == "auto" else ")"
-    return steps, steps * rows_per_step * setup.max_length, basis
+    return steps, steps * rows_per_step * tokens_per_row, basis
 
 
 def count_rows(path) -> int | None:
