@@ -99,10 +99,11 @@ def _trainer_problems(cfg: dict, name: str, fields: set[str], warnings: list[str
     problems = [
         f"trainer.{key}: a key of objective={name}; set objective.{key} instead" for key in trainer if key in fields
     ]
+    sft_only = sft_only_trainer_keys() - fields
     problems += [
         f"trainer.{key}: an SFT option (trl.SFTConfig); objective={name} does not use it, remove it"
         for key in trainer
-        if key in sft_only_trainer_keys() - fields
+        if key in sft_only
     ]
     batch = trainer.get("per_device_train_batch_size", 8)
     if name == "kto" and isinstance(batch, int) and batch < 2:

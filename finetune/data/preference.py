@@ -27,6 +27,7 @@ from finetune.data.tokenize import (
     _listing,
     _raw,
     _split,
+    notes_and_warnings,
     refuse_not_kept,
     tokenize_many,
 )
@@ -198,13 +199,7 @@ def describe_preferences(data: PreparedPreferences) -> list[str]:
         f"completion p50 {length['p50']}, p90 {length['p90']}, p99 {length['p99']}, max {length['max']}",
         f"data: {a['batching']}",
     ]
-    lines += [f"data: {note}" for note in data.notes]
-    if a["duplicate_train_samples"] or a["eval_samples_in_train"]:
-        lines.append(
-            f"warning: {a['duplicate_train_samples']} duplicate train samples, {a['eval_samples_in_train']} held-out "
-            "samples also in train"
-        )
-    return lines
+    return lines + notes_and_warnings(data)
 
 
 def fingerprint_rows(data: PreparedPreferences) -> list:

@@ -451,7 +451,13 @@ def describe(data: PreparedData) -> list[str]:
         f"{a['token_length']['max']}",
     ]
     lines.append(_batching_line(a))
-    lines += [f"data: {note}" for note in data.notes]
+    return lines + notes_and_warnings(data)
+
+
+def notes_and_warnings(data) -> list[str]:
+    """The log lines every data description ends with: how sources were read, and duplicate or leaked samples."""
+    a = data.accounting
+    lines = [f"data: {note}" for note in data.notes]
     if a["duplicate_train_samples"] or a["eval_samples_in_train"]:
         lines.append(
             f"warning: {a['duplicate_train_samples']} duplicate train samples, {a['eval_samples_in_train']} held-out "

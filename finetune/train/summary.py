@@ -7,9 +7,9 @@ from pathlib import Path
 from finetune import console as cli
 
 # a preference objective's held-out numbers (trl's names; KTO has no accuracy: its rows are unpaired)
-PREFERENCE_LINES = (
-    ("rewards/accuracies", "preference accuracy (chosen scored above rejected)"),
-    ("rewards/margins", "reward margin (chosen - rejected)"),
+PREFERENCE_LINES = (  # trl's key, our name (run.json, the card), what it means
+    ("rewards/accuracies", "preference accuracy", "chosen scored above rejected"),
+    ("rewards/margins", "reward margin", "chosen - rejected"),
 )
 
 
@@ -29,8 +29,8 @@ def final_evaluation(trainer) -> dict:
 def preference_record(objective: str, before: dict, after: dict) -> dict:
     """run.json's `preference_eval` (the card's table): the held-out reward numbers before and after training."""
     metrics = {
-        label.split(" (")[0]: {"before": before.get(f"eval_{key}"), "after": after[f"eval_{key}"]}
-        for key, label in PREFERENCE_LINES
+        label: {"before": before.get(f"eval_{key}"), "after": after[f"eval_{key}"]}
+        for key, label, _ in PREFERENCE_LINES
         if f"eval_{key}" in after
     }
     return {"preference_eval": {"objective": objective, "metrics": metrics}} if objective != "sft" else {}
@@ -44,10 +44,10 @@ def closing_lines(run_dir: Path, measured, note: str | None = None) -> None:
         b, a = before["eval_loss"], after["eval_loss"]
         seconds = measured.train_seconds
         cli.say(f"held-out eval loss: {b:.3f} -> {a:.3f} ({(a - b) / b:+.1%}) after {seconds:.0f} s of training")
-    for key, label in PREFERENCE_LINES:
+    for key, label, meaning in PREFERENCE_LINES:
         if f"eval_{key}" in after:
             was = f"{before[f'eval_{key}']:.3f} -> " if f"eval_{key}" in before else ""
-            cli.say(f"held-out {label}: {was}{after[f'eval_{key}']:.3f}")
+            cli.say(f"held-out {label} ({meaning}): {was}{after[f'eval_{key}']:.3f}")
     penalty = measured.decoding["repetition_penalty"]
     decoding = "greedy decoding" + (f", repetition_penalty={penalty:g}" if penalty != 1 else "")
     for i, sample in enumerate(measured.samples, 1):
