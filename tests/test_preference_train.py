@@ -169,6 +169,8 @@ def test_objective_specific_problems():
 def test_init_from_must_be_a_finished_run_with_the_same_base_and_template(tiny_run, tmp_path):
     found = problems("dpo_demo", f"objective.init_from={tmp_path / 'nothing'}")
     assert any("objective.init_from:" in p and "no such directory" in p for p in found)
+    found = problems("dpo_demo", f"objective.init_from={tiny_run}", f"output_dir={tiny_run}", "overwrite=true")
+    assert any("is this run's own output_dir" in p for p in found)
     found = problems("dpo_demo", f"objective.init_from={tiny_run}", "data.template=chatml")
     text = "\n".join(found)
     assert "model.name_or_path" in text  # tiny_run trained tiny NeoX; dpo_demo is tiny GPT-Neo

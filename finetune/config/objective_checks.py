@@ -133,6 +133,11 @@ def _init_from_problems(cfg: dict, init_from) -> list[str]:
         return [f"objective.init_from: expected a run directory or null, got {init_from!r}"]
     from finetune.runs import rundir
 
+    if Path(init_from).expanduser().resolve() == Path(str(cfg.get("output_dir", ""))).expanduser().resolve():
+        return [
+            f"objective.init_from: {init_from} is this run's own output_dir; a fresh run there would replace the "
+            "adapter it starts from. Choose another output_dir=PATH"
+        ]
     try:
         target = rundir.locate(init_from)
     except ConfigError as err:
