@@ -72,8 +72,12 @@ def _dispatch(args: list[str]):
 
 
 def run(name: str, args: list[str]):
+    from finetune import import_gc
+
     command = COMMANDS[name]
     module = importlib.import_module(command.module)
+    if name != "train":  # training imports its libraries later, in its task (finetune.train.command)
+        import_gc.resume()
     return module.main([*args, *command.extra])
 
 

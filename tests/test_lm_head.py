@@ -77,8 +77,8 @@ def test_cpu_head_projects_only_trained_positions_with_trl_results(tiny_models, 
     torch.testing.assert_close(ours.entropy, theirs.entropy, rtol=0, atol=1e-5)
     assert torch.equal(ours.is_top1, theirs.is_top1) and torch.equal(ours.label_mask, theirs.label_mask)
     assert their_grads.keys() == our_grads.keys() and len(our_grads) > 0
-    for name in our_grads:
-        torch.testing.assert_close(our_grads[name], their_grads[name], rtol=1e-5, atol=1e-7, msg=name)
+    for name in our_grads:  # the same math in another fp32 summation order (cpu_logprob): ~1e-6 of grads of ~0.3
+        torch.testing.assert_close(our_grads[name], their_grads[name], rtol=1e-5, atol=2e-6, msg=name)
 
     # unfused: trl's path
     text = model.generate(input_ids=batch["input_ids"][:1, :5], max_new_tokens=3, do_sample=False)

@@ -163,7 +163,7 @@ def test_wheel_carries_every_module_preset_template_and_data_file(wheel):
     )
     assert not [n for n in names if "__pycache__" in n or n.endswith(".pyc")]
     entry_points = zipfile.ZipFile(wheel).read(dist_info + "entry_points.txt").decode()
-    assert "finetune = finetune.__main__:main" in entry_points
+    assert "finetune = finetune.__main__:command" in entry_points
 
 
 def test_a_release_built_through_the_sdist_ships_the_same_files(wheel, tmp_path_factory):

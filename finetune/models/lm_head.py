@@ -9,7 +9,8 @@ GPT-Neo-125M's head (2,048 positions, 50,257 vocabulary, 31% trained) took 8.9 s
 2.9 s (benchmarks/RESULTS.md).
 
 `compact_everywhere(model)` wraps trl's patched forward: fused calls on a device without Triton go through the same
-kernel (`trl.kernels.ChunkedLogProbFunction`) on the trained positions only, scattered back to [batch, seq] exactly as
+kernel (`trl.kernels.ChunkedLogProbFunction`; on a CPU our faster `cpu_logprob.TokenLogProbs`, same fields and
+semantics) on the trained positions only, scattered back to [batch, seq] exactly as
 trl does on Triton devices. The kernel computes the per-token fields the trainer asked `add_fused_lm_head` for (SFT:
 log-probs, entropy, top-1; DPO adds `mean_logits`, and `log_sum_sq_probs` with `use_weighting`; KTO log-probs,
 entropy, `mean_logits`; a reference model only log-probs), read from trl's closure, so a trainer that indexes a field
@@ -90,6 +91,8 @@ def _compact_fused(model, head, args, kwargs, labels, num_items_in_batch, output
     from trl.kernels import ChunkedLogProbFunction
     from trl.trainer.utils import _CHUNKED_LOGPROB_CHUNK_SIZE, FusedCausalLMOutput, maybe_gather_lm_head_ctx
 
+    from finetune.models.cpu_logprob import TokenLogProbs
+
     kwargs["use_cache"] = False
     hidden = model.base_model(*args, **kwargs).last_hidden_state[:, :-1].to(head.weight.device)
     labels = labels[:, 1:].to(head.weight.device)
@@ -103,17 +106,20 @@ def _compact_fused(model, head, args, kwargs, labels, num_items_in_batch, output
         weight = weight.full_tensor()
         bias = bias.full_tensor() if bias is not None else None
     with autocast, maybe_gather_lm_head_ctx(weight, bias):  # ZeRO-3: the kernel reads the weight directly
-        per_token = ChunkedLogProbFunction.apply(
-            hidden[mask],
-            weight,
-            bias,
-            labels[mask],
-            temperature,
-            _CHUNKED_LOGPROB_CHUNK_SIZE,
-            None,
-            1.0,
-            outputs,
-        )
+        if hidden.device.type == "cpu":  # trl's kernel transliterated for CPUs is ~2x slower (cpu_logprob.py)
+            per_token = TokenLogProbs.apply(hidden[mask], weight, bias, labels[mask], temperature, outputs)
+        else:
+            per_token = ChunkedLogProbFunction.apply(
+                hidden[mask],
+                weight,
+                bias,
+                labels[mask],
+                temperature,
+                _CHUNKED_LOGPROB_CHUNK_SIZE,
+                None,
+                1.0,
+                outputs,
+            )
     # masked_scatter keeps an all-masked micro-batch connected to the graph (a differentiable zero), as in trl
     log_probs, entropy, log_sum_sq_probs, mean_logits, is_top1 = (
         None if x is None else x.new_zeros(mask.shape).masked_scatter(mask, x) for x in per_token

@@ -112,6 +112,8 @@ def build(
                     pretrain_epochs,
                     model_vocab_size,
                     domain_epochs,
+                    window_size,
+                    heads,
                 ),
                 indent=2,
             )
@@ -346,12 +348,17 @@ def _fingerprint(
     pretrain_epochs: int,
     model_vocab_size: int | None = None,
     domain_epochs: int = 0,
+    window_size: int = 32,
+    heads: int = 4,
 ) -> dict:
-    padded = (
-        {"model_vocab_size": model_vocab_size} if model_vocab_size else {}
-    )  # absent when unpadded: old caches stay valid
+    # Each absent at its default, so caches built before the option stay valid.
+    padded = {"model_vocab_size": model_vocab_size} if model_vocab_size else {}
+    window = {"window_size": window_size} if window_size != 32 else {}
+    heads_given = {"heads": heads} if heads != 4 else {}
     return {
         **padded,
+        **window,
+        **heads_given,
         "version": BUILDER_VERSION,
         "arch": arch,
         "corpus_sha256": _sha256(corpus),
@@ -373,6 +380,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--vocab-size", type=int, default=1024)
     parser.add_argument("--hidden-size", type=int, default=128)
     parser.add_argument("--layers", type=int, default=4)
+    parser.add_argument("--window-size", type=int, default=32, help="GPT-Neo's local attention window")
+    parser.add_argument("--heads", type=int, default=4, help="attention heads")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument(
         "--model-vocab-size",
@@ -404,6 +413,8 @@ def main(argv: list[str] | None = None) -> None:
         pretrain_epochs=args.pretrain_epochs,
         model_vocab_size=args.model_vocab_size,
         domain_epochs=args.domain_epochs,
+        window_size=args.window_size,
+        heads=args.heads,
     )
     print(f"wrote tiny {args.arch} checkpoint to {out}")
 

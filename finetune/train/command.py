@@ -153,9 +153,11 @@ def _task(cfg) -> float | None:
     from hydra.core.hydra_config import HydraConfig
     from hydra.types import RunMode
 
+    from finetune import import_gc
     from finetune.errors import EXIT_FAILURE, FinetuneError
     from finetune.train.run import run
 
+    import_gc.resume()  # torch, transformers, peft and trl are in
     in_sweep = HydraConfig.get().mode == RunMode.MULTIRUN
     try:
         run_dir = run(cfg)

@@ -40,6 +40,7 @@ from finetune.errors import ConfigError, FinetuneError, Preempted
 from finetune.models import fingerprint, strategy, tiny
 from finetune.models import load as models
 from finetune.runs import artifacts, checkpoints, record, report, rundir, runlock
+from finetune.runs.phases import PhaseClock
 from finetune.train import guards, launch, objectives, oom, summary, tracking
 
 if TYPE_CHECKING:
@@ -122,13 +123,13 @@ def _run(cfg: DictConfig, run_dir: Path, precision_used: str) -> Path:
         oom.explained(cfg, run_dir / "checkpoints"),
     ):
         run = Run(cfg, run_dir, resume_from, run_json, signals)
-        inputs = _prepare_data(run)
-        arguments = _arguments(run, inputs)
-        model = _load_model(run, inputs)
-        trainer = _build_trainer(run, inputs, arguments, model)
-        measured = _measure_before(run, inputs, trainer)
-        _train(run, trainer, measured)
-        _measure_after(run, inputs, trainer, measured)
+        inputs = run.clock.timed("data", _prepare_data, run)  # run.json's phase_seconds: where the time went
+        arguments = run.clock.timed("arguments", _arguments, run, inputs)
+        model = run.clock.timed("model", _load_model, run, inputs)
+        trainer = run.clock.timed("trainer", _build_trainer, run, inputs, arguments, model)
+        measured = run.clock.timed("before", _measure_before, run, inputs, trainer)
+        run.clock.timed("train", _train, run, trainer, measured)
+        run.clock.timed("after", _measure_after, run, inputs, trainer, measured)
         _save_results(run, inputs, trainer, measured)
     launch.leave_process_group(wait=True)
     return run_dir
@@ -143,6 +144,7 @@ class Run:
     resume_from: Path | None  # the checkpoint this run continues; None: step 0
     record: RunRecord  # run.json; run_record writes how the run ends
     signals: guards.PreemptionSignals  # the preemption signal received, if any
+    clock: PhaseClock = field(default_factory=PhaseClock)  # seconds per phase, from the process's start
 
     @cached_property
     def resolved(self) -> dict:
@@ -296,7 +298,10 @@ def _build_trainer(run: Run, inputs: Inputs, arguments: Arguments, model) -> Gua
     facts, rotated by us and cleaned to be shareable (no pickles, no local paths); train_steps.jsonl, which proves a
     resume exact; the preemption, early-stopping and tracking callbacks. run.json learns the optimizer and the
     parameter counts; a disk that cannot hold two checkpoints is refused now, not at the first save."""
+    from finetune.train import deepspeed_probe
     from finetune.train.trainer import estimate_checkpoint_bytes
+
+    deepspeed_probe.answer_without_importing()
 
     cfg, args = run.cfg, arguments.args
     model, peft_config = objectives.starting_point(cfg, model, run.strategy)  # init_from: that run's adapter
@@ -451,6 +456,7 @@ def _save_results(run: Run, inputs: Inputs, trainer: GuardedSFTTrainer, measured
         **summary.preference_record(objectives.name(cfg), before, after),
         **_best(trainer.state),
         weights_manifest=f"{weights_dir.name}/{checkpoints.MANIFEST}",  # a folder missing it is refused
+        phase_seconds=run.clock.seconds,  # the rest of the wall time: saving these results, and exiting
     )
     card.write(weights_dir, run_dir, run.resolved, "adapter" if weights_dir.name == rundir.ADAPTER_DIR else "model")
     checkpoints.seal(weights_dir, weights_dir.name)  # merge, generate, evaluate and push verify it
