@@ -3,15 +3,17 @@
 trl's `ChunkedLogProbFunction` is a Triton kernel; on a CPU it runs a transliteration of it (`_forward_tile`,
 `_backward_tile`): about twenty full-size elementwise passes over every [tokens x vocabulary] tile, an online
 logsumexp meant for GPU blocks, and its gradient GEMMs in fp32 even under bf16 autocast. On the issue-26 setup
-(GPT-Neo 4 x 256, an 8k vocabulary, ~1,000 trained positions per step) that head took 5.3 s of a 16.7-s epoch, about
-20x the time of its matrix products.
+(GPT-Neo 4 x 256, an 8k vocabulary, ~1,000 trained positions per step) that head took 5.3 s of a 16.7-s epoch
+(py-spy); alone, 140 ms per step forward and backward, of which its matrix products are about 40.
 
-`TokenLogProbs` computes the same fields (trl's signature, trl's semantics) with whole-vocabulary rows:
-`logsumexp`, one `gather`, and the optional metrics from the same logits; the backward recomputes the logits, turns
-them into `softmax - onehot` in place, and runs its GEMMs in the autocast dtype, as autograd's own backward of a
-linear layer under autocast would. Rows go in chunks so the [rows x vocabulary] fp32 logits stay near 64 MiB whatever
-the vocabulary. Entropy keeps its gradient (trl's does); log(sum p^2), the mean logit and top-1 are metrics
-(non-differentiable, as in trl). tests/test_lm_head.py holds it equal to trl's kernel and to plain logits.
+`TokenLogProbs` computes the same fields (trl's semantics) with whole-vocabulary rows: one `log_softmax`, two
+`gather`s, and the optional metrics from the same logits; the backward recomputes the logits, turns them into
+`softmax - onehot` in place, and runs its GEMMs in the autocast dtype, as autograd's own backward of a linear layer
+under autocast would (one GEMM over the whole vocabulary, rounded once; trl's fp32 accumulation guards against
+rounding each vocabulary chunk's product). Rows go in chunks so the [rows x vocabulary] fp32 logits stay near 64 MiB
+whatever the vocabulary. Entropy keeps its gradient (trl's does); log(sum p^2), the mean logit and top-1 are metrics
+(non-differentiable, as in trl). tests/test_cpu_logprob.py holds it equal to plain logits (values and gradients) and
+to trl's kernel under bf16 autocast; tests/test_lm_head.py, a whole LoRA model's loss and gradients to trl's path.
 """
 
 from __future__ import annotations
@@ -26,9 +28,10 @@ def rows_per_chunk(vocab: int) -> int:
 
 
 class TokenLogProbs(torch.autograd.Function):
-    """(log_probs, entropy, log_sum_sq_probs, mean_logits, is_top1) of `hidden @ weight.T + bias` at `targets`;
-    a field not in `outputs` is None. Called as trl's `ChunkedLogProbFunction.apply(hidden, weight, bias, targets,
-    temperature, chunk_size, softcap, logit_scale, outputs)`, without softcapping (no model of this family has it)."""
+    """`apply(hidden, weight, bias, targets, temperature, outputs)`: (log_probs, entropy, log_sum_sq_probs,
+    mean_logits, is_top1) of `(hidden @ weight.T + bias) / temperature` at `targets`, as trl's
+    `ChunkedLogProbFunction` returns them; a field not in `outputs` is None. No softcapping or logit scale (no model
+    of this family has them; lm_head.py keeps such models on trl's path)."""
 
     @staticmethod
     def forward(ctx, hidden, weight, bias, targets, temperature, outputs):

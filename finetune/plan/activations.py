@@ -13,11 +13,11 @@ from finetune.plan.architecture import LINEAR_INPUTS, Adapter, Architecture
 from finetune.plan.setup import Setup, adapter_bytes
 
 HEAD_TILE_ROWS, HEAD_TILE_COLS = 4096, 32768  # trl.kernels.chunked_logprob: tokens x vocabulary per projection tile
-HEAD_FALLBACK_TILES = (
-    3,
-    8,
-)  # fp32 tiles trl's torch fallback (no Triton: CPU) keeps besides its buffer: forward, backward
-HEAD_FALLBACK_WEIGHT_GRAD_TILES = 1  # and, when the head trains, the transposed tile its weight-gradient addmm copies
+# On a CPU the head runs finetune.models.cpu_logprob: rows of the whole vocabulary, LOGIT_CHUNK_ELEMENTS fp32 logits
+# at a time, of which it keeps two fp32 copies at once besides the GEMM's output (forward: logits and log-probs;
+# backward: logits and softmax), and when the head trains, one more for its weight-gradient GEMM.
+CPU_HEAD_FP32_CHUNKS = 2
+CPU_HEAD_WEIGHT_GRAD_CHUNKS = 1
 
 
 @dataclass
@@ -195,19 +195,26 @@ def model_saved_bytes(arch: Architecture, setup: Setup) -> int:
 
 
 def head_bytes(arch: Architecture, setup: Setup, full: bool) -> tuple[int, int, int]:
-    """trl's fused LM head (trl.trainer.utils.add_fused_lm_head): (kept for backward, forward working set, backward
-    working set). It projects 4096 tokens x 32768 vocabulary entries at a time; on CUDA a Triton kernel folds each tile
-    in place, without Triton (CPU) torch keeps a few fp32 copies of the tile. The b x s x vocab logits never exist."""
+    """The fused LM head (trl.trainer.utils.add_fused_lm_head, finetune.models.lm_head): (kept for backward, forward
+    working set, backward working set). On a GPU trl projects 4096 tokens x 32768 vocabulary entries at a time and a
+    Triton kernel folds each tile in place; on a CPU cpu_logprob projects whole-vocabulary rows, a fixed number of
+    fp32 logits at a time, and keeps a few fp32 copies of that chunk. The b x s x vocab logits never exist."""
+    from finetune.models.cpu_logprob import rows_per_chunk
+
     tokens = setup.forward_rows * setup.max_length
-    rows, cols = min(tokens, HEAD_TILE_ROWS), min(arch.vocab, HEAD_TILE_COLS)
+    cpu = setup.device == "cpu"
+    if cpu:
+        rows, cols = min(tokens, rows_per_chunk(arch.vocab)), arch.vocab
+    else:
+        rows, cols = min(tokens, HEAD_TILE_ROWS), min(arch.vocab, HEAD_TILE_COLS)
     buffer = rows * cols * setup.compute_bytes
     fp32_tile = rows * cols * 4
-    forward_tiles, backward_tiles = HEAD_FALLBACK_TILES if setup.device == "cpu" else (0, 0)
+    fp32_tiles = CPU_HEAD_FP32_CHUNKS if cpu else 0
     kept = tokens * arch.hidden * setup.norm_bytes  # the final norm's output rows, copied for the head
     chunk_cast = rows * arch.hidden * setup.compute_bytes if setup.norm_bytes != setup.compute_bytes else 0
-    forward = buffer + chunk_cast + forward_tiles * fp32_tile
-    backward = buffer + chunk_cast + backward_tiles * fp32_tile + tokens * arch.hidden * 4  # fp32 gradient of the rows
+    forward = buffer + chunk_cast + fp32_tiles * fp32_tile
+    backward = buffer + chunk_cast + fp32_tiles * fp32_tile + tokens * arch.hidden * 4  # fp32 gradient of the rows
     if full:  # the head's weight gradient, accumulated in fp32 then cast to the weight's dtype
         backward += arch.vocab * arch.hidden * (4 + setup.weight_bytes)
-        backward += HEAD_FALLBACK_WEIGHT_GRAD_TILES * fp32_tile if setup.device == "cpu" else 0
+        backward += CPU_HEAD_WEIGHT_GRAD_CHUNKS * fp32_tile if cpu else 0
     return kept, forward, backward
