@@ -13,7 +13,7 @@ run.
         --repeat 3
     # GPT-Neo-125M's shape (12 x 768, 12 heads, window 256) with the real 50,257-row head
     python benchmarks/train.py --models neo --precision best --shape neo125m --vocab family --window 256 --ours ours \
-        --rows 96
+        --rows 64
 
 Our side's wall time is also broken down by phase (run.json's phase_seconds: startup, data, model and trainer,
 evaluation and sample generation before, training steps, the end-of-epoch evaluation, after, and what is left:
@@ -549,12 +549,19 @@ def ratios(results: list[dict]) -> None:
 
 
 def fixed_table(results: list[dict]) -> None:
-    """Our side's wall time by phase (medians of the repeats), beside trl's whole process."""
+    """Our side's wall time by phase (the breakdown of its median-wall run), beside trl's whole process."""
     for r in results:
         phases = r["measured"].get("phases")
         if r["side"] not in OUR_VARIANTS or not phases:
             continue
-        trl = next((t["measured"] for t in results if t["side"] == "trl" and t["model"] == r["model"]), {})
+        trl = next(
+            (
+                t["measured"]
+                for t in results
+                if t["side"] == "trl" and t["model"] == r["model"] and t["precision"] == r["precision"]
+            ),
+            {},
+        )
         print(f"\nwhere the wall time of {r['side']} went ({r['model']}, {r['precision']}; run.json phase_seconds):")
         print("\n| phase | seconds |\n|---|---|")
         for name, seconds in phases.items():
